@@ -1,0 +1,170 @@
+//! GPT-2 (Radford et al., 2019) as `transformers`' `GPT2LMHeadModel` computes it: learned
+//! positions, pre-LayerNorm blocks with biases, GELU (tanh approximation), `Conv1D` weights
+//! stored input-major, and the LM head tied to the token embedding. Dropout is never applied:
+//! preference optimisation trains with it disabled, as TRL does by default.
+//!
+//! Reads bottom-up: attention, MLP, block, model.
+
+use crate::config::Gpt2Config;
+use crate::model::{Init, TensorSpec, Weights};
+use crate::nn::{attention, LayerNorm, Linear};
+use crate::Result;
+use candle_core::Tensor;
+
+/// The names and shapes of every parameter, in `transformers`' naming.
+pub fn tensor_specs(cfg: &Gpt2Config) -> Vec<TensorSpec> {
+    let d = cfg.n_embd;
+    let mut specs = vec![
+        TensorSpec::new("transformer.wte.weight", &[cfg.vocab_size, d], Init::Normal(0.02)),
+        TensorSpec::new("transformer.wpe.weight", &[cfg.n_positions, d], Init::Normal(0.01)),
+    ];
+    // Residual projections get GPT-2's 1/sqrt(2·n_layer) scaled initialisation.
+    let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+    for i in 0..cfg.n_layer {
+        let p = |s: &str| format!("transformer.h.{i}.{s}");
+        specs.extend([
+            TensorSpec::new(p("ln_1.weight"), &[d], Init::Ones),
+            TensorSpec::new(p("ln_1.bias"), &[d], Init::Zeros),
+            TensorSpec::new(p("attn.c_attn.weight"), &[d, 3 * d], Init::Normal(0.02)),
+            TensorSpec::new(p("attn.c_attn.bias"), &[3 * d], Init::Zeros),
+            TensorSpec::new(p("attn.c_proj.weight"), &[d, d], Init::Normal(proj_std)),
+            TensorSpec::new(p("attn.c_proj.bias"), &[d], Init::Zeros),
+            TensorSpec::new(p("ln_2.weight"), &[d], Init::Ones),
+            TensorSpec::new(p("ln_2.bias"), &[d], Init::Zeros),
+            TensorSpec::new(p("mlp.c_fc.weight"), &[d, cfg.n_inner], Init::Normal(0.02)),
+            TensorSpec::new(p("mlp.c_fc.bias"), &[cfg.n_inner], Init::Zeros),
+            TensorSpec::new(p("mlp.c_proj.weight"), &[cfg.n_inner, d], Init::Normal(proj_std)),
+            TensorSpec::new(p("mlp.c_proj.bias"), &[d], Init::Zeros),
+        ]);
+    }
+    specs.extend([
+        TensorSpec::new("transformer.ln_f.weight", &[d], Init::Ones),
+        TensorSpec::new("transformer.ln_f.bias", &[d], Init::Zeros),
+    ]);
+    specs
+}
+
+fn conv1d(w: &Weights, name: &str) -> Linear {
+    Linear {
+        weight: w.get(&format!("{name}.weight")),
+        bias: Some(w.get(&format!("{name}.bias"))),
+        input_major: true,
+    }
+}
+
+fn layer_norm(w: &Weights, name: &str, eps: f64) -> LayerNorm {
+    LayerNorm {
+        weight: w.get(&format!("{name}.weight")),
+        bias: w.get(&format!("{name}.bias")),
+        eps,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / self.n_head;
+        let qkv = self.c_attn.forward(x)?; // (B, T, 3d)
+        let heads = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * d, d)?
+                .reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()?) // (B, H, T, hd)
+        };
+        let y = attention(&heads(0)?, &heads(1)?, &heads(2)?, bias)?; // (B, T, d)
+        self.c_proj.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?) // candle's gelu is the tanh form
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, bias)?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+    }
+}
+
+/// GPT-2 language model; the LM head is the transposed token embedding.
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt2 {
+    /// Assembles the model from weights named as in [`tensor_specs`].
+    pub(crate) fn new(cfg: &Gpt2Config, w: &Weights) -> Self {
+        let eps = cfg.layer_norm_epsilon;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let p = |s: &str| format!("transformer.h.{i}.{s}");
+                Block {
+                    ln_1: layer_norm(w, &p("ln_1"), eps),
+                    attn: Attention {
+                        c_attn: conv1d(w, &p("attn.c_attn")),
+                        c_proj: conv1d(w, &p("attn.c_proj")),
+                        n_head: cfg.n_head,
+                    },
+                    ln_2: layer_norm(w, &p("ln_2"), eps),
+                    mlp: Mlp {
+                        c_fc: conv1d(w, &p("mlp.c_fc")),
+                        c_proj: conv1d(w, &p("mlp.c_proj")),
+                    },
+                }
+            })
+            .collect();
+        Self {
+            wte: w.get("transformer.wte.weight"),
+            wpe: w.get("transformer.wpe.weight"),
+            blocks,
+            ln_f: layer_norm(w, "transformer.ln_f", eps),
+        }
+    }
+
+    /// Final hidden states `(B, T, d)` after `ln_f`.
+    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let d = self.wte.dim(1)?;
+        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
+        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
+        let mut x = (tok + pos)?.reshape((b, t, d))?;
+        for block in &self.blocks {
+            x = block.forward(&x, bias)?;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    /// Logits `(N, V)` for hidden states `(N, d)`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.matmul(&self.wte.t()?)?)
+    }
+}

@@ -1,0 +1,108 @@
+//! Trainable causal language models of the GPT-2 and Llama families, built in candle from
+//! differentiable operations only, with Hugging Face checkpoint I/O and sequence log-probs.
+//!
+//! # Overview
+//! - [`config`]: `config.json` as Hugging Face writes it → a typed [`ModelConfig`].
+//! - [`checkpoint`]: safetensors reading (single file or sharded with an index) and writing back
+//!   to the same layout, with every tensor's shape checked against the config.
+//! - [`nn`]: the building blocks (linear maps, LayerNorm, RMSNorm, rotary embeddings, attention,
+//!   softmax) written with operations that candle can differentiate. candle's fused kernels
+//!   (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rope*`, `sdpa`) are deliberately absent:
+//!   they have no backward pass and silently drop gradients.
+//! - [`gpt2`], [`llama`]: the two families, each reading bottom-up from blocks to the model.
+//! - [`CausalLm`]: a loaded model (policy or frozen reference) with its parameters by
+//!   Hugging Face name; only a trainable model owns candle `Var`s.
+//! - [`logprobs`]: the batch layout of prompt + response sequences and per-sequence log-probs.
+//!
+//! This crate depends on candle and the file formats only; it knows nothing of objectives,
+//! data files or the command line.
+
+pub mod checkpoint;
+pub mod config;
+pub mod gpt2;
+pub mod llama;
+pub mod logprobs;
+mod model;
+pub mod nn;
+
+pub use config::{Gpt2Config, LlamaConfig, LlamaVariant, ModelConfig};
+pub use logprobs::{sequence_logps, SequenceBatch};
+pub use model::{CausalLm, Param};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading, running or saving a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A JSON file is not valid JSON.
+    #[error("{path}: malformed JSON: {source}")]
+    Json {
+        /// The file at fault.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        source: serde_json::Error,
+    },
+    /// A key of `config.json` has a value of the wrong type or an unusable value.
+    #[error("{path}: key `{key}`: {message}")]
+    BadKey {
+        /// The file at fault.
+        path: PathBuf,
+        /// The key at fault.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// `config.json` names an architecture this crate does not implement.
+    #[error("{path}: unknown architecture `{found}` (supported model_type: gpt2, llama, mistral, qwen2)")]
+    UnknownArchitecture {
+        /// The config file.
+        path: PathBuf,
+        /// The `model_type` found.
+        found: String,
+    },
+    /// A tensor the config requires is absent from the checkpoint.
+    #[error("{path}: tensor `{name}` is missing")]
+    MissingTensor {
+        /// The checkpoint file (or index) searched.
+        path: PathBuf,
+        /// The Hugging Face name of the tensor.
+        name: String,
+    },
+    /// A tensor has a shape other than the config implies.
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The Hugging Face name of the tensor.
+        name: String,
+        /// The shape in the file.
+        found: Vec<usize>,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// A checkpoint file is not valid safetensors or holds an unsupported dtype.
+    #[error("{path}: {message}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Inputs to a forward pass or log-prob computation are inconsistent.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;

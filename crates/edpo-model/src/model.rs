@@ -1,0 +1,353 @@
+//! [`CausalLm`]: a GPT-2 or Llama-family model with its parameters by Hugging Face name.
+//!
+//! Architecture invariant: only a trainable model owns candle `Var`s. A frozen reference is
+//! built from plain tensors, so no gradient can reach it and no optimizer can see it.
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::ModelConfig;
+use crate::gpt2::{self, Gpt2};
+use crate::llama::{self, Llama};
+use crate::nn::{attention_bias, position_ids};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// How a parameter is initialised when a model is made from scratch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// Normal with mean 0 and this standard deviation.
+    Normal(f64),
+    /// All ones (norm scales).
+    Ones,
+    /// All zeros (biases, norm shifts).
+    Zeros,
+}
+
+/// The Hugging Face name, shape and initialisation of one parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    /// Name as `transformers` saves it.
+    pub name: String,
+    /// Shape as stored in the checkpoint.
+    pub shape: Vec<usize>,
+    /// Initialisation for a fresh model.
+    pub init: Init,
+}
+
+impl TensorSpec {
+    pub(crate) fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
+        Self {
+            name: name.into(),
+            shape: shape.to_vec(),
+            init,
+        }
+    }
+}
+
+/// Parameters by name, each present and of the shape its spec gives.
+pub(crate) struct Weights(HashMap<String, Tensor>);
+
+impl Weights {
+    pub(crate) fn get(&self, name: &str) -> Tensor {
+        // Weights is only ever built from the same specs the architectures read, so an absent
+        // name is a programming error in this crate, not bad input.
+        self.0
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| panic!("internal: parameter `{name}` not in the specs"))
+    }
+}
+
+/// One parameter of a model.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// Hugging Face name.
+    pub name: String,
+    /// The value (shares storage with `var` for a trainable model).
+    pub tensor: Tensor,
+    /// The trainable variable, for a policy; `None` for a frozen model.
+    pub var: Option<Var>,
+    /// Whether weight decay applies: matrices and embeddings yes, biases and norm scales no.
+    pub decay: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Arch {
+    Gpt2(Gpt2),
+    Llama(Llama),
+}
+
+/// A causal language model returning logits at every position.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    config: ModelConfig,
+    raw_config: serde_json::Value,
+    arch: Arch,
+    params: Vec<Param>,
+    device: Device,
+    source_dir: Option<PathBuf>,
+}
+
+fn specs(config: &ModelConfig) -> Vec<TensorSpec> {
+    match config {
+        ModelConfig::Gpt2(c) => gpt2::tensor_specs(c),
+        ModelConfig::Llama(c) => llama::tensor_specs(c),
+    }
+}
+
+impl CausalLm {
+    /// Loads a Hugging Face directory (`config.json` + safetensors). A trainable model gets a
+    /// `Var` per parameter; a frozen one (a reference) does not.
+    pub fn load(dir: &Path, device: &Device, trainable: bool) -> Result<Self> {
+        let (config, raw_config) = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut ckpt = Checkpoint::read_dir(dir, device)?;
+        // The original GPT-2 checkpoints name tensors without the `transformer.` prefix.
+        if matches!(config, ModelConfig::Gpt2(_))
+            && !ckpt.contains("transformer.wte.weight")
+            && ckpt.contains("wte.weight")
+        {
+            let names: Vec<String> = ckpt.remaining().map(str::to_string).collect();
+            let mut renamed = HashMap::new();
+            for name in names {
+                let shape_any = ckpt.take_any(&name)?;
+                renamed.insert(format!("transformer.{name}"), shape_any);
+            }
+            ckpt = Checkpoint::from_tensors(renamed, dir.join(checkpoint::SINGLE_FILE));
+        }
+        let mut model = Self::from_checkpoint(config, raw_config, &mut ckpt, device, trainable)?;
+        model.source_dir = Some(dir.to_path_buf());
+        Ok(model)
+    }
+
+    /// Builds a model from tensors in a checkpoint, checking every name and shape.
+    pub fn from_checkpoint(
+        config: ModelConfig,
+        raw_config: serde_json::Value,
+        ckpt: &mut Checkpoint,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<Self> {
+        let mut weights = HashMap::new();
+        let mut params = Vec::new();
+        for spec in specs(&config) {
+            let tensor = ckpt.take(&spec.name, &spec.shape)?;
+            let (tensor, var) = if trainable {
+                let var = Var::from_tensor(&tensor)?;
+                (var.as_tensor().clone(), Some(var))
+            } else {
+                (tensor, None)
+            };
+            weights.insert(spec.name.clone(), tensor.clone());
+            params.push(Param {
+                decay: spec.shape.len() >= 2,
+                name: spec.name,
+                tensor,
+                var,
+            });
+        }
+        let weights = Weights(weights);
+        let arch = match &config {
+            ModelConfig::Gpt2(c) => Arch::Gpt2(Gpt2::new(c, &weights)),
+            ModelConfig::Llama(c) => Arch::Llama(Llama::new(c, &weights)),
+        };
+        Ok(Self {
+            config,
+            raw_config,
+            arch,
+            params,
+            device: device.clone(),
+            source_dir: None,
+        })
+    }
+
+    /// A freshly initialised model (seeded), for benchmarks and tests.
+    pub fn random(
+        config: ModelConfig,
+        raw_config: serde_json::Value,
+        seed: u64,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<Self> {
+        let mut rng = SplitMix64(seed);
+        let mut tensors = HashMap::new();
+        for spec in specs(&config) {
+            let n: usize = spec.shape.iter().product();
+            let values: Vec<f32> = match spec.init {
+                Init::Ones => vec![1.0; n],
+                Init::Zeros => vec![0.0; n],
+                Init::Normal(std) => (0..n).map(|_| (rng.normal() * std) as f32).collect(),
+            };
+            tensors.insert(spec.name, Tensor::from_vec(values, spec.shape, device)?);
+        }
+        let mut ckpt = Checkpoint::from_tensors(tensors, PathBuf::from("<random>"));
+        Self::from_checkpoint(config, raw_config, &mut ckpt, device, trainable)
+    }
+
+    /// A frozen deep copy (the usual way to make the reference from the initial policy).
+    pub fn frozen_copy(&self) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for p in &self.params {
+            tensors.insert(p.name.clone(), p.tensor.detach().copy()?);
+        }
+        let mut ckpt = Checkpoint::from_tensors(tensors, PathBuf::from("<copy>"));
+        let mut model = Self::from_checkpoint(
+            self.config.clone(),
+            self.raw_config.clone(),
+            &mut ckpt,
+            &self.device,
+            false,
+        )?;
+        model.source_dir = self.source_dir.clone();
+        Ok(model)
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// `config.json` as it was read (and will be written back).
+    pub fn raw_config(&self) -> &serde_json::Value {
+        &self.raw_config
+    }
+
+    /// The parameters in a fixed order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The directory the model was loaded from, if any.
+    pub fn source_dir(&self) -> Option<&Path> {
+        self.source_dir.as_deref()
+    }
+
+    /// The EOS token id from `config.json` (the first one when it is a list).
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self.raw_config.get("eos_token_id")? {
+            serde_json::Value::Number(n) => n.as_u64().map(|v| v as u32),
+            serde_json::Value::Array(a) => a.first()?.as_u64().map(|v| v as u32),
+            _ => None,
+        }
+    }
+
+    /// Final hidden states `(B, T, d)` for right- or left-padded token ids (`B·T` values).
+    pub fn hidden(&self, input_ids: &[u32], attention_mask: &[u8], batch: usize, seq_len: usize) -> Result<Tensor> {
+        if input_ids.len() != batch * seq_len || attention_mask.len() != batch * seq_len {
+            return Err(Error::Input(format!(
+                "expected {batch}×{seq_len} ids and mask values, got {} and {}",
+                input_ids.len(),
+                attention_mask.len()
+            )));
+        }
+        let vocab = self.config.vocab_size() as u32;
+        if let Some(bad) = input_ids.iter().find(|&&id| id >= vocab) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let ids = Tensor::from_slice(input_ids, (batch, seq_len), &self.device)?;
+        let positions = position_ids(attention_mask, batch, seq_len);
+        match &self.arch {
+            Arch::Gpt2(m) => {
+                let n_positions = match &self.config {
+                    ModelConfig::Gpt2(c) => c.n_positions,
+                    ModelConfig::Llama(_) => unreachable!("arch and config agree"),
+                };
+                if seq_len > n_positions {
+                    return Err(Error::Input(format!(
+                        "sequence of {seq_len} tokens is longer than the model's {n_positions} positions"
+                    )));
+                }
+                let bias = attention_bias(attention_mask, batch, seq_len, None, &self.device)?;
+                let pos = Tensor::from_vec(positions, (batch, seq_len), &self.device)?;
+                m.hidden(&ids, &pos, &bias)
+            }
+            Arch::Llama(m) => {
+                let window = match &self.config {
+                    ModelConfig::Llama(c) => c.sliding_window,
+                    ModelConfig::Gpt2(_) => None,
+                };
+                let bias = attention_bias(attention_mask, batch, seq_len, window, &self.device)?;
+                m.hidden(&ids, &positions, &bias)
+            }
+        }
+    }
+
+    /// Logits `(N, V)` for hidden states `(N, d)`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.arch {
+            Arch::Gpt2(m) => m.lm_head(hidden),
+            Arch::Llama(m) => m.lm_head(hidden),
+        }
+    }
+
+    /// Logits `(B, T, V)` at every position.
+    pub fn forward(&self, input_ids: &[u32], attention_mask: &[u8], batch: usize, seq_len: usize) -> Result<Tensor> {
+        let h = self.hidden(input_ids, attention_mask, batch, seq_len)?;
+        let d = h.dim(2)?;
+        let logits = self.lm_head(&h.reshape((batch * seq_len, d))?)?;
+        Ok(logits.reshape((batch, seq_len, self.config.vocab_size()))?)
+    }
+
+    /// Writes the model to `dir` in the Hugging Face layout: `config.json` (as read, every field
+    /// kept), `model.safetensors`, and the tokenizer and generation files of the source
+    /// directory, so that `transformers` and this crate load it unchanged.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+        let tensors: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.clone()))
+            .collect();
+        checkpoint::write_safetensors(dir, &tensors)?;
+        let config = serde_json::to_string_pretty(&self.raw_config).map_err(|source| Error::Json {
+            path: dir.join("config.json"),
+            source,
+        })?;
+        checkpoint::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+        if let Some(src) = &self.source_dir {
+            for name in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "generation_config.json",
+                "vocab.json",
+                "merges.txt",
+            ] {
+                let from = src.join(name);
+                if from.exists() && src != dir {
+                    let bytes = std::fs::read(&from).map_err(|source| Error::Io { path: from.clone(), source })?;
+                    checkpoint::write_atomic(&dir.join(name), &bytes)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A small seeded generator (SplitMix64) with Box–Muller normals, so random initialisation is
+/// reproducible without depending on a particular `rand` version's streams.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}

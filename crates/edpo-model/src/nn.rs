@@ -1,0 +1,248 @@
+//! Building blocks written from operations candle can differentiate.
+//!
+//! Every function here has a backward pass through candle's autograd: matrix products,
+//! elementwise arithmetic, reductions, `gather`/`index_select`, `narrow`/`cat`. The max
+//! subtracted for numerical stability is detached, which leaves softmax's gradient unchanged.
+
+use crate::Result;
+use candle_core::{DType, Device, Tensor, D};
+
+/// A linear map `y = x·Wᵀ + b` (PyTorch `nn.Linear`, weight `[out, in]`) or `y = x·W + b`
+/// (GPT-2's `Conv1D`, weight stored input-major `[in, out]`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The weight, in the layout the checkpoint stores it.
+    pub weight: Tensor,
+    /// Optional bias `[out]`.
+    pub bias: Option<Tensor>,
+    /// True for `Conv1D`'s `[in, out]` layout.
+    pub input_major: bool,
+}
+
+impl Linear {
+    /// Applies the map to `x` of shape `(…, in)`, giving `(…, out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let n_in = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, n_in))?; // (N, in)
+        let y = if self.input_major {
+            x2.matmul(&self.weight)? // (N, in)·(in, out)
+        } else {
+            x2.matmul(&self.weight.t()?)? // (N, in)·(in, out) as a transposed view
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = y.dim(1)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// LayerNorm with weight and bias over the last dimension (biased variance, as PyTorch).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// Scale `[d]`.
+    pub weight: Tensor,
+    /// Shift `[d]`.
+    pub bias: Tensor,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Normalises `x` of shape `(…, d)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_std = var.affine(1.0, self.eps)?.sqrt()?.recip()?;
+        Ok(centred
+            .broadcast_mul(&inv_std)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// RMSNorm over the last dimension: `w · x / sqrt(mean(x²) + eps)` (Llama).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// Scale `[d]`.
+    pub weight: Tensor,
+    /// Added to the mean square.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Normalises `x` of shape `(…, d)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_rms = ms.affine(1.0, self.eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv_rms)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// Log-softmax over the last dimension, with max subtraction.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Additive attention bias `(B, 1, T, T)`: 0 where query `i` may attend key `j` (causal,
+/// key not padding, and within `window` positions when a sliding window is set), a large
+/// negative number elsewhere. A large finite number rather than −∞ keeps fully masked rows
+/// (padding queries) finite.
+pub fn attention_bias(
+    attention_mask: &[u8],
+    batch: usize,
+    seq_len: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    const MASKED: f32 = -1e30;
+    let mut bias = vec![0f32; batch * seq_len * seq_len];
+    for b in 0..batch {
+        let keys = &attention_mask[b * seq_len..(b + 1) * seq_len];
+        for i in 0..seq_len {
+            let row = &mut bias[(b * seq_len + i) * seq_len..(b * seq_len + i + 1) * seq_len];
+            for (j, v) in row.iter_mut().enumerate() {
+                let outside_window = window.is_some_and(|w| i >= j + w);
+                if j > i || keys[j] == 0 || outside_window {
+                    *v = MASKED;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (batch, 1, seq_len, seq_len), device)?)
+}
+
+/// Position of each token: the count of real tokens before it, so left padding does not
+/// shift positions and right padding does not matter.
+pub fn position_ids(attention_mask: &[u8], batch: usize, seq_len: usize) -> Vec<u32> {
+    let mut pos = vec![0u32; batch * seq_len];
+    for b in 0..batch {
+        let mut cumsum = 0u32;
+        for t in 0..seq_len {
+            cumsum += u32::from(attention_mask[b * seq_len + t] != 0);
+            pos[b * seq_len + t] = cumsum.saturating_sub(1);
+        }
+    }
+    pos
+}
+
+/// Scaled dot-product attention from differentiable ops.
+/// `q: (B, H, T, hd)`, `k, v: (B, KV, T, hd)` with `H` a multiple of `KV` (grouped-query
+/// attention), `bias: (B, 1, T, T)`. Returns `(B, T, H·hd)`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let (k, v) = if kv == h {
+        (k.clone(), v.clone())
+    } else {
+        (repeat_kv(k, h / kv)?, repeat_kv(v, h / kv)?)
+    };
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = q.matmul(&k.t()?)?.affine(scale, 0.0)?; // (B, H, T, T)
+    let scores = scores.broadcast_add(bias)?;
+    let probs = softmax_last(&scores)?;
+    let out = probs.matmul(&v)?; // (B, H, T, hd)
+    Ok(out.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?)
+}
+
+/// Repeats each key/value head `n` times: `(B, KV, T, hd) → (B, KV·n, T, hd)`.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, kv, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, hd))?
+        .contiguous()?
+        .reshape((b, kv * n, t, hd))?)
+}
+
+/// Rotary position embeddings in the Hugging Face "rotate half" layout: the first and second
+/// halves of each head are the two coordinates of each rotated pair.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    /// Frequencies `θ^(−2i/d)` for a head width `head_dim`, computed in f32 as `transformers` does.
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// `cos` and `sin` tables `(B, 1, T, hd)` for the given positions (`B·T` values).
+    pub fn tables(&self, positions: &[u32], batch: usize, seq_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let hd = 2 * half;
+        let mut cos = vec![0f32; batch * seq_len * hd];
+        let mut sin = vec![0f32; batch * seq_len * hd];
+        for (n, &p) in positions.iter().enumerate() {
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let angle = p as f32 * f;
+                let (s, c) = angle.sin_cos();
+                cos[n * hd + i] = c;
+                cos[n * hd + half + i] = c;
+                sin[n * hd + i] = s;
+                sin[n * hd + half + i] = s;
+            }
+        }
+        let shape = (batch, 1, seq_len, hd);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
+    }
+
+    /// Rotates `x: (B, H, T, hd)`: `x·cos + rotate_half(x)·sin`.
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = x.dim(3)?;
+        let x1 = x.narrow(3, 0, hd / 2)?;
+        let x2 = x.narrow(3, hd / 2, hd / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+        Ok(x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)?)
+    }
+}
+
+/// Converts `x` to f32 if it is not already.
+pub fn to_f32(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.dtype() == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_skip_left_padding() {
+        let mask = [0, 0, 1, 1, 1, 1, 1, 0];
+        assert_eq!(position_ids(&mask, 2, 4), vec![0, 0, 0, 1, 0, 1, 2, 2]);
+    }
+
+    #[test]
+    fn log_softmax_matches_direct_formula() -> Result<()> {
+        let x = Tensor::new(&[[1.0f32, 2.0, 3.0], [1000.0, 0.0, -1000.0]], &Device::Cpu)?;
+        let y = log_softmax_last(&x)?.to_vec2::<f32>()?;
+        let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        assert!((y[0][0] as f64 - (1.0 - lse)).abs() < 1e-6);
+        assert_eq!(y[1][0], 0.0);
+        assert!(y[1][1].is_finite() && y[1][1] == -1000.0);
+        Ok(())
+    }
+}

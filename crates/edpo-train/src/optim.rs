@@ -1,0 +1,193 @@
+//! AdamW with in-place updates, and gradient buffers with global-norm clipping.
+//!
+//! The update follows `torch.optim.AdamW` exactly, in this order: decoupled weight decay
+//! `θ ← θ·(1 − lr·λ)`, moments `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, then
+//! `θ ← θ − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)`. It runs as one pass over each parameter's
+//! storage (a candle in-place op), so a step builds no graph and allocates no tensors.
+
+use crate::{Error, Result};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
+use edpo_model::Param;
+use std::cell::RefCell;
+
+/// AdamW hyper-parameters (PyTorch's defaults except weight decay, which TRL sets to 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// First-moment decay β₁.
+    pub beta1: f64,
+    /// Second-moment decay β₂.
+    pub beta2: f64,
+    /// Denominator ε.
+    pub eps: f64,
+    /// Decoupled weight decay λ, applied to parameters whose `decay` flag is set.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// Gradients summed over the micro-batches of one optimizer step, one buffer per parameter.
+#[derive(Debug, Clone)]
+pub struct GradBuffers {
+    grads: Vec<Vec<f32>>,
+}
+
+impl GradBuffers {
+    /// Zeroed buffers shaped like `params`.
+    pub fn new(params: &[Param]) -> Self {
+        Self { grads: params.iter().map(|p| vec![0.0; p.tensor.elem_count()]).collect() }
+    }
+
+    /// Adds the gradients of `store` (from one backward pass). A parameter the loss does not
+    /// reach gets none, which adds nothing.
+    pub fn add(&mut self, params: &[Param], store: &candle_core::backprop::GradStore) -> Result<()> {
+        for (buf, p) in self.grads.iter_mut().zip(params) {
+            if let Some(g) = store.get(&p.tensor) {
+                let g = g.flatten_all()?.to_vec1::<f32>()?;
+                for (b, x) in buf.iter_mut().zip(&g) {
+                    *b += x;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The buffers, in parameter order.
+    pub fn grads(&self) -> &[Vec<f32>] {
+        &self.grads
+    }
+
+    /// Global L2 norm over all parameters (accumulated in f64).
+    pub fn global_norm(&self) -> f64 {
+        self.grads
+            .iter()
+            .flat_map(|g| g.iter())
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// The factor `torch.nn.utils.clip_grad_norm_` multiplies gradients by:
+    /// `min(1, max_norm / (norm + 1e-6))`.
+    pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
+        match max_norm {
+            Some(m) => (m / (norm + 1e-6)).min(1.0),
+            None => 1.0,
+        }
+    }
+
+    /// Sets every buffer to zero.
+    pub fn zero(&mut self) {
+        for g in &mut self.grads {
+            g.fill(0.0);
+        }
+    }
+}
+
+/// AdamW state: moments per parameter and the step count.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    config: AdamWConfig,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    t: u64,
+}
+
+impl AdamW {
+    /// Zero moments for `params`.
+    pub fn new(params: &[Param], config: AdamWConfig) -> Self {
+        let zeros = || params.iter().map(|p| vec![0.0; p.tensor.elem_count()]).collect();
+        Self { config, m: zeros(), v: zeros(), t: 0 }
+    }
+
+    /// Number of steps taken.
+    pub fn steps_taken(&self) -> u64 {
+        self.t
+    }
+
+    /// One update of every trainable parameter with gradients `grads · grad_scale`
+    /// (`grad_scale` carries the clipping factor).
+    pub fn step(&mut self, params: &[Param], grads: &GradBuffers, lr: f64, grad_scale: f64) -> Result<()> {
+        self.t += 1;
+        let c = self.config;
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        for (i, p) in params.iter().enumerate() {
+            let Some(var) = &p.var else { continue };
+            let op = Update {
+                grad: &grads.grads[i],
+                moments: RefCell::new((&mut self.m[i], &mut self.v[i])),
+                decay: if p.decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 },
+                grad_scale: grad_scale as f32,
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                step_size: (lr / bc1) as f32,
+                bc2_sqrt: bc2.sqrt() as f32,
+                eps: c.eps as f32,
+            };
+            var.as_tensor().inplace_op1(&op)?;
+        }
+        Ok(())
+    }
+}
+
+/// One parameter's AdamW update, run on its storage in place.
+struct Update<'a> {
+    grad: &'a [f32],
+    moments: RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    decay: f32,
+    grad_scale: f32,
+    beta1: f32,
+    beta2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl InplaceOp1 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("AdamW updates f32 parameters only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("AdamW needs contiguous parameters");
+        };
+        let theta = &mut data[start..end];
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = &mut *moments;
+        if theta.len() != self.grad.len() || m.len() != theta.len() {
+            candle_core::bail!("AdamW: parameter, gradient and moments differ in size");
+        }
+        let (b1, b2) = (self.beta1, self.beta2);
+        for (((p, &g), m), v) in theta.iter_mut().zip(self.grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * self.grad_scale;
+            *p *= self.decay;
+            *m += (1.0 - b1) * (g - *m); // torch's lerp_ form
+            *v = *v * b2 + g * g * (1.0 - b2);
+            let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+            *p -= self.step_size * *m / denom;
+        }
+        Ok(())
+    }
+}
+
+/// Fails with [`Error::NonFinite`] unless `x` is finite.
+pub fn ensure_finite(x: f64, what: &'static str, step: usize) -> Result<()> {
+    if x.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite { what, step })
+    }
+}
+
+/// The current values of a parameter, flattened (for tests and checkpoints).
+pub fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
