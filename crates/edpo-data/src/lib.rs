@@ -83,7 +83,9 @@ pub fn read_jsonl_pairs(path: &Path) -> Result<Vec<PreferencePair>> {
         let field = |key: &str| -> Result<String> {
             match value.get(key) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(row_err(format!("field `{key}` must be a string, found {other}"))),
+                Some(other) => Err(row_err(format!(
+                    "field `{key}` must be a string, found {other}"
+                ))),
                 None => Err(row_err(format!("field `{key}` is missing"))),
             }
         };
@@ -141,19 +143,24 @@ impl PairTokenizer {
 
     /// Encodes a text with no special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            message: format!("cannot encode {text:?}: {e}"),
-        })?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot encode {text:?}: {e}"),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids back to text (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            message: format!("cannot decode: {e}"),
-        })
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot decode: {e}"),
+            })
     }
 
     /// Tokenises a pair by the convention: prompt and each response separately, EOS appended
@@ -198,9 +205,17 @@ mod tests {
     fn malformed_rows_name_file_and_line() {
         let path = write("bad", "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\"}\n");
         let e = read_jsonl_pairs(&path).expect_err("missing field");
-        assert!(e.to_string().ends_with("pairs.jsonl:2: field `rejected` is missing"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("pairs.jsonl:2: field `rejected` is missing"),
+            "{e}"
+        );
         let path = write("json", "{\"prompt\": 1}\nnot json\n");
         let e = read_jsonl_pairs(&path).expect_err("bad type");
-        assert!(e.to_string().contains(":1: field `prompt` must be a string"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(":1: field `prompt` must be a string"),
+            "{e}"
+        );
     }
 }

@@ -33,7 +33,10 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         if single.exists() {
             read_file(&single, device, &mut tensors)?;
-            return Ok(Self { tensors, origin: single });
+            return Ok(Self {
+                tensors,
+                origin: single,
+            });
         }
         if !index.exists() {
             return Err(Error::Io {
@@ -48,10 +51,11 @@ impl Checkpoint {
             path: index.clone(),
             source,
         })?;
-        let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: index.clone(),
-            source,
-        })?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: index.clone(),
+                source,
+            })?;
         let map = parsed
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -75,7 +79,10 @@ impl Checkpoint {
         for shard in shards {
             read_file(&dir.join(shard), device, &mut tensors)?;
         }
-        Ok(Self { tensors, origin: index })
+        Ok(Self {
+            tensors,
+            origin: index,
+        })
     }
 
     /// Builds a checkpoint from tensors already in memory (used by tests and conversions).
@@ -94,10 +101,13 @@ impl Checkpoint {
 
     /// Takes the tensor `name`, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let (tensor, path) = self.tensors.remove(name).ok_or_else(|| Error::MissingTensor {
-            path: self.origin.clone(),
-            name: name.into(),
-        })?;
+        let (tensor, path) = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.origin.clone(),
+                name: name.into(),
+            })?;
         if tensor.dims() != shape {
             return Err(Error::TensorShape {
                 path,
@@ -126,7 +136,11 @@ impl Checkpoint {
     }
 }
 
-fn read_file(path: &Path, device: &Device, out: &mut HashMap<String, (Tensor, PathBuf)>) -> Result<()> {
+fn read_file(
+    path: &Path,
+    device: &Device,
+    out: &mut HashMap<String, (Tensor, PathBuf)>,
+) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -191,7 +205,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path.extension().and_then(|e| e.to_str()).unwrap_or(""),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes).map_err(|source| Error::Io { path: tmp.clone(), source })?;
+    std::fs::write(&tmp, bytes).map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -200,5 +217,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Sorted view of a name → tensor map, the order tensors are written in.
 pub fn sorted(tensors: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
-    tensors.into_iter().collect::<BTreeMap<_, _>>().into_iter().collect()
+    tensors
+        .into_iter()
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .collect()
 }

@@ -179,7 +179,14 @@ impl ModelConfig {
                     Some(_) => keys.usize_or("head_dim", 0)?,
                 };
                 if head_dim % 2 != 0 {
-                    return Err(keys.bad("head_dim", format!("{head_dim} is odd; rotary embeddings need an even head width")));
+                    return Err(keys.bad(
+                        "head_dim",
+                        format!("{head_dim} is odd; rotary embeddings need an even head width"),
+                    ));
+                }
+                let act = keys.string("hidden_act")?.unwrap_or_else(|| "silu".into());
+                if act != "silu" {
+                    return Err(keys.bad("hidden_act", format!("`{act}` is not supported (silu)")));
                 }
                 let attention_bias = keys.bool_or("attention_bias", false)?;
                 let sliding_window = match variant {
@@ -312,7 +319,10 @@ impl Keys<'_> {
         if let Some(params) = self.get("rope_parameters").filter(|v| !v.is_null()) {
             if let Some(v) = params.get("rope_theta") {
                 return v.as_f64().filter(|x| *x > 0.0).ok_or_else(|| {
-                    self.bad("rope_parameters.rope_theta", format!("expected a positive number, found {v}"))
+                    self.bad(
+                        "rope_parameters.rope_theta",
+                        format!("expected a positive number, found {v}"),
+                    )
                 });
             }
         }
@@ -354,8 +364,10 @@ mod tests {
         let e = parse(json!({"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}))
             .unwrap_err();
         assert!(e.to_string().contains("rope_scaling"), "{e}");
-        let e = parse(json!({"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 4}))
-            .unwrap_err();
+        let e = parse(
+            json!({"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 4}),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");
     }
 

@@ -15,8 +15,16 @@ use candle_core::Tensor;
 pub fn tensor_specs(cfg: &Gpt2Config) -> Vec<TensorSpec> {
     let d = cfg.n_embd;
     let mut specs = vec![
-        TensorSpec::new("transformer.wte.weight", &[cfg.vocab_size, d], Init::Normal(0.02)),
-        TensorSpec::new("transformer.wpe.weight", &[cfg.n_positions, d], Init::Normal(0.01)),
+        TensorSpec::new(
+            "transformer.wte.weight",
+            &[cfg.vocab_size, d],
+            Init::Normal(0.02),
+        ),
+        TensorSpec::new(
+            "transformer.wpe.weight",
+            &[cfg.n_positions, d],
+            Init::Normal(0.01),
+        ),
     ];
     // Residual projections get GPT-2's 1/sqrt(2·n_layer) scaled initialisation.
     let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
@@ -33,7 +41,11 @@ pub fn tensor_specs(cfg: &Gpt2Config) -> Vec<TensorSpec> {
             TensorSpec::new(p("ln_2.bias"), &[d], Init::Zeros),
             TensorSpec::new(p("mlp.c_fc.weight"), &[d, cfg.n_inner], Init::Normal(0.02)),
             TensorSpec::new(p("mlp.c_fc.bias"), &[cfg.n_inner], Init::Zeros),
-            TensorSpec::new(p("mlp.c_proj.weight"), &[cfg.n_inner, d], Init::Normal(proj_std)),
+            TensorSpec::new(
+                p("mlp.c_proj.weight"),
+                &[cfg.n_inner, d],
+                Init::Normal(proj_std),
+            ),
             TensorSpec::new(p("mlp.c_proj.bias"), &[d], Init::Zeros),
         ]);
     }

@@ -7,7 +7,7 @@
 
 use crate::config::LlamaConfig;
 use crate::model::{Init, TensorSpec, Weights};
-use crate::nn::{attention, Linear, Rotary, RmsNorm};
+use crate::nn::{attention, Linear, RmsNorm, Rotary};
 use crate::Result;
 use candle_core::Tensor;
 
@@ -18,7 +18,11 @@ pub fn tensor_specs(cfg: &LlamaConfig) -> Vec<TensorSpec> {
     let kv_out = cfg.num_key_value_heads * cfg.head_dim;
     let inter = cfg.intermediate_size;
     let w = Init::Normal(0.02);
-    let mut specs = vec![TensorSpec::new("model.embed_tokens.weight", &[cfg.vocab_size, d], w)];
+    let mut specs = vec![TensorSpec::new(
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size, d],
+        w,
+    )];
     for i in 0..cfg.num_hidden_layers {
         let p = |s: &str| format!("model.layers.{i}.{s}");
         specs.extend([
@@ -40,7 +44,11 @@ pub fn tensor_specs(cfg: &LlamaConfig) -> Vec<TensorSpec> {
             ]);
         }
         if cfg.o_bias {
-            specs.push(TensorSpec::new(p("self_attn.o_proj.bias"), &[d], Init::Zeros));
+            specs.push(TensorSpec::new(
+                p("self_attn.o_proj.bias"),
+                &[d],
+                Init::Zeros,
+            ));
         }
         if cfg.mlp_bias {
             specs.extend([
@@ -80,7 +88,9 @@ impl Attention {
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+            Ok(y.reshape((b, t, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = split(self.q_proj.forward(x)?, self.n_head)?; // (B, H, T, hd)
         let k = split(self.k_proj.forward(x)?, self.n_kv)?; // (B, KV, T, hd)
@@ -116,9 +126,14 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, bias)?;
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, bias)?;
         let x = (x + h)?;
-        Ok((&x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?)
+        Ok((&x
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&x)?)?)?)
     }
 }
 
@@ -136,7 +151,10 @@ impl Llama {
     /// Assembles the model from weights named as in [`tensor_specs`].
     pub(crate) fn new(cfg: &LlamaConfig, w: &Weights) -> Self {
         let eps = cfg.rms_norm_eps;
-        let norm = |name: &str| RmsNorm { weight: w.get(&format!("{name}.weight")), eps };
+        let norm = |name: &str| RmsNorm {
+            weight: w.get(&format!("{name}.weight")),
+            eps,
+        };
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = |s: &str| format!("model.layers.{i}.{s}");

@@ -39,7 +39,11 @@ impl SequenceBatch {
         if batch == 0 {
             return Err(Error::Input("no sequences to score".into()));
         }
-        let seq_len = sequences.iter().map(|(p, r)| p.len() + r.len()).max().unwrap_or(0);
+        let seq_len = sequences
+            .iter()
+            .map(|(p, r)| p.len() + r.len())
+            .max()
+            .unwrap_or(0);
         let mut out = Self {
             input_ids: vec![pad_id; batch * seq_len],
             attention_mask: vec![0; batch * seq_len],
@@ -57,7 +61,9 @@ impl SequenceBatch {
                 )));
             }
             if response.is_empty() {
-                return Err(Error::Input(format!("sequence {b}: the response has no tokens")));
+                return Err(Error::Input(format!(
+                    "sequence {b}: the response has no tokens"
+                )));
             }
             let row = b * seq_len;
             for (t, &id) in prompt.iter().chain(response.iter()).enumerate() {
@@ -93,10 +99,17 @@ impl SequenceBatch {
 
 /// Logits `(N, V)` at the positions that predict response tokens, in `targets` order.
 pub fn response_logits(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
-    let h = model.hidden(&batch.input_ids, &batch.attention_mask, batch.batch, batch.seq_len)?;
+    let h = model.hidden(
+        &batch.input_ids,
+        &batch.attention_mask,
+        batch.batch,
+        batch.seq_len,
+    )?;
     let d = h.dim(2)?;
     let rows = Tensor::from_slice(&batch.predictor_rows, batch.n_targets(), model.device())?;
-    let h = h.reshape((batch.batch * batch.seq_len, d))?.index_select(&rows, 0)?; // (N, d)
+    let h = h
+        .reshape((batch.batch * batch.seq_len, d))?
+        .index_select(&rows, 0)?; // (N, d)
     model.lm_head(&h)
 }
 
@@ -142,8 +155,16 @@ pub fn mixed_sequence_logps(
             batch.n_targets()
         )));
     }
-    let z = policy_logits.detach().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let r = reference_logits.detach().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let z = policy_logits
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let r = reference_logits
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let mut out = vec![vec![0f64; batch.batch]; mixtures.len()];
     let mut mixed = vec![0f32; v];
     for i in 0..n {

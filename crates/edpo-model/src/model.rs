@@ -237,7 +237,13 @@ impl CausalLm {
     }
 
     /// Final hidden states `(B, T, d)` for right- or left-padded token ids (`B·T` values).
-    pub fn hidden(&self, input_ids: &[u32], attention_mask: &[u8], batch: usize, seq_len: usize) -> Result<Tensor> {
+    pub fn hidden(
+        &self,
+        input_ids: &[u32],
+        attention_mask: &[u8],
+        batch: usize,
+        seq_len: usize,
+    ) -> Result<Tensor> {
         if input_ids.len() != batch * seq_len || attention_mask.len() != batch * seq_len {
             return Err(Error::Input(format!(
                 "expected {batch}×{seq_len} ids and mask values, got {} and {}",
@@ -247,7 +253,9 @@ impl CausalLm {
         }
         let vocab = self.config.vocab_size() as u32;
         if let Some(bad) = input_ids.iter().find(|&&id| id >= vocab) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
         }
         let ids = Tensor::from_slice(input_ids, (batch, seq_len), &self.device)?;
         let positions = position_ids(attention_mask, batch, seq_len);
@@ -286,7 +294,13 @@ impl CausalLm {
     }
 
     /// Logits `(B, T, V)` at every position.
-    pub fn forward(&self, input_ids: &[u32], attention_mask: &[u8], batch: usize, seq_len: usize) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &[u32],
+        attention_mask: &[u8],
+        batch: usize,
+        seq_len: usize,
+    ) -> Result<Tensor> {
         let h = self.hidden(input_ids, attention_mask, batch, seq_len)?;
         let d = h.dim(2)?;
         let logits = self.lm_head(&h.reshape((batch * seq_len, d))?)?;
@@ -297,17 +311,21 @@ impl CausalLm {
     /// kept), `model.safetensors`, and the tokenizer and generation files of the source
     /// directory, so that `transformers` and this crate load it unchanged.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let tensors: Vec<(String, Tensor)> = self
             .params
             .iter()
             .map(|p| (p.name.clone(), p.tensor.clone()))
             .collect();
         checkpoint::write_safetensors(dir, &tensors)?;
-        let config = serde_json::to_string_pretty(&self.raw_config).map_err(|source| Error::Json {
-            path: dir.join("config.json"),
-            source,
-        })?;
+        let config =
+            serde_json::to_string_pretty(&self.raw_config).map_err(|source| Error::Json {
+                path: dir.join("config.json"),
+                source,
+            })?;
         checkpoint::write_atomic(&dir.join("config.json"), config.as_bytes())?;
         if let Some(src) = &self.source_dir {
             for name in [
@@ -320,7 +338,10 @@ impl CausalLm {
             ] {
                 let from = src.join(name);
                 if from.exists() && src != dir {
-                    let bytes = std::fs::read(&from).map_err(|source| Error::Io { path: from.clone(), source })?;
+                    let bytes = std::fs::read(&from).map_err(|source| Error::Io {
+                        path: from.clone(),
+                        source,
+                    })?;
                     checkpoint::write_atomic(&dir.join(name), &bytes)?;
                 }
             }

@@ -126,7 +126,11 @@ pub fn attention_bias(
             }
         }
     }
-    Ok(Tensor::from_vec(bias, (batch, 1, seq_len, seq_len), device)?)
+    Ok(Tensor::from_vec(
+        bias,
+        (batch, 1, seq_len, seq_len),
+        device,
+    )?)
 }
 
 /// Position of each token: the count of real tokens before it, so left padding does not
@@ -188,7 +192,13 @@ impl Rotary {
     }
 
     /// `cos` and `sin` tables `(B, 1, T, hd)` for the given positions (`B·T` values).
-    pub fn tables(&self, positions: &[u32], batch: usize, seq_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn tables(
+        &self,
+        positions: &[u32],
+        batch: usize,
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let hd = 2 * half;
         let mut cos = vec![0f32; batch * seq_len * hd];
@@ -222,7 +232,11 @@ impl Rotary {
 
 /// Converts `x` to f32 if it is not already.
 pub fn to_f32(x: &Tensor) -> Result<Tensor> {
-    Ok(if x.dtype() == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? })
+    Ok(if x.dtype() == DType::F32 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    })
 }
 
 #[cfg(test)]

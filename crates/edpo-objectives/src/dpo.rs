@@ -29,7 +29,11 @@ pub(crate) fn dpo_with_betas(logps: &PairLogps<'_>, betas: Vec<f64>) -> Objectiv
 pub fn dpo(logps: &PairLogps<'_>, beta: f64) -> Result<ObjectiveOutput, Error> {
     logps.check()?;
     if !(beta > 0.0 && beta.is_finite()) {
-        return Err(Error::Parameter { name: "beta", value: beta, message: "must be positive and finite" });
+        return Err(Error::Parameter {
+            name: "beta",
+            value: beta,
+            message: "must be positive and finite",
+        });
     }
     Ok(dpo_with_betas(logps, vec![beta; logps.len()]))
 }
@@ -44,13 +48,25 @@ mod tests {
         let ll = [-11.0, -2.0];
         let rw = [-10.5, -3.2];
         let rl = [-10.2, -2.5];
-        let logps = PairLogps { policy_chosen: &lw, policy_rejected: &ll, reference_chosen: &rw, reference_rejected: &rl };
+        let logps = PairLogps {
+            policy_chosen: &lw,
+            policy_rejected: &ll,
+            reference_chosen: &rw,
+            reference_rejected: &rl,
+        };
         let out = dpo(&logps, 0.3)?;
         let h = 1e-6;
         for i in 0..2 {
             let mut lw2 = lw;
             lw2[i] += h;
-            let up = dpo(&PairLogps { policy_chosen: &lw2, ..logps }, 0.3)?.loss();
+            let up = dpo(
+                &PairLogps {
+                    policy_chosen: &lw2,
+                    ..logps
+                },
+                0.3,
+            )?
+            .loss();
             assert!(((up - out.loss()) / h - out.grad_policy_chosen[i]).abs() < 1e-6);
         }
         Ok(())

@@ -43,17 +43,27 @@ pub fn epsilon_dpo(
 ) -> Result<(ObjectiveOutput, Vec<i8>), Error> {
     logps.check()?;
     if ratios.len() != logps.len() {
-        return Err(Error::Length { name: "ratios", found: ratios.len(), expected: logps.len() });
+        return Err(Error::Length {
+            name: "ratios",
+            found: ratios.len(),
+            expected: logps.len(),
+        });
     }
     check_parameters(beta, epsilon)?;
     let steps: Vec<i8> = ratios.iter().map(step_decision).collect();
-    let betas = steps.iter().map(|&s| beta / (1.0 + epsilon * f64::from(s))).collect();
+    let betas = steps
+        .iter()
+        .map(|&s| beta / (1.0 + epsilon * f64::from(s)))
+        .collect();
     let mut out = dpo_with_betas(logps, betas);
     let n = steps.len() as f64;
     let count = |v: i8| steps.iter().filter(|&&s| s == v).count() as f64 / n;
     out.stats.extend([
         ("kl/beta", beta),
-        ("kl/avg_steps", steps.iter().map(|&s| f64::from(s)).sum::<f64>() / n),
+        (
+            "kl/avg_steps",
+            steps.iter().map(|&s| f64::from(s)).sum::<f64>() / n,
+        ),
         ("kl/p_epsilon_steps", count(1)),
         ("kl/n_epsilon_steps", count(-1)),
     ]);
@@ -62,10 +72,18 @@ pub fn epsilon_dpo(
 
 fn check_parameters(beta: f64, epsilon: f64) -> Result<(), Error> {
     if !(beta > 0.0 && beta.is_finite()) {
-        return Err(Error::Parameter { name: "beta", value: beta, message: "must be positive and finite" });
+        return Err(Error::Parameter {
+            name: "beta",
+            value: beta,
+            message: "must be positive and finite",
+        });
     }
     if !(epsilon > 0.0 && epsilon < 1.0) {
-        return Err(Error::Parameter { name: "epsilon", value: epsilon, message: "must lie in (0, 1)" });
+        return Err(Error::Parameter {
+            name: "epsilon",
+            value: epsilon,
+            message: "must lie in (0, 1)",
+        });
     }
     Ok(())
 }
@@ -87,7 +105,12 @@ impl EpsilonBeta {
     /// Starts at base coefficient `beta`.
     pub fn new(beta: f64, epsilon: f64) -> Result<Self, Error> {
         check_parameters(beta, epsilon)?;
-        Ok(Self { beta, epsilon, step_sum: 0.0, pairs: 0 })
+        Ok(Self {
+            beta,
+            epsilon,
+            step_sum: 0.0,
+            pairs: 0,
+        })
     }
 
     /// The current base β.
@@ -108,7 +131,11 @@ impl EpsilonBeta {
 
     /// Applies the update for the optimizer step just taken; returns `s̄`.
     pub fn update(&mut self) -> f64 {
-        let mean_step = if self.pairs == 0 { 0.0 } else { self.step_sum / self.pairs as f64 };
+        let mean_step = if self.pairs == 0 {
+            0.0
+        } else {
+            self.step_sum / self.pairs as f64
+        };
         self.beta /= 1.0 + self.epsilon * mean_step;
         self.step_sum = 0.0;
         self.pairs = 0;
@@ -122,7 +149,11 @@ mod tests {
 
     #[test]
     fn decisions_are_strict() {
-        let r = |h_relaxed, h, h_stronger| PerturbedRatios { h, h_relaxed, h_stronger };
+        let r = |h_relaxed, h, h_stronger| PerturbedRatios {
+            h,
+            h_relaxed,
+            h_stronger,
+        };
         assert_eq!(step_decision(&r(2.0, 1.0, 0.0)), 1);
         assert_eq!(step_decision(&r(0.0, 1.0, 2.0)), -1);
         assert_eq!(step_decision(&r(1.0, 1.0, 0.0)), 0);

@@ -16,9 +16,9 @@
 //! Architecture invariant: this crate depends on nothing but `std`; it never sees a tensor, a
 //! model or a file.
 
-pub mod math;
 mod dpo;
 mod epsilon;
+pub mod math;
 
 pub use dpo::dpo;
 pub use epsilon::{epsilon_dpo, step_decision, EpsilonBeta, PerturbedRatios};
@@ -64,7 +64,11 @@ impl PairLogps<'_> {
             ("reference_rejected", self.reference_rejected),
         ] {
             if s.len() != n {
-                return Err(Error::Length { name, found: s.len(), expected: n });
+                return Err(Error::Length {
+                    name,
+                    found: s.len(),
+                    expected: n,
+                });
             }
         }
         Ok(())

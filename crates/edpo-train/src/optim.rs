@@ -25,7 +25,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -38,12 +43,21 @@ pub struct GradBuffers {
 impl GradBuffers {
     /// Zeroed buffers shaped like `params`.
     pub fn new(params: &[Param]) -> Self {
-        Self { grads: params.iter().map(|p| vec![0.0; p.tensor.elem_count()]).collect() }
+        Self {
+            grads: params
+                .iter()
+                .map(|p| vec![0.0; p.tensor.elem_count()])
+                .collect(),
+        }
     }
 
     /// Adds the gradients of `store` (from one backward pass). A parameter the loss does not
     /// reach gets none, which adds nothing.
-    pub fn add(&mut self, params: &[Param], store: &candle_core::backprop::GradStore) -> Result<()> {
+    pub fn add(
+        &mut self,
+        params: &[Param],
+        store: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
         for (buf, p) in self.grads.iter_mut().zip(params) {
             if let Some(g) = store.get(&p.tensor) {
                 let g = g.flatten_all()?.to_vec1::<f32>()?;
@@ -99,8 +113,18 @@ pub struct AdamW {
 impl AdamW {
     /// Zero moments for `params`.
     pub fn new(params: &[Param], config: AdamWConfig) -> Self {
-        let zeros = || params.iter().map(|p| vec![0.0; p.tensor.elem_count()]).collect();
-        Self { config, m: zeros(), v: zeros(), t: 0 }
+        let zeros = || {
+            params
+                .iter()
+                .map(|p| vec![0.0; p.tensor.elem_count()])
+                .collect()
+        };
+        Self {
+            config,
+            m: zeros(),
+            v: zeros(),
+            t: 0,
+        }
     }
 
     /// Number of steps taken.
@@ -110,7 +134,13 @@ impl AdamW {
 
     /// One update of every trainable parameter with gradients `grads · grad_scale`
     /// (`grad_scale` carries the clipping factor).
-    pub fn step(&mut self, params: &[Param], grads: &GradBuffers, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &[Param],
+        grads: &GradBuffers,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.t += 1;
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
@@ -120,7 +150,11 @@ impl AdamW {
             let op = Update {
                 grad: &grads.grads[i],
                 moments: RefCell::new((&mut self.m[i], &mut self.v[i])),
-                decay: if p.decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 },
+                decay: if p.decay {
+                    (1.0 - lr * c.weight_decay) as f32
+                } else {
+                    1.0
+                },
                 grad_scale: grad_scale as f32,
                 beta1: c.beta1 as f32,
                 beta2: c.beta2 as f32,
@@ -166,7 +200,12 @@ impl InplaceOp1 for Update<'_> {
             candle_core::bail!("AdamW: parameter, gradient and moments differ in size");
         }
         let (b1, b2) = (self.beta1, self.beta2);
-        for (((p, &g), m), v) in theta.iter_mut().zip(self.grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+        for (((p, &g), m), v) in theta
+            .iter_mut()
+            .zip(self.grad)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+        {
             let g = g * self.grad_scale;
             *p *= self.decay;
             *m += (1.0 - b1) * (g - *m); // torch's lerp_ form

@@ -33,7 +33,11 @@ impl Schedule {
     }
 
     fn multiplier(&self, step: usize) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if step < self.warmup_steps {
             return s / w.max(1.0);
         }
@@ -57,15 +61,36 @@ mod tests {
         // transformers.get_cosine_schedule_with_warmup(opt, 2, 10) multipliers, steps 0..10:
         // [0.0, 0.5, 1.0, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449,
         //  0.5, 0.3086582838174551, 0.14644660940672627, 0.03806023374435663]
-        let s = Schedule { peak_lr: 1.0, warmup_steps: 2, total_steps: 10, kind: ScheduleKind::Cosine };
-        let expected = [0.0, 0.5, 1.0, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449,
-            0.5, 0.3086582838174551, 0.14644660940672627, 0.03806023374435663];
+        let s = Schedule {
+            peak_lr: 1.0,
+            warmup_steps: 2,
+            total_steps: 10,
+            kind: ScheduleKind::Cosine,
+        };
+        let expected = [
+            0.0,
+            0.5,
+            1.0,
+            0.9619397662556434,
+            0.8535533905932737,
+            0.6913417161825449,
+            0.5,
+            0.3086582838174551,
+            0.14644660940672627,
+            0.03806023374435663,
+        ];
         for (k, e) in expected.iter().enumerate() {
             assert!((s.lr(k) - e).abs() < 1e-12, "step {k}: {} vs {e}", s.lr(k));
         }
-        let l = Schedule { kind: ScheduleKind::Linear, ..s };
+        let l = Schedule {
+            kind: ScheduleKind::Linear,
+            ..s
+        };
         assert!((l.lr(6) - 0.5).abs() < 1e-12);
-        let c = Schedule { kind: ScheduleKind::Constant, ..s };
+        let c = Schedule {
+            kind: ScheduleKind::Constant,
+            ..s
+        };
         assert_eq!(c.lr(9), 1.0);
     }
 }

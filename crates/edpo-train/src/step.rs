@@ -14,7 +14,9 @@ use candle_core::Tensor;
 use edpo_data::TokenizedPair;
 use edpo_model::logprobs::{mixed_sequence_logps, response_logits, sum_per_sequence, token_logps};
 use edpo_model::{CausalLm, SequenceBatch};
-use edpo_objectives::{self as objectives, EpsilonBeta, ObjectiveOutput, PairLogps, PerturbedRatios};
+use edpo_objectives::{
+    self as objectives, EpsilonBeta, ObjectiveOutput, PairLogps, PerturbedRatios,
+};
 
 /// The objective of a run, with its parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,8 +65,16 @@ impl PairScores {
 /// The layout of a micro-batch: chosen sequences of every pair, then rejected ones.
 fn pair_batch(pairs: &[TokenizedPair], pad_id: u32) -> Result<SequenceBatch> {
     let mut seqs: Vec<(&[u32], &[u32])> = Vec::with_capacity(2 * pairs.len());
-    seqs.extend(pairs.iter().map(|p| (p.prompt.as_slice(), p.chosen.as_slice())));
-    seqs.extend(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())));
+    seqs.extend(
+        pairs
+            .iter()
+            .map(|p| (p.prompt.as_slice(), p.chosen.as_slice())),
+    );
+    seqs.extend(
+        pairs
+            .iter()
+            .map(|p| (p.prompt.as_slice(), p.rejected.as_slice())),
+    );
     Ok(SequenceBatch::new(&seqs, pad_id)?)
 }
 
@@ -86,8 +96,16 @@ fn forward(
     let policy_logps = sum_per_sequence(&token_logps(&policy_logits, &batch)?, &batch)?; // (2B,)
     let reference_logits = response_logits(reference, &batch)?.detach();
     let reference_logps = sum_per_sequence(&token_logps(&reference_logits, &batch)?, &batch)?;
-    let lp: Vec<f64> = policy_logps.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
-    let rp: Vec<f64> = reference_logps.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+    let lp: Vec<f64> = policy_logps
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let rp: Vec<f64> = reference_logps
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
     let ratios = match epsilon {
         None => None,
         Some(eps) => {
@@ -134,7 +152,11 @@ pub fn score_pairs(
 }
 
 /// Evaluates the objective on scores at the trainer's current base β.
-fn evaluate(objective: &Objective, beta_state: Option<&EpsilonBeta>, scores: &PairScores) -> Result<(ObjectiveOutput, Option<Vec<i8>>)> {
+fn evaluate(
+    objective: &Objective,
+    beta_state: Option<&EpsilonBeta>,
+    scores: &PairScores,
+) -> Result<(ObjectiveOutput, Option<Vec<i8>>)> {
     match (objective, beta_state) {
         (Objective::Dpo { beta }, _) => Ok((objectives::dpo(&scores.logps(), *beta)?, None)),
         (Objective::EpsilonDpo { epsilon, .. }, Some(state)) => {
@@ -142,10 +164,13 @@ fn evaluate(objective: &Objective, beta_state: Option<&EpsilonBeta>, scores: &Pa
                 .ratios
                 .as_deref()
                 .ok_or_else(|| Error::Config("ε-DPO needs the perturbed log-ratios".into()))?;
-            let (out, steps) = objectives::epsilon_dpo(&scores.logps(), ratios, state.beta(), *epsilon)?;
+            let (out, steps) =
+                objectives::epsilon_dpo(&scores.logps(), ratios, state.beta(), *epsilon)?;
             Ok((out, Some(steps)))
         }
-        (Objective::EpsilonDpo { .. }, None) => Err(Error::Config("ε-DPO without its β state".into())),
+        (Objective::EpsilonDpo { .. }, None) => {
+            Err(Error::Config("ε-DPO without its β state".into()))
+        }
     }
 }
 
@@ -198,18 +223,30 @@ impl Trainer {
     /// A trainer; `policy` must be trainable.
     pub fn new(policy: CausalLm, reference: CausalLm, config: TrainerConfig) -> Result<Self> {
         if policy.params().iter().all(|p| p.var.is_none()) {
-            return Err(Error::Config("the policy has no trainable parameters".into()));
+            return Err(Error::Config(
+                "the policy has no trainable parameters".into(),
+            ));
         }
         let beta_state = match config.objective {
             Objective::EpsilonDpo { beta, epsilon } => Some(EpsilonBeta::new(beta, epsilon)?),
             Objective::Dpo { beta } if beta > 0.0 && beta.is_finite() => None,
             Objective::Dpo { beta } => {
-                return Err(Error::Config(format!("beta = {beta}: must be positive and finite")))
+                return Err(Error::Config(format!(
+                    "beta = {beta}: must be positive and finite"
+                )))
             }
         };
         let optimizer = AdamW::new(policy.params(), config.adamw);
         let grads = GradBuffers::new(policy.params());
-        Ok(Self { policy, reference, config, optimizer, grads, beta_state, step: 0 })
+        Ok(Self {
+            policy,
+            reference,
+            config,
+            optimizer,
+            grads,
+            beta_state,
+            step: 0,
+        })
     }
 
     /// The current base β (ε-DPO) or the fixed β (DPO).
@@ -225,7 +262,9 @@ impl Trainer {
     /// gradient-accumulating trainer that divides each micro-batch loss by their number.
     pub fn train_step(&mut self, micro_batches: &[Vec<TokenizedPair>]) -> Result<StepReport> {
         if micro_batches.is_empty() || micro_batches.iter().any(Vec::is_empty) {
-            return Err(Error::Config("a training step needs non-empty micro-batches".into()));
+            return Err(Error::Config(
+                "a training step needs non-empty micro-batches".into(),
+            ));
         }
         let k = micro_batches.len() as f64;
         let epsilon = match self.config.objective {
@@ -238,7 +277,11 @@ impl Trainer {
         let mut stats: Vec<(&'static str, f64)> = Vec::new();
         for pairs in micro_batches {
             let fwd = forward(&self.policy, &self.reference, pairs, epsilon)?;
-            let (out, steps) = evaluate(&self.config.objective, self.beta_state.as_ref(), &fwd.scores)?;
+            let (out, steps) = evaluate(
+                &self.config.objective,
+                self.beta_state.as_ref(),
+                &fwd.scores,
+            )?;
             ensure_finite(out.loss(), "loss", self.step)?;
             if let (Some(state), Some(steps)) = (self.beta_state.as_mut(), steps) {
                 state.record(&steps);
@@ -267,7 +310,8 @@ impl Trainer {
         ensure_finite(grad_norm, "gradient norm", self.step)?;
         let lr = self.config.schedule.lr(self.step);
         let scale = GradBuffers::clip_factor(grad_norm, self.config.max_grad_norm);
-        self.optimizer.step(self.policy.params(), &self.grads, lr, scale)?;
+        self.optimizer
+            .step(self.policy.params(), &self.grads, lr, scale)?;
         if let Some(state) = self.beta_state.as_mut() {
             let mean_step = state.update();
             if let Some(s) = stats.iter_mut().find(|(n, _)| *n == "kl/avg_steps") {

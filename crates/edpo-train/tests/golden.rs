@@ -16,7 +16,9 @@ use candle_core::Device;
 use edpo_data::{read_jsonl_pairs, PairTokenizer, TokenizedPair};
 use edpo_model::{logprobs::sequence_logps, CausalLm, SequenceBatch};
 use edpo_objectives::{dpo, epsilon_dpo, EpsilonBeta};
-use edpo_train::{score_pairs, AdamWConfig, Objective, Schedule, ScheduleKind, Trainer, TrainerConfig};
+use edpo_train::{
+    score_pairs, AdamWConfig, Objective, Schedule, ScheduleKind, Trainer, TrainerConfig,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -38,7 +40,12 @@ fn load(family: &str) -> Result<(Value, CausalLm, CausalLm), Box<dyn std::error:
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -63,11 +70,17 @@ fn golden_pairs(golden: &Value) -> Vec<TokenizedPair> {
 
 fn assert_rel(found: f64, expected: f64, rel: f64, what: &str) {
     let err = (found - expected).abs() / expected.abs().max(1e-12);
-    assert!(err <= rel, "{what}: {found} vs PyTorch {expected} (relative error {err:e} > {rel:e})");
+    assert!(
+        err <= rel,
+        "{what}: {found} vs PyTorch {expected} (relative error {err:e} > {rel:e})"
+    );
 }
 
 fn assert_abs(found: f64, expected: f64, tol: f64, what: &str) {
-    assert!((found - expected).abs() <= tol, "{what}: {found} vs PyTorch {expected} (|diff| > {tol:e})");
+    assert!(
+        (found - expected).abs() <= tol,
+        "{what}: {found} vs PyTorch {expected} (|diff| > {tol:e})"
+    );
 }
 
 #[test]
@@ -91,15 +104,45 @@ fn logps_losses_and_epsilon_steps_match_pytorch() -> TestResult {
         let pairs = golden_pairs(&golden);
         let beta = f(&golden["beta"]);
         let scores = score_pairs(&policy, &reference, &pairs, None)?;
-        for (i, p) in golden["pairs"].as_array().ok_or("pairs")?.iter().enumerate() {
+        for (i, p) in golden["pairs"]
+            .as_array()
+            .ok_or("pairs")?
+            .iter()
+            .enumerate()
+        {
             let what = |k: &str| format!("{family} pair {i} {k}");
-            assert_rel(scores.policy_chosen[i], f(&p["chosen_logp"]), 1e-4, &what("chosen_logp"));
-            assert_rel(scores.policy_rejected[i], f(&p["rejected_logp"]), 1e-4, &what("rejected_logp"));
-            assert_rel(scores.reference_chosen[i], f(&p["ref_chosen_logp"]), 1e-4, &what("ref_chosen_logp"));
-            assert_rel(scores.reference_rejected[i], f(&p["ref_rejected_logp"]), 1e-4, &what("ref_rejected_logp"));
+            assert_rel(
+                scores.policy_chosen[i],
+                f(&p["chosen_logp"]),
+                1e-4,
+                &what("chosen_logp"),
+            );
+            assert_rel(
+                scores.policy_rejected[i],
+                f(&p["rejected_logp"]),
+                1e-4,
+                &what("rejected_logp"),
+            );
+            assert_rel(
+                scores.reference_chosen[i],
+                f(&p["ref_chosen_logp"]),
+                1e-4,
+                &what("ref_chosen_logp"),
+            );
+            assert_rel(
+                scores.reference_rejected[i],
+                f(&p["ref_rejected_logp"]),
+                1e-4,
+                &what("ref_rejected_logp"),
+            );
         }
         let plain = dpo(&scores.logps(), beta)?;
-        assert_abs(plain.loss(), f(&golden["dpo_loss"]), 1e-5, &format!("{family} DPO loss"));
+        assert_abs(
+            plain.loss(),
+            f(&golden["dpo_loss"]),
+            1e-5,
+            &format!("{family} DPO loss"),
+        );
 
         for size in ["small", "large"] {
             let g = &golden["epsilon"][size];
@@ -107,21 +150,54 @@ fn logps_losses_and_epsilon_steps_match_pytorch() -> TestResult {
             let s = score_pairs(&policy, &reference, &pairs, Some(eps))?;
             let ratios = s.ratios.clone().ok_or("no ratios")?;
             let (out, steps) = epsilon_dpo(&s.logps(), &ratios, beta, eps)?;
-            let expected: Vec<i8> = g["steps"].as_array().ok_or("steps")?.iter().map(|v| v.as_i64().unwrap_or(9) as i8).collect();
+            let expected: Vec<i8> = g["steps"]
+                .as_array()
+                .ok_or("steps")?
+                .iter()
+                .map(|v| v.as_i64().unwrap_or(9) as i8)
+                .collect();
             assert_eq!(steps, expected, "{family} ε = {eps}: steps");
             if size == "large" {
-                assert!(steps.contains(&0), "{family}: the large ε must exercise step 0");
+                assert!(
+                    steps.contains(&0),
+                    "{family}: the large ε must exercise step 0"
+                );
             }
             for (i, b) in g["beta_i"].as_array().ok_or("beta_i")?.iter().enumerate() {
-                assert_rel(out.betas[i], f(b), 1e-12, &format!("{family} ε = {eps} β_{i}"));
-                assert_abs(ratios[i].h_relaxed, f(&g["h_plus"][i]), 2e-3, &format!("{family} h⁺_{i}"));
-                assert_abs(ratios[i].h_stronger, f(&g["h_minus"][i]), 2e-3, &format!("{family} h⁻_{i}"));
+                assert_rel(
+                    out.betas[i],
+                    f(b),
+                    1e-12,
+                    &format!("{family} ε = {eps} β_{i}"),
+                );
+                assert_abs(
+                    ratios[i].h_relaxed,
+                    f(&g["h_plus"][i]),
+                    2e-3,
+                    &format!("{family} h⁺_{i}"),
+                );
+                assert_abs(
+                    ratios[i].h_stronger,
+                    f(&g["h_minus"][i]),
+                    2e-3,
+                    &format!("{family} h⁻_{i}"),
+                );
             }
-            assert_abs(out.loss(), f(&g["loss"]), 1e-5, &format!("{family} ε = {eps} loss"));
+            assert_abs(
+                out.loss(),
+                f(&g["loss"]),
+                1e-5,
+                &format!("{family} ε = {eps} loss"),
+            );
             let mut state = EpsilonBeta::new(beta, eps)?;
             state.record(&steps);
             state.update();
-            assert_rel(state.beta(), f(&g["next_beta"]), 1e-12, &format!("{family} ε = {eps} next β"));
+            assert_rel(
+                state.beta(),
+                f(&g["next_beta"]),
+                1e-12,
+                &format!("{family} ε = {eps} next β"),
+            );
         }
     }
     Ok(())
@@ -151,12 +227,27 @@ fn trace_config(golden: &Value, objective: Objective) -> TrainerConfig {
 fn dpo_gradient_norm_matches_pytorch() -> TestResult {
     for family in FAMILIES {
         let (golden, policy, reference) = load(family)?;
-        let mut config = trace_config(&golden, Objective::Dpo { beta: f(&golden["beta"]) });
+        let mut config = trace_config(
+            &golden,
+            Objective::Dpo {
+                beta: f(&golden["beta"]),
+            },
+        );
         config.schedule.peak_lr = 0.0;
         let mut trainer = Trainer::new(policy, reference, config)?;
         let report = trainer.train_step(&[golden_pairs(&golden)])?;
-        assert_rel(report.grad_norm, f(&golden["dpo_grad_norm"]), 1e-4, &format!("{family} ‖∇L_DPO‖"));
-        assert_abs(report.loss, f(&golden["dpo_loss"]), 1e-5, &format!("{family} DPO loss"));
+        assert_rel(
+            report.grad_norm,
+            f(&golden["dpo_grad_norm"]),
+            1e-4,
+            &format!("{family} ‖∇L_DPO‖"),
+        );
+        assert_abs(
+            report.loss,
+            f(&golden["dpo_loss"]),
+            1e-5,
+            &format!("{family} DPO loss"),
+        );
     }
     Ok(())
 }
@@ -167,16 +258,29 @@ fn ten_step_traces_match_pytorch() -> TestResult {
         let (golden, policy, reference) = load(family)?;
         let beta = f(&golden["beta"]);
         let eps = f(&golden["trace"]["epsilon_dpo"]["epsilon"]);
-        let k = golden["trace"]["settings"]["micro_batches"].as_u64().unwrap_or(1) as usize;
+        let k = golden["trace"]["settings"]["micro_batches"]
+            .as_u64()
+            .unwrap_or(1) as usize;
         let pairs = golden_pairs(&golden);
         let size = pairs.len() / k;
-        let micro: Vec<Vec<TokenizedPair>> = (0..k).map(|i| pairs[i * size..(i + 1) * size].to_vec()).collect();
+        let micro: Vec<Vec<TokenizedPair>> = (0..k)
+            .map(|i| pairs[i * size..(i + 1) * size].to_vec())
+            .collect();
         for (name, objective, expected) in [
             ("DPO", Objective::Dpo { beta }, &golden["trace"]["dpo"]),
-            ("ε-DPO", Objective::EpsilonDpo { beta, epsilon: eps }, &golden["trace"]["epsilon_dpo"]["steps"]),
+            (
+                "ε-DPO",
+                Objective::EpsilonDpo { beta, epsilon: eps },
+                &golden["trace"]["epsilon_dpo"]["steps"],
+            ),
         ] {
-            let policy = CausalLm::load(&golden_dir().join(family).join("policy"), &Device::Cpu, true)?;
-            let mut trainer = Trainer::new(policy, reference.clone(), trace_config(&golden, objective))?;
+            let policy = CausalLm::load(
+                &golden_dir().join(family).join("policy"),
+                &Device::Cpu,
+                true,
+            )?;
+            let mut trainer =
+                Trainer::new(policy, reference.clone(), trace_config(&golden, objective))?;
             for e in expected.as_array().ok_or("trace")? {
                 let r = trainer.train_step(&micro)?;
                 let what = |k: &str| format!("{family} {name} step {} {k}", r.step);
@@ -199,18 +303,40 @@ fn every_parameter_receives_a_finite_nonzero_gradient() -> TestResult {
         let pairs = golden_pairs(&golden);
         let scores = score_pairs(&policy, &reference, &pairs, None)?;
         let out = dpo(&scores.logps(), 0.1)?;
-        let mut seqs: Vec<(&[u32], &[u32])> = pairs.iter().map(|p| (p.prompt.as_slice(), p.chosen.as_slice())).collect();
-        seqs.extend(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())));
+        let mut seqs: Vec<(&[u32], &[u32])> = pairs
+            .iter()
+            .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
+            .collect();
+        seqs.extend(
+            pairs
+                .iter()
+                .map(|p| (p.prompt.as_slice(), p.rejected.as_slice())),
+        );
         let batch = SequenceBatch::new(&seqs, 0)?;
         let logps = sequence_logps(&policy, &batch)?;
-        let coef: Vec<f32> = out.grad_policy_chosen.iter().chain(&out.grad_policy_rejected).map(|&g| g as f32).collect();
+        let coef: Vec<f32> = out
+            .grad_policy_chosen
+            .iter()
+            .chain(&out.grad_policy_rejected)
+            .map(|&g| g as f32)
+            .collect();
         let coef = candle_core::Tensor::from_vec(coef, logps.dims(), logps.device())?;
         let grads = (&logps * &coef)?.sum_all()?.backward()?;
         for p in policy.params() {
-            let g = grads.get(&p.tensor).ok_or_else(|| format!("{family}: `{}` received no gradient", p.name))?;
+            let g = grads
+                .get(&p.tensor)
+                .ok_or_else(|| format!("{family}: `{}` received no gradient", p.name))?;
             let v = g.flatten_all()?.to_vec1::<f32>()?;
-            assert!(v.iter().all(|x| x.is_finite()), "{family}: `{}` has a non-finite gradient", p.name);
-            assert!(v.iter().any(|&x| x != 0.0), "{family}: `{}` has an all-zero gradient", p.name);
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{family}: `{}` has a non-finite gradient",
+                p.name
+            );
+            assert!(
+                v.iter().any(|&x| x != 0.0),
+                "{family}: `{}` has an all-zero gradient",
+                p.name
+            );
         }
     }
     Ok(())
@@ -221,17 +347,36 @@ fn log_probs_do_not_depend_on_batch_or_padding() -> TestResult {
     for family in FAMILIES {
         let (golden, policy, _) = load(family)?;
         let pairs = golden_pairs(&golden);
-        let all: Vec<(&[u32], &[u32])> = pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())).collect();
+        let all: Vec<(&[u32], &[u32])> = pairs
+            .iter()
+            .map(|p| (p.prompt.as_slice(), p.rejected.as_slice()))
+            .collect();
         let together = sequence_logps(&policy, &SequenceBatch::new(&all, 0)?)?.to_vec1::<f32>()?;
         for (i, seq) in all.iter().enumerate() {
-            let alone = sequence_logps(&policy, &SequenceBatch::new(&[*seq], 0)?)?.to_vec1::<f32>()?;
-            assert_rel(f64::from(alone[0]), f64::from(together[i]), 1e-5, &format!("{family} sequence {i}"));
+            let alone =
+                sequence_logps(&policy, &SequenceBatch::new(&[*seq], 0)?)?.to_vec1::<f32>()?;
+            assert_rel(
+                f64::from(alone[0]),
+                f64::from(together[i]),
+                1e-5,
+                &format!("{family} sequence {i}"),
+            );
         }
         // Extra padding of a different id changes nothing.
-        let long: Vec<u32> = all[0].1.iter().copied().chain(std::iter::repeat_n(5, 40)).collect();
+        let long: Vec<u32> = all[0]
+            .1
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(5, 40))
+            .collect();
         let padded = SequenceBatch::new(&[all[0], (all[1].0, long.as_slice())], 7)?;
         let with_padding = sequence_logps(&policy, &padded)?.to_vec1::<f32>()?;
-        assert_rel(f64::from(with_padding[0]), f64::from(together[0]), 1e-5, &format!("{family} padded"));
+        assert_rel(
+            f64::from(with_padding[0]),
+            f64::from(together[0]),
+            1e-5,
+            &format!("{family} padded"),
+        );
     }
     Ok(())
 }
@@ -240,21 +385,34 @@ fn log_probs_do_not_depend_on_batch_or_padding() -> TestResult {
 fn save_then_load_gives_identical_logits() -> TestResult {
     for family in FAMILIES {
         let (_, policy, _) = load(family)?;
-        let dir = std::env::temp_dir().join(format!("edpo-roundtrip-{}-{family}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("edpo-roundtrip-{}-{family}", std::process::id()));
         policy.save(&dir)?;
         let back = CausalLm::load(&dir, &Device::Cpu, false)?;
         let ids: Vec<u32> = (0..12).map(|i| (i * 17 + 3) % 300).collect();
         let mask = vec![1u8; 12];
-        let a = policy.forward(&ids, &mask, 1, 12)?.flatten_all()?.to_vec1::<f32>()?;
-        let b = back.forward(&ids, &mask, 1, 12)?.flatten_all()?.to_vec1::<f32>()?;
+        let a = policy
+            .forward(&ids, &mask, 1, 12)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = back
+            .forward(&ids, &mask, 1, 12)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(a, b, "{family}: logits differ after a save/load round trip");
         assert!(dir.join("tokenizer.json").exists() && dir.join("config.json").exists());
         std::fs::remove_dir_all(&dir)?;
     }
-    let roundtrip: Value = serde_json::from_str(&std::fs::read_to_string(golden_dir().join("roundtrip.json"))?)?;
+    let roundtrip: Value = serde_json::from_str(&std::fs::read_to_string(
+        golden_dir().join("roundtrip.json"),
+    )?)?;
     for family in FAMILIES {
         assert_eq!(roundtrip[family]["loaded"], Value::Bool(true));
-        assert_eq!(f(&roundtrip[family]["max_abs_logit_diff"]), 0.0, "{family}: transformers logits");
+        assert_eq!(
+            f(&roundtrip[family]["max_abs_logit_diff"]),
+            0.0,
+            "{family}: transformers logits"
+        );
     }
     Ok(())
 }

@@ -44,7 +44,10 @@ pub fn eos_id(model: &CausalLm, dir: &Path, tokenizer_path: &Path) -> Result<u32
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| match v.get("eos_token") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(obj) => obj.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Some(obj) => obj
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             None => None,
         });
     let tokenizer = PairTokenizer::from_file(tokenizer_path, 0)?;
@@ -99,7 +102,9 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             }
         });
     }
-    let Some(scores) = scores else { bail!("no pairs scored") };
+    let Some(scores) = scores else {
+        bail!("no pairs scored")
+    };
     let ratios = scores.ratios.clone().unwrap_or_default();
     let plain = dpo(&scores.logps(), args.beta)?;
     let (eps_out, steps) = epsilon_dpo(&scores.logps(), &ratios, args.beta, args.epsilon)?;
