@@ -1,0 +1,142 @@
+//! `edpo bench`: a fixed DPO / ε-DPO training workload, timed at steady state.
+//!
+//! Model: GPT-2 architecture, vocabulary 4096, 256 positions, width 256, 4 layers, 4 heads,
+//! tied embeddings, f32, seeded random initialisation; the reference is a frozen copy of the
+//! initial policy. Batch: 8 pairs of random ids, prompt 32 tokens, chosen and rejected 64
+//! tokens each including EOS. Step: reference forward, policy forward and backward on chosen
+//! and rejected, DPO (β = 0.1) or ε-DPO (ε = 0.01), AdamW at learning rate 1e-5.
+//! Timing: 2 warm-up steps, then `steps` timed steps; pairs/s = 8·steps / seconds.
+
+use anyhow::Result;
+use candle_core::Device;
+use edpo_data::TokenizedPair;
+use edpo_model::{CausalLm, Gpt2Config, ModelConfig};
+use edpo_train::{AdamWConfig, Objective, Schedule, ScheduleKind, Trainer, TrainerConfig};
+use serde_json::json;
+use std::time::Instant;
+
+const PAIRS: usize = 8;
+const PROMPT: usize = 32;
+const RESPONSE: usize = 64;
+const VOCAB: usize = 4096;
+const WARMUP: usize = 2;
+
+/// Arguments of `edpo bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Threads inside the run (sets CANDLE_NUM_THREADS and RAYON_NUM_THREADS).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Timed optimizer steps per objective.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+}
+
+fn config() -> (ModelConfig, serde_json::Value) {
+    let raw = json!({
+        "model_type": "gpt2", "vocab_size": VOCAB, "n_positions": 256, "n_embd": 256,
+        "n_layer": 4, "n_head": 4, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 1,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "architectures": ["GPT2LMHeadModel"],
+    });
+    let cfg = ModelConfig::Gpt2(Gpt2Config {
+        vocab_size: VOCAB,
+        n_positions: 256,
+        n_embd: 256,
+        n_layer: 4,
+        n_head: 4,
+        n_inner: 1024,
+        layer_norm_epsilon: 1e-5,
+    });
+    (cfg, raw)
+}
+
+fn random_pairs(seed: u64) -> Vec<TokenizedPair> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % (VOCAB as u64 - 1)) as u32
+    };
+    let eos = (VOCAB - 1) as u32;
+    let response = |next: &mut dyn FnMut() -> u32| {
+        let mut r: Vec<u32> = (0..RESPONSE - 1).map(|_| next()).collect();
+        r.push(eos);
+        r
+    };
+    (0..PAIRS)
+        .map(|_| {
+            let prompt = (0..PROMPT).map(|_| next()).collect();
+            let chosen = response(&mut next);
+            let rejected = response(&mut next);
+            TokenizedPair {
+                prompt,
+                chosen,
+                rejected,
+            }
+        })
+        .collect()
+}
+
+fn measure(objective: Objective, steps: usize) -> Result<f64> {
+    let (cfg, raw) = config();
+    let policy = CausalLm::random(cfg, raw, 1234, &Device::Cpu, true)?;
+    let reference = policy.frozen_copy()?;
+    let config = TrainerConfig {
+        objective,
+        adamw: AdamWConfig::default(),
+        schedule: Schedule {
+            peak_lr: 1e-5,
+            warmup_steps: 0,
+            total_steps: steps + WARMUP,
+            kind: ScheduleKind::Constant,
+        },
+        max_grad_norm: None,
+    };
+    let mut trainer = Trainer::new(policy, reference, config)?;
+    let batch = vec![random_pairs(7)];
+    for _ in 0..WARMUP {
+        trainer.train_step(&batch)?;
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        trainer.train_step(&batch)?;
+    }
+    Ok((PAIRS * steps) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Peak resident set size of this process, from `/proc/self/status` (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.threads >= 1 && args.steps >= 1,
+        "--threads and --steps must be at least 1"
+    );
+    let dpo = measure(Objective::Dpo { beta: 0.1 }, args.steps)?;
+    let eps = measure(
+        Objective::EpsilonDpo {
+            beta: 0.1,
+            epsilon: 0.01,
+        },
+        args.steps,
+    )?;
+    let tokens_per_pair = (2 * (PROMPT + RESPONSE)) as f64;
+    let out = json!({
+        "dpo_pairs_per_s": dpo,
+        "epsilon_dpo_pairs_per_s": eps,
+        "epsilon_over_dpo": eps / dpo,
+        "dpo_tokens_per_s": dpo * tokens_per_pair,
+        "threads": args.threads,
+        "steps": args.steps,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
