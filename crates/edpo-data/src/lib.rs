@@ -10,6 +10,8 @@
 //!
 //! This crate depends on no model code; the model crate consumes token ids only.
 
+pub mod synthetic;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

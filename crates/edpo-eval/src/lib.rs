@@ -1,0 +1,35 @@
+//! Evaluation of a policy against its reference.
+//!
+//! # Overview
+//! - [`sampling`]: seeded batched sampling (temperature, top-k, top-p, maximum length, EOS).
+//! - [`kl`]: sequence KL(π‖π_ref) along responses, exact (the full-vocabulary KL at every
+//!   response position, summed) and sampled (`Σ_t log π(y_t) − log π_ref(y_t)`).
+//! - [`stats`]: win rates with ties counted ½, means with standard errors, Wilson intervals.
+//!
+//! Depends on `edpo-model` for forward passes; knows nothing of objectives, files or configs.
+//! Gold rewards are passed in as functions, so the same code serves every task.
+
+pub mod kl;
+pub mod sampling;
+pub mod stats;
+
+pub use kl::{sequence_kl, SequenceKl};
+pub use sampling::{sample, SamplingSettings, SplitMix64};
+pub use stats::{mean_and_stderr, win_rate, WinRate};
+
+/// Everything that can go wrong while evaluating.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From a forward pass.
+    #[error(transparent)]
+    Model(#[from] edpo_model::Error),
+    /// From candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Inconsistent inputs.
+    #[error("invalid evaluation input: {0}")]
+    Input(String),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
