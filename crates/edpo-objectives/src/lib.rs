@@ -9,19 +9,48 @@
 //! which has exactly the gradient of `L`. So the losses are computed once, in f64, and can be
 //! checked against PyTorch with no model at all.
 //!
+//! Notation: `lw = log π_θ(y_w|x)`, `ll = log π_θ(y_l|x)` (sums over response tokens), `rw`,
+//! `rl` the same under `π_ref`, `|y|` a response's length in tokens,
+//! `Δ = (lw − rw) − (ll − rl)`.
+//!
 //! - [`dpo`]: `−log σ(β·Δ)` (Rafailov et al., 2023).
 //! - [`epsilon_dpo`] and [`EpsilonBeta`]: ε-DPO's per-pair step decision, per-pair β and the
 //!   base-β update (Lee et al., 2025, arXiv 2502.13177).
+//! - [`evaluate`] with a [`Method`] and [`PairInputs`]: the stateless baselines of
+//!   `spec/baselines.md`, each with an optional SFT term `λ_sft·(−lw/|y_w|)`:
+//!   - with a reference: `dpo`, `cdpo` (conservative DPO), `rdpo` (robust DPO), `ipo`,
+//!     `hinge` (RSO), `rdpo_len` (length-regularised R-DPO), `kto` (paired KTO, which also
+//!     reads the mismatched-pair log-ratios for its KL estimate);
+//!   - reference-free: `slic` (SLiC-HF), `simpo`, `cpo`, `orpo`.
+//! - [`BetaDpo`]: β-DPO (Wu et al., 2024), whose batch-level β and data filter carry running
+//!   estimates from batch to batch, so it is a stateful struct rather than a [`Method`].
+//!
+//! Input rule: a method reads only what it needs ([`Method::needs_reference`],
+//! [`Method::needs_lengths`], [`Method::needs_kl_logratios`]); what it does not read may be
+//! empty and is not checked, what it reads must have one entry per pair (KTO's mismatched-pair
+//! log-ratios: at least one).
 //!
 //! Architecture invariant: this crate depends on nothing but `std`; it never sees a tensor, a
 //! model or a file.
 
+mod beta_dpo;
+mod cpo;
 mod dpo;
 mod epsilon;
+mod evaluate;
+mod hinge;
+mod ipo;
+mod kto;
 pub mod math;
+mod method;
+mod orpo;
+mod simpo;
 
+pub use beta_dpo::{BetaDpo, BetaDpoReport};
 pub use dpo::dpo;
 pub use epsilon::{epsilon_dpo, step_decision, EpsilonBeta, PerturbedRatios};
+pub use evaluate::{evaluate, PairInputs};
+pub use method::Method;
 
 /// Sequence log-probs of a batch of pairs; every slice has one entry per pair.
 #[derive(Debug, Clone, Copy)]
@@ -53,38 +82,48 @@ impl PairLogps<'_> {
             - (self.policy_rejected[i] - self.reference_rejected[i])
     }
 
+    /// Checks every slice, reference included.
     fn check(&self) -> Result<(), Error> {
-        let n = self.len();
-        if n == 0 {
+        self.check_policy()?;
+        check_len("reference_chosen", self.reference_chosen, self.len())?;
+        check_len("reference_rejected", self.reference_rejected, self.len())
+    }
+
+    /// Checks the policy slices only (reference-free methods never read the reference).
+    fn check_policy(&self) -> Result<(), Error> {
+        if self.is_empty() {
             return Err(Error::Empty);
         }
-        for (name, s) in [
-            ("policy_rejected", self.policy_rejected),
-            ("reference_chosen", self.reference_chosen),
-            ("reference_rejected", self.reference_rejected),
-        ] {
-            if s.len() != n {
-                return Err(Error::Length {
-                    name,
-                    found: s.len(),
-                    expected: n,
-                });
-            }
-        }
+        check_len("policy_rejected", self.policy_rejected, self.len())
+    }
+}
+
+fn check_len<T>(name: &'static str, s: &[T], expected: usize) -> Result<(), Error> {
+    if s.len() == expected {
         Ok(())
+    } else {
+        Err(Error::Length {
+            name,
+            found: s.len(),
+            expected,
+        })
     }
 }
 
 /// What an objective returns for one batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObjectiveOutput {
-    /// Per-pair losses; the batch loss is their mean.
+    /// The losses of the pairs that enter the batch loss, which is their mean: one per pair,
+    /// except for β-DPO, whose filtered-out pairs do not enter it and are left out here (the
+    /// kept pairs' losses, in ascending pair order; see [`BetaDpoReport`]).
     pub losses: Vec<f64>,
-    /// `∂(mean loss)/∂ log π_θ(y_w|x)` for each pair.
+    /// `∂(mean loss)/∂ log π_θ(y_w|x)` for each pair of the batch (0 for a pair β-DPO filters
+    /// out).
     pub grad_policy_chosen: Vec<f64>,
-    /// `∂(mean loss)/∂ log π_θ(y_l|x)` for each pair.
+    /// `∂(mean loss)/∂ log π_θ(y_l|x)` for each pair of the batch.
     pub grad_policy_rejected: Vec<f64>,
-    /// The β each pair's loss used.
+    /// The β each pair's loss used, one per pair; empty for the methods without a β (`slic`,
+    /// `orpo`), which then log no `beta/*` statistics either.
     pub betas: Vec<f64>,
     /// Named batch statistics (means over pairs), in a fixed order.
     pub stats: Vec<(&'static str, f64)>,
@@ -128,6 +167,26 @@ pub enum Error {
         /// The allowed range.
         message: &'static str,
     },
+    /// A per-pair input is out of range.
+    #[error("`{name}[{index}]` = {value}: {message}")]
+    Input {
+        /// The input slice.
+        name: &'static str,
+        /// The pair.
+        index: usize,
+        /// Its value.
+        value: f64,
+        /// The allowed range.
+        message: &'static str,
+    },
+    /// An input the method reads was not given.
+    #[error("`{method}` needs `{name}`")]
+    Missing {
+        /// The input.
+        name: &'static str,
+        /// The method.
+        method: &'static str,
+    },
 }
 
 /// Reward statistics shared by the reference-based objectives, with per-pair `β_i`:
@@ -141,20 +200,38 @@ pub(crate) fn reward_stats(logps: &PairLogps<'_>, betas: &[f64]) -> Vec<(&'stati
     let rejected: Vec<f64> = (0..n)
         .map(|i| betas[i] * (logps.policy_rejected[i] - logps.reference_rejected[i]))
         .collect();
-    let margins: Vec<f64> = chosen.iter().zip(&rejected).map(|(c, r)| c - r).collect();
+    batch_stats(logps, &chosen, &rejected, betas)
+}
+
+/// The statistics every objective logs, from its own per-pair rewards: `rewards/chosen`,
+/// `rewards/rejected`, `rewards/margins` (mean of chosen − rejected), `rewards/accuracies`
+/// (fraction with chosen > rejected, strict), `logps/chosen`, `logps/rejected` (policy), and
+/// `beta/mean`, `beta/std` (population) unless `betas` is empty.
+pub(crate) fn batch_stats(
+    logps: &PairLogps<'_>,
+    chosen: &[f64],
+    rejected: &[f64],
+    betas: &[f64],
+) -> Vec<(&'static str, f64)> {
+    let margins: Vec<f64> = chosen.iter().zip(rejected).map(|(c, r)| c - r).collect();
     let accuracies: Vec<f64> = chosen
         .iter()
-        .zip(&rejected)
+        .zip(rejected)
         .map(|(c, r)| f64::from(u8::from(c > r)))
         .collect();
-    vec![
-        ("rewards/chosen", math::mean(&chosen)),
-        ("rewards/rejected", math::mean(&rejected)),
+    let mut stats = vec![
+        ("rewards/chosen", math::mean(chosen)),
+        ("rewards/rejected", math::mean(rejected)),
         ("rewards/margins", math::mean(&margins)),
         ("rewards/accuracies", math::mean(&accuracies)),
         ("logps/chosen", math::mean(logps.policy_chosen)),
         ("logps/rejected", math::mean(logps.policy_rejected)),
-        ("beta/mean", math::mean(betas)),
-        ("beta/std", math::std(betas)),
-    ]
+    ];
+    if !betas.is_empty() {
+        stats.extend([
+            ("beta/mean", math::mean(betas)),
+            ("beta/std", math::std(betas)),
+        ]);
+    }
+    stats
 }

@@ -17,10 +17,12 @@
 
 pub mod optim;
 pub mod schedule;
+pub mod sft;
 pub mod step;
 
 pub use optim::{AdamW, AdamWConfig, GradBuffers};
 pub use schedule::{Schedule, ScheduleKind};
+pub use sft::SftTrainer;
 pub use step::{score_pairs, Objective, PairScores, StepReport, Trainer, TrainerConfig};
 
 /// Everything that can go wrong in a training step.

@@ -1,10 +1,17 @@
-//! The `edpo` command line: the only place that knows argument parsing, logging subscribers
-//! and exit codes. Each subcommand is a thin layer over the library crates.
+//! The `edpo` command line: the only place that knows argument parsing, YAML files, logging
+//! subscribers and exit codes. Each subcommand is a thin layer over the library crates.
 
 mod bench;
+mod config;
+mod grid;
+mod rundir;
+mod runner;
 mod score;
+mod stages;
+mod sweep;
+mod task;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +26,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train one config; the run directory is `OUT/<config name>-<hash>`.
+    Train {
+        /// The run config (YAML).
+        config: PathBuf,
+        /// Override a key, e.g. `--set objective.beta=0.2` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Output root (runs and the stage cache).
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+    },
+    /// Expand a grid and run it, skipping completed runs; `OUT/<sweep name>/`.
+    Sweep {
+        /// The grid file (YAML).
+        grid: PathBuf,
+        /// Runs in parallel.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Threads inside each run.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Print the table of runs and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Override a key in every run (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Output root.
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+    },
     /// Score preference pairs: log-probs under policy and reference, DPO and ε-DPO losses,
     /// ε-DPO's per-pair steps and β, and the base β after one optimizer step. Prints JSON.
     Score(score::ScoreArgs),
@@ -35,6 +73,13 @@ enum Command {
     },
 }
 
+/// candle sizes its thread pool from the environment when the pool starts, so this must run
+/// before any tensor work.
+fn set_threads(threads: usize) {
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -44,11 +89,6 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Command::Bench(args) = &cli.command {
-        // candle reads its thread count from the environment when its pool starts.
-        std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string());
-        std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -64,12 +104,120 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(args) => score::run(&args),
-        Command::Bench(args) => bench::run(&args),
+        Command::Bench(args) => {
+            set_threads(args.threads);
+            bench::run(&args)
+        }
         Command::Convert { model, out } => {
             let m = edpo_model::CausalLm::load(&model, &candle_core::Device::Cpu, false)?;
             m.save(&out)?;
             eprintln!("wrote {}", out.display());
             Ok(())
         }
+        Command::Train { config, sets, out } => {
+            let cfg = config::load(&config, &sets)?;
+            set_threads(cfg.run.threads);
+            let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+            let dir = out.join(format!("{stem}-{}", cfg.hash()));
+            let shared = sweep::SharedTasks::new(&out.join("cache"));
+            let data = shared.get(&cfg)?;
+            let bar = indicatif::ProgressBar::new(0);
+            match sweep::run_one(&cfg, &dir, &data, &bar)? {
+                sweep::Outcome::Skipped => eprintln!("already completed: {}", dir.display()),
+                sweep::Outcome::Completed => eprintln!("completed: {}", dir.display()),
+                sweep::Outcome::Failed(m) => bail!("run failed ({}): {m}", dir.display()),
+            }
+            bar.finish_and_clear();
+            println!("{}", std::fs::read_to_string(dir.join("eval.json"))?);
+            Ok(())
+        }
+        Command::Sweep {
+            grid,
+            jobs,
+            threads,
+            dry_run,
+            sets,
+            out,
+        } => {
+            let planned = grid::expand(&grid, &sets)?;
+            if dry_run {
+                println!("{:>4}  {:<12}  overrides", "run", "hash");
+                for r in &planned.runs {
+                    println!(
+                        "{:>4}  {:<12}  {}",
+                        r.index,
+                        r.hash,
+                        grid::describe(&r.overrides)
+                    );
+                }
+                println!(
+                    "{} runs; output would go to {}",
+                    planned.runs.len(),
+                    out.join(&planned.name).display()
+                );
+                return Ok(());
+            }
+            if jobs == 0 {
+                bail!("--jobs must be at least 1");
+            }
+            set_threads(threads);
+            let outcomes = sweep::run_sweep(&planned, &out, jobs)?;
+            let root = out.join(&planned.name);
+            summarise(&planned, &root, &outcomes)
+        }
     }
+}
+
+/// Prints the sweep's table and fails if any run failed.
+fn summarise(
+    planned: &grid::Sweep,
+    root: &std::path::Path,
+    outcomes: &[(usize, sweep::Outcome)],
+) -> Result<()> {
+    println!(
+        "{:>4}  {:<12}  {:<9}  {:>8}  {:>8}  {:>8}  overrides",
+        "run", "hash", "status", "win", "kl", "acc"
+    );
+    let mut failed = Vec::new();
+    for (index, outcome) in outcomes {
+        let r = &planned.runs[*index];
+        let eval: Option<serde_json::Value> =
+            std::fs::read_to_string(sweep::run_dir(root, &r.hash).join("eval.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+        let get = |k: &str| {
+            eval.as_ref()
+                .and_then(|e| e[k].as_f64())
+                .map(|x| format!("{x:.3}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        let status = match outcome {
+            sweep::Outcome::Skipped => "skipped",
+            sweep::Outcome::Completed => "completed",
+            sweep::Outcome::Failed(m) => {
+                failed.push(format!("run {index} ({}): {m}", r.hash));
+                "failed"
+            }
+        };
+        println!(
+            "{:>4}  {:<12}  {:<9}  {:>8}  {:>8}  {:>8}  {}",
+            index,
+            r.hash,
+            status,
+            get("win_rate"),
+            get("kl"),
+            get("preference_accuracy"),
+            grid::describe(&r.overrides)
+        );
+    }
+    println!("results: {}", root.display());
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} runs failed:\n  {}",
+            failed.len(),
+            outcomes.len(),
+            failed.join("\n  ")
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,399 @@
+//! One entry point for the stateless objectives: check the inputs a [`Method`] reads, compute
+//! each pair's loss and derivatives with the method's own function, add the SFT term, divide
+//! by N and log the statistics.
+
+use crate::method::non_negative;
+use crate::{
+    batch_stats, check_len, cpo, dpo, hinge, ipo, kto, math, orpo, simpo, Error, Method,
+    ObjectiveOutput, PairLogps,
+};
+
+/// Everything a stateless objective may read for a batch of pairs.
+///
+/// Input rule: a method reads only what it needs, and only what it reads is checked (one entry
+/// per pair, lengths ≥ 1). Reference-free methods ([`Method::needs_reference`] false) never read
+/// `logps.reference_*`, so those may be empty; the lengths are read by the methods whose
+/// [`Method::needs_lengths`] is true, and `chosen_lengths` also by a non-zero SFT weight;
+/// `kl_logratios` only by KTO ([`Method::needs_kl_logratios`]), which needs at least one.
+#[derive(Debug, Clone, Copy)]
+pub struct PairInputs<'a> {
+    /// Sequence log-probs of policy and reference.
+    pub logps: PairLogps<'a>,
+    /// `|y_w|`: tokens in each chosen response.
+    pub chosen_lengths: &'a [usize],
+    /// `|y_l|`: tokens in each rejected response.
+    pub rejected_lengths: &'a [usize],
+    /// KTO's policy-minus-reference log-ratios of mismatched prompt/completion pairs (any
+    /// number of them; their clamped mean is the KL estimate `z₀`).
+    pub kl_logratios: Option<&'a [f64]>,
+}
+
+/// One pair's loss, the derivatives of *that pair's* loss with respect to `lw` and `ll` (the
+/// 1/N of the batch mean is applied by [`evaluate`]), and its implicit rewards.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PairTerm {
+    pub loss: f64,
+    pub d_chosen: f64,
+    pub d_rejected: f64,
+    pub reward_chosen: f64,
+    pub reward_rejected: f64,
+}
+
+/// Evaluates `method` on a batch: `L = mean_i [ℓ_i + λ_sft·(−lw_i/|y_w,i|)]`, with `ℓ_i` the
+/// method's pair loss and `λ_sft = sft_weight` ≥ 0 (RPO's "DPO + SFT"; 0 leaves the method as
+/// it is). Returns the per-pair losses (SFT term included), `∂L/∂lw_i`, `∂L/∂ll_i`, the β of
+/// each pair (empty for `slic` and `orpo`), and statistics: those of every objective (rewards
+/// by the method's own definition, see each function), `sft/nll` (mean of `−lw/|y_w|`) when
+/// `sft_weight > 0`, and KTO's `kl` (`z₀`).
+pub fn evaluate(
+    method: &Method,
+    inputs: &PairInputs<'_>,
+    sft_weight: f64,
+) -> Result<ObjectiveOutput, Error> {
+    method.validate()?;
+    non_negative("sft_weight", sft_weight)?;
+    check_inputs(method, inputs, sft_weight)?;
+
+    let logps = &inputs.logps;
+    let (lw, ll) = (logps.policy_chosen, logps.policy_rejected);
+    let (len_w, len_l) = (inputs.chosen_lengths, inputs.rejected_lengths);
+    let mut extra = Vec::new();
+    let terms = match *method {
+        Method::Dpo { beta } => dpo::dpo_terms(logps, beta),
+        Method::Cdpo {
+            beta,
+            label_smoothing,
+        } => dpo::cdpo(logps, beta, label_smoothing),
+        Method::Rdpo {
+            beta,
+            label_smoothing,
+        } => dpo::rdpo(logps, beta, label_smoothing),
+        Method::RdpoLen { beta, alpha } => dpo::rdpo_len(logps, len_w, len_l, beta, alpha),
+        Method::Ipo {
+            beta,
+            average: true,
+        } => ipo::ipo_averaged(logps, len_w, len_l, beta),
+        Method::Ipo {
+            beta,
+            average: false,
+        } => ipo::ipo(logps, beta),
+        Method::Hinge { beta } => hinge::hinge(logps, beta),
+        Method::Slic { delta, lambda } => hinge::slic(lw, ll, delta, lambda),
+        Method::Simpo { beta, gamma_ratio } => {
+            simpo::simpo(lw, ll, len_w, len_l, beta, gamma_ratio)
+        }
+        Method::Cpo { beta, lambda } => cpo::cpo(lw, ll, beta, lambda),
+        Method::Orpo { lambda } => orpo::orpo(lw, ll, len_w, len_l, lambda),
+        Method::Kto {
+            beta,
+            desirable_weight,
+            undesirable_weight,
+        } => {
+            // check_inputs has made sure KTO's log-ratios are there.
+            let kl_logratios = inputs.kl_logratios.unwrap_or_default();
+            let (terms, z0) = kto::kto(
+                logps,
+                kl_logratios,
+                beta,
+                desirable_weight,
+                undesirable_weight,
+            );
+            extra.push(("kl", z0));
+            terms
+        }
+    };
+
+    let n = terms.len() as f64;
+    let mut losses = Vec::with_capacity(terms.len());
+    let mut grad_chosen = Vec::with_capacity(terms.len());
+    let mut grad_rejected = Vec::with_capacity(terms.len());
+    for (i, t) in terms.iter().enumerate() {
+        let (mut loss, mut d_chosen) = (t.loss, t.d_chosen);
+        if sft_weight > 0.0 {
+            // λ_sft·(−lw/|y_w|), whose derivative in lw is −λ_sft/|y_w|.
+            loss += sft_weight * (-lw[i] / len_w[i] as f64);
+            d_chosen -= sft_weight / len_w[i] as f64;
+        }
+        losses.push(loss);
+        grad_chosen.push(d_chosen / n);
+        grad_rejected.push(t.d_rejected / n);
+    }
+
+    let betas = method
+        .beta()
+        .map_or_else(Vec::new, |b| vec![b; terms.len()]);
+    let rewards_chosen: Vec<f64> = terms.iter().map(|t| t.reward_chosen).collect();
+    let rewards_rejected: Vec<f64> = terms.iter().map(|t| t.reward_rejected).collect();
+    let mut stats = batch_stats(logps, &rewards_chosen, &rewards_rejected, &betas);
+    if sft_weight > 0.0 {
+        let nll: Vec<f64> = (0..lw.len()).map(|i| -lw[i] / len_w[i] as f64).collect();
+        stats.push(("sft/nll", math::mean(&nll)));
+    }
+    stats.extend(extra);
+    Ok(ObjectiveOutput {
+        losses,
+        grad_policy_chosen: grad_chosen,
+        grad_policy_rejected: grad_rejected,
+        betas,
+        stats,
+    })
+}
+
+/// Checks exactly the inputs `method` (and the SFT term) will read; see [`PairInputs`].
+fn check_inputs(method: &Method, inputs: &PairInputs<'_>, sft_weight: f64) -> Result<(), Error> {
+    let logps = &inputs.logps;
+    if method.needs_reference() {
+        logps.check()?;
+    } else {
+        logps.check_policy()?;
+    }
+    let n = logps.len();
+    let mut lengths = Vec::new();
+    if method.needs_lengths() || sft_weight > 0.0 {
+        lengths.push(("chosen_lengths", inputs.chosen_lengths));
+    }
+    if method.needs_lengths() {
+        lengths.push(("rejected_lengths", inputs.rejected_lengths));
+    }
+    for (name, s) in lengths {
+        check_len(name, s, n)?;
+        if let Some(index) = s.iter().position(|&len| len == 0) {
+            return Err(Error::Input {
+                name,
+                index,
+                value: 0.0,
+                message: "a response needs at least one token",
+            });
+        }
+    }
+    if method.needs_kl_logratios() && inputs.kl_logratios.is_none_or(<[f64]>::is_empty) {
+        return Err(Error::Missing {
+            name: "kl_logratios",
+            method: method.name(),
+        });
+    }
+    if let Method::Orpo { .. } = method {
+        orpo::check_log_probs(logps, inputs.chosen_lengths, inputs.rejected_lengths)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LW: [f64; 3] = [-10.0, -3.0, -25.0];
+    // No pair sits on a hinge or SLiC kink (δ − lw + ll ≠ 0, 1 − β·Δ ≠ 0).
+    const LL: [f64; 3] = [-11.3, -2.0, -24.0];
+    const RW: [f64; 3] = [-10.5, -3.2, -26.0];
+    const RL: [f64; 3] = [-10.2, -2.5, -23.5];
+    const LEN_W: [usize; 3] = [4, 2, 9];
+    const LEN_L: [usize; 3] = [5, 3, 7];
+    const KL: [f64; 4] = [0.3, -0.1, 0.5, 0.2];
+
+    fn all_methods() -> Vec<Method> {
+        vec![
+            Method::Dpo { beta: 0.3 },
+            Method::Cdpo {
+                beta: 0.3,
+                label_smoothing: 0.2,
+            },
+            Method::Rdpo {
+                beta: 0.3,
+                label_smoothing: 0.2,
+            },
+            Method::Ipo {
+                beta: 0.5,
+                average: true,
+            },
+            Method::Ipo {
+                beta: 0.5,
+                average: false,
+            },
+            Method::Hinge { beta: 0.7 },
+            Method::Slic {
+                delta: 1.0,
+                lambda: 0.1,
+            },
+            Method::Simpo {
+                beta: 2.0,
+                gamma_ratio: 0.5,
+            },
+            Method::RdpoLen {
+                beta: 0.3,
+                alpha: 0.1,
+            },
+            Method::Cpo {
+                beta: 0.3,
+                lambda: 0.5,
+            },
+            Method::Orpo { lambda: 0.7 },
+            Method::Kto {
+                beta: 0.3,
+                desirable_weight: 1.0,
+                undesirable_weight: 1.5,
+            },
+        ]
+    }
+
+    fn loss(method: &Method, lw: &[f64], ll: &[f64], sft_weight: f64) -> f64 {
+        let inputs = PairInputs {
+            logps: PairLogps {
+                policy_chosen: lw,
+                policy_rejected: ll,
+                reference_chosen: &RW,
+                reference_rejected: &RL,
+            },
+            chosen_lengths: &LEN_W,
+            rejected_lengths: &LEN_L,
+            kl_logratios: Some(&KL),
+        };
+        evaluate(method, &inputs, sft_weight).unwrap().loss()
+    }
+
+    /// Every method's analytic gradient against central differences of its mean loss.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let h = 1e-6;
+        for method in all_methods() {
+            for sft_weight in [0.0, 0.4] {
+                let inputs = PairInputs {
+                    logps: PairLogps {
+                        policy_chosen: &LW,
+                        policy_rejected: &LL,
+                        reference_chosen: &RW,
+                        reference_rejected: &RL,
+                    },
+                    chosen_lengths: &LEN_W,
+                    rejected_lengths: &LEN_L,
+                    kl_logratios: Some(&KL),
+                };
+                let out = evaluate(&method, &inputs, sft_weight).unwrap();
+                for i in 0..LW.len() {
+                    let (mut up, mut down) = (LW, LW);
+                    up[i] += h;
+                    down[i] -= h;
+                    let fd = (loss(&method, &up, &LL, sft_weight)
+                        - loss(&method, &down, &LL, sft_weight))
+                        / (2.0 * h);
+                    let g = out.grad_policy_chosen[i];
+                    assert!((fd - g).abs() < 1e-6, "{method:?} d/dlw[{i}]: {g} vs {fd}");
+                    let (mut up, mut down) = (LL, LL);
+                    up[i] += h;
+                    down[i] -= h;
+                    let fd = (loss(&method, &LW, &up, sft_weight)
+                        - loss(&method, &LW, &down, sft_weight))
+                        / (2.0 * h);
+                    let g = out.grad_policy_rejected[i];
+                    assert!((fd - g).abs() < 1e-6, "{method:?} d/dll[{i}]: {g} vs {fd}");
+                }
+            }
+        }
+    }
+
+    /// Reference-free methods run with empty reference slices, and absent lengths are fine
+    /// where nothing reads them.
+    #[test]
+    fn reference_free_methods_never_read_the_reference() {
+        for method in all_methods() {
+            let inputs = PairInputs {
+                logps: PairLogps {
+                    policy_chosen: &LW,
+                    policy_rejected: &LL,
+                    reference_chosen: &[],
+                    reference_rejected: &[],
+                },
+                chosen_lengths: if method.needs_lengths() { &LEN_W } else { &[] },
+                rejected_lengths: if method.needs_lengths() { &LEN_L } else { &[] },
+                kl_logratios: Some(&KL),
+            };
+            let result = evaluate(&method, &inputs, 0.0);
+            if method.needs_reference() {
+                assert!(matches!(result, Err(Error::Length { .. })), "{method:?}");
+            } else {
+                assert!(result.is_ok(), "{method:?}: {result:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn missing_or_bad_inputs_are_errors() {
+        let logps = PairLogps {
+            policy_chosen: &LW,
+            policy_rejected: &LL,
+            reference_chosen: &RW,
+            reference_rejected: &RL,
+        };
+        let kto = Method::Kto {
+            beta: 0.1,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+        };
+        let inputs = PairInputs {
+            logps,
+            chosen_lengths: &[],
+            rejected_lengths: &[],
+            kl_logratios: None,
+        };
+        assert_eq!(
+            evaluate(&kto, &inputs, 0.0),
+            Err(Error::Missing {
+                name: "kl_logratios",
+                method: "kto"
+            })
+        );
+        // The SFT term reads the chosen lengths.
+        assert!(matches!(
+            evaluate(&Method::Dpo { beta: 0.1 }, &inputs, 0.5),
+            Err(Error::Length {
+                name: "chosen_lengths",
+                ..
+            })
+        ));
+        let zero = PairInputs {
+            chosen_lengths: &[4, 0, 9],
+            rejected_lengths: &LEN_L,
+            ..inputs
+        };
+        assert!(matches!(
+            evaluate(&Method::Orpo { lambda: 0.1 }, &zero, 0.0),
+            Err(Error::Input { index: 1, .. })
+        ));
+        assert!(matches!(
+            evaluate(&Method::Dpo { beta: 0.1 }, &inputs, -1.0),
+            Err(Error::Parameter {
+                name: "sft_weight",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn beta_free_methods_report_no_beta() {
+        let inputs = PairInputs {
+            logps: PairLogps {
+                policy_chosen: &LW,
+                policy_rejected: &LL,
+                reference_chosen: &[],
+                reference_rejected: &[],
+            },
+            chosen_lengths: &LEN_W,
+            rejected_lengths: &LEN_L,
+            kl_logratios: None,
+        };
+        let out = evaluate(&Method::Orpo { lambda: 0.1 }, &inputs, 0.0).unwrap();
+        assert!(out.betas.is_empty());
+        assert_eq!(out.stat("beta/mean"), None);
+        let out = evaluate(
+            &Method::Simpo {
+                beta: 2.0,
+                gamma_ratio: 0.5,
+            },
+            &inputs,
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(out.betas, vec![2.0; 3]);
+        assert_eq!(out.stat("beta/mean"), Some(2.0));
+    }
+}

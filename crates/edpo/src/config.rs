@@ -1,0 +1,481 @@
+//! Run configuration in two layers: [`RawConfig`] mirrors the YAML file (every field optional,
+//! unknown keys rejected), and [`RunConfig`] is the resolved, validated form where every
+//! default lives. `--set key=value` overrides edit the YAML tree before it is parsed, so an
+//! override is checked exactly like the file: an unknown key or a wrong type is an error naming
+//! the key.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+use std::path::Path;
+
+/// The task section as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawTask {
+    /// A Markov-chain language with a per-token gold reward (seconds to train).
+    Synthetic {
+        vocab: Option<usize>,
+        sharpness: Option<f64>,
+        prompt_tokens: Option<usize>,
+        response_tokens: Option<usize>,
+        train_pairs: Option<usize>,
+        eval_pairs: Option<usize>,
+        eval_prompts: Option<usize>,
+        bt_temperature: Option<f64>,
+        sft_steps: Option<usize>,
+        seed: Option<u64>,
+    },
+}
+
+/// The model section as written (a small GPT-2 trained from scratch as the reference).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    n_embd: Option<usize>,
+    n_layer: Option<usize>,
+    n_head: Option<usize>,
+}
+
+/// The objective section as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawObjective {
+    /// DPO.
+    Dpo { beta: f64 },
+    /// ε-DPO.
+    EpsilonDpo { beta: f64, epsilon: f64 },
+}
+
+/// The optimisation section as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOptim {
+    lr: Option<f64>,
+    schedule: Option<String>,
+    warmup_ratio: Option<f64>,
+    batch_size: Option<usize>,
+    grad_accum: Option<usize>,
+    epochs: Option<usize>,
+    max_grad_norm: Option<f64>,
+    weight_decay: Option<f64>,
+    adam_beta1: Option<f64>,
+    adam_beta2: Option<f64>,
+    adam_eps: Option<f64>,
+}
+
+/// The evaluation section as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEval {
+    every: Option<usize>,
+    temperature: Option<f64>,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+}
+
+/// The run section as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRun {
+    seed: Option<u64>,
+    threads: Option<usize>,
+    log_every: Option<usize>,
+}
+
+/// A run config exactly as the YAML says.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    task: RawTask,
+    #[serde(default)]
+    model: RawModel,
+    objective: RawObjective,
+    #[serde(default)]
+    optim: RawOptim,
+    #[serde(default)]
+    eval: RawEval,
+    #[serde(default)]
+    run: RawRun,
+}
+
+/// The resolved synthetic task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskConfig {
+    pub kind: String,
+    pub vocab: usize,
+    pub sharpness: f64,
+    pub prompt_tokens: usize,
+    pub response_tokens: usize,
+    pub train_pairs: usize,
+    pub eval_pairs: usize,
+    pub eval_prompts: usize,
+    pub bt_temperature: f64,
+    pub sft_steps: usize,
+    pub seed: u64,
+}
+
+/// The resolved model shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelShape {
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+}
+
+/// The resolved objective.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ObjectiveConfig {
+    Dpo { beta: f64 },
+    EpsilonDpo { beta: f64, epsilon: f64 },
+}
+
+/// The resolved optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub schedule: String,
+    pub warmup_ratio: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub epochs: usize,
+    pub max_grad_norm: Option<f64>,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+}
+
+/// The resolved evaluation settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalConfig {
+    pub every: usize,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+}
+
+/// The resolved run settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSettings {
+    pub seed: u64,
+    pub threads: usize,
+    pub log_every: usize,
+}
+
+/// A resolved, validated run config: what `config.yaml` in a run directory holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunConfig {
+    pub task: TaskConfig,
+    pub model: ModelShape,
+    pub objective: ObjectiveConfig,
+    pub optim: OptimConfig,
+    pub eval: EvalConfig,
+    pub run: RunSettings,
+}
+
+fn check(ok: bool, key: &str, message: impl std::fmt::Display) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        bail!("key `{key}`: {message}")
+    }
+}
+
+impl RawConfig {
+    /// Fills defaults and validates every value.
+    pub fn resolve(self) -> Result<RunConfig> {
+        let RawTask::Synthetic {
+            vocab,
+            sharpness,
+            prompt_tokens,
+            response_tokens,
+            train_pairs,
+            eval_pairs,
+            eval_prompts,
+            bt_temperature,
+            sft_steps,
+            seed,
+        } = self.task;
+        let task = TaskConfig {
+            kind: "synthetic".into(),
+            vocab: vocab.unwrap_or(24),
+            sharpness: sharpness.unwrap_or(2.0),
+            prompt_tokens: prompt_tokens.unwrap_or(3),
+            response_tokens: response_tokens.unwrap_or(8),
+            train_pairs: train_pairs.unwrap_or(256),
+            eval_pairs: eval_pairs.unwrap_or(64),
+            eval_prompts: eval_prompts.unwrap_or(128),
+            bt_temperature: bt_temperature.unwrap_or(0.25),
+            sft_steps: sft_steps.unwrap_or(150),
+            seed: seed.unwrap_or(0),
+        };
+        check(task.vocab >= 2, "task.vocab", "must be at least 2")?;
+        check(
+            task.sharpness >= 0.0,
+            "task.sharpness",
+            "must be non-negative",
+        )?;
+        check(
+            task.prompt_tokens >= 1,
+            "task.prompt_tokens",
+            "must be at least 1",
+        )?;
+        check(
+            task.response_tokens >= 2,
+            "task.response_tokens",
+            "must be at least 2",
+        )?;
+        check(
+            task.train_pairs >= 1,
+            "task.train_pairs",
+            "must be at least 1",
+        )?;
+        check(
+            task.eval_pairs >= 1,
+            "task.eval_pairs",
+            "must be at least 1",
+        )?;
+        check(
+            task.eval_prompts >= 2,
+            "task.eval_prompts",
+            "must be at least 2",
+        )?;
+        check(
+            task.bt_temperature > 0.0,
+            "task.bt_temperature",
+            "must be positive",
+        )?;
+        let model = ModelShape {
+            n_embd: self.model.n_embd.unwrap_or(32),
+            n_layer: self.model.n_layer.unwrap_or(2),
+            n_head: self.model.n_head.unwrap_or(2),
+        };
+        check(
+            model.n_head >= 1 && model.n_embd % model.n_head == 0,
+            "model.n_head",
+            format!(
+                "{} heads do not divide width {}",
+                model.n_head, model.n_embd
+            ),
+        )?;
+        check(model.n_layer >= 1, "model.n_layer", "must be at least 1")?;
+        let objective = match self.objective {
+            RawObjective::Dpo { beta } => {
+                check(
+                    beta > 0.0 && beta.is_finite(),
+                    "objective.beta",
+                    "must be positive",
+                )?;
+                ObjectiveConfig::Dpo { beta }
+            }
+            RawObjective::EpsilonDpo { beta, epsilon } => {
+                check(
+                    beta > 0.0 && beta.is_finite(),
+                    "objective.beta",
+                    "must be positive",
+                )?;
+                check(
+                    epsilon > 0.0 && epsilon < 1.0,
+                    "objective.epsilon",
+                    "must lie in (0, 1)",
+                )?;
+                ObjectiveConfig::EpsilonDpo { beta, epsilon }
+            }
+        };
+        let o = self.optim;
+        let optim = OptimConfig {
+            lr: o.lr.unwrap_or(1e-3),
+            schedule: o.schedule.unwrap_or_else(|| "cosine".into()),
+            warmup_ratio: o.warmup_ratio.unwrap_or(0.1),
+            batch_size: o.batch_size.unwrap_or(16),
+            grad_accum: o.grad_accum.unwrap_or(1),
+            epochs: o.epochs.unwrap_or(2),
+            max_grad_norm: match o.max_grad_norm {
+                Some(x) if x <= 0.0 => None,
+                Some(x) => Some(x),
+                None => Some(1.0),
+            },
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+            adam_beta1: o.adam_beta1.unwrap_or(0.9),
+            adam_beta2: o.adam_beta2.unwrap_or(0.999),
+            adam_eps: o.adam_eps.unwrap_or(1e-8),
+        };
+        check(
+            optim.lr >= 0.0 && optim.lr.is_finite(),
+            "optim.lr",
+            "must be non-negative",
+        )?;
+        check(
+            matches!(optim.schedule.as_str(), "constant" | "linear" | "cosine"),
+            "optim.schedule",
+            format!(
+                "`{}` is not one of constant, linear, cosine",
+                optim.schedule
+            ),
+        )?;
+        check(
+            (0.0..1.0).contains(&optim.warmup_ratio),
+            "optim.warmup_ratio",
+            "must lie in [0, 1)",
+        )?;
+        check(
+            optim.batch_size >= 1,
+            "optim.batch_size",
+            "must be at least 1",
+        )?;
+        check(
+            optim.grad_accum >= 1,
+            "optim.grad_accum",
+            "must be at least 1",
+        )?;
+        check(optim.epochs >= 1, "optim.epochs", "must be at least 1")?;
+        check(
+            optim.weight_decay >= 0.0,
+            "optim.weight_decay",
+            "must be non-negative",
+        )?;
+        check(
+            (0.0..1.0).contains(&optim.adam_beta1),
+            "optim.adam_beta1",
+            "must lie in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&optim.adam_beta2),
+            "optim.adam_beta2",
+            "must lie in [0, 1)",
+        )?;
+        check(optim.adam_eps > 0.0, "optim.adam_eps", "must be positive")?;
+        let e = self.eval;
+        let eval = EvalConfig {
+            every: e.every.unwrap_or(0),
+            temperature: e.temperature.unwrap_or(1.0),
+            top_k: e.top_k.unwrap_or(0),
+            top_p: e.top_p.unwrap_or(1.0),
+        };
+        check(
+            eval.temperature >= 0.0,
+            "eval.temperature",
+            "must be non-negative",
+        )?;
+        check(
+            eval.top_p > 0.0 && eval.top_p <= 1.0,
+            "eval.top_p",
+            "must lie in (0, 1]",
+        )?;
+        let run = RunSettings {
+            seed: self.run.seed.unwrap_or(0),
+            threads: self.run.threads.unwrap_or(1),
+            log_every: self.run.log_every.unwrap_or(1),
+        };
+        check(run.threads >= 1, "run.threads", "must be at least 1")?;
+        check(run.log_every >= 1, "run.log_every", "must be at least 1")?;
+        Ok(RunConfig {
+            task,
+            model,
+            objective,
+            optim,
+            eval,
+            run,
+        })
+    }
+}
+
+impl RunConfig {
+    /// The run's identity: a hash of everything that changes its results. The thread count
+    /// is left out: it changes speed, not what is computed.
+    pub fn hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut canonical = self.clone();
+        canonical.run.threads = 0;
+        let json = serde_json::to_string(&canonical).unwrap_or_default();
+        let digest = Sha256::digest(json.as_bytes());
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The resolved config as YAML.
+    pub fn to_yaml(&self) -> Result<String> {
+        Ok(serde_yaml::to_string(self)?)
+    }
+}
+
+/// Reads a YAML file into a tree, with the file named in errors.
+pub fn read_yaml(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_yaml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// Parses `key=value` (value as YAML) and sets it in the tree, creating sections as needed.
+/// A value that is a mapping replaces the whole subtree (so `objective={kind: dpo, beta: 0.1}`
+/// swaps the objective).
+pub fn apply_set(tree: &mut Value, assignment: &str) -> Result<()> {
+    let (key, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("override `{assignment}` is not of the form key=value"))?;
+    let value: Value = serde_yaml::from_str(value)
+        .map_err(|e| anyhow!("override `{key}`: value is not YAML: {e}"))?;
+    set_path(tree, key, value)
+}
+
+/// Sets a dotted key in the tree.
+pub fn set_path(tree: &mut Value, key: &str, value: Value) -> Result<()> {
+    let mut node = tree;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if part.is_empty() {
+            bail!("override key `{key}` has an empty component");
+        }
+        if node.is_null() {
+            *node = Value::Mapping(Default::default());
+        }
+        let Value::Mapping(map) = node else {
+            bail!(
+                "override `{key}`: `{}` is not a section",
+                parts[..i].join(".")
+            );
+        };
+        let k = Value::String((*part).to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(Value::Null);
+    }
+    Ok(())
+}
+
+/// Reads a dotted key from the tree.
+pub fn get_path<'a>(tree: &'a Value, key: &str) -> Option<&'a Value> {
+    key.split('.').try_fold(tree, |node, part| node.get(part))
+}
+
+/// Parses and resolves a tree; `origin` names where it came from in errors.
+pub fn resolve_tree(tree: Value, origin: &str) -> Result<RunConfig> {
+    let raw: RawConfig = serde_yaml::from_value(tree).map_err(|e| anyhow!("{origin}: {e}"))?;
+    raw.resolve().map_err(|e| anyhow!("{origin}: {e}"))
+}
+
+/// Loads a config file, applies overrides, resolves.
+pub fn load(path: &Path, sets: &[String]) -> Result<RunConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Parse straight from text first so YAML syntax and schema errors carry line numbers.
+    if sets.is_empty() {
+        let raw: RawConfig =
+            serde_yaml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        return raw
+            .resolve()
+            .map_err(|e| anyhow!("{}: {e}", path.display()));
+    }
+    let mut tree: Value =
+        serde_yaml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    for s in sets {
+        apply_set(&mut tree, s)?;
+    }
+    resolve_tree(
+        tree,
+        &format!("{} with overrides {}", path.display(), sets.join(" ")),
+    )
+}

@@ -1,0 +1,182 @@
+//! One run, top to bottom: load the policy and reference, then for every optimizer step
+//! (schedule → periodic evaluation → forward/backward → clip → step → log), then the final
+//! evaluation. Metrics go to the run directory, never to the log.
+
+use crate::config::{ObjectiveConfig, RunConfig};
+use crate::rundir::RunDir;
+use crate::task::TaskData;
+use anyhow::Result;
+use candle_core::Device;
+use edpo_data::synthetic::Rng;
+use edpo_data::TokenizedPair;
+use edpo_eval::{mean_and_stderr, sample, sequence_kl, win_rate, SamplingSettings};
+use edpo_model::CausalLm;
+use edpo_objectives::PairLogps;
+use edpo_train::{
+    score_pairs, AdamWConfig, Objective, Schedule, ScheduleKind, Trainer, TrainerConfig,
+};
+use serde_json::{json, Map, Value};
+
+fn objective(cfg: &ObjectiveConfig) -> Objective {
+    match *cfg {
+        ObjectiveConfig::Dpo { beta } => Objective::Dpo { beta },
+        ObjectiveConfig::EpsilonDpo { beta, epsilon } => Objective::EpsilonDpo { beta, epsilon },
+    }
+}
+
+/// Number of optimizer steps a config takes over `n_pairs` training pairs (the last partial
+/// batch of an epoch is dropped).
+pub fn total_steps(cfg: &RunConfig, n_pairs: usize) -> usize {
+    let per_step = cfg.optim.batch_size * cfg.optim.grad_accum;
+    (n_pairs / per_step).max(1) * cfg.optim.epochs
+}
+
+/// Evaluates `policy` against `reference` on held-out prompts and pairs.
+pub fn evaluate(
+    policy: &CausalLm,
+    reference: &CausalLm,
+    data: &TaskData,
+    cfg: &RunConfig,
+) -> Result<Map<String, Value>> {
+    let settings = SamplingSettings {
+        temperature: cfg.eval.temperature,
+        top_k: cfg.eval.top_k,
+        top_p: cfg.eval.top_p,
+        max_new_tokens: data.response_tokens,
+        eos: data.task.eos(),
+    };
+    let seed = 0xE7A1 ^ cfg.run.seed.wrapping_mul(0x9E37_79B9);
+    let ours = sample(policy, &data.eval_prompts, &settings, seed)?;
+    let theirs = sample(reference, &data.eval_prompts, &settings, seed ^ 0xFFFF)?;
+    let r_ours: Vec<f64> = ours.iter().map(|r| data.task.reward(r)).collect();
+    let r_theirs: Vec<f64> = theirs.iter().map(|r| data.task.reward(r)).collect();
+    let win = win_rate(&r_ours, &r_theirs, 0.0);
+    let seqs: Vec<(&[u32], &[u32])> = data
+        .eval_prompts
+        .iter()
+        .zip(&ours)
+        .map(|(p, r)| (p.as_slice(), r.as_slice()))
+        .collect();
+    let kl = sequence_kl(policy, reference, &seqs)?;
+    let (kl_mean, kl_se) = mean_and_stderr(&kl.exact);
+    let (kls_mean, kls_se) = mean_and_stderr(&kl.sampled);
+    let (reward_mean, reward_se) = mean_and_stderr(&r_ours);
+    let lengths: Vec<f64> = ours.iter().map(|r| r.len() as f64).collect();
+    let held: Vec<TokenizedPair> = data.eval_pairs.iter().map(|p| p.tokenized()).collect();
+    let scores = score_pairs(policy, reference, &held, None)?;
+    let logps: PairLogps<'_> = scores.logps();
+    let correct: Vec<f64> = (0..logps.len())
+        .map(|i| f64::from(u8::from(logps.delta(i) > 0.0)))
+        .collect();
+    let (accuracy, accuracy_se) = mean_and_stderr(&correct);
+    let mut out = Map::new();
+    for (k, v) in [
+        ("win_rate", win.rate),
+        ("win_rate_se", win.stderr),
+        ("win_rate_lo", win.lo),
+        ("win_rate_hi", win.hi),
+        ("gold_reward", reward_mean),
+        ("gold_reward_se", reward_se),
+        ("reference_gold_reward", mean_and_stderr(&r_theirs).0),
+        ("kl", kl_mean),
+        ("kl_se", kl_se),
+        ("kl_sampled", kls_mean),
+        ("kl_sampled_se", kls_se),
+        ("preference_accuracy", accuracy),
+        ("preference_accuracy_se", accuracy_se),
+        ("mean_length", mean_and_stderr(&lengths).0),
+    ] {
+        out.insert(k.to_string(), json!(v));
+    }
+    out.insert("n_prompts".into(), json!(data.eval_prompts.len()));
+    out.insert("n_pairs".into(), json!(held.len()));
+    Ok(out)
+}
+
+/// Trains one config to completion in `dir`; returns the final evaluation.
+pub fn run(
+    cfg: &RunConfig,
+    data: &TaskData,
+    dir: &mut RunDir,
+    progress: &indicatif::ProgressBar,
+) -> Result<Value> {
+    let policy = CausalLm::load(&data.reference_dir, &Device::Cpu, true)?;
+    let reference = CausalLm::load(&data.reference_dir, &Device::Cpu, false)?;
+    let steps = total_steps(cfg, data.train.len());
+    let o = &cfg.optim;
+    let schedule = Schedule {
+        peak_lr: o.lr,
+        warmup_steps: (o.warmup_ratio * steps as f64).ceil() as usize,
+        total_steps: steps,
+        kind: match o.schedule.as_str() {
+            "constant" => ScheduleKind::Constant,
+            "linear" => ScheduleKind::Linear,
+            _ => ScheduleKind::Cosine,
+        },
+    };
+    let mut trainer = Trainer::new(
+        policy,
+        reference,
+        TrainerConfig {
+            objective: objective(&cfg.objective),
+            adamw: AdamWConfig {
+                beta1: o.adam_beta1,
+                beta2: o.adam_beta2,
+                eps: o.adam_eps,
+                weight_decay: o.weight_decay,
+            },
+            schedule,
+            max_grad_norm: o.max_grad_norm,
+        },
+    )?;
+    let mut order: Vec<usize> = Vec::new();
+    let mut rng = Rng(cfg.run.seed ^ 0xDA7A);
+    let per_step = o.batch_size * o.grad_accum;
+    progress.set_length(steps as u64);
+    for step in 0..steps {
+        if cfg.eval.every > 0 && step > 0 && step % cfg.eval.every == 0 {
+            let mut record = evaluate(&trainer.policy, &trainer.reference, data, cfg)?;
+            let mut line = Map::new();
+            line.insert("step".into(), json!(step));
+            for (k, v) in record.iter_mut() {
+                line.insert(format!("eval/{k}"), v.take());
+            }
+            dir.log(&Value::Object(line))?;
+        }
+        // A fresh seeded shuffle at the start of every epoch.
+        if order.len() < per_step {
+            let mut idx: Vec<usize> = (0..data.train.len()).collect();
+            for i in (1..idx.len()).rev() {
+                idx.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            order = idx;
+        }
+        let taken: Vec<usize> = order.drain(..per_step).collect();
+        let micro: Vec<Vec<TokenizedPair>> = taken
+            .chunks(o.batch_size)
+            .map(|c| c.iter().map(|&i| data.train[i].tokenized()).collect())
+            .collect();
+        let report = trainer.train_step(&micro)?;
+        dir.set_steps_done(step + 1);
+        if step % cfg.run.log_every == 0 || step + 1 == steps {
+            let mut line = Map::new();
+            line.insert("step".into(), json!(report.step));
+            line.insert("lr".into(), json!(report.lr));
+            line.insert("loss".into(), json!(report.loss));
+            line.insert("grad_norm".into(), json!(report.grad_norm));
+            line.insert("beta".into(), json!(report.beta));
+            line.insert("next_beta".into(), json!(report.next_beta));
+            for (k, v) in &report.stats {
+                line.insert((*k).to_string(), json!(v));
+            }
+            let p_true: Vec<f64> = taken.iter().map(|&i| data.train[i].p_true).collect();
+            line.insert("data/p_true".into(), json!(mean_and_stderr(&p_true).0));
+            dir.log(&Value::Object(line))?;
+        }
+        progress.inc(1);
+    }
+    let mut eval = evaluate(&trainer.policy, &trainer.reference, data, cfg)?;
+    eval.insert("steps".into(), json!(steps));
+    eval.insert("final_beta".into(), json!(trainer.beta()));
+    Ok(Value::Object(eval))
+}
