@@ -452,9 +452,50 @@ pub fn get_path<'a>(tree: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 /// Parses and resolves a tree; `origin` names where it came from in errors.
+/// The tree goes through YAML text so that schema errors carry the key path; the line numbers
+/// of that text mean nothing to the user and are cut.
 pub fn resolve_tree(tree: Value, origin: &str) -> Result<RunConfig> {
-    let raw: RawConfig = serde_yaml::from_value(tree).map_err(|e| anyhow!("{origin}: {e}"))?;
+    let text = serde_yaml::to_string(&tree)?;
+    let raw: RawConfig = serde_yaml::from_str(&text).map_err(|e| {
+        let message = e.to_string();
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_string();
+        anyhow!("{origin}: {message}")
+    })?;
     raw.resolve().map_err(|e| anyhow!("{origin}: {e}"))
+}
+
+/// The 1-based line of a dotted key in block-style YAML text, if it can be found.
+pub fn find_line(text: &str, dotted: &str) -> Option<usize> {
+    let mut parts = dotted.split('.').peekable();
+    let mut want = parts.next()?;
+    let mut parent_indent: Option<usize> = None;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        if parent_indent.is_some_and(|p| indent <= p) {
+            return None;
+        }
+        if trimmed
+            .strip_prefix(want)
+            .is_some_and(|rest| rest.starts_with(':'))
+        {
+            match parts.next() {
+                None => return Some(i + 1),
+                Some(next) => {
+                    want = next;
+                    parent_indent = Some(indent);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Loads a config file, applies overrides, resolves.
@@ -465,9 +506,17 @@ pub fn load(path: &Path, sets: &[String]) -> Result<RunConfig> {
     if sets.is_empty() {
         let raw: RawConfig =
             serde_yaml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        return raw
-            .resolve()
-            .map_err(|e| anyhow!("{}: {e}", path.display()));
+        return raw.resolve().map_err(|e| {
+            // Semantic errors name their key; point at its line too.
+            let line = e
+                .to_string()
+                .split('`')
+                .nth(1)
+                .and_then(|key| find_line(&text, key))
+                .map(|l| format!(":{l}"))
+                .unwrap_or_default();
+            anyhow!("{}{line}: {e}", path.display())
+        });
     }
     let mut tree: Value =
         serde_yaml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;

@@ -36,6 +36,9 @@ enum Command {
         /// Output root (runs and the stage cache).
         #[arg(long, default_value = "runs")]
         out: PathBuf,
+        /// Print the resolved config and its hash, and stop.
+        #[arg(long)]
+        print_config: bool,
     },
     /// Expand a grid and run it, skipping completed runs; `OUT/<sweep name>/`.
     Sweep {
@@ -114,8 +117,17 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", out.display());
             Ok(())
         }
-        Command::Train { config, sets, out } => {
+        Command::Train {
+            config,
+            sets,
+            out,
+            print_config,
+        } => {
             let cfg = config::load(&config, &sets)?;
+            if print_config {
+                print!("# hash: {}\n{}", cfg.hash(), cfg.to_yaml()?);
+                return Ok(());
+            }
             set_threads(cfg.run.threads);
             let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
             let dir = out.join(format!("{stem}-{}", cfg.hash()));

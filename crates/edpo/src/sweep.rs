@@ -66,10 +66,13 @@ pub fn run_one(
     }
 }
 
+/// One task's data, filled by whichever run asks first.
+type TaskSlot = Arc<Mutex<Option<Arc<TaskData>>>>;
+
 /// Task data shared by runs with the same task and model, prepared once.
 pub struct SharedTasks {
     cache: StageCache,
-    prepared: Mutex<HashMap<String, Arc<Mutex<Option<Arc<TaskData>>>>>>,
+    prepared: Mutex<HashMap<String, TaskSlot>>,
 }
 
 impl SharedTasks {

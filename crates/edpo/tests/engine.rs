@@ -1,0 +1,418 @@
+//! Tests of the experiment engine through the binary: config resolution and grid expansion
+//! snapshots, config errors, determinism, resume after a real kill, and the non-finite guard.
+//!
+//! Snapshots live in `testdata/snapshots/`; to accept a change, rerun with
+//! `UPDATE_SNAPSHOTS=1 cargo test -p edpo --test engine` and review the diff.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn edpo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edpo"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run edpo")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("edpo-engine-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch");
+    dir
+}
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+fn snapshot(name: &str, actual: &str) {
+    let path = root().join("testdata/snapshots").join(name);
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, actual).expect("write snapshot");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        actual, expected,
+        "snapshot {name} differs (UPDATE_SNAPSHOTS=1 to accept)"
+    );
+}
+
+#[test]
+fn resolved_config_snapshot() {
+    let out = edpo(&["train", "experiments/synthetic.yaml", "--print-config"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    snapshot("synthetic.resolved.yaml", &text(&out.stdout));
+    let with_set = edpo(&[
+        "train",
+        "experiments/synthetic.yaml",
+        "--print-config",
+        "--set",
+        "objective={kind: dpo, beta: 0.3}",
+        "--set",
+        "optim.lr=2e-3",
+    ]);
+    assert!(with_set.status.success(), "{}", text(&with_set.stderr));
+    snapshot(
+        "synthetic.dpo-override.resolved.yaml",
+        &text(&with_set.stdout),
+    );
+}
+
+#[test]
+fn grid_expansion_snapshot() {
+    let out = edpo(&["sweep", "experiments/synthetic-ablation.yaml", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    snapshot("synthetic-ablation.dry-run.txt", &text(&out.stdout));
+    let zipped = scratch("zip");
+    std::fs::copy(
+        root().join("experiments/synthetic.yaml"),
+        zipped.join("base.yaml"),
+    )
+    .expect("copy");
+    std::fs::write(
+        zipped.join("grid.yaml"),
+        "base: base.yaml\nname: z\nseeds: [7]\naxes:\n  objective.beta: [0.1, 0.2]\nzip:\n  optim.lr: [1.0e-3, 2.0e-3]\n  optim.epochs: [1, 2]\ninclude:\n  - {objective.epsilon: 0.5}\nexclude:\n  - {objective.beta: 0.2, optim.lr: 2.0e-3}\n",
+    )
+    .expect("grid");
+    let out = edpo(&[
+        "sweep",
+        zipped.join("grid.yaml").to_str().expect("utf8"),
+        "--dry-run",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table: Vec<String> = text(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        &table[..4],
+        [
+            "objective.beta=0.1 optim.lr=0.001 optim.epochs=1 run.seed=7",
+            "objective.beta=0.1 optim.lr=0.002 optim.epochs=2 run.seed=7",
+            "objective.beta=0.2 optim.lr=0.001 optim.epochs=1 run.seed=7",
+            "objective.epsilon=0.5 run.seed=7",
+        ]
+    );
+}
+
+fn expect_config_error(yaml: &str, needles: &[&str]) {
+    let dir = scratch("cfg");
+    let path = dir.join("bad.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    let out = edpo(&["train", path.to_str().expect("utf8"), "--print-config"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+}
+
+#[test]
+fn config_errors_name_file_line_and_key() {
+    let base = std::fs::read_to_string(root().join("experiments/synthetic.yaml")).expect("base");
+    expect_config_error(
+        &base.replace("  lr: 1.0e-3", "  lrr: 1.0e-3"),
+        &["bad.yaml", "optim: unknown field `lrr`", "line 25"],
+    );
+    expect_config_error(
+        &base.replace("  batch_size: 16", "  batch_size: many"),
+        &["bad.yaml", "optim.batch_size: invalid type", "line 28"],
+    );
+    expect_config_error(
+        &base.replace("  epsilon: 0.01", "  epsilon: 1.5"),
+        &["bad.yaml:23", "key `objective.epsilon`", "(0, 1)"],
+    );
+    expect_config_error(
+        &base.replace("  kind: synthetic", "  kind: \"synthetic"),
+        &["bad.yaml", "line"],
+    );
+    expect_config_error(
+        &base.replace("  kind: epsilon_dpo", "  kind: ppo"),
+        &[
+            "bad.yaml",
+            "objective.kind: unknown variant `ppo`",
+            "line 21",
+        ],
+    );
+    let out = edpo(&[
+        "train",
+        "experiments/synthetic.yaml",
+        "--print-config",
+        "--set",
+        "optim.lr=abc",
+    ]);
+    assert!(
+        text(&out.stderr).contains("optim.lr: invalid type"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = edpo(&[
+        "train",
+        "experiments/synthetic.yaml",
+        "--print-config",
+        "--set",
+        "optim.lrr=1",
+    ]);
+    assert!(
+        text(&out.stderr).contains("unknown field `lrr`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = edpo(&[
+        "train",
+        "experiments/synthetic.yaml",
+        "--print-config",
+        "--set",
+        "optim.lr",
+    ]);
+    assert!(
+        text(&out.stderr).contains("not of the form key=value"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn same_config_and_seed_give_identical_metrics() {
+    let (a, b) = (scratch("det-a"), scratch("det-b"));
+    let small = [
+        "--set",
+        "task.train_pairs=64",
+        "--set",
+        "task.sft_steps=30",
+        "--set",
+        "task.eval_prompts=16",
+        "--set",
+        "task.eval_pairs=8",
+    ];
+    let mut metrics = Vec::new();
+    for dir in [&a, &b] {
+        let mut args = vec![
+            "train",
+            "experiments/synthetic.yaml",
+            "--out",
+            dir.to_str().expect("utf8"),
+        ];
+        args.extend(small);
+        let out = edpo(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let run = std::fs::read_dir(dir)
+            .expect("out")
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("synthetic-"))
+            .expect("run dir");
+        metrics.push((
+            std::fs::read(run.path().join("metrics.jsonl")).expect("metrics"),
+            std::fs::read(run.path().join("eval.json")).expect("eval"),
+        ));
+    }
+    assert!(!metrics[0].0.is_empty());
+    assert!(
+        metrics[0] == metrics[1],
+        "metrics.jsonl or eval.json differ between identical runs"
+    );
+}
+
+fn statuses(sweep_root: &Path) -> Vec<(String, serde_json::Value)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(sweep_root.join("runs")) {
+        for e in entries.flatten() {
+            if let Ok(t) = std::fs::read_to_string(e.path().join("status.json")) {
+                if let Ok(v) = serde_json::from_str(&t) {
+                    out.push((e.file_name().to_string_lossy().into_owned(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every file in the tree parses as what its name says (no truncated or half-written file).
+fn assert_tree_well_formed(dir: &Path) {
+    for e in std::fs::read_dir(dir).expect("dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            assert_tree_well_formed(&p);
+            continue;
+        }
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        assert!(
+            !name.contains(".tmp-"),
+            "temporary file left: {}",
+            p.display()
+        );
+        let t = std::fs::read_to_string(&p).unwrap_or_default();
+        if name.ends_with(".json") {
+            serde_json::from_str::<serde_json::Value>(&t)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        } else if name.ends_with(".jsonl") {
+            for l in t.lines() {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            }
+        }
+    }
+}
+
+#[test]
+fn killed_sweep_resumes_where_it_stopped() {
+    let out = scratch("kill");
+    let grid = out.join("grid.yaml");
+    std::fs::copy(
+        root().join("experiments/synthetic.yaml"),
+        out.join("base.yaml"),
+    )
+    .expect("copy");
+    std::fs::write(&grid, "base: base.yaml\nname: k\nset: {task.train_pairs: 256, task.sft_steps: 30, optim.epochs: 6}\nseeds: [0, 1, 2, 3]\n").expect("grid");
+    let args = [
+        "sweep",
+        grid.to_str().expect("utf8"),
+        "--jobs",
+        "1",
+        "--out",
+        out.to_str().expect("utf8"),
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edpo"))
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let sweep_root = out.join("k");
+    let start = Instant::now();
+    // Wait until one run has completed and the next is running, then kill (SIGKILL).
+    loop {
+        let s = statuses(&sweep_root);
+        let done = s.iter().filter(|(_, v)| v["state"] == "completed").count();
+        let running = s.iter().filter(|(_, v)| v["state"] == "running").count();
+        if done >= 1 && running >= 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "sweep made no progress"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "sweep finished before it could be killed; make its runs longer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    let before = statuses(&sweep_root);
+    assert_tree_well_formed(&out);
+    let completed: Vec<(String, serde_json::Value)> = before
+        .iter()
+        .filter(|(_, v)| v["state"] == "completed")
+        .cloned()
+        .collect();
+    let interrupted: Vec<String> = before
+        .iter()
+        .filter(|(_, v)| v["state"] == "running")
+        .map(|(h, _)| h.clone())
+        .collect();
+    assert!(!completed.is_empty() && !interrupted.is_empty());
+
+    let again = edpo(&args);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let table = text(&again.stdout);
+    let after = statuses(&sweep_root);
+    assert_eq!(after.len(), 4);
+    assert!(
+        after.iter().all(|(_, v)| v["state"] == "completed"),
+        "{after:?}"
+    );
+    for (hash, v) in &completed {
+        let now = after.iter().find(|(h, _)| h == hash).expect("run");
+        assert_eq!(
+            now.1["started_unix"], v["started_unix"],
+            "completed run {hash} was rerun"
+        );
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains(hash.as_str()) && l.contains("skipped")),
+            "{table}"
+        );
+    }
+    for hash in &interrupted {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains(hash.as_str()) && l.contains("completed")),
+            "{table}"
+        );
+    }
+    assert_tree_well_formed(&out);
+}
+
+#[test]
+fn a_diverging_run_fails_alone_and_the_sweep_reports_it() {
+    let out = scratch("nan");
+    std::fs::copy(
+        root().join("experiments/synthetic.yaml"),
+        out.join("base.yaml"),
+    )
+    .expect("copy");
+    let grid = out.join("grid.yaml");
+    std::fs::write(&grid, "base: base.yaml\nname: n\nset: {task.train_pairs: 64, task.sft_steps: 20, optim.max_grad_norm: 0, optim.schedule: constant, optim.warmup_ratio: 0.0}\naxes:\n  optim.lr: [1.0e-3, 1.0e+30]\n").expect("grid");
+    let o = edpo(&[
+        "sweep",
+        grid.to_str().expect("utf8"),
+        "--jobs",
+        "2",
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(!o.status.success(), "a failed run must fail the sweep");
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("1 of 2 runs failed") && err.contains("non-finite"),
+        "{err}"
+    );
+    let s = statuses(&out.join("n"));
+    assert_eq!(
+        s.iter().filter(|(_, v)| v["state"] == "completed").count(),
+        1
+    );
+    let failed = s
+        .iter()
+        .find(|(_, v)| v["state"] == "failed")
+        .expect("failed run");
+    assert!(
+        failed.1["error"].to_string().contains("non-finite"),
+        "{:?}",
+        failed.1
+    );
+    // The shared stages were built once, whatever the number of runs using them.
+    let stages: Vec<String> = std::fs::read_dir(out.join("cache"))
+        .expect("cache")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        stages
+            .iter()
+            .filter(|n| n.starts_with("reference-"))
+            .count(),
+        1,
+        "{stages:?}"
+    );
+    assert_eq!(
+        stages.iter().filter(|n| n.starts_with("pairs-")).count(),
+        1,
+        "{stages:?}"
+    );
+    assert!(stages.iter().all(|n| !n.starts_with(".tmp")), "{stages:?}");
+}
