@@ -1,0 +1,58 @@
+# edpo: preference optimisation with adaptive KL control. `just` lists the recipes.
+
+# List the recipes.
+[group('help')]
+default:
+    @just --list
+
+# Run the default grid (the synthetic ε-ablation) and print its table.
+[group('experiments')]
+sweep grid="experiments/synthetic-ablation.yaml" jobs="2":
+    cargo run --release -p edpo -- sweep {{grid}} --jobs {{jobs}}
+
+# Train one config, e.g. `just train experiments/synthetic.yaml --set objective.beta=0.2`.
+[group('experiments')]
+train config="experiments/synthetic.yaml" *args="":
+    cargo run --release -p edpo -- train {{config}} {{args}}
+
+# Show the runs a grid expands to, without running them.
+[group('experiments')]
+plan grid="experiments/synthetic-ablation.yaml":
+    cargo run --release -p edpo -- sweep {{grid}} --dry-run
+
+# The CI smoke grid.
+[group('experiments')]
+smoke:
+    cargo run --release -p edpo -- sweep experiments/smoke.yaml --jobs 2
+
+# The fixed training benchmark (prints JSON).
+[group('performance')]
+bench threads="1" steps="20":
+    cargo run --release -p edpo -- bench --threads {{threads}} --steps {{steps}}
+
+# The same workload in PyTorch (bare loop and TRL); needs torch, transformers, trl.
+[group('performance')]
+bench-torch threads="1" steps="20":
+    python3 tools/bench_vs_torch.py --threads {{threads}} --steps {{steps}}
+
+# Sweep --jobs 1 vs 2 and run threads 1 vs 2, as a Markdown table.
+[group('performance')]
+parallelism:
+    cargo build --release -p edpo
+    tools/measure_parallelism.sh
+
+# The test suite (the README's test command).
+[group('dev')]
+test:
+    cargo test --workspace
+
+# Regenerate the PyTorch golden values (needs torch, transformers).
+[group('dev')]
+golden:
+    python3 tools/make_golden.py
+    python3 tools/make_objective_golden.py
+
+# Exactly what CI runs.
+[group('dev')]
+ci:
+    bash .ci/run
