@@ -104,7 +104,8 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?) // candle's gelu is the tanh form
+        self.c_proj
+            .forward(&crate::kernels::gelu(&self.c_fc.forward(x)?)?)
     }
 }
 

@@ -20,6 +20,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod gpt2;
+pub mod kernels;
 pub mod llama;
 pub mod logprobs;
 mod model;

@@ -7,7 +7,7 @@
 //! padding positions.
 
 use crate::{CausalLm, Error, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 /// Prompt + response sequences laid out for one forward pass.
 #[derive(Debug, Clone)]
@@ -115,9 +115,7 @@ pub fn response_logits(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor
 
 /// Per-token log-probs `(N,)` of the targets under `logits (N, V)`.
 pub fn token_logps(logits: &Tensor, batch: &SequenceBatch) -> Result<Tensor> {
-    let targets = Tensor::from_slice(&batch.targets, (batch.n_targets(), 1), logits.device())?;
-    let logp = crate::nn::log_softmax_last(logits)?; // (N, V)
-    Ok(logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?)
+    Ok(crate::kernels::log_softmax_gather(logits, &batch.targets)?)
 }
 
 /// Sums per-token values `(N,)` into per-sequence values `(B,)`.

@@ -54,8 +54,18 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Normalises `x` of shape `(…, d)`.
+    /// Normalises `x` of shape `(…, d)` with the fused kernel.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::kernels::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+
+    /// The definition the kernel implements, from composed operations.
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -77,20 +87,30 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Normalises `x` of shape `(…, d)`.
+    /// Normalises `x` of shape `(…, d)` with the fused kernel.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::kernels::rms_norm(x, &self.weight, self.eps)?)
+    }
+
+    /// The definition the kernel implements, from composed operations.
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv_rms = ms.affine(1.0, self.eps)?.sqrt()?.recip()?;
         Ok(x.broadcast_mul(&inv_rms)?.broadcast_mul(&self.weight)?)
     }
 }
 
-/// Softmax over the last dimension.
+/// Softmax over the last dimension (the fused kernel).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::softmax_last(x)?)
+}
+
+/// The definition of the softmax kernel, from composed operations.
+pub fn softmax_composed(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&sum)?)
+    e.broadcast_div(&sum)
 }
 
 /// Log-softmax over the last dimension, with max subtraction.

@@ -1,0 +1,620 @@
+//! Fused CPU kernels with explicit backward passes, for the operations that dominate a training
+//! step outside the matrix products: GELU, LayerNorm, RMSNorm, softmax, and the log-softmax
+//! over the vocabulary gathered at the target token.
+//!
+//! Each is a candle custom op whose forward is one pass over memory and whose backward is one
+//! more, instead of a chain of elementwise tensors each allocated, written and read back. The
+//! composed versions in [`crate::nn`] define what each kernel computes and the tests below hold
+//! the two together; the golden tests against PyTorch run through these kernels.
+//!
+//! Work is split across rows with rayon when candle runs with more than one thread.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+fn slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{what}: f32 only");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+fn parallel() -> bool {
+    candle_core::utils::get_num_threads() > 1
+}
+
+/// Applies `f(row_in, row_out)` to every row of width `width`, in parallel when allowed.
+fn rows_map(
+    input: &[f32],
+    out: &mut [f32],
+    width: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) {
+    if parallel() && input.len() >= 1 << 15 {
+        out.par_chunks_mut(width)
+            .zip(input.par_chunks(width))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, x, o));
+    } else {
+        for (i, (o, x)) in out.chunks_mut(width).zip(input.chunks(width)).enumerate() {
+            f(i, x, o);
+        }
+    }
+}
+
+/// `eˣ` in f32 without a library call, so loops over it vectorise: `x = n·ln2 + r` with
+/// `|r| ≤ ln2/2`, a degree-6 Taylor polynomial for `eʳ` (truncation error below 2e-7 relative),
+/// and `2ⁿ` built from its bits. Inputs below −87 give 0 (as `expf` underflows there).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = p * scale;
+    if x < -87.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// `tanh(u) = 1 − 2/(e^{2u} + 1)`, with the absolute error of f32 (about 1e-7) near 0, which is
+/// what GELU needs.
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+/// GELU, tanh approximation (`gelu_new` / `gelu_pytorch_tanh`):
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "edpo-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        rows_map(x, &mut y, 4096.min(x.len().max(1)), |_, x, y| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                let u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
+                *o = 0.5 * v * (1.0 + tanh(u));
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &GeluGrad)?,
+        ))
+    }
+}
+
+/// `dx = dy · d/dx gelu(x)`, the exact derivative of the tanh form.
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "edpo-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "gelu grad")?;
+        let dy = slice(s2, l2, "gelu grad")?;
+        let mut dx = vec![0f32; x.len()];
+        let chunk = 4096.min(x.len().max(1));
+        let f = |i: usize, dy: &[f32], dx: &mut [f32]| {
+            let x = &x[i * chunk..i * chunk + dx.len()];
+            for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+                let u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
+                let t = tanh(u);
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
+                *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+            }
+        };
+        rows_map(dy, &mut dx, chunk, f);
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// GELU (tanh form) with a fused backward.
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+/// Softmax over the last dimension.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "edpo-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, "softmax")?;
+        let width = layout.dims().last().copied().unwrap_or(1);
+        let mut y = vec![0f32; x.len()];
+        rows_map(x, &mut y, width, |_, x, y| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = exp(v - max);
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            y.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            res.contiguous()?
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+/// `dx = y ⊙ (dy − Σ dy·y)` per row.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "edpo-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = slice(s1, l1, "softmax grad")?;
+        let dy = slice(s2, l2, "softmax grad")?;
+        let width = l1.dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; y.len()];
+        rows_map(dy, &mut dx, width, |i, dy, dx| {
+            let y = &y[i * width..(i + 1) * width];
+            let dot: f32 = dy.iter().zip(y).map(|(a, b)| a * b).sum();
+            for ((o, &g), &p) in dx.iter_mut().zip(dy).zip(y) {
+                *o = p * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension with a fused backward.
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+/// `log_softmax(z)[target]` for each row of `z (N, V)`: one pass for the log-sum-exp, no
+/// `(N, V)` output. The backward is `g·(onehot(target) − softmax(z))`.
+struct LogSoftmaxGather {
+    targets: Arc<Vec<u32>>,
+}
+
+fn row_lse(z: &[f32]) -> f32 {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = z.iter().map(|&v| exp(v - max)).sum();
+    max + sum.ln()
+}
+
+impl CustomOp1 for LogSoftmaxGather {
+    fn name(&self) -> &'static str {
+        "edpo-log-softmax-gather"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let z = slice(storage, layout, "log-softmax gather")?;
+        let (n, v) = layout.shape().dims2()?;
+        if self.targets.len() != n {
+            bail!(
+                "log-softmax gather: {} targets for {n} rows",
+                self.targets.len()
+            );
+        }
+        if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("log-softmax gather: target {t} outside the vocabulary of {v}");
+        }
+        let one = |i: usize| z[i * v + self.targets[i] as usize] - row_lse(&z[i * v..(i + 1) * v]);
+        let out: Vec<f32> = if parallel() && n * v >= 1 << 15 {
+            (0..n).into_par_iter().map(one).collect()
+        } else {
+            (0..n).map(one).collect()
+        };
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let op = LogSoftmaxGatherGrad {
+            targets: self.targets.clone(),
+        };
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &op)?,
+        ))
+    }
+}
+
+struct LogSoftmaxGatherGrad {
+    targets: Arc<Vec<u32>>,
+}
+
+impl CustomOp2 for LogSoftmaxGatherGrad {
+    fn name(&self) -> &'static str {
+        "edpo-log-softmax-gather-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let z = slice(s1, l1, "log-softmax gather grad")?;
+        let g = slice(s2, l2, "log-softmax gather grad")?;
+        let (_, v) = l1.shape().dims2()?;
+        let mut dz = vec![0f32; z.len()];
+        rows_map(z, &mut dz, v, |i, z, dz| {
+            let lse = row_lse(z);
+            let gi = g[i];
+            for (o, &x) in dz.iter_mut().zip(z) {
+                *o = -gi * exp(x - lse);
+            }
+            dz[self.targets[i] as usize] += gi;
+        });
+        Ok((CpuStorage::F32(dz), l1.shape().clone()))
+    }
+}
+
+/// Per-row `log_softmax(logits)[targets]` for `logits (N, V)`, differentiable.
+pub fn log_softmax_gather(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    logits.contiguous()?.apply_op1(LogSoftmaxGather {
+        targets: Arc::new(targets.to_vec()),
+    })
+}
+
+/// LayerNorm (`rms = false`, weight and bias) or RMSNorm (`rms = true`, weight only, the bias
+/// argument ignored) over the last dimension.
+struct Norm {
+    eps: f32,
+    rms: bool,
+}
+
+/// Per-row statistics: mean (0 for RMSNorm) and 1/σ.
+fn norm_stats(x: &[f32], eps: f32, rms: bool) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = if rms { 0.0 } else { x.iter().sum::<f32>() / n };
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        "edpo-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "norm")?;
+        let w = slice(s2, l2, "norm weight")?;
+        let b = slice(s3, l3, "norm bias")?;
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        rows_map(x, &mut y, d, |_, x, y| {
+            let (mean, inv) = norm_stats(x, self.eps, self.rms);
+            for (k, o) in y.iter_mut().enumerate() {
+                let xhat = (x[k] - mean) * inv;
+                *o = if self.rms {
+                    xhat * w[k]
+                } else {
+                    xhat * w[k] + b[k]
+                };
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.flatten_all()?.to_vec1::<f32>()?;
+        let gs = dy.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; xs.len()];
+        let mut dw = vec![0f64; d];
+        let mut db = vec![0f64; d];
+        let mut xhat = vec![0f32; d];
+        for ((x, g), o) in xs.chunks(d).zip(gs.chunks(d)).zip(dx.chunks_mut(d)) {
+            let (mean, inv) = norm_stats(x, self.eps, self.rms);
+            let mut sum_gw = 0f32;
+            let mut sum_gwx = 0f32;
+            for k in 0..d {
+                xhat[k] = (x[k] - mean) * inv;
+                let gw = g[k] * ws[k];
+                sum_gw += gw;
+                sum_gwx += gw * xhat[k];
+                dw[k] += f64::from(g[k] * xhat[k]);
+                db[k] += f64::from(g[k]);
+            }
+            let n = d as f32;
+            for k in 0..d {
+                let gw = g[k] * ws[k];
+                o[k] = if self.rms {
+                    inv * (gw - xhat[k] * sum_gwx / n)
+                } else {
+                    inv * (gw - sum_gw / n - xhat[k] * sum_gwx / n)
+                };
+            }
+        }
+        let dev = x.device();
+        let dx = Tensor::from_vec(dx, x.shape(), dev)?;
+        let dw = Tensor::from_vec(
+            dw.into_iter().map(|v| v as f32).collect::<Vec<_>>(),
+            w.shape(),
+            dev,
+        )?;
+        let db = if self.rms {
+            None
+        } else {
+            Some(Tensor::from_vec(
+                db.into_iter().map(|v| v as f32).collect::<Vec<_>>(),
+                w.shape(),
+                dev,
+            )?)
+        };
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// LayerNorm over the last dimension with a fused backward.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        weight,
+        bias,
+        Norm {
+            eps: eps as f32,
+            rms: false,
+        },
+    )
+}
+
+/// RMSNorm over the last dimension with a fused backward.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        weight,
+        weight,
+        Norm {
+            eps: eps as f32,
+            rms: true,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let a = a.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a");
+        let b = b.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b");
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "element {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    fn input(shape: (usize, usize)) -> Var {
+        let n = shape.0 * shape.1;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 250.0) - 2.0)
+            .collect();
+        Var::from_vec(v, shape, &Device::Cpu).expect("var")
+    }
+
+    type Op = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
+
+    fn composed_gelu(x: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Tensor> {
+        let u = ((x * x)?.affine(f64::from(GELU_C), 1.0)? * x)?
+            .affine(f64::from(SQRT_2_OVER_PI), 0.0)?;
+        (x * (u.tanh()? + 1.0)?)?.affine(0.5, 0.0)
+    }
+
+    fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        nn::LayerNorm {
+            weight: w.clone(),
+            bias: b.clone(),
+            eps: 1e-5,
+        }
+        .forward_composed(x)
+    }
+
+    fn composed_rms_norm(x: &Tensor, w: &Tensor, _: &Tensor) -> candle_core::Result<Tensor> {
+        nn::RmsNorm {
+            weight: w.clone(),
+            eps: 1e-6,
+        }
+        .forward_composed(x)
+    }
+
+    /// Each kernel against its composed definition: values and the gradients of x, w and b.
+    #[test]
+    fn kernels_match_composed_ops() -> candle_core::Result<()> {
+        let x = input((6, 40));
+        let w = Var::from_vec(
+            (0..40).map(|i| 0.5 + i as f32 / 40.0).collect::<Vec<f32>>(),
+            40,
+            &Device::Cpu,
+        )?;
+        let b = Var::from_vec(
+            (0..40).map(|i| i as f32 / 80.0 - 0.2).collect::<Vec<f32>>(),
+            40,
+            &Device::Cpu,
+        )?;
+        let probe = Tensor::new(
+            (0..240)
+                .map(|i| ((i * 31 % 17) as f32) / 17.0 - 0.5)
+                .collect::<Vec<f32>>()
+                .as_slice(),
+            &Device::Cpu,
+        )?
+        .reshape((6, 40))?;
+        let cases: [(&str, Op, Op); 4] = [
+            ("gelu", |x, _, _| gelu(x), composed_gelu),
+            (
+                "softmax",
+                |x, _, _| softmax_last(x),
+                |x, _, _| nn::softmax_composed(x),
+            ),
+            (
+                "layer_norm",
+                |x, w, b| layer_norm(x, w, b, 1e-5),
+                composed_layer_norm,
+            ),
+            (
+                "rms_norm",
+                |x, w, _| rms_norm(x, w, 1e-6),
+                composed_rms_norm,
+            ),
+        ];
+        for (name, fused, composed) in cases {
+            let args = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let a = fused(args.0, args.1, args.2)?;
+            let c = composed(args.0, args.1, args.2)?;
+            close(&a, &c, 1e-5);
+            let ga = (&a * &probe)?.sum_all()?.backward()?;
+            let gc = (&c * &probe)?.sum_all()?.backward()?;
+            for var in [&x, &w, &b] {
+                match (ga.get(var.as_tensor()), gc.get(var.as_tensor())) {
+                    (Some(p), Some(q)) => close(p, q, 1e-4),
+                    (None, None) => {}
+                    _ => panic!("{name}: one side has a gradient the other lacks"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn exp_is_accurate_over_its_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((exp(x) as f64) - (x as f64).exp()).abs() / (x as f64).exp();
+            worst = worst.max(rel);
+            x += 0.013;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst:e}");
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        for u in [-20.0f32, -3.0, -0.5, -1e-4, 0.0, 1e-4, 0.5, 3.0, 20.0] {
+            assert!((tanh(u) - u.tanh()).abs() < 2e-7, "tanh({u})");
+        }
+    }
+
+    #[test]
+    fn log_softmax_gather_matches_composed() -> candle_core::Result<()> {
+        let z = input((5, 33));
+        let targets = [0u32, 32, 7, 7, 12];
+        let fused = log_softmax_gather(z.as_tensor(), &targets)?;
+        let t = Tensor::new(&targets, &Device::Cpu)?.unsqueeze(1)?;
+        let composed = nn::log_softmax_last(z.as_tensor())
+            .expect("composed")
+            .gather(&t, 1)?
+            .squeeze(1)?;
+        close(&fused, &composed, 1e-6);
+        let w = Tensor::new(&[0.3f32, -1.0, 2.0, 0.5, 1.5], &Device::Cpu)?;
+        let ga = (&fused * &w)?.sum_all()?.backward()?;
+        let gb = (&composed * &w)?.sum_all()?.backward()?;
+        close(
+            ga.get(z.as_tensor()).expect("grad"),
+            gb.get(z.as_tensor()).expect("grad"),
+            1e-5,
+        );
+        Ok(())
+    }
+}
