@@ -12,6 +12,8 @@ use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// How a parameter is initialised when a model is made from scratch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -87,6 +89,8 @@ pub struct CausalLm {
     params: Vec<Param>,
     device: Device,
     source_dir: Option<PathBuf>,
+    /// Forward passes run so far (shared by clones), so tests can prove a model was not run.
+    forward_count: Arc<AtomicUsize>,
 }
 
 fn specs(config: &ModelConfig) -> Vec<TensorSpec> {
@@ -158,6 +162,7 @@ impl CausalLm {
             params,
             device: device.clone(),
             source_dir: None,
+            forward_count: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -251,6 +256,7 @@ impl CausalLm {
                 attention_mask.len()
             )));
         }
+        self.forward_count.fetch_add(1, Ordering::Relaxed);
         let vocab = self.config.vocab_size() as u32;
         if let Some(bad) = input_ids.iter().find(|&&id| id >= vocab) {
             return Err(Error::Input(format!(
@@ -283,6 +289,35 @@ impl CausalLm {
                 m.hidden(&ids, &positions, &bias)
             }
         }
+    }
+
+    /// How many forward passes this model (or a clone sharing it) has run.
+    pub fn forward_count(&self) -> usize {
+        self.forward_count.load(Ordering::Relaxed)
+    }
+
+    /// Moves this model's weights towards `other`'s in place: `θ ← α·θ_other + (1 − α)·θ`
+    /// (TR-DPO's soft reference update; α = 1 copies). Both must have the same architecture.
+    pub fn blend_from(&self, other: &CausalLm, alpha: f64) -> Result<()> {
+        if self.params.len() != other.params.len() {
+            return Err(Error::Input(
+                "cannot blend models of different architectures".into(),
+            ));
+        }
+        for (mine, theirs) in self.params.iter().zip(&other.params) {
+            if mine.name != theirs.name || mine.tensor.dims() != theirs.tensor.dims() {
+                return Err(Error::Input(format!(
+                    "cannot blend `{}` into `{}`",
+                    theirs.name, mine.name
+                )));
+            }
+            let source = theirs.tensor.flatten_all()?.to_vec1::<f32>()?;
+            mine.tensor.inplace_op1(&Blend {
+                source,
+                alpha: alpha as f32,
+            })?;
+        }
+        Ok(())
     }
 
     /// Logits `(N, V)` for hidden states `(N, d)`.
@@ -345,6 +380,38 @@ impl CausalLm {
                     checkpoint::write_atomic(&dir.join(name), &bytes)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// `θ ← α·source + (1 − α)·θ`, in place.
+struct Blend {
+    source: Vec<f32>,
+    alpha: f32,
+}
+
+impl candle_core::InplaceOp1 for Blend {
+    fn name(&self) -> &'static str {
+        "edpo-blend"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("blend: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("blend: parameters must be contiguous");
+        };
+        if end - start != self.source.len() {
+            candle_core::bail!("blend: sizes differ");
+        }
+        for (t, &s) in data[start..end].iter_mut().zip(&self.source) {
+            *t = self.alpha * s + (1.0 - self.alpha) * *t;
         }
         Ok(())
     }

@@ -70,10 +70,10 @@ impl LayerNorm {
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let inv_std = var.affine(1.0, self.eps)?.sqrt()?.recip()?;
-        Ok(centred
+        centred
             .broadcast_mul(&inv_std)?
             .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -96,7 +96,7 @@ impl RmsNorm {
     pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv_rms = ms.affine(1.0, self.eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv_rms)?.broadcast_mul(&self.weight)?)
+        x.broadcast_mul(&inv_rms)?.broadcast_mul(&self.weight)
     }
 }
 

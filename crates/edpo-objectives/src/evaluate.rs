@@ -107,15 +107,9 @@ pub fn evaluate(
     let mut losses = Vec::with_capacity(terms.len());
     let mut grad_chosen = Vec::with_capacity(terms.len());
     let mut grad_rejected = Vec::with_capacity(terms.len());
-    for (i, t) in terms.iter().enumerate() {
-        let (mut loss, mut d_chosen) = (t.loss, t.d_chosen);
-        if sft_weight > 0.0 {
-            // λ_sft·(−lw/|y_w|), whose derivative in lw is −λ_sft/|y_w|.
-            loss += sft_weight * (-lw[i] / len_w[i] as f64);
-            d_chosen -= sft_weight / len_w[i] as f64;
-        }
-        losses.push(loss);
-        grad_chosen.push(d_chosen / n);
+    for t in &terms {
+        losses.push(t.loss);
+        grad_chosen.push(t.d_chosen / n);
         grad_rejected.push(t.d_rejected / n);
     }
 
@@ -125,18 +119,58 @@ pub fn evaluate(
     let rewards_chosen: Vec<f64> = terms.iter().map(|t| t.reward_chosen).collect();
     let rewards_rejected: Vec<f64> = terms.iter().map(|t| t.reward_rejected).collect();
     let mut stats = batch_stats(logps, &rewards_chosen, &rewards_rejected, &betas);
-    if sft_weight > 0.0 {
-        let nll: Vec<f64> = (0..lw.len()).map(|i| -lw[i] / len_w[i] as f64).collect();
-        stats.push(("sft/nll", math::mean(&nll)));
-    }
     stats.extend(extra);
-    Ok(ObjectiveOutput {
+    let mut out = ObjectiveOutput {
         losses,
         grad_policy_chosen: grad_chosen,
         grad_policy_rejected: grad_rejected,
         betas,
         stats,
-    })
+    };
+    add_sft(&mut out, lw, len_w, sft_weight)?;
+    Ok(out)
+}
+
+/// Adds the SFT term `λ_sft·(−lw_i/|y_w,i|)` to each pair's loss, its derivative
+/// `−λ_sft/(N·|y_w,i|)` to `∂L/∂lw_i`, and the statistic `sft/nll` (mean of `−lw/|y_w|`);
+/// nothing when `weight` is 0. For objectives whose per-pair losses cover every pair (all but
+/// β-DPO, whose losses are those of its kept pairs only).
+pub fn add_sft(
+    out: &mut ObjectiveOutput,
+    lw: &[f64],
+    len_w: &[usize],
+    weight: f64,
+) -> Result<(), Error> {
+    non_negative("sft_weight", weight)?;
+    if weight == 0.0 {
+        return Ok(());
+    }
+    let n = lw.len();
+    check_len("chosen_lengths", len_w, n)?;
+    if out.losses.len() != n || out.grad_policy_chosen.len() != n {
+        return Err(Error::Length {
+            name: "losses",
+            found: out.losses.len(),
+            expected: n,
+        });
+    }
+    let mut nll = Vec::with_capacity(n);
+    for i in 0..n {
+        let len = len_w[i] as f64;
+        if len_w[i] == 0 {
+            return Err(Error::Input {
+                name: "chosen_lengths",
+                index: i,
+                value: 0.0,
+                message: "must be at least 1",
+            });
+        }
+        out.losses[i] += weight * (-lw[i] / len);
+        out.grad_policy_chosen[i] -= weight / (len * n as f64);
+        nll.push(-lw[i] / len);
+    }
+    out.stats.push(("sft/nll", math::mean(&nll)));
+    Ok(())
 }
 
 /// Checks exactly the inputs `method` (and the SFT term) will read; see [`PairInputs`].

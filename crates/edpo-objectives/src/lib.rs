@@ -49,7 +49,7 @@ mod simpo;
 pub use beta_dpo::{BetaDpo, BetaDpoReport};
 pub use dpo::dpo;
 pub use epsilon::{epsilon_dpo, step_decision, EpsilonBeta, PerturbedRatios};
-pub use evaluate::{evaluate, PairInputs};
+pub use evaluate::{add_sft, evaluate, PairInputs};
 pub use method::Method;
 
 /// Sequence log-probs of a batch of pairs; every slice has one entry per pair.

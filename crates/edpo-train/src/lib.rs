@@ -23,7 +23,10 @@ pub mod step;
 pub use optim::{AdamW, AdamWConfig, GradBuffers};
 pub use schedule::{Schedule, ScheduleKind};
 pub use sft::SftTrainer;
-pub use step::{score_pairs, Objective, PairScores, StepReport, Trainer, TrainerConfig};
+pub use step::{
+    reference_logps, score_pairs, Objective, PairScores, ReferenceSource, StepReport, Trainer,
+    TrainerConfig,
+};
 
 /// Everything that can go wrong in a training step.
 #[derive(Debug, thiserror::Error)]

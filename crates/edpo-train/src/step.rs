@@ -15,7 +15,8 @@ use edpo_data::TokenizedPair;
 use edpo_model::logprobs::{mixed_sequence_logps, response_logits, sum_per_sequence, token_logps};
 use edpo_model::{CausalLm, SequenceBatch};
 use edpo_objectives::{
-    self as objectives, EpsilonBeta, ObjectiveOutput, PairLogps, PerturbedRatios,
+    self as objectives, add_sft, BetaDpo, EpsilonBeta, Method, ObjectiveOutput, PairInputs,
+    PairLogps, PerturbedRatios,
 };
 
 /// The objective of a run, with its parameters.
@@ -33,21 +34,78 @@ pub enum Objective {
         /// Perturbation size.
         epsilon: f64,
     },
+    /// A stateless baseline (cDPO, robust DPO, IPO, hinge, SLiC, SimPO, R-DPO, CPO, ORPO, KTO).
+    Method(Method),
+    /// β-DPO: batch-level β and its data filter, with running estimates.
+    BetaDpo {
+        /// Base coefficient β₀.
+        beta0: f64,
+        /// Scale `a` of the β adjustment.
+        a: f64,
+        /// Fraction of pairs the filter keeps.
+        keep_fraction: f64,
+        /// Momentum of the running estimates.
+        momentum: f64,
+        /// Seed of the filter's sampling.
+        seed: u64,
+    },
+    /// TR-DPO: the DPO loss, and every `tau` optimizer steps the reference becomes
+    /// `α·θ + (1 − α)·θ_ref` (α = 1: a hard update).
+    TrDpo {
+        /// KL coefficient.
+        beta: f64,
+        /// Mixing weight of the policy.
+        alpha: f64,
+        /// Optimizer steps between reference updates.
+        tau: usize,
+    },
 }
 
-/// Everything the objectives need about one micro-batch, plus the ε-DPO steps.
+impl Objective {
+    /// Whether the reference model (or its log-probs) is needed at all.
+    pub fn needs_reference(&self) -> bool {
+        match self {
+            Objective::Method(m) => m.needs_reference(),
+            _ => true,
+        }
+    }
+
+    /// Whether reference log-probs computed once before training may stand in for the
+    /// reference forward pass: not for ε-DPO (it needs the reference's full logits every step)
+    /// nor TR-DPO (its reference changes).
+    pub fn accepts_precomputed_reference(&self) -> bool {
+        match self {
+            Objective::EpsilonDpo { .. } | Objective::TrDpo { .. } => false,
+            Objective::Method(m) => m.needs_reference(),
+            Objective::Dpo { .. } | Objective::BetaDpo { .. } => true,
+        }
+    }
+
+    fn needs_kl_logratios(&self) -> bool {
+        matches!(self, Objective::Method(m) if m.needs_kl_logratios())
+    }
+}
+
+/// Everything the objectives need about one micro-batch, plus the ε-DPO ratios.
 #[derive(Debug, Clone)]
 pub struct PairScores {
     /// `log π_θ(y_w|x)` per pair.
     pub policy_chosen: Vec<f64>,
     /// `log π_θ(y_l|x)` per pair.
     pub policy_rejected: Vec<f64>,
-    /// `log π_ref(y_w|x)` per pair.
+    /// `log π_ref(y_w|x)` per pair (empty when the objective needs no reference).
     pub reference_chosen: Vec<f64>,
-    /// `log π_ref(y_l|x)` per pair.
+    /// `log π_ref(y_l|x)` per pair (empty when the objective needs no reference).
     pub reference_rejected: Vec<f64>,
+    /// `|y_w|` per pair, EOS included.
+    pub chosen_lengths: Vec<usize>,
+    /// `|y_l|` per pair, EOS included.
+    pub rejected_lengths: Vec<usize>,
     /// The three preference log-ratios per pair, when ε > 0 was requested.
     pub ratios: Option<Vec<PerturbedRatios>>,
+    /// KTO's policy-minus-reference log-ratios on mismatched pairs (prompt `i`, the chosen
+    /// response of pair `i + 1`), when requested.
+    pub kl_logratios: Option<Vec<f64>>,
 }
 
 impl PairScores {
@@ -58,6 +116,16 @@ impl PairScores {
             policy_rejected: &self.policy_rejected,
             reference_chosen: &self.reference_chosen,
             reference_rejected: &self.reference_rejected,
+        }
+    }
+
+    /// Borrowed view with lengths and KL log-ratios.
+    pub fn inputs(&self) -> PairInputs<'_> {
+        PairInputs {
+            logps: self.logps(),
+            chosen_lengths: &self.chosen_lengths,
+            rejected_lengths: &self.rejected_lengths,
+            kl_logratios: self.kl_logratios.as_deref(),
         }
     }
 }
@@ -78,6 +146,21 @@ fn pair_batch(pairs: &[TokenizedPair], pad_id: u32) -> Result<SequenceBatch> {
     Ok(SequenceBatch::new(&seqs, pad_id)?)
 }
 
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
+}
+
+/// Where the reference's log-probs come from for a micro-batch.
+#[derive(Debug, Clone, Copy)]
+pub enum ReferenceSource<'a> {
+    /// No reference (reference-free objectives).
+    None,
+    /// A forward pass of the reference model.
+    Model(&'a CausalLm),
+    /// Log-probs computed once before training: `[chosen, rejected]` per pair.
+    Precomputed(&'a [[f64; 2]]),
+}
+
 struct Forward {
     scores: PairScores,
     /// The policy's sequence log-probs `(2B,)`, still in the autograd graph.
@@ -86,58 +169,109 @@ struct Forward {
 
 fn forward(
     policy: &CausalLm,
-    reference: &CausalLm,
+    reference: ReferenceSource<'_>,
     pairs: &[TokenizedPair],
     epsilon: Option<f64>,
+    kl_logratios: Option<&CausalLm>,
 ) -> Result<Forward> {
     let n = pairs.len();
     let batch = pair_batch(pairs, 0)?;
     let policy_logits = response_logits(policy, &batch)?; // (N, V)
     let policy_logps = sum_per_sequence(&token_logps(&policy_logits, &batch)?, &batch)?; // (2B,)
-    let reference_logits = response_logits(reference, &batch)?.detach();
-    let reference_logps = sum_per_sequence(&token_logps(&reference_logits, &batch)?, &batch)?;
-    let lp: Vec<f64> = policy_logps
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(f64::from)
-        .collect();
-    let rp: Vec<f64> = reference_logps
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(f64::from)
-        .collect();
-    let ratios = match epsilon {
-        None => None,
-        Some(eps) => {
-            let e = eps as f32;
-            let mixed = mixed_sequence_logps(
-                &policy_logits,
-                &reference_logits,
-                &batch,
-                &[(1.0, 0.0), (1.0 + e, -e), (1.0 - e, e)],
-            )?;
-            let ratio = |m: &Vec<f64>, i: usize| m[i] - m[n + i];
-            Some(
-                (0..n)
-                    .map(|i| PerturbedRatios {
-                        h: ratio(&mixed[0], i),
-                        h_relaxed: ratio(&mixed[1], i),
-                        h_stronger: ratio(&mixed[2], i),
-                    })
-                    .collect(),
+    let lp = to_f64(&policy_logps)?;
+    let mut ratios = None;
+    let (reference_chosen, reference_rejected) = match reference {
+        ReferenceSource::None => (Vec::new(), Vec::new()),
+        ReferenceSource::Precomputed(values) => {
+            if values.len() != n {
+                return Err(Error::Config(format!(
+                    "{} precomputed reference log-probs for {n} pairs",
+                    values.len()
+                )));
+            }
+            (
+                values.iter().map(|v| v[0]).collect(),
+                values.iter().map(|v| v[1]).collect(),
             )
         }
+        ReferenceSource::Model(reference) => {
+            let reference_logits = response_logits(reference, &batch)?.detach();
+            let rp = to_f64(&sum_per_sequence(
+                &token_logps(&reference_logits, &batch)?,
+                &batch,
+            )?)?;
+            if let Some(eps) = epsilon {
+                let e = eps as f32;
+                let mixed = mixed_sequence_logps(
+                    &policy_logits,
+                    &reference_logits,
+                    &batch,
+                    &[(1.0, 0.0), (1.0 + e, -e), (1.0 - e, e)],
+                )?;
+                let ratio = |m: &Vec<f64>, i: usize| m[i] - m[n + i];
+                ratios = Some(
+                    (0..n)
+                        .map(|i| PerturbedRatios {
+                            h: ratio(&mixed[0], i),
+                            h_relaxed: ratio(&mixed[1], i),
+                            h_stronger: ratio(&mixed[2], i),
+                        })
+                        .collect(),
+                );
+            }
+            (rp[..n].to_vec(), rp[n..].to_vec())
+        }
+    };
+    if epsilon.is_some() && ratios.is_none() {
+        return Err(Error::Config(
+            "ε-DPO needs the reference model's logits every step".into(),
+        ));
+    }
+    let kl_logratios = match kl_logratios {
+        None => None,
+        Some(reference) => Some(mismatched_logratios(policy, reference, pairs)?),
     };
     Ok(Forward {
         scores: PairScores {
             policy_chosen: lp[..n].to_vec(),
             policy_rejected: lp[n..].to_vec(),
-            reference_chosen: rp[..n].to_vec(),
-            reference_rejected: rp[n..].to_vec(),
+            reference_chosen,
+            reference_rejected,
+            chosen_lengths: batch.response_lengths[..n].to_vec(),
+            rejected_lengths: batch.response_lengths[n..].to_vec(),
             ratios,
+            kl_logratios,
         },
         policy_logps,
     })
+}
+
+/// KTO's KL estimate inputs: `log π_θ(y_{i+1}|x_i) − log π_ref(y_{i+1}|x_i)` for the chosen
+/// response of the next pair under each prompt (no gradient: KTO detaches `z₀`).
+fn mismatched_logratios(
+    policy: &CausalLm,
+    reference: &CausalLm,
+    pairs: &[TokenizedPair],
+) -> Result<Vec<f64>> {
+    let n = pairs.len();
+    let seqs: Vec<(&[u32], &[u32])> = (0..n)
+        .map(|i| {
+            (
+                pairs[i].prompt.as_slice(),
+                pairs[(i + 1) % n].chosen.as_slice(),
+            )
+        })
+        .collect();
+    let batch = SequenceBatch::new(&seqs, 0)?;
+    let p = to_f64(&sum_per_sequence(
+        &token_logps(&response_logits(policy, &batch)?.detach(), &batch)?,
+        &batch,
+    )?)?;
+    let r = to_f64(&sum_per_sequence(
+        &token_logps(&response_logits(reference, &batch)?, &batch)?,
+        &batch,
+    )?)?;
+    Ok(p.iter().zip(&r).map(|(a, b)| a - b).collect())
 }
 
 /// Log-probs of pairs under policy and reference with no gradient, and the ε-DPO ratios
@@ -148,29 +282,110 @@ pub fn score_pairs(
     pairs: &[TokenizedPair],
     epsilon: Option<f64>,
 ) -> Result<PairScores> {
-    Ok(forward(policy, reference, pairs, epsilon)?.scores)
+    Ok(forward(
+        policy,
+        ReferenceSource::Model(reference),
+        pairs,
+        epsilon,
+        None,
+    )?
+    .scores)
 }
 
-/// Evaluates the objective on scores at the trainer's current base β.
-fn evaluate(
-    objective: &Objective,
-    beta_state: Option<&EpsilonBeta>,
-    scores: &PairScores,
-) -> Result<(ObjectiveOutput, Option<Vec<i8>>)> {
-    match (objective, beta_state) {
-        (Objective::Dpo { beta }, _) => Ok((objectives::dpo(&scores.logps(), *beta)?, None)),
-        (Objective::EpsilonDpo { epsilon, .. }, Some(state)) => {
-            let ratios = scores
-                .ratios
-                .as_deref()
-                .ok_or_else(|| Error::Config("ε-DPO needs the perturbed log-ratios".into()))?;
-            let (out, steps) =
-                objectives::epsilon_dpo(&scores.logps(), ratios, state.beta(), *epsilon)?;
-            Ok((out, Some(steps)))
+/// `[log π_ref(y_w|x), log π_ref(y_l|x)]` of every pair, in chunks of `chunk` pairs: what a
+/// run computes once when its objective accepts precomputed reference log-probs.
+pub fn reference_logps(
+    reference: &CausalLm,
+    pairs: &[TokenizedPair],
+    chunk: usize,
+) -> Result<Vec<[f64; 2]>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for part in pairs.chunks(chunk.max(1)) {
+        let batch = pair_batch(part, 0)?;
+        let rp = to_f64(&sum_per_sequence(
+            &token_logps(&response_logits(reference, &batch)?, &batch)?,
+            &batch,
+        )?)?;
+        let n = part.len();
+        out.extend((0..n).map(|i| [rp[i], rp[n + i]]));
+    }
+    Ok(out)
+}
+
+/// The objective's running state.
+enum State {
+    Stateless,
+    Epsilon(EpsilonBeta),
+    BetaDpo(BetaDpo, Uniform),
+    TrDpo { updates: usize },
+}
+
+/// The objective's state at the start of training, after checking its parameters.
+fn initial_state(objective: &Objective, sft_weight: f64) -> Result<State> {
+    let positive = |name: &str, v: f64| -> Result<()> {
+        if v > 0.0 && v.is_finite() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "{name} = {v}: must be positive and finite"
+            )))
         }
-        (Objective::EpsilonDpo { .. }, None) => {
-            Err(Error::Config("ε-DPO without its β state".into()))
+    };
+    if !(sft_weight >= 0.0 && sft_weight.is_finite()) {
+        return Err(Error::Config(format!(
+            "sft_weight = {sft_weight}: must be non-negative"
+        )));
+    }
+    Ok(match *objective {
+        Objective::EpsilonDpo { beta, epsilon } => State::Epsilon(EpsilonBeta::new(beta, epsilon)?),
+        Objective::Dpo { beta } => {
+            positive("beta", beta)?;
+            State::Stateless
         }
+        Objective::Method(m) => {
+            m.validate()?;
+            State::Stateless
+        }
+        Objective::BetaDpo {
+            beta0,
+            a,
+            keep_fraction,
+            momentum,
+            seed,
+        } => {
+            if sft_weight != 0.0 {
+                return Err(Error::Config(
+                    "β-DPO averages its loss over the pairs its filter keeps; an SFT term is not supported with it".into(),
+                ));
+            }
+            State::BetaDpo(
+                BetaDpo::new(beta0, a, keep_fraction, momentum)?,
+                Uniform(seed),
+            )
+        }
+        Objective::TrDpo { beta, alpha, tau } => {
+            positive("beta", beta)?;
+            if !(alpha > 0.0 && alpha <= 1.0) || tau == 0 {
+                return Err(Error::Config(format!(
+                    "TR-DPO needs 0 < alpha ≤ 1 and tau ≥ 1 (got {alpha}, {tau})"
+                )));
+            }
+            State::TrDpo { updates: 0 }
+        }
+    })
+}
+
+/// A seeded uniform source for β-DPO's filter (SplitMix64).
+struct Uniform(u64);
+
+impl Uniform {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 }
 
@@ -179,6 +394,8 @@ fn evaluate(
 pub struct TrainerConfig {
     /// The objective.
     pub objective: Objective,
+    /// Weight of the SFT term `−lw/|y_w|` added to the objective (0: none).
+    pub sft_weight: f64,
     /// AdamW hyper-parameters.
     pub adamw: AdamWConfig,
     /// Learning-rate schedule.
@@ -198,24 +415,27 @@ pub struct StepReport {
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Base β before the step's update (ε-DPO) or the fixed β (DPO).
+    /// Base β before the step's update (ε-DPO), the batch β (β-DPO, last micro-batch), or the
+    /// fixed β; NaN for objectives without one.
     pub beta: f64,
     /// Base β after the update.
     pub next_beta: f64,
+    /// ε-DPO's step of every pair, in micro-batch order (empty for other objectives).
+    pub pair_steps: Vec<i8>,
     /// Statistics averaged over micro-batches (`kl/avg_steps` is over all pairs).
     pub stats: Vec<(&'static str, f64)>,
 }
 
-/// Policy, frozen reference and optimizer state.
+/// Policy, reference and optimizer state.
 pub struct Trainer {
     /// The policy being trained.
     pub policy: CausalLm,
-    /// The frozen reference.
+    /// The reference (frozen, except for TR-DPO's scheduled updates).
     pub reference: CausalLm,
     config: TrainerConfig,
     optimizer: AdamW,
     grads: GradBuffers,
-    beta_state: Option<EpsilonBeta>,
+    state: State,
     step: usize,
 }
 
@@ -227,15 +447,7 @@ impl Trainer {
                 "the policy has no trainable parameters".into(),
             ));
         }
-        let beta_state = match config.objective {
-            Objective::EpsilonDpo { beta, epsilon } => Some(EpsilonBeta::new(beta, epsilon)?),
-            Objective::Dpo { beta } if beta > 0.0 && beta.is_finite() => None,
-            Objective::Dpo { beta } => {
-                return Err(Error::Config(format!(
-                    "beta = {beta}: must be positive and finite"
-                )))
-            }
-        };
+        let state = initial_state(&config.objective, config.sft_weight)?;
         let optimizer = AdamW::new(policy.params(), config.adamw);
         let grads = GradBuffers::new(policy.params());
         Ok(Self {
@@ -244,47 +456,120 @@ impl Trainer {
             config,
             optimizer,
             grads,
-            beta_state,
+            state,
             step: 0,
         })
     }
 
-    /// The current base β (ε-DPO) or the fixed β (DPO).
+    /// Checks an objective's parameters without building a trainer (for config validation).
+    pub fn check_objective(objective: &Objective, sft_weight: f64) -> Result<()> {
+        initial_state(objective, sft_weight).map(|_| ())
+    }
+
+    /// The current base β (ε-DPO), β₀ (β-DPO), the fixed β, or NaN for objectives without one.
     pub fn beta(&self) -> f64 {
-        match (&self.beta_state, self.config.objective) {
-            (Some(s), _) => s.beta(),
-            (None, Objective::Dpo { beta } | Objective::EpsilonDpo { beta, .. }) => beta,
+        match (&self.state, self.config.objective) {
+            (State::Epsilon(s), _) => s.beta(),
+            (
+                _,
+                Objective::Dpo { beta }
+                | Objective::EpsilonDpo { beta, .. }
+                | Objective::TrDpo { beta, .. },
+            ) => beta,
+            (_, Objective::BetaDpo { beta0, .. }) => beta0,
+            (_, Objective::Method(m)) => m.beta().unwrap_or(f64::NAN),
+        }
+    }
+
+    /// TR-DPO reference updates made so far.
+    pub fn reference_updates(&self) -> usize {
+        match self.state {
+            State::TrDpo { updates } => updates,
+            _ => 0,
+        }
+    }
+
+    /// Evaluates the objective on one micro-batch's scores.
+    fn objective(&mut self, scores: &PairScores) -> Result<(ObjectiveOutput, Vec<i8>)> {
+        let sft = self.config.sft_weight;
+        match (self.config.objective, &mut self.state) {
+            (Objective::Dpo { beta } | Objective::TrDpo { beta, .. }, _) => Ok((
+                objectives::evaluate(&Method::Dpo { beta }, &scores.inputs(), sft)?,
+                Vec::new(),
+            )),
+            (Objective::Method(m), _) => {
+                Ok((objectives::evaluate(&m, &scores.inputs(), sft)?, Vec::new()))
+            }
+            (Objective::EpsilonDpo { epsilon, .. }, State::Epsilon(state)) => {
+                let ratios = scores
+                    .ratios
+                    .as_deref()
+                    .ok_or_else(|| Error::Config("ε-DPO needs the perturbed log-ratios".into()))?;
+                let (mut out, steps) =
+                    objectives::epsilon_dpo(&scores.logps(), ratios, state.beta(), epsilon)?;
+                add_sft(&mut out, &scores.policy_chosen, &scores.chosen_lengths, sft)?;
+                state.record(&steps);
+                Ok((out, steps))
+            }
+            (Objective::BetaDpo { .. }, State::BetaDpo(state, rng)) => {
+                let (out, _report) = state.step(&scores.logps(), &mut || rng.next())?;
+                Ok((out, Vec::new()))
+            }
+            _ => Err(Error::Config("objective and its state disagree".into())),
         }
     }
 
     /// Forward and backward over each micro-batch, then clip, step and update β.
+    pub fn train_step(&mut self, micro_batches: &[Vec<TokenizedPair>]) -> Result<StepReport> {
+        self.train_step_with_reference(micro_batches, None)
+    }
+
+    /// As [`Trainer::train_step`], with reference log-probs computed before training (one
+    /// `[chosen, rejected]` per pair of each micro-batch) standing in for the reference forward
+    /// pass, where the objective accepts them.
+    ///
     /// The loss of the step is the mean over micro-batches of their mean losses, as a
     /// gradient-accumulating trainer that divides each micro-batch loss by their number.
-    pub fn train_step(&mut self, micro_batches: &[Vec<TokenizedPair>]) -> Result<StepReport> {
+    pub fn train_step_with_reference(
+        &mut self,
+        micro_batches: &[Vec<TokenizedPair>],
+        precomputed: Option<&[Vec<[f64; 2]>]>,
+    ) -> Result<StepReport> {
         if micro_batches.is_empty() || micro_batches.iter().any(Vec::is_empty) {
             return Err(Error::Config(
                 "a training step needs non-empty micro-batches".into(),
             ));
         }
+        let objective = self.config.objective;
+        if precomputed.is_some() && !objective.accepts_precomputed_reference() {
+            return Err(Error::Config(
+                "this objective cannot use precomputed reference log-probs".into(),
+            ));
+        }
         let k = micro_batches.len() as f64;
-        let epsilon = match self.config.objective {
+        let epsilon = match objective {
             Objective::EpsilonDpo { epsilon, .. } => Some(epsilon),
-            Objective::Dpo { .. } => None,
+            _ => None,
         };
         let beta_before = self.beta();
         self.grads.zero();
         let mut loss = 0.0;
+        let mut pair_steps = Vec::new();
+        let mut batch_beta = beta_before;
         let mut stats: Vec<(&'static str, f64)> = Vec::new();
-        for pairs in micro_batches {
-            let fwd = forward(&self.policy, &self.reference, pairs, epsilon)?;
-            let (out, steps) = evaluate(
-                &self.config.objective,
-                self.beta_state.as_ref(),
-                &fwd.scores,
-            )?;
+        for (m, pairs) in micro_batches.iter().enumerate() {
+            let reference = match (objective.needs_reference(), precomputed) {
+                (false, _) => ReferenceSource::None,
+                (true, Some(p)) => ReferenceSource::Precomputed(&p[m]),
+                (true, None) => ReferenceSource::Model(&self.reference),
+            };
+            let kl = objective.needs_kl_logratios().then_some(&self.reference);
+            let fwd = forward(&self.policy, reference, pairs, epsilon, kl)?;
+            let (out, steps) = self.objective(&fwd.scores)?;
             ensure_finite(out.loss(), "loss", self.step)?;
-            if let (Some(state), Some(steps)) = (self.beta_state.as_mut(), steps) {
-                state.record(&steps);
+            pair_steps.extend(steps);
+            if let Some(b) = out.stat("beta/mean") {
+                batch_beta = b;
             }
             // Surrogate whose gradient is ∂(loss / k)/∂θ.
             let coef: Vec<f32> = out
@@ -312,19 +597,36 @@ impl Trainer {
         let scale = GradBuffers::clip_factor(grad_norm, self.config.max_grad_norm);
         self.optimizer
             .step(self.policy.params(), &self.grads, lr, scale)?;
-        if let Some(state) = self.beta_state.as_mut() {
-            let mean_step = state.update();
-            if let Some(s) = stats.iter_mut().find(|(n, _)| *n == "kl/avg_steps") {
-                s.1 = mean_step;
+        match &mut self.state {
+            State::Epsilon(state) => {
+                let mean_step = state.update();
+                if let Some(s) = stats.iter_mut().find(|(n, _)| *n == "kl/avg_steps") {
+                    s.1 = mean_step;
+                }
             }
+            State::TrDpo { updates } => {
+                if let Objective::TrDpo { alpha, tau, .. } = objective {
+                    if (self.step + 1) % tau == 0 {
+                        self.reference.blend_from(&self.policy, alpha)?;
+                        *updates += 1;
+                    }
+                    stats.push(("tr_dpo/reference_updates", *updates as f64));
+                }
+            }
+            State::Stateless | State::BetaDpo(..) => {}
         }
         let report = StepReport {
             step: self.step,
             lr,
             loss,
             grad_norm,
-            beta: beta_before,
+            beta: if matches!(objective, Objective::BetaDpo { .. }) {
+                batch_beta
+            } else {
+                beta_before
+            },
             next_beta: self.beta(),
+            pair_steps,
             stats,
         };
         self.step += 1;

@@ -207,6 +207,7 @@ fn trace_config(golden: &Value, objective: Objective) -> TrainerConfig {
     let s = &golden["trace"]["settings"];
     TrainerConfig {
         objective,
+        sft_weight: 0.0,
         adamw: AdamWConfig {
             beta1: f(&s["betas"][0]),
             beta2: f(&s["betas"][1]),

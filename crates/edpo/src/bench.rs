@@ -85,6 +85,7 @@ fn measure(objective: Objective, steps: usize) -> Result<f64> {
     let reference = policy.frozen_copy()?;
     let config = TrainerConfig {
         objective,
+        sft_weight: 0.0,
         adamw: AdamWConfig::default(),
         schedule: Schedule {
             peak_lr: 1e-5,

@@ -5,8 +5,10 @@
 //! the key.
 
 use anyhow::{anyhow, bail, Context, Result};
+use edpo_train::Objective;
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The task section as written.
@@ -37,14 +39,28 @@ pub struct RawModel {
     n_head: Option<usize>,
 }
 
-/// The objective section as written.
+/// The objective section as written: `kind` and the parameters of that kind.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawObjective {
-    /// DPO.
-    Dpo { beta: f64 },
-    /// ε-DPO.
-    EpsilonDpo { beta: f64, epsilon: f64 },
+#[serde(deny_unknown_fields)]
+pub struct RawObjective {
+    kind: String,
+    beta: Option<f64>,
+    epsilon: Option<f64>,
+    label_smoothing: Option<f64>,
+    average: Option<bool>,
+    delta: Option<f64>,
+    lambda: Option<f64>,
+    gamma_ratio: Option<f64>,
+    alpha: Option<f64>,
+    desirable_weight: Option<f64>,
+    undesirable_weight: Option<f64>,
+    beta0: Option<f64>,
+    a: Option<f64>,
+    keep_fraction: Option<f64>,
+    momentum: Option<f64>,
+    tau: Option<usize>,
+    sft_weight: Option<f64>,
+    reference_logps: Option<String>,
 }
 
 /// The optimisation section as written.
@@ -123,12 +139,246 @@ pub struct ModelShape {
     pub n_head: usize,
 }
 
-/// The resolved objective.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ObjectiveConfig {
-    Dpo { beta: f64 },
-    EpsilonDpo { beta: f64, epsilon: f64 },
+/// The resolved objective: its kind, every parameter of that kind (defaults filled), the SFT
+/// weight, and where reference log-probs come from (`online`: a reference forward pass every
+/// step; `cached`: computed once per dataset and reference, for objectives that allow it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ObjectiveConfig {
+    pub kind: String,
+    #[serde(flatten)]
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub sft_weight: f64,
+    pub reference_logps: String,
+}
+
+/// A parameter's name and default (`None`: required).
+type ParamSpec = (&'static str, Option<f64>);
+
+/// Parameters of each objective kind.
+const OBJECTIVES: &[(&str, &[ParamSpec])] = &[
+    ("dpo", &[("beta", None)]),
+    ("epsilon_dpo", &[("beta", None), ("epsilon", None)]),
+    ("cdpo", &[("beta", None), ("label_smoothing", Some(0.1))]),
+    ("rdpo", &[("beta", None), ("label_smoothing", Some(0.1))]),
+    ("ipo", &[("beta", None)]),
+    ("hinge", &[("beta", None)]),
+    ("slic", &[("delta", Some(1.0)), ("lambda", Some(0.1))]),
+    ("simpo", &[("beta", Some(2.0)), ("gamma_ratio", Some(0.5))]),
+    ("rdpo_len", &[("beta", None), ("alpha", Some(0.2))]),
+    ("cpo", &[("beta", Some(0.1)), ("lambda", Some(1.0))]),
+    ("orpo", &[("lambda", Some(0.1))]),
+    (
+        "kto",
+        &[
+            ("beta", None),
+            ("desirable_weight", Some(1.0)),
+            ("undesirable_weight", Some(1.0)),
+        ],
+    ),
+    (
+        "beta_dpo",
+        &[
+            ("beta0", Some(0.1)),
+            ("a", Some(0.6)),
+            ("keep_fraction", Some(0.8)),
+            ("momentum", Some(0.9)),
+        ],
+    ),
+    (
+        "tr_dpo",
+        &[("beta", None), ("alpha", Some(0.6)), ("tau", Some(8.0))],
+    ),
+];
+
+impl RawObjective {
+    fn given(&self) -> Vec<(&'static str, Option<f64>)> {
+        vec![
+            ("beta", self.beta),
+            ("epsilon", self.epsilon),
+            ("label_smoothing", self.label_smoothing),
+            ("delta", self.delta),
+            ("lambda", self.lambda),
+            ("gamma_ratio", self.gamma_ratio),
+            ("alpha", self.alpha),
+            ("desirable_weight", self.desirable_weight),
+            ("undesirable_weight", self.undesirable_weight),
+            ("beta0", self.beta0),
+            ("a", self.a),
+            ("keep_fraction", self.keep_fraction),
+            ("momentum", self.momentum),
+            ("tau", self.tau.map(|t| t as f64)),
+        ]
+    }
+
+    fn resolve(self) -> Result<ObjectiveConfig> {
+        let names: Vec<&str> = OBJECTIVES.iter().map(|(k, _)| *k).collect();
+        let Some((kind, spec)) = OBJECTIVES.iter().find(|(k, _)| *k == self.kind) else {
+            bail!(
+                "key `objective.kind`: unknown objective `{}` (one of {})",
+                self.kind,
+                names.join(", ")
+            );
+        };
+        let allowed: Vec<&str> = spec.iter().map(|(n, _)| *n).collect();
+        let mut params = BTreeMap::new();
+        for (name, value) in self.given() {
+            let Some(v) = value else { continue };
+            if !allowed.contains(&name) {
+                bail!(
+                    "key `objective.{name}`: not a parameter of `{kind}` (its parameters: {})",
+                    allowed.join(", ")
+                );
+            }
+            check(
+                v.is_finite(),
+                &format!("objective.{name}"),
+                "must be a finite number",
+            )?;
+            params.insert(name.to_string(), v);
+        }
+        for (name, default) in spec.iter() {
+            if !params.contains_key(*name) {
+                match default {
+                    Some(d) => {
+                        params.insert((*name).to_string(), *d);
+                    }
+                    None => bail!("key `objective.{name}`: required by `{kind}`"),
+                }
+            }
+        }
+        let mut out: BTreeMap<String, serde_json::Value> = params
+            .into_iter()
+            .map(|(k, v)| {
+                let value = if k == "tau" {
+                    serde_json::json!(v as u64)
+                } else {
+                    serde_json::json!(v)
+                };
+                (k, value)
+            })
+            .collect();
+        if *kind == "ipo" {
+            out.insert(
+                "average".into(),
+                serde_json::json!(self.average.unwrap_or(true)),
+            );
+        } else if self.average.is_some() {
+            bail!(
+                "key `objective.average`: not a parameter of `{kind}` (its parameters: {})",
+                allowed.join(", ")
+            );
+        }
+        let sft_weight = self.sft_weight.unwrap_or(0.0);
+        check(
+            sft_weight >= 0.0 && sft_weight.is_finite(),
+            "objective.sft_weight",
+            "must be non-negative",
+        )?;
+        let reference_logps = self.reference_logps.unwrap_or_else(|| "online".into());
+        check(
+            matches!(reference_logps.as_str(), "online" | "cached"),
+            "objective.reference_logps",
+            format!("`{reference_logps}` is not one of online, cached"),
+        )?;
+        let resolved = ObjectiveConfig {
+            kind: (*kind).to_string(),
+            params: out,
+            sft_weight,
+            reference_logps,
+        };
+        let objective = resolved.to_objective(0)?;
+        if resolved.reference_logps == "cached" && !objective.accepts_precomputed_reference() {
+            bail!("key `objective.reference_logps`: `{kind}` cannot use cached reference log-probs (it needs the reference model every step, or no reference at all)");
+        }
+        // Range checks live with the objectives; run them now so a bad value fails before any run.
+        edpo_train::Trainer::check_objective(&objective, sft_weight).map_err(|e| match e {
+            edpo_train::Error::Objective(edpo_objectives::Error::Parameter {
+                name,
+                value,
+                message,
+            }) => {
+                anyhow!("key `objective.{name}`: {value} {message}")
+            }
+            other => anyhow!("key `objective`: {other}"),
+        })?;
+        Ok(resolved)
+    }
+}
+
+impl ObjectiveConfig {
+    fn get(&self, name: &str) -> f64 {
+        self.params
+            .get(name)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    }
+
+    /// The trainer's objective; `seed` seeds β-DPO's filter.
+    pub fn to_objective(&self, seed: u64) -> Result<Objective> {
+        use edpo_objectives::Method as M;
+        let g = |n: &str| self.get(n);
+        Ok(match self.kind.as_str() {
+            "dpo" => Objective::Dpo { beta: g("beta") },
+            "epsilon_dpo" => Objective::EpsilonDpo {
+                beta: g("beta"),
+                epsilon: g("epsilon"),
+            },
+            "cdpo" => Objective::Method(M::Cdpo {
+                beta: g("beta"),
+                label_smoothing: g("label_smoothing"),
+            }),
+            "rdpo" => Objective::Method(M::Rdpo {
+                beta: g("beta"),
+                label_smoothing: g("label_smoothing"),
+            }),
+            "ipo" => Objective::Method(M::Ipo {
+                beta: g("beta"),
+                average: self
+                    .params
+                    .get("average")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(true),
+            }),
+            "hinge" => Objective::Method(M::Hinge { beta: g("beta") }),
+            "slic" => Objective::Method(M::Slic {
+                delta: g("delta"),
+                lambda: g("lambda"),
+            }),
+            "simpo" => Objective::Method(M::Simpo {
+                beta: g("beta"),
+                gamma_ratio: g("gamma_ratio"),
+            }),
+            "rdpo_len" => Objective::Method(M::RdpoLen {
+                beta: g("beta"),
+                alpha: g("alpha"),
+            }),
+            "cpo" => Objective::Method(M::Cpo {
+                beta: g("beta"),
+                lambda: g("lambda"),
+            }),
+            "orpo" => Objective::Method(M::Orpo {
+                lambda: g("lambda"),
+            }),
+            "kto" => Objective::Method(M::Kto {
+                beta: g("beta"),
+                desirable_weight: g("desirable_weight"),
+                undesirable_weight: g("undesirable_weight"),
+            }),
+            "beta_dpo" => Objective::BetaDpo {
+                beta0: g("beta0"),
+                a: g("a"),
+                keep_fraction: g("keep_fraction"),
+                momentum: g("momentum"),
+                seed,
+            },
+            "tr_dpo" => Objective::TrDpo {
+                beta: g("beta"),
+                alpha: g("alpha"),
+                tau: g("tau") as usize,
+            },
+            other => bail!("unknown objective `{other}`"),
+        })
+    }
 }
 
 /// The resolved optimisation settings.
@@ -261,29 +511,7 @@ impl RawConfig {
             ),
         )?;
         check(model.n_layer >= 1, "model.n_layer", "must be at least 1")?;
-        let objective = match self.objective {
-            RawObjective::Dpo { beta } => {
-                check(
-                    beta > 0.0 && beta.is_finite(),
-                    "objective.beta",
-                    "must be positive",
-                )?;
-                ObjectiveConfig::Dpo { beta }
-            }
-            RawObjective::EpsilonDpo { beta, epsilon } => {
-                check(
-                    beta > 0.0 && beta.is_finite(),
-                    "objective.beta",
-                    "must be positive",
-                )?;
-                check(
-                    epsilon > 0.0 && epsilon < 1.0,
-                    "objective.epsilon",
-                    "must lie in (0, 1)",
-                )?;
-                ObjectiveConfig::EpsilonDpo { beta, epsilon }
-            }
-        };
+        let objective = self.objective.resolve()?;
         let o = self.optim;
         let optim = OptimConfig {
             lr: o.lr.unwrap_or(1e-3),

@@ -134,7 +134,7 @@ fn run(cli: Cli) -> Result<()> {
             let shared = sweep::SharedTasks::new(&out.join("cache"));
             let data = shared.get(&cfg)?;
             let bar = indicatif::ProgressBar::new(0);
-            match sweep::run_one(&cfg, &dir, &data, &bar)? {
+            match sweep::run_one(&cfg, &dir, &data, shared.cache(), &bar)? {
                 sweep::Outcome::Skipped => eprintln!("already completed: {}", dir.display()),
                 sweep::Outcome::Completed => eprintln!("completed: {}", dir.display()),
                 sweep::Outcome::Failed(m) => bail!("run failed ({}): {m}", dir.display()),

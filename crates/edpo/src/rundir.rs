@@ -76,6 +76,15 @@ impl RunDir {
     pub fn start(path: &Path, hash: &str, config_yaml: &str) -> Result<Self> {
         std::fs::create_dir_all(path)
             .with_context(|| format!("cannot create {}", path.display()))?;
+        // Temporary files left by a process killed mid-write are never read; clear them.
+        for entry in std::fs::read_dir(path)
+            .with_context(|| format!("cannot list {}", path.display()))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().contains(".tmp-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         for stale in ["metrics.jsonl", "eval.json"] {
             let p = path.join(stale);
             if p.exists() {

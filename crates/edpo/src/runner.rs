@@ -2,8 +2,9 @@
 //! (schedule → periodic evaluation → forward/backward → clip → step → log), then the final
 //! evaluation. Metrics go to the run directory, never to the log.
 
-use crate::config::{ObjectiveConfig, RunConfig};
+use crate::config::RunConfig;
 use crate::rundir::RunDir;
+use crate::stages::StageCache;
 use crate::task::TaskData;
 use anyhow::Result;
 use candle_core::Device;
@@ -12,17 +13,8 @@ use edpo_data::TokenizedPair;
 use edpo_eval::{mean_and_stderr, sample, sequence_kl, win_rate, SamplingSettings};
 use edpo_model::CausalLm;
 use edpo_objectives::PairLogps;
-use edpo_train::{
-    score_pairs, AdamWConfig, Objective, Schedule, ScheduleKind, Trainer, TrainerConfig,
-};
+use edpo_train::{score_pairs, AdamWConfig, Schedule, ScheduleKind, Trainer, TrainerConfig};
 use serde_json::{json, Map, Value};
-
-fn objective(cfg: &ObjectiveConfig) -> Objective {
-    match *cfg {
-        ObjectiveConfig::Dpo { beta } => Objective::Dpo { beta },
-        ObjectiveConfig::EpsilonDpo { beta, epsilon } => Objective::EpsilonDpo { beta, epsilon },
-    }
-}
 
 /// Number of optimizer steps a config takes over `n_pairs` training pairs (the last partial
 /// batch of an epoch is dropped).
@@ -97,11 +89,13 @@ pub fn evaluate(
 pub fn run(
     cfg: &RunConfig,
     data: &TaskData,
+    cache: &StageCache,
     dir: &mut RunDir,
     progress: &indicatif::ProgressBar,
 ) -> Result<Value> {
     let policy = CausalLm::load(&data.reference_dir, &Device::Cpu, true)?;
     let reference = CausalLm::load(&data.reference_dir, &Device::Cpu, false)?;
+    let original_reference = reference.frozen_copy()?;
     let steps = total_steps(cfg, data.train.len());
     let o = &cfg.optim;
     let schedule = Schedule {
@@ -118,7 +112,8 @@ pub fn run(
         policy,
         reference,
         TrainerConfig {
-            objective: objective(&cfg.objective),
+            objective: cfg.objective.to_objective(cfg.run.seed)?,
+            sft_weight: cfg.objective.sft_weight,
             adamw: AdamWConfig {
                 beta1: o.adam_beta1,
                 beta2: o.adam_beta2,
@@ -129,13 +124,18 @@ pub fn run(
             max_grad_norm: o.max_grad_norm,
         },
     )?;
+    let precomputed = match cfg.objective.reference_logps.as_str() {
+        "cached" => Some(data.cached_reference_logps(cache)?),
+        _ => None,
+    };
+    let reference_forwards_before = trainer.reference.forward_count();
     let mut order: Vec<usize> = Vec::new();
     let mut rng = Rng(cfg.run.seed ^ 0xDA7A);
     let per_step = o.batch_size * o.grad_accum;
     progress.set_length(steps as u64);
     for step in 0..steps {
         if cfg.eval.every > 0 && step > 0 && step % cfg.eval.every == 0 {
-            let mut record = evaluate(&trainer.policy, &trainer.reference, data, cfg)?;
+            let mut record = evaluate(&trainer.policy, &original_reference, data, cfg)?;
             let mut line = Map::new();
             line.insert("step".into(), json!(step));
             for (k, v) in record.iter_mut() {
@@ -156,7 +156,16 @@ pub fn run(
             .chunks(o.batch_size)
             .map(|c| c.iter().map(|&i| data.train[i].tokenized()).collect())
             .collect();
-        let report = trainer.train_step(&micro)?;
+        let report = match &precomputed {
+            Some(values) => {
+                let per_micro: Vec<Vec<[f64; 2]>> = taken
+                    .chunks(o.batch_size)
+                    .map(|c| c.iter().map(|&i| values[i]).collect())
+                    .collect();
+                trainer.train_step_with_reference(&micro, Some(&per_micro))?
+            }
+            None => trainer.train_step(&micro)?,
+        };
         dir.set_steps_done(step + 1);
         if step % cfg.run.log_every == 0 || step + 1 == steps {
             let mut line = Map::new();
@@ -171,12 +180,37 @@ pub fn run(
             }
             let p_true: Vec<f64> = taken.iter().map(|&i| data.train[i].p_true).collect();
             line.insert("data/p_true".into(), json!(mean_and_stderr(&p_true).0));
+            if !report.pair_steps.is_empty() {
+                // ε-DPO's decisions against label confusion: mean true preference probability
+                // of the pairs it relaxed, strengthened and left alone.
+                for (name, s) in [("relaxed", 1i8), ("strengthened", -1), ("kept", 0)] {
+                    let p: Vec<f64> = taken
+                        .iter()
+                        .zip(&report.pair_steps)
+                        .filter(|(_, &x)| x == s)
+                        .map(|(&i, _)| data.train[i].p_true)
+                        .collect();
+                    if !p.is_empty() {
+                        line.insert(format!("kl/p_true_{name}"), json!(mean_and_stderr(&p).0));
+                    }
+                }
+            }
             dir.log(&Value::Object(line))?;
         }
         progress.inc(1);
     }
-    let mut eval = evaluate(&trainer.policy, &trainer.reference, data, cfg)?;
+    let reference_forwards = trainer.reference.forward_count() - reference_forwards_before;
+    // Always judged against the original reference, which TR-DPO's updates have moved away from.
+    let mut eval = evaluate(&trainer.policy, &original_reference, data, cfg)?;
     eval.insert("steps".into(), json!(steps));
+    eval.insert(
+        "training_reference_forward_passes".into(),
+        json!(reference_forwards),
+    );
+    eval.insert(
+        "reference_updates".into(),
+        json!(trainer.reference_updates()),
+    );
     eval.insert("final_beta".into(), json!(trainer.beta()));
     Ok(Value::Object(eval))
 }

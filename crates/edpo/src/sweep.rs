@@ -45,6 +45,7 @@ pub fn run_one(
     config: &RunConfig,
     dir: &Path,
     data: &TaskData,
+    cache: &StageCache,
     progress: &indicatif::ProgressBar,
 ) -> Result<Outcome> {
     if is_complete(dir, config) {
@@ -53,7 +54,7 @@ pub fn run_one(
     let mut rundir = RunDir::start(dir, &config.hash(), &config.to_yaml()?)?;
     let span = tracing::info_span!("run", hash = %config.hash());
     let _enter = span.enter();
-    match crate::runner::run(config, data, &mut rundir, progress) {
+    match crate::runner::run(config, data, cache, &mut rundir, progress) {
         Ok(eval) => {
             rundir.complete(&eval)?;
             Ok(Outcome::Completed)
@@ -82,6 +83,11 @@ impl SharedTasks {
             cache: StageCache::new(cache_dir),
             prepared: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The stage cache.
+    pub fn cache(&self) -> &StageCache {
+        &self.cache
     }
 
     /// The task data of `config`, prepared at most once per process.
@@ -132,7 +138,7 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, O
                 let quiet = indicatif::ProgressBar::hidden();
                 let outcome = shared
                     .get(&r.config)
-                    .and_then(|data| run_one(&r.config, &dir, &data, &quiet))
+                    .and_then(|data| run_one(&r.config, &dir, &data, shared.cache(), &quiet))
                     .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
                 match &outcome {
                     Outcome::Skipped => {

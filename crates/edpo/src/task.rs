@@ -63,6 +63,45 @@ pub struct TaskData {
     pub eval_prompts: Vec<Vec<u32>>,
     /// Sampling settings used to build the pairs (and the maximum response length).
     pub response_tokens: usize,
+    /// What the pairs stage depends on (reference, data, tokenizer), for stages built on it.
+    pub pairs_key: serde_json::Value,
+}
+
+impl TaskData {
+    /// Reference log-probs `[chosen, rejected]` of every training pair, computed once per
+    /// reference and dataset and cached as a stage of its own: a different reference, data or
+    /// tokenisation has a different key and so a different cache entry.
+    pub fn cached_reference_logps(&self, cache: &StageCache) -> Result<Vec<[f64; 2]>> {
+        let key = json!({"stage": "reference-logps", "pairs": self.pairs_key});
+        let (dir, built) = cache.get_or_build("reference-logps", &key, |dir| {
+            let reference = CausalLm::load(&self.reference_dir, &Device::Cpu, false)?;
+            let pairs: Vec<TokenizedPair> =
+                self.train.iter().map(LabelledPair::tokenized).collect();
+            let values = edpo_train::reference_logps(&reference, &pairs, 32)?;
+            std::fs::write(
+                dir.join("reference_logps.json"),
+                serde_json::to_string(&values)?,
+            )?;
+            Ok(())
+        })?;
+        if built {
+            tracing::info!(dir = %dir.display(), "computed reference log-probs");
+        }
+        let path = dir.join("reference_logps.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let values: Vec<[f64; 2]> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: malformed", path.display()))?;
+        if values.len() != self.train.len() {
+            bail!(
+                "{}: {} values for {} pairs",
+                path.display(),
+                values.len(),
+                self.train.len()
+            );
+        }
+        Ok(values)
+    }
 }
 
 fn model_config(task: &TaskConfig, shape: &ModelShape) -> (ModelConfig, serde_json::Value) {
@@ -213,9 +252,9 @@ pub fn prepare(task: &TaskConfig, shape: &ModelShape, cache: &StageCache) -> Res
     if built {
         tracing::info!(dir = %reference_dir.display(), "built reference");
     }
-    let pair_key = json!({"stage": "synthetic-pairs", "reference": ref_key, "train_pairs": task.train_pairs,
+    let pairs_key = json!({"stage": "synthetic-pairs", "reference": ref_key, "train_pairs": task.train_pairs,
         "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts, "bt_temperature": task.bt_temperature});
-    let (pairs_dir, _) = cache.get_or_build("pairs", &pair_key, |dir| {
+    let (pairs_dir, _) = cache.get_or_build("pairs", &pairs_key, |dir| {
         let reference = CausalLm::load(&reference_dir, &Device::Cpu, false)?;
         let train = sample_pairs(
             &lang,
@@ -241,5 +280,6 @@ pub fn prepare(task: &TaskConfig, shape: &ModelShape, cache: &StageCache) -> Res
         eval_pairs: read_jsonl(&pairs_dir.join("eval_pairs.jsonl"))?,
         eval_prompts: read_jsonl(&pairs_dir.join("eval_prompts.jsonl"))?,
         response_tokens: task.response_tokens,
+        pairs_key,
     })
 }
