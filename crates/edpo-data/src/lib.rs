@@ -10,6 +10,8 @@
 //!
 //! This crate depends on no model code; the model crate consumes token ids only.
 
+pub mod bpe;
+pub mod snippets;
 pub mod synthetic;
 
 use serde_json::Value;

@@ -17,6 +17,8 @@ pub struct SequenceKl {
     pub exact: Vec<f64>,
     /// Sampled estimator of each response.
     pub sampled: Vec<f64>,
+    /// Policy entropy summed over each response's positions.
+    pub entropy: Vec<f64>,
 }
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
@@ -46,6 +48,7 @@ pub fn sequence_kl(
         .to_vec2::<f32>()?;
     let mut exact = vec![0.0; batch.batch];
     let mut sampled = vec![0.0; batch.batch];
+    let mut entropy = vec![0.0; batch.batch];
     for (i, (pr, qr)) in p.iter().zip(&q).enumerate() {
         let (lp, lq) = (log_softmax(pr), log_softmax(qr));
         let kl: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
@@ -53,6 +56,11 @@ pub fn sequence_kl(
         exact[b] += kl.max(0.0);
         let t = batch.targets[i] as usize;
         sampled[b] += lp[t] - lq[t];
+        entropy[b] -= lp.iter().map(|a| a.exp() * a).sum::<f64>();
     }
-    Ok(SequenceKl { exact, sampled })
+    Ok(SequenceKl {
+        exact,
+        sampled,
+        entropy,
+    })
 }

@@ -9,6 +9,7 @@
 //! Depends on `edpo-model` for forward passes; knows nothing of objectives, files or configs.
 //! Gold rewards are passed in as functions, so the same code serves every task.
 
+pub mod gold;
 pub mod kl;
 pub mod sampling;
 pub mod stats;

@@ -28,6 +28,23 @@ pub enum RawTask {
         sft_steps: Option<usize>,
         seed: Option<u64>,
     },
+    /// Controlled sentiment generation on real movie-review snippets with human ratings.
+    Sentiment {
+        data: Option<String>,
+        sha256: Option<String>,
+        lexicon: Option<String>,
+        vocab_size: Option<usize>,
+        prompt_words_min: Option<usize>,
+        prompt_words_max: Option<usize>,
+        response_tokens: Option<usize>,
+        train_pairs: Option<usize>,
+        eval_pairs: Option<usize>,
+        eval_prompts: Option<usize>,
+        bt_temperature: Option<f64>,
+        pretrain_steps: Option<usize>,
+        gold_buckets: Option<usize>,
+        seed: Option<u64>,
+    },
 }
 
 /// The model section as written (a small GPT-2 trained from scratch as the reference).
@@ -117,8 +134,7 @@ pub struct RawConfig {
 
 /// The resolved synthetic task.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TaskConfig {
-    pub kind: String,
+pub struct SyntheticTask {
     pub vocab: usize,
     pub sharpness: f64,
     pub prompt_tokens: usize,
@@ -130,6 +146,50 @@ pub struct TaskConfig {
     pub sft_steps: usize,
     pub seed: u64,
 }
+
+/// The resolved sentiment task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SentimentTask {
+    /// The snippets file (TSV: id, mean rating, text).
+    pub data: String,
+    /// Its expected SHA-256 (`None`: not checked).
+    pub sha256: Option<String>,
+    /// The VADER lexicon, for the second judge.
+    pub lexicon: String,
+    /// BPE vocabulary size, EOS included.
+    pub vocab_size: usize,
+    /// Prompts are the first `prompt_words_min..=prompt_words_max` words of a snippet.
+    pub prompt_words_min: usize,
+    pub prompt_words_max: usize,
+    /// Maximum response length in tokens, EOS included.
+    pub response_tokens: usize,
+    pub train_pairs: usize,
+    pub eval_pairs: usize,
+    pub eval_prompts: usize,
+    /// τ of the Bradley–Terry labels, in rating units.
+    pub bt_temperature: f64,
+    /// Optimizer steps of the reference LM's pre-training.
+    pub pretrain_steps: usize,
+    /// Hash buckets of the gold model's n-gram features.
+    pub gold_buckets: usize,
+    pub seed: u64,
+}
+
+/// The resolved task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskConfig {
+    Synthetic(SyntheticTask),
+    Sentiment(SentimentTask),
+}
+
+/// The snippets shipped in `datasets/` and their recorded checksum.
+pub const SNIPPETS_PATH: &str = "datasets/movie-snippets/movieReviewSnippets_GroundTruth.txt";
+/// SHA-256 of the snippets file as `vaderSentiment` 3.3.2 ships it.
+pub const SNIPPETS_SHA256: &str =
+    "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350";
+/// The VADER lexicon shipped in `datasets/`.
+pub const LEXICON_PATH: &str = "datasets/movie-snippets/vader_lexicon.txt";
 
 /// The resolved model shape.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -433,10 +493,9 @@ fn check(ok: bool, key: &str, message: impl std::fmt::Display) -> Result<()> {
     }
 }
 
-impl RawConfig {
-    /// Fills defaults and validates every value.
-    pub fn resolve(self) -> Result<RunConfig> {
-        let RawTask::Synthetic {
+fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
+    Ok(match raw {
+        RawTask::Synthetic {
             vocab,
             sharpness,
             prompt_tokens,
@@ -447,60 +506,148 @@ impl RawConfig {
             bt_temperature,
             sft_steps,
             seed,
-        } = self.task;
-        let task = TaskConfig {
-            kind: "synthetic".into(),
-            vocab: vocab.unwrap_or(24),
-            sharpness: sharpness.unwrap_or(2.0),
-            prompt_tokens: prompt_tokens.unwrap_or(3),
-            response_tokens: response_tokens.unwrap_or(8),
-            train_pairs: train_pairs.unwrap_or(256),
-            eval_pairs: eval_pairs.unwrap_or(64),
-            eval_prompts: eval_prompts.unwrap_or(128),
-            bt_temperature: bt_temperature.unwrap_or(0.25),
-            sft_steps: sft_steps.unwrap_or(150),
-            seed: seed.unwrap_or(0),
+        } => {
+            let task = SyntheticTask {
+                vocab: vocab.unwrap_or(24),
+                sharpness: sharpness.unwrap_or(2.0),
+                prompt_tokens: prompt_tokens.unwrap_or(3),
+                response_tokens: response_tokens.unwrap_or(8),
+                train_pairs: train_pairs.unwrap_or(256),
+                eval_pairs: eval_pairs.unwrap_or(64),
+                eval_prompts: eval_prompts.unwrap_or(128),
+                bt_temperature: bt_temperature.unwrap_or(0.25),
+                sft_steps: sft_steps.unwrap_or(150),
+                seed: seed.unwrap_or(0),
+            };
+            check(task.vocab >= 2, "task.vocab", "must be at least 2")?;
+            check(
+                task.sharpness >= 0.0,
+                "task.sharpness",
+                "must be non-negative",
+            )?;
+            check(
+                task.prompt_tokens >= 1,
+                "task.prompt_tokens",
+                "must be at least 1",
+            )?;
+            check(
+                task.response_tokens >= 2,
+                "task.response_tokens",
+                "must be at least 2",
+            )?;
+            check(
+                task.train_pairs >= 1,
+                "task.train_pairs",
+                "must be at least 1",
+            )?;
+            check(
+                task.eval_pairs >= 1,
+                "task.eval_pairs",
+                "must be at least 1",
+            )?;
+            check(
+                task.eval_prompts >= 2,
+                "task.eval_prompts",
+                "must be at least 2",
+            )?;
+            check(
+                task.bt_temperature > 0.0,
+                "task.bt_temperature",
+                "must be positive",
+            )?;
+            TaskConfig::Synthetic(task)
+        }
+        RawTask::Sentiment {
+            data,
+            sha256,
+            lexicon,
+            vocab_size,
+            prompt_words_min,
+            prompt_words_max,
+            response_tokens,
+            train_pairs,
+            eval_pairs,
+            eval_prompts,
+            bt_temperature,
+            pretrain_steps,
+            gold_buckets,
+            seed,
+        } => {
+            let shipped = data.is_none();
+            let task = SentimentTask {
+                data: data.unwrap_or_else(|| SNIPPETS_PATH.into()),
+                // The shipped file is always checked; a user's own file when a digest is given.
+                sha256: sha256.or_else(|| shipped.then(|| SNIPPETS_SHA256.into())),
+                lexicon: lexicon.unwrap_or_else(|| LEXICON_PATH.into()),
+                vocab_size: vocab_size.unwrap_or(2048),
+                prompt_words_min: prompt_words_min.unwrap_or(2),
+                prompt_words_max: prompt_words_max.unwrap_or(8),
+                response_tokens: response_tokens.unwrap_or(24),
+                train_pairs: train_pairs.unwrap_or(512),
+                eval_pairs: eval_pairs.unwrap_or(128),
+                eval_prompts: eval_prompts.unwrap_or(256),
+                bt_temperature: bt_temperature.unwrap_or(0.5),
+                pretrain_steps: pretrain_steps.unwrap_or(1200),
+                gold_buckets: gold_buckets.unwrap_or(1 << 16),
+                seed: seed.unwrap_or(0),
+            };
+            check(
+                task.vocab_size >= 300,
+                "task.vocab_size",
+                "must be at least 300 (256 bytes, EOS and merges)",
+            )?;
+            check(
+                task.prompt_words_min >= 1 && task.prompt_words_min <= task.prompt_words_max,
+                "task.prompt_words_min",
+                "must be at least 1 and at most prompt_words_max",
+            )?;
+            check(
+                task.response_tokens >= 2,
+                "task.response_tokens",
+                "must be at least 2",
+            )?;
+            check(
+                task.train_pairs >= 1,
+                "task.train_pairs",
+                "must be at least 1",
+            )?;
+            check(
+                task.eval_pairs >= 1,
+                "task.eval_pairs",
+                "must be at least 1",
+            )?;
+            check(
+                task.eval_prompts >= 2,
+                "task.eval_prompts",
+                "must be at least 2",
+            )?;
+            check(
+                task.bt_temperature > 0.0,
+                "task.bt_temperature",
+                "must be positive",
+            )?;
+            check(
+                task.gold_buckets >= 16,
+                "task.gold_buckets",
+                "must be at least 16",
+            )?;
+            TaskConfig::Sentiment(task)
+        }
+    })
+}
+
+impl RawConfig {
+    /// Fills defaults and validates every value.
+    pub fn resolve(self) -> Result<RunConfig> {
+        let task = resolve_task(self.task)?;
+        let (width, layers, heads) = match task {
+            TaskConfig::Synthetic(_) => (32, 2, 2),
+            TaskConfig::Sentiment(_) => (128, 4, 4),
         };
-        check(task.vocab >= 2, "task.vocab", "must be at least 2")?;
-        check(
-            task.sharpness >= 0.0,
-            "task.sharpness",
-            "must be non-negative",
-        )?;
-        check(
-            task.prompt_tokens >= 1,
-            "task.prompt_tokens",
-            "must be at least 1",
-        )?;
-        check(
-            task.response_tokens >= 2,
-            "task.response_tokens",
-            "must be at least 2",
-        )?;
-        check(
-            task.train_pairs >= 1,
-            "task.train_pairs",
-            "must be at least 1",
-        )?;
-        check(
-            task.eval_pairs >= 1,
-            "task.eval_pairs",
-            "must be at least 1",
-        )?;
-        check(
-            task.eval_prompts >= 2,
-            "task.eval_prompts",
-            "must be at least 2",
-        )?;
-        check(
-            task.bt_temperature > 0.0,
-            "task.bt_temperature",
-            "must be positive",
-        )?;
         let model = ModelShape {
-            n_embd: self.model.n_embd.unwrap_or(32),
-            n_layer: self.model.n_layer.unwrap_or(2),
-            n_head: self.model.n_head.unwrap_or(2),
+            n_embd: self.model.n_embd.unwrap_or(width),
+            n_layer: self.model.n_layer.unwrap_or(layers),
+            n_head: self.model.n_head.unwrap_or(heads),
         };
         check(
             model.n_head >= 1 && model.n_embd % model.n_head == 0,

@@ -7,6 +7,7 @@ mod grid;
 mod rundir;
 mod runner;
 mod score;
+mod sentiment;
 mod stages;
 mod sweep;
 mod task;
@@ -60,6 +61,14 @@ enum Command {
         #[arg(long, default_value = "runs")]
         out: PathBuf,
     },
+    /// Build the report of a sweep: figures, tables, report.md and report.html.
+    Report {
+        /// The sweep directory (`runs/<sweep name>`).
+        sweep: PathBuf,
+        /// Where to write it (default: `reports/<sweep name>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Score preference pairs: log-probs under policy and reference, DPO and ε-DPO losses,
     /// ε-DPO's per-pair steps and β, and the base β after one optimizer step. Prints JSON.
     Score(score::ScoreArgs),
@@ -107,6 +116,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(args) => score::run(&args),
+        Command::Report { sweep, out } => {
+            let out = out.unwrap_or_else(|| report_dir(&sweep));
+            let summary = edpo_report::build_report(&sweep, &out)?;
+            print_report(&summary, &out);
+            Ok(())
+        }
         Command::Bench(args) => {
             set_threads(args.threads);
             bench::run(&args)
@@ -175,8 +190,32 @@ fn run(cli: Cli) -> Result<()> {
             set_threads(threads);
             let outcomes = sweep::run_sweep(&planned, &out, jobs)?;
             let root = out.join(&planned.name);
-            summarise(&planned, &root, &outcomes)
+            let reported = edpo_report::build_report(&root, &report_dir(&root));
+            let summary = summarise(&planned, &root, &outcomes);
+            match reported {
+                Ok(r) => print_report(&r, &report_dir(&root)),
+                Err(e) => eprintln!("no report: {e}"),
+            }
+            summary
         }
+    }
+}
+
+/// Where the report of a sweep directory goes: `reports/<sweep name>`.
+fn report_dir(sweep: &std::path::Path) -> PathBuf {
+    PathBuf::from("reports").join(sweep.file_name().unwrap_or_default())
+}
+
+fn print_report(summary: &edpo_report::ReportSummary, out: &std::path::Path) {
+    println!("\n{}", summary.table_markdown);
+    println!(
+        "report of {} runs: {} and {}",
+        summary.runs,
+        out.join("report.md").display(),
+        out.join("report.html").display()
+    );
+    for s in &summary.skipped {
+        println!("  not reported: {s}");
     }
 }
 

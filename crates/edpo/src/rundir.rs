@@ -1,6 +1,7 @@
 //! Run directories and atomic files.
 //!
-//! A run directory holds `config.yaml` (the resolved config), `metrics.jsonl` (one object per
+//! A run directory holds `config.yaml` (the resolved config, also as `config.json`),
+//! `metrics.jsonl` (one object per
 //! logged step, evaluations included), `eval.json` (the final evaluation) and `status.json`
 //! (running / completed / failed, with the error chain and timings). Every file is written
 //! whole to a temporary sibling and renamed into place, so a run killed at any moment leaves
@@ -73,7 +74,7 @@ pub struct RunDir {
 
 impl RunDir {
     /// Creates (or resets) the directory and writes `config.yaml` and a running status.
-    pub fn start(path: &Path, hash: &str, config_yaml: &str) -> Result<Self> {
+    pub fn start(path: &Path, hash: &str, config_yaml: &str, config_json: &str) -> Result<Self> {
         std::fs::create_dir_all(path)
             .with_context(|| format!("cannot create {}", path.display()))?;
         // Temporary files left by a process killed mid-write are never read; clear them.
@@ -93,6 +94,8 @@ impl RunDir {
             }
         }
         write_atomic(&path.join("config.yaml"), config_yaml.as_bytes())?;
+        // The same config as JSON, for readers that know no YAML (the report crate, scripts).
+        write_atomic(&path.join("config.json"), config_json.as_bytes())?;
         let mut dir = Self {
             path: path.to_path_buf(),
             metrics: String::new(),

@@ -35,13 +35,22 @@ pub fn evaluate(
         top_k: cfg.eval.top_k,
         top_p: cfg.eval.top_p,
         max_new_tokens: data.response_tokens,
-        eos: data.task.eos(),
+        eos: data.eos,
     };
     let seed = 0xE7A1 ^ cfg.run.seed.wrapping_mul(0x9E37_79B9);
     let ours = sample(policy, &data.eval_prompts, &settings, seed)?;
     let theirs = sample(reference, &data.eval_prompts, &settings, seed ^ 0xFFFF)?;
-    let r_ours: Vec<f64> = ours.iter().map(|r| data.task.reward(r)).collect();
-    let r_theirs: Vec<f64> = theirs.iter().map(|r| data.task.reward(r)).collect();
+    let prompts = &data.eval_prompts;
+    let r_ours: Vec<f64> = prompts
+        .iter()
+        .zip(&ours)
+        .map(|(p, r)| data.judge.gold(p, r))
+        .collect();
+    let r_theirs: Vec<f64> = prompts
+        .iter()
+        .zip(&theirs)
+        .map(|(p, r)| data.judge.gold(p, r))
+        .collect();
     let win = win_rate(&r_ours, &r_theirs, 0.0);
     let seqs: Vec<(&[u32], &[u32])> = data
         .eval_prompts
@@ -54,6 +63,33 @@ pub fn evaluate(
     let (kls_mean, kls_se) = mean_and_stderr(&kl.sampled);
     let (reward_mean, reward_se) = mean_and_stderr(&r_ours);
     let lengths: Vec<f64> = ours.iter().map(|r| r.len() as f64).collect();
+    let entropy: Vec<f64> = kl
+        .entropy
+        .iter()
+        .zip(&lengths)
+        .map(|(h, n)| h / n.max(1.0))
+        .collect();
+    let second: Option<(Vec<f64>, Vec<f64>)> = prompts
+        .iter()
+        .zip(&ours)
+        .zip(&theirs)
+        .map(|((p, a), b)| Some((data.judge.second(p, a)?, data.judge.second(p, b)?)))
+        .collect::<Option<Vec<_>>>()
+        .map(|v| v.into_iter().unzip());
+    // Win rate against the chosen response of held-out pairs, on their prompts.
+    let held_prompts: Vec<Vec<u32>> = data
+        .eval_pairs
+        .iter()
+        .map(|p| p.prompt_input_ids.clone())
+        .collect();
+    let on_pairs = sample(policy, &held_prompts, &settings, seed ^ 0xC405)?;
+    let r_on_pairs: Vec<f64> = held_prompts
+        .iter()
+        .zip(&on_pairs)
+        .map(|(p, r)| data.judge.gold(p, r))
+        .collect();
+    let r_chosen: Vec<f64> = data.eval_pairs.iter().map(|p| p.chosen_reward).collect();
+    let win_chosen = win_rate(&r_on_pairs, &r_chosen, 0.0);
     let held: Vec<TokenizedPair> = data.eval_pairs.iter().map(|p| p.tokenized()).collect();
     let scores = score_pairs(policy, reference, &held, None)?;
     let logps: PairLogps<'_> = scores.logps();
@@ -77,8 +113,17 @@ pub fn evaluate(
         ("preference_accuracy", accuracy),
         ("preference_accuracy_se", accuracy_se),
         ("mean_length", mean_and_stderr(&lengths).0),
+        ("entropy_per_token", mean_and_stderr(&entropy).0),
+        ("win_rate_vs_chosen", win_chosen.rate),
+        ("win_rate_vs_chosen_se", win_chosen.stderr),
     ] {
         out.insert(k.to_string(), json!(v));
+    }
+    if let Some((a, b)) = second {
+        let w = win_rate(&a, &b, 0.0);
+        out.insert("second_judge_win_rate".into(), json!(w.rate));
+        out.insert("second_judge_win_rate_se".into(), json!(w.stderr));
+        out.insert("second_judge_score".into(), json!(mean_and_stderr(&a).0));
     }
     out.insert("n_prompts".into(), json!(data.eval_prompts.len()));
     out.insert("n_pairs".into(), json!(held.len()));

@@ -51,7 +51,12 @@ pub fn run_one(
     if is_complete(dir, config) {
         return Ok(Outcome::Skipped);
     }
-    let mut rundir = RunDir::start(dir, &config.hash(), &config.to_yaml()?)?;
+    let mut rundir = RunDir::start(
+        dir,
+        &config.hash(),
+        &config.to_yaml()?,
+        &serde_json::to_string_pretty(config)?,
+    )?;
     let span = tracing::info_span!("run", hash = %config.hash());
     let _enter = span.enter();
     match crate::runner::run(config, data, cache, &mut rundir, progress) {

@@ -1,14 +1,16 @@
-//! The synthetic task's pipeline: reference model and preference pairs as cached stages.
+//! The tasks' pipelines as cached stages, and what every run reads from them ([`TaskData`]).
 //!
-//! 1. Reference: a small GPT-2 trained from a seeded initialisation by next-token likelihood
-//!    on sequences of the Markov language (prompt, continuation, EOS), saved in the Hugging
-//!    Face layout. It is π_ref and the starting policy.
-//! 2. Pairs: prompts are chain prefixes; two responses per prompt are sampled from π_ref,
-//!    scored by the gold reward, and labelled by a Bradley–Terry draw
-//!    `P(a ≻ b) = σ((r_a − r_b)/τ)`. Each pair keeps its true preference probability. Held-out
-//!    pairs and evaluation prompts come from the same stage with their own seeds.
+//! Each task builds a reference model (π_ref, also the starting policy, saved in the Hugging
+//! Face layout), a gold reward ([`Judge`]), and preference pairs: two responses per prompt
+//! sampled from π_ref, scored by the gold reward, labelled by a Bradley–Terry draw
+//! `P(a ≻ b) = σ((r_a − r_b)/τ)`, each pair keeping its true preference probability. Held-out
+//! pairs and evaluation prompts come from the same stage with their own seeds.
+//!
+//! - synthetic ([`crate::task::synthetic_prepare`]): a Markov-chain language with a per-token
+//!   reward, seconds to build;
+//! - sentiment ([`crate::sentiment`]): real movie-review snippets with human ratings.
 
-use crate::config::{ModelShape, TaskConfig};
+use crate::config::{ModelShape, SyntheticTask, TaskConfig};
 use crate::stages::StageCache;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -49,10 +51,22 @@ impl LabelledPair {
     }
 }
 
-/// Everything a run of the synthetic task reads.
+/// A task's judges of a response to a prompt.
+pub trait Judge: Send + Sync {
+    /// The gold reward.
+    fn gold(&self, prompt: &[u32], response: &[u32]) -> f64;
+    /// A second, independent judge, where the task has one.
+    fn second(&self, _prompt: &[u32], _response: &[u32]) -> Option<f64> {
+        None
+    }
+}
+
+/// Everything a run reads.
 pub struct TaskData {
-    /// The language and its gold reward.
-    pub task: MarkovTask,
+    /// The gold reward (and second judge).
+    pub judge: Box<dyn Judge>,
+    /// The EOS token.
+    pub eos: u32,
     /// The reference model directory.
     pub reference_dir: PathBuf,
     /// Training pairs.
@@ -61,7 +75,7 @@ pub struct TaskData {
     pub eval_pairs: Vec<LabelledPair>,
     /// Held-out prompts for sampling.
     pub eval_prompts: Vec<Vec<u32>>,
-    /// Sampling settings used to build the pairs (and the maximum response length).
+    /// Maximum response length, EOS included.
     pub response_tokens: usize,
     /// What the pairs stage depends on (reference, data, tokenizer), for stages built on it.
     pub pairs_key: serde_json::Value,
@@ -104,15 +118,25 @@ impl TaskData {
     }
 }
 
-fn model_config(task: &TaskConfig, shape: &ModelShape) -> (ModelConfig, serde_json::Value) {
-    let vocab = task.vocab + 1;
-    let positions = (task.prompt_tokens + task.response_tokens + 1)
-        .next_power_of_two()
-        .max(16);
+/// Builds (or reads from the cache) everything the runs of a task need.
+pub fn prepare(task: &TaskConfig, shape: &ModelShape, cache: &StageCache) -> Result<TaskData> {
+    match task {
+        TaskConfig::Synthetic(t) => synthetic_prepare(t, shape, cache),
+        TaskConfig::Sentiment(t) => crate::sentiment::prepare(t, shape, cache),
+    }
+}
+
+/// A GPT-2 config for a task's reference model.
+pub fn gpt2_config(
+    vocab: usize,
+    positions: usize,
+    shape: &ModelShape,
+    eos: u32,
+) -> (ModelConfig, serde_json::Value) {
     let raw = json!({
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab,
         "n_positions": positions, "n_embd": shape.n_embd, "n_layer": shape.n_layer,
-        "n_head": shape.n_head, "eos_token_id": task.vocab, "bos_token_id": task.vocab,
+        "n_head": shape.n_head, "eos_token_id": eos, "bos_token_id": eos,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
     });
     let cfg = ModelConfig::Gpt2(Gpt2Config {
@@ -127,13 +151,99 @@ fn model_config(task: &TaskConfig, shape: &ModelShape) -> (ModelConfig, serde_js
     (cfg, raw)
 }
 
-fn build_reference(
-    task: &TaskConfig,
+/// Writes rows as JSON lines.
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Reads JSON lines; a malformed row is an error naming the file and line.
+pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: malformed row", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Samples `count` labelled pairs from `reference` for prompts drawn by `next_prompt`; pairs
+/// whose two responses are identical carry no preference and are skipped.
+pub fn sample_pairs(
+    reference: &CausalLm,
+    judge: &dyn Judge,
+    next_prompt: &mut dyn FnMut() -> Vec<u32>,
+    settings: &SamplingSettings,
+    bt_temperature: f64,
+    count: usize,
+    seed: u64,
+) -> Result<Vec<LabelledPair>> {
+    let mut rng = Rng(seed);
+    let mut pairs = Vec::with_capacity(count);
+    let mut round = 0u64;
+    while pairs.len() < count {
+        if round > 20 {
+            bail!(
+                "could not sample {count} distinct pairs (got {})",
+                pairs.len()
+            );
+        }
+        let prompts: Vec<Vec<u32>> = (0..count - pairs.len()).map(|_| next_prompt()).collect();
+        let a = sample(reference, &prompts, settings, seed ^ (round * 2 + 1))?;
+        let b = sample(reference, &prompts, settings, seed ^ (round * 2 + 2))?;
+        for ((prompt, ra), rb) in prompts.into_iter().zip(a).zip(b) {
+            if ra == rb {
+                continue;
+            }
+            let (ga, gb) = (judge.gold(&prompt, &ra), judge.gold(&prompt, &rb));
+            let p_a = 1.0 / (1.0 + (-(ga - gb) / bt_temperature).exp());
+            let a_wins = rng.uniform() < p_a;
+            let (chosen, rejected, gc, gr, p) = if a_wins {
+                (ra, rb, ga, gb, p_a)
+            } else {
+                (rb, ra, gb, ga, 1.0 - p_a)
+            };
+            pairs.push(LabelledPair {
+                prompt_input_ids: prompt,
+                chosen_input_ids: chosen,
+                rejected_input_ids: rejected,
+                p_true: p,
+                chosen_reward: gc,
+                rejected_reward: gr,
+            });
+        }
+        round += 1;
+    }
+    Ok(pairs)
+}
+
+/// The synthetic task's gold reward: the mean token reward of the response.
+struct MarkovJudge(MarkovTask);
+
+impl Judge for MarkovJudge {
+    fn gold(&self, _prompt: &[u32], response: &[u32]) -> f64 {
+        self.0.reward(response)
+    }
+}
+
+fn build_synthetic_reference(
+    task: &SyntheticTask,
     shape: &ModelShape,
     lang: &MarkovTask,
     dir: &Path,
 ) -> Result<()> {
-    let (cfg, raw) = model_config(task, shape);
+    let positions = (task.prompt_tokens + task.response_tokens + 1)
+        .next_power_of_two()
+        .max(16);
+    let (cfg, raw) = gpt2_config(task.vocab + 1, positions, shape, lang.eos());
     let model = CausalLm::random(cfg, raw, task.seed ^ 0x5EED, &Device::Cpu, true)?;
     let mut trainer = SftTrainer::new(&model, AdamWConfig::default(), Some(1.0));
     let mut rng = Rng(task.seed ^ 0xC0FFEE);
@@ -162,36 +272,25 @@ fn build_reference(
     Ok(())
 }
 
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
+/// The synthetic task's stages.
+pub fn synthetic_prepare(
+    task: &SyntheticTask,
+    shape: &ModelShape,
+    cache: &StageCache,
+) -> Result<TaskData> {
+    let lang = MarkovTask::new(task.vocab, task.sharpness, task.seed);
+    let ref_key = json!({"stage": "synthetic-reference", "vocab": task.vocab, "sharpness": task.sharpness,
+        "prompt_tokens": task.prompt_tokens, "response_tokens": task.response_tokens,
+        "sft_steps": task.sft_steps, "seed": task.seed, "model": shape});
+    let (reference_dir, built) = cache.get_or_build("reference", &ref_key, |dir| {
+        build_synthetic_reference(task, shape, &lang, dir)
+    })?;
+    if built {
+        tracing::info!(dir = %reference_dir.display(), "built reference");
     }
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: malformed row", path.display(), i + 1))
-        })
-        .collect()
-}
-
-fn sample_pairs(
-    lang: &MarkovTask,
-    reference: &CausalLm,
-    task: &TaskConfig,
-    count: usize,
-    seed: u64,
-) -> Result<Vec<LabelledPair>> {
-    let mut rng = Rng(seed);
+    let pairs_key = json!({"stage": "synthetic-pairs", "reference": ref_key, "train_pairs": task.train_pairs,
+        "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts, "bt_temperature": task.bt_temperature});
+    let judge = MarkovJudge(lang.clone());
     let settings = SamplingSettings {
         temperature: 1.0,
         top_k: 0,
@@ -199,82 +298,37 @@ fn sample_pairs(
         max_new_tokens: task.response_tokens,
         eos: lang.eos(),
     };
-    let mut pairs = Vec::with_capacity(count);
-    let mut round = 0u64;
-    while pairs.len() < count {
-        if round > 20 {
-            bail!(
-                "could not sample {count} distinct pairs (got {})",
-                pairs.len()
-            );
-        }
-        let need = count - pairs.len();
-        let prompts: Vec<Vec<u32>> = (0..need)
-            .map(|_| lang.continue_chain(&[], task.prompt_tokens, &mut rng))
-            .collect();
-        let a = sample(reference, &prompts, &settings, seed ^ (round * 2 + 1))?;
-        let b = sample(reference, &prompts, &settings, seed ^ (round * 2 + 2))?;
-        for ((prompt, ra), rb) in prompts.into_iter().zip(a).zip(b) {
-            if ra == rb {
-                continue; // identical responses carry no preference
-            }
-            let (ga, gb) = (lang.reward(&ra), lang.reward(&rb));
-            let p_a = 1.0 / (1.0 + (-(ga - gb) / task.bt_temperature).exp());
-            let a_wins = rng.uniform() < p_a;
-            let (chosen, rejected, gc, gr, p) = if a_wins {
-                (ra, rb, ga, gb, p_a)
-            } else {
-                (rb, ra, gb, ga, 1.0 - p_a)
-            };
-            pairs.push(LabelledPair {
-                prompt_input_ids: prompt,
-                chosen_input_ids: chosen,
-                rejected_input_ids: rejected,
-                p_true: p,
-                chosen_reward: gc,
-                rejected_reward: gr,
-            });
-        }
-        round += 1;
-    }
-    Ok(pairs)
-}
-
-/// Builds (or reads from the cache) everything the runs of this task need.
-pub fn prepare(task: &TaskConfig, shape: &ModelShape, cache: &StageCache) -> Result<TaskData> {
-    let lang = MarkovTask::new(task.vocab, task.sharpness, task.seed);
-    let ref_key = json!({"stage": "synthetic-reference", "vocab": task.vocab, "sharpness": task.sharpness,
-        "prompt_tokens": task.prompt_tokens, "response_tokens": task.response_tokens,
-        "sft_steps": task.sft_steps, "seed": task.seed, "model": shape});
-    let (reference_dir, built) = cache.get_or_build("reference", &ref_key, |dir| {
-        build_reference(task, shape, &lang, dir)
-    })?;
-    if built {
-        tracing::info!(dir = %reference_dir.display(), "built reference");
-    }
-    let pairs_key = json!({"stage": "synthetic-pairs", "reference": ref_key, "train_pairs": task.train_pairs,
-        "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts, "bt_temperature": task.bt_temperature});
     let (pairs_dir, _) = cache.get_or_build("pairs", &pairs_key, |dir| {
         let reference = CausalLm::load(&reference_dir, &Device::Cpu, false)?;
+        let mut rng = Rng(task.seed ^ 0x4444);
+        let mut next = || lang.continue_chain(&[], task.prompt_tokens, &mut rng);
         let train = sample_pairs(
-            &lang,
             &reference,
-            task,
+            &judge,
+            &mut next,
+            &settings,
+            task.bt_temperature,
             task.train_pairs,
             task.seed ^ 0x1111,
         )?;
-        let held_out = sample_pairs(&lang, &reference, task, task.eval_pairs, task.seed ^ 0x2222)?;
-        let mut rng = Rng(task.seed ^ 0x3333);
-        let prompts: Vec<Vec<u32>> = (0..task.eval_prompts)
-            .map(|_| lang.continue_chain(&[], task.prompt_tokens, &mut rng))
-            .collect();
+        let held_out = sample_pairs(
+            &reference,
+            &judge,
+            &mut next,
+            &settings,
+            task.bt_temperature,
+            task.eval_pairs,
+            task.seed ^ 0x2222,
+        )?;
+        let prompts: Vec<Vec<u32>> = (0..task.eval_prompts).map(|_| next()).collect();
         write_jsonl(&dir.join("train.jsonl"), &train)?;
         write_jsonl(&dir.join("eval_pairs.jsonl"), &held_out)?;
         write_jsonl(&dir.join("eval_prompts.jsonl"), &prompts)?;
         Ok(())
     })?;
     Ok(TaskData {
-        task: lang,
+        judge: Box::new(judge),
+        eos: lang.eos(),
         reference_dir,
         train: read_jsonl(&pairs_dir.join("train.jsonl"))?,
         eval_pairs: read_jsonl(&pairs_dir.join("eval_pairs.jsonl"))?,

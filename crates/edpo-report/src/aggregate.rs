@@ -1,0 +1,184 @@
+//! Aggregation over seeds with polars: per method and setting, the mean of each metric and a
+//! 95% confidence interval `t_{0.975, n−1} · s / √n` (Student's t; no interval for one seed).
+
+use crate::Result;
+use polars::prelude::*;
+use std::collections::BTreeMap;
+
+/// The metrics aggregated, as named in `eval.json`.
+pub const METRICS: &[&str] = &[
+    "win_rate",
+    "gold_reward",
+    "kl",
+    "kl_sampled",
+    "preference_accuracy",
+    "win_rate_vs_chosen",
+    "second_judge_win_rate",
+    "mean_length",
+    "entropy_per_token",
+    "final_beta",
+];
+
+/// A metric's mean over seeds and the half-width of its 95% interval (NaN for one seed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Mean over seeds.
+    pub mean: f64,
+    /// Half-width of the 95% interval.
+    pub ci: f64,
+}
+
+/// One method at one setting, aggregated over its seeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingSummary {
+    /// Display name of the method.
+    pub method: String,
+    /// The objective kind.
+    pub kind: String,
+    /// The setting label.
+    pub setting: String,
+    /// Number of seeds.
+    pub n: usize,
+    /// Objective parameters (`param_*` columns, first seed's values).
+    pub params: BTreeMap<String, f64>,
+    /// Aggregated metrics.
+    pub metrics: BTreeMap<String, Estimate>,
+}
+
+impl SettingSummary {
+    /// A metric, if the runs reported it.
+    pub fn get(&self, name: &str) -> Option<Estimate> {
+        self.metrics
+            .get(name)
+            .copied()
+            .filter(|e| e.mean.is_finite())
+    }
+}
+
+/// `t_{0.975, df}`.
+pub fn t_quantile(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        d if d <= 30 => T[d - 1],
+        _ => 1.96,
+    }
+}
+
+/// Aggregates runs by method and setting, in order of method then first appearance.
+pub fn by_setting(runs: &DataFrame) -> Result<Vec<SettingSummary>> {
+    let names: Vec<String> = runs
+        .get_column_names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let metrics: Vec<&str> = METRICS
+        .iter()
+        .copied()
+        .filter(|m| names.iter().any(|n| n == m))
+        .collect();
+    let params: Vec<String> = names
+        .iter()
+        .filter(|n| n.starts_with("param_"))
+        .cloned()
+        .collect();
+    let mut aggs = vec![len().alias("n")];
+    for m in &metrics {
+        aggs.push(col(*m).mean().alias(format!("{m}__mean")));
+        aggs.push(col(*m).std(1).alias(format!("{m}__std")));
+        aggs.push(col(*m).count().alias(format!("{m}__count")));
+    }
+    for p in &params {
+        aggs.push(col(p.as_str()).first().alias(p.as_str()));
+    }
+    let grouped = runs
+        .clone()
+        .lazy()
+        .group_by_stable([col("method"), col("kind"), col("setting")])
+        .agg(aggs)
+        .collect()?;
+    let text = |name: &str, row: usize| -> String {
+        grouped
+            .column(name)
+            .ok()
+            .and_then(|c| c.get(row).ok().map(|v| v.str_value().to_string()))
+            .unwrap_or_default()
+    };
+    let number = |name: &str, row: usize| -> f64 {
+        grouped
+            .column(name)
+            .ok()
+            .and_then(|c| c.get(row).ok())
+            .and_then(|v| v.extract::<f64>())
+            .unwrap_or(f64::NAN)
+    };
+    let mut out = Vec::with_capacity(grouped.height());
+    for row in 0..grouped.height() {
+        let mut summary = SettingSummary {
+            method: text("method", row),
+            kind: text("kind", row),
+            setting: text("setting", row),
+            n: number("n", row) as usize,
+            params: BTreeMap::new(),
+            metrics: BTreeMap::new(),
+        };
+        for p in &params {
+            let v = number(p, row);
+            if v.is_finite() {
+                summary
+                    .params
+                    .insert(p.trim_start_matches("param_").to_string(), v);
+            }
+        }
+        for m in &metrics {
+            let (mean, std, count) = (
+                number(&format!("{m}__mean"), row),
+                number(&format!("{m}__std"), row),
+                number(&format!("{m}__count"), row),
+            );
+            if count >= 1.0 {
+                let n = count as usize;
+                let ci = if n >= 2 {
+                    t_quantile(n - 1) * std / (n as f64).sqrt()
+                } else {
+                    f64::NAN
+                };
+                summary
+                    .metrics
+                    .insert((*m).to_string(), Estimate { mean, ci });
+            }
+        }
+        out.push(summary);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_t_interval_over_seeds() -> Result<()> {
+        let df = df!(
+            "method" => ["DPO", "DPO", "DPO", "ε-DPO"],
+            "kind" => ["dpo", "dpo", "dpo", "epsilon_dpo"],
+            "setting" => ["β=0.1", "β=0.1", "β=0.1", "ε=0.01"],
+            "win_rate" => [0.5, 0.6, 0.7, 0.55],
+            "param_beta" => [0.1, 0.1, 0.1, 0.1]
+        )?;
+        let s = by_setting(&df)?;
+        assert_eq!(s.len(), 2);
+        let w = s[0].get("win_rate").expect("win rate");
+        assert!((w.mean - 0.6).abs() < 1e-12);
+        // s = 0.1, n = 3: 4.303 · 0.1 / √3.
+        assert!((w.ci - 4.303 * 0.1 / 3f64.sqrt()).abs() < 1e-9);
+        assert_eq!(s[1].n, 1);
+        assert!(s[1].get("win_rate").expect("one seed").ci.is_nan());
+        assert_eq!(s[0].params.get("beta"), Some(&0.1));
+        Ok(())
+    }
+}

@@ -1,0 +1,560 @@
+//! Figures as data ([`Figure`]: panels of series of points with error bars) rendered by one
+//! plotters routine to SVG (inline in the HTML report) and PNG.
+//!
+//! - `frontier`: final KL(π‖π_ref) against win rate for every method and setting, error bars
+//!   over seeds both ways, points labelled with their β / ε, each method's points joined in
+//!   order of KL.
+//! - `epsilon_ablation`: ε-DPO's win rate and KL against ε, with each DPO setting as a
+//!   horizontal reference line.
+//! - `beta_dynamics`: ε-DPO's base β and the fractions of pairs stepped up / down over training.
+//! - `steps_vs_confusion`: the mean true preference probability of the pairs ε-DPO relaxed,
+//!   strengthened and left alone — how its decisions relate to label confusion.
+
+use crate::aggregate::SettingSummary;
+use crate::runs::Sweep;
+use crate::{Error, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+fn register_font() -> Result<()> {
+    static DONE: OnceLock<bool> = OnceLock::new();
+    let ok = *DONE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Figure {
+            name: "font".into(),
+            message: "the embedded font could not be loaded".into(),
+        })
+    }
+}
+
+/// A point with optional error bars (NaN: none) and label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// x value.
+    pub x: f64,
+    /// y value.
+    pub y: f64,
+    /// Half-width of the x error bar.
+    pub x_err: f64,
+    /// Half-width of the y error bar.
+    pub y_err: f64,
+    /// A label drawn beside the point.
+    pub text: Option<String>,
+}
+
+/// A named series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Legend entry.
+    pub label: String,
+    /// Index into the palette.
+    pub color: usize,
+    /// Points.
+    pub points: Vec<Point>,
+    /// Join the points with a line.
+    pub line: bool,
+}
+
+/// One chart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Panel {
+    /// x-axis title.
+    pub x_label: String,
+    /// y-axis title.
+    pub y_label: String,
+    /// The data.
+    pub series: Vec<Series>,
+    /// Horizontal reference lines: label, y, palette index.
+    pub hlines: Vec<(String, f64, usize)>,
+}
+
+/// A figure: panels side by side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    /// File stem.
+    pub name: String,
+    /// Caption.
+    pub title: String,
+    /// Panels, left to right.
+    pub panels: Vec<Panel>,
+    /// The rendered SVG.
+    pub svg: String,
+}
+
+const PANEL_W: u32 = 620;
+const HEIGHT: u32 = 460;
+
+fn bounds(panel: &Panel) -> ((f64, f64), (f64, f64)) {
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for s in &panel.series {
+        for p in &s.points {
+            let xe = if p.x_err.is_finite() { p.x_err } else { 0.0 };
+            let ye = if p.y_err.is_finite() { p.y_err } else { 0.0 };
+            x0 = x0.min(p.x - xe);
+            x1 = x1.max(p.x + xe);
+            y0 = y0.min(p.y - ye);
+            y1 = y1.max(p.y + ye);
+        }
+    }
+    for (_, y, _) in &panel.hlines {
+        y0 = y0.min(*y);
+        y1 = y1.max(*y);
+    }
+    if !x0.is_finite() {
+        return ((0.0, 1.0), (0.0, 1.0));
+    }
+    let pad = |a: f64, b: f64| {
+        let w = (b - a).abs().max(1e-6);
+        (a - 0.08 * w, b + 0.08 * w)
+    };
+    (pad(x0, x1), pad(y0, y1))
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    panel: &Panel,
+) -> std::result::Result<(), String> {
+    let ((x0, x1), (y0, y1)) = bounds(panel);
+    let mut chart = ChartBuilder::on(area)
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| format!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(panel.x_label.as_str())
+        .y_desc(panel.y_label.as_str())
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(|e| format!("{e:?}"))?;
+    for (label, y, c) in &panel.hlines {
+        let color = PALETTE[c % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                vec![(x0, *y), (x1, *y)],
+                color.mix(0.6).stroke_width(1),
+            ))
+            .map_err(|e| format!("{e:?}"))?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                label.clone(),
+                (x0 + 0.01 * (x1 - x0), *y),
+                ("sans-serif", 12).into_font().color(&color),
+            )))
+            .map_err(|e| format!("{e:?}"))?;
+    }
+    for s in &panel.series {
+        let color = PALETTE[s.color % PALETTE.len()];
+        if s.line && s.points.len() > 1 {
+            chart
+                .draw_series(LineSeries::new(
+                    s.points.iter().map(|p| (p.x, p.y)),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        for p in &s.points {
+            if p.y_err.is_finite() {
+                chart
+                    .draw_series(std::iter::once(ErrorBar::new_vertical(
+                        p.x,
+                        p.y - p.y_err,
+                        p.y,
+                        p.y + p.y_err,
+                        color.stroke_width(1),
+                        6,
+                    )))
+                    .map_err(|e| format!("{e:?}"))?;
+            }
+            if p.x_err.is_finite() {
+                chart
+                    .draw_series(std::iter::once(ErrorBar::new_horizontal(
+                        p.y,
+                        p.x - p.x_err,
+                        p.x,
+                        p.x + p.x_err,
+                        color.stroke_width(1),
+                        6,
+                    )))
+                    .map_err(|e| format!("{e:?}"))?;
+            }
+            if let Some(t) = &p.text {
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        t.clone(),
+                        (p.x, p.y),
+                        ("sans-serif", 12).into_font().color(&color),
+                    )))
+                    .map_err(|e| format!("{e:?}"))?;
+            }
+        }
+        chart
+            .draw_series(
+                s.points
+                    .iter()
+                    .map(|p| Circle::new((p.x, p.y), 4, color.filled())),
+            )
+            .map_err(|e| format!("{e:?}"))?
+            .label(s.label.clone())
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(180, 180, 180))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(())
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    fig: &Figure,
+) -> std::result::Result<(), String> {
+    root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
+    let root = root
+        .titled(&fig.title, ("sans-serif", 20))
+        .map_err(|e| format!("{e:?}"))?;
+    let areas = root.split_evenly((1, fig.panels.len().max(1)));
+    for (area, panel) in areas.iter().zip(&fig.panels) {
+        draw_panel(area, panel)?;
+    }
+    root.present().map_err(|e| format!("{e:?}"))
+}
+
+fn size(fig: &Figure) -> (u32, u32) {
+    (PANEL_W * fig.panels.len().max(1) as u32, HEIGHT)
+}
+
+fn finish(mut fig: Figure) -> Result<Figure> {
+    register_font()?;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size(&fig)).into_drawing_area();
+        draw(root, &fig).map_err(|message| Error::Figure {
+            name: fig.name.clone(),
+            message,
+        })?;
+    }
+    fig.svg = svg;
+    Ok(fig)
+}
+
+/// Writes the figure as PNG.
+pub fn render_png(fig: &Figure, path: &Path) -> Result<()> {
+    register_font()?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::File {
+            path: parent.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    let root = BitMapBackend::new(path, size(fig)).into_drawing_area();
+    draw(root, fig).map_err(|message| Error::Figure {
+        name: fig.name.clone(),
+        message,
+    })
+}
+
+fn short_setting(s: &SettingSummary) -> String {
+    if s.kind == "epsilon_dpo" {
+        s.params
+            .get("epsilon")
+            .map(|e| format!("ε={e}"))
+            .unwrap_or_else(|| s.setting.clone())
+    } else if let Some(b) = s.params.get("beta") {
+        format!("β={b}")
+    } else {
+        s.setting.clone()
+    }
+}
+
+fn frontier(summary: &[SettingSummary]) -> Option<Figure> {
+    let mut by_method: BTreeMap<String, Vec<&SettingSummary>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for s in summary {
+        if s.get("kl").is_some() && s.get("win_rate").is_some() {
+            if !order.contains(&s.method) {
+                order.push(s.method.clone());
+            }
+            by_method.entry(s.method.clone()).or_default().push(s);
+        }
+    }
+    if order.is_empty() {
+        return None;
+    }
+    let series = order
+        .iter()
+        .enumerate()
+        .map(|(c, m)| {
+            let mut points: Vec<Point> = by_method[m]
+                .iter()
+                .filter_map(|s| {
+                    let (kl, win) = (s.get("kl")?, s.get("win_rate")?);
+                    Some(Point {
+                        x: kl.mean,
+                        y: win.mean,
+                        x_err: kl.ci,
+                        y_err: win.ci,
+                        text: Some(short_setting(s)),
+                    })
+                })
+                .collect();
+            points.sort_by(|a, b| a.x.total_cmp(&b.x));
+            Series {
+                label: m.clone(),
+                color: c,
+                points,
+                line: true,
+            }
+        })
+        .collect();
+    Some(Figure {
+        name: "frontier".into(),
+        title: "Win rate against the reference vs KL(π‖π_ref)".into(),
+        panels: vec![Panel {
+            x_label: "KL(π‖π_ref), nats (exact, mean over prompts)".into(),
+            y_label: "win rate vs π_ref".into(),
+            series,
+            hlines: vec![],
+        }],
+        svg: String::new(),
+    })
+}
+
+fn epsilon_ablation(summary: &[SettingSummary]) -> Option<Figure> {
+    let eps: Vec<&SettingSummary> = summary
+        .iter()
+        .filter(|s| s.kind == "epsilon_dpo" && s.params.contains_key("epsilon"))
+        .collect();
+    if eps.is_empty() {
+        return None;
+    }
+    let dpo: Vec<&SettingSummary> = summary.iter().filter(|s| s.kind == "dpo").collect();
+    let panel = |metric: &str, y_label: &str| {
+        let mut points: Vec<Point> = eps
+            .iter()
+            .filter_map(|s| {
+                let m = s.get(metric)?;
+                Some(Point {
+                    x: s.params["epsilon"],
+                    y: m.mean,
+                    x_err: f64::NAN,
+                    y_err: m.ci,
+                    text: None,
+                })
+            })
+            .collect();
+        points.sort_by(|a, b| a.x.total_cmp(&b.x));
+        let hlines = dpo
+            .iter()
+            .filter_map(|s| Some((format!("DPO {}", short_setting(s)), s.get(metric)?.mean, 0)))
+            .collect();
+        Panel {
+            x_label: "ε".into(),
+            y_label: y_label.into(),
+            series: vec![Series {
+                label: "ε-DPO".into(),
+                color: 1,
+                points,
+                line: true,
+            }],
+            hlines,
+        }
+    };
+    Some(Figure {
+        name: "epsilon_ablation".into(),
+        title: "ε ablation (DPO settings as reference lines)".into(),
+        panels: vec![
+            panel("win_rate", "win rate vs π_ref"),
+            panel("kl", "KL(π‖π_ref), nats"),
+        ],
+        svg: String::new(),
+    })
+}
+
+/// Mean of a metric at each step over the traces of one setting.
+fn trace_mean(sweep: &Sweep, setting: &str, key: &str) -> Vec<Point> {
+    let mut acc: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
+    for t in sweep
+        .traces
+        .iter()
+        .filter(|t| t.method == "ε-DPO" && t.setting == setting)
+    {
+        for line in &t.lines {
+            if let (Some(step), Some(v)) = (line.get("step"), line.get(key)) {
+                let e = acc.entry(*step as i64).or_insert((0.0, 0));
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+    }
+    acc.into_iter()
+        .map(|(s, (sum, n))| Point {
+            x: s as f64,
+            y: sum / n as f64,
+            x_err: f64::NAN,
+            y_err: f64::NAN,
+            text: None,
+        })
+        .collect()
+}
+
+fn beta_dynamics(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
+    let settings: Vec<&SettingSummary> =
+        summary.iter().filter(|s| s.kind == "epsilon_dpo").collect();
+    if settings.is_empty() {
+        return None;
+    }
+    let mut beta = Vec::new();
+    let mut fractions = Vec::new();
+    for (i, s) in settings.iter().enumerate() {
+        let label = short_setting(s);
+        beta.push(Series {
+            label: label.clone(),
+            color: i,
+            points: trace_mean(sweep, &s.setting, "kl/beta"),
+            line: true,
+        });
+        let up = trace_mean(sweep, &s.setting, "kl/p_epsilon_steps");
+        let down = trace_mean(sweep, &s.setting, "kl/n_epsilon_steps");
+        fractions.push(Series {
+            label: format!("{label} step +1"),
+            color: i,
+            points: up,
+            line: true,
+        });
+        fractions.push(Series {
+            label: format!("{label} step −1"),
+            color: i,
+            points: down,
+            line: false,
+        });
+    }
+    Some(Figure {
+        name: "beta_dynamics".into(),
+        title: "ε-DPO: base β and step decisions over training (mean over seeds)".into(),
+        panels: vec![
+            Panel {
+                x_label: "optimizer step".into(),
+                y_label: "base β".into(),
+                series: beta,
+                hlines: vec![],
+            },
+            Panel {
+                x_label: "optimizer step".into(),
+                y_label: "fraction of pairs".into(),
+                series: fractions,
+                hlines: vec![],
+            },
+        ],
+        svg: String::new(),
+    })
+}
+
+fn steps_vs_confusion(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
+    let settings: Vec<&SettingSummary> = summary
+        .iter()
+        .filter(|s| s.kind == "epsilon_dpo" && s.params.contains_key("epsilon"))
+        .collect();
+    let mut series = Vec::new();
+    for (c, (key, label)) in [
+        ("kl/p_true_relaxed", "relaxed (step +1)"),
+        ("kl/p_true_strengthened", "strengthened (step −1)"),
+        ("kl/p_true_kept", "kept (step 0)"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut points = Vec::new();
+        for s in &settings {
+            let values: Vec<f64> = sweep
+                .traces
+                .iter()
+                .filter(|t| t.method == "ε-DPO" && t.setting == s.setting)
+                .flat_map(|t| t.lines.iter().filter_map(|l| l.get(*key).copied()))
+                .collect();
+            if !values.is_empty() {
+                let n = values.len() as f64;
+                let mean = values.iter().sum::<f64>() / n;
+                let sd = (values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>()
+                    / (n - 1.0).max(1.0))
+                .sqrt();
+                points.push(Point {
+                    x: s.params["epsilon"],
+                    y: mean,
+                    x_err: f64::NAN,
+                    y_err: 1.96 * sd / n.sqrt(),
+                    text: None,
+                });
+            }
+        }
+        points.sort_by(|a, b| a.x.total_cmp(&b.x));
+        if !points.is_empty() {
+            series.push(Series {
+                label: (*label).into(),
+                color: c,
+                points,
+                line: true,
+            });
+        }
+    }
+    if series.is_empty() {
+        return None;
+    }
+    Some(Figure {
+        name: "steps_vs_confusion".into(),
+        title: "ε-DPO decisions against label confusion (true preference probability of the pairs)"
+            .into(),
+        panels: vec![Panel {
+            x_label: "ε".into(),
+            y_label: "mean P(chosen ≻ rejected)".into(),
+            series,
+            hlines: vec![],
+        }],
+        svg: String::new(),
+    })
+}
+
+/// Every figure the sweep has data for, rendered to SVG.
+pub fn all(sweep: &Sweep, summary: &[SettingSummary]) -> Result<Vec<Figure>> {
+    [
+        frontier(summary),
+        epsilon_ablation(summary),
+        beta_dynamics(sweep, summary),
+        steps_vs_confusion(sweep, summary),
+    ]
+    .into_iter()
+    .flatten()
+    .map(finish)
+    .collect()
+}
