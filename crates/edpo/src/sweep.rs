@@ -130,6 +130,15 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, O
         serde_yaml::to_string(&manifest)?.as_bytes(),
     )?;
     let shared = SharedTasks::new(&out.join("cache"));
+    // Build every shared stage before any run starts, outside the run pool: stage builders may
+    // use rayon themselves (polars does), and a pool thread waiting on them could steal another
+    // run that then waits on the same stage.
+    for r in &sweep.runs {
+        let data = shared.get(&r.config)?;
+        if r.config.objective.reference_logps == "cached" {
+            data.cached_reference_logps(&shared.cache)?;
+        }
+    }
     let bar = indicatif::ProgressBar::new(sweep.runs.len() as u64).with_message(sweep.name.clone());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs.max(1))
