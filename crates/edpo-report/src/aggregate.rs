@@ -154,6 +154,31 @@ pub fn by_setting(runs: &DataFrame) -> Result<Vec<SettingSummary>> {
         }
         out.push(summary);
     }
+    // Methods in order of first appearance, each method's settings by their main parameter.
+    let mut methods: Vec<String> = Vec::new();
+    for s in &out {
+        if !methods.contains(&s.method) {
+            methods.push(s.method.clone());
+        }
+    }
+    let main_param = |s: &SettingSummary| {
+        ["epsilon", "beta", "beta0", "lambda", "delta"]
+            .iter()
+            .find_map(|k| s.params.get(*k).copied())
+            .unwrap_or(0.0)
+    };
+    out.sort_by(|a, b| {
+        let pos = |s: &SettingSummary| {
+            methods
+                .iter()
+                .position(|m| *m == s.method)
+                .unwrap_or(usize::MAX)
+        };
+        pos(a)
+            .cmp(&pos(b))
+            .then(main_param(a).total_cmp(&main_param(b)))
+            .then(a.setting.cmp(&b.setting))
+    });
     Ok(out)
 }
 

@@ -2,25 +2,13 @@
 //! cached reference log-probs are computed once, reused across runs and rebuilt when what they
 //! depend on changes, TR-DPO updates its reference on schedule, and every method trains.
 
+mod common;
+
+use common::{edpo, root};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn edpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edpo"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run edpo")
-}
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edpo-baselines-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
+    let dir = common::scratch("baselines", name);
     std::fs::copy(
         root().join("experiments/synthetic.yaml"),
         dir.join("base.yaml"),

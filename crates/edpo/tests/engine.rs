@@ -4,27 +4,15 @@
 //! Snapshots live in `testdata/snapshots/`; to accept a change, rerun with
 //! `UPDATE_SNAPSHOTS=1 cargo test -p edpo --test engine` and review the diff.
 
+mod common;
+
+use common::{edpo, root};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn edpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edpo"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run edpo")
-}
-
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edpo-engine-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+    common::scratch("engine", name)
 }
 
 fn text(o: &[u8]) -> String {

@@ -1,26 +1,14 @@
 //! The default task end to end on the real snippets (shrunk to run in seconds), evaluation
 //! sanity checks that cannot pass by accident, and bad data files.
 
+mod common;
+
+use common::{edpo, root};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn edpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edpo"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run edpo")
-}
+use std::process::Output;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edpo-sentiment-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+    common::scratch("sentiment", name)
 }
 
 /// A tiny sentiment config: real data, small tokenizer and model, few pairs.
