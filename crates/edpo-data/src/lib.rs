@@ -11,6 +11,7 @@
 //! This crate depends on no model code; the model crate consumes token ids only.
 
 pub mod bpe;
+pub mod rng;
 pub mod snippets;
 pub mod synthetic;
 

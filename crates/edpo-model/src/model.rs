@@ -174,7 +174,7 @@ impl CausalLm {
         device: &Device,
         trainable: bool,
     ) -> Result<Self> {
-        let mut rng = SplitMix64(seed);
+        let mut rng = edpo_data::rng::SplitMix64(seed);
         let mut tensors = HashMap::new();
         for spec in specs(&config) {
             let n: usize = spec.shape.iter().product();
@@ -414,28 +414,5 @@ impl candle_core::InplaceOp1 for Blend {
             *t = self.alpha * s + (1.0 - self.alpha) * *t;
         }
         Ok(())
-    }
-}
-
-/// A small seeded generator (SplitMix64) with Box–Muller normals, so random initialisation is
-/// reproducible without depending on a particular `rand` version's streams.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 }

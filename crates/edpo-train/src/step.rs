@@ -11,6 +11,7 @@ use crate::optim::{ensure_finite, AdamW, AdamWConfig, GradBuffers};
 use crate::schedule::Schedule;
 use crate::{Error, Result};
 use candle_core::Tensor;
+use edpo_data::rng::SplitMix64;
 use edpo_data::TokenizedPair;
 use edpo_model::logprobs::{mixed_sequence_logps, response_logits, sum_per_sequence, token_logps};
 use edpo_model::{CausalLm, SequenceBatch};
@@ -316,7 +317,7 @@ pub fn reference_logps(
 enum State {
     Stateless,
     Epsilon(EpsilonBeta),
-    BetaDpo(BetaDpo, Uniform),
+    BetaDpo(BetaDpo, SplitMix64),
     TrDpo { updates: usize },
 }
 
@@ -360,7 +361,7 @@ fn initial_state(objective: &Objective, sft_weight: f64) -> Result<State> {
             }
             State::BetaDpo(
                 BetaDpo::new(beta0, a, keep_fraction, momentum)?,
-                Uniform(seed),
+                SplitMix64(seed),
             )
         }
         Objective::TrDpo { beta, alpha, tau } => {
@@ -373,20 +374,6 @@ fn initial_state(objective: &Objective, sft_weight: f64) -> Result<State> {
             State::TrDpo { updates: 0 }
         }
     })
-}
-
-/// A seeded uniform source for β-DPO's filter (SplitMix64).
-struct Uniform(u64);
-
-impl Uniform {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
 }
 
 /// Optimisation settings of a [`Trainer`].
@@ -512,7 +499,7 @@ impl Trainer {
                 Ok((out, steps))
             }
             (Objective::BetaDpo { .. }, State::BetaDpo(state, rng)) => {
-                let (out, _report) = state.step(&scores.logps(), &mut || rng.next())?;
+                let (out, _report) = state.step(&scores.logps(), &mut || rng.uniform())?;
                 Ok((out, Vec::new()))
             }
             _ => Err(Error::Config("objective and its state disagree".into())),
