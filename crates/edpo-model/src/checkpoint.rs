@@ -9,7 +9,7 @@
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Name of the single-file checkpoint.
@@ -213,13 +213,4 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Sorted view of a name → tensor map, the order tensors are written in.
-pub fn sorted(tensors: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
-    tensors
-        .into_iter()
-        .collect::<BTreeMap<_, _>>()
-        .into_iter()
-        .collect()
 }

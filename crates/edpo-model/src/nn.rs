@@ -5,7 +5,7 @@
 //! subtracted for numerical stability is detached, which leaves softmax's gradient unchanged.
 
 use crate::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 /// A linear map `y = x·Wᵀ + b` (PyTorch `nn.Linear`, weight `[out, in]`) or `y = x·W + b`
 /// (GPT-2's `Conv1D`, weight stored input-major `[in, out]`).
@@ -248,15 +248,6 @@ impl Rotary {
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
         Ok(x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)?)
     }
-}
-
-/// Converts `x` to f32 if it is not already.
-pub fn to_f32(x: &Tensor) -> Result<Tensor> {
-    Ok(if x.dtype() == DType::F32 {
-        x.clone()
-    } else {
-        x.to_dtype(DType::F32)?
-    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! storage (a candle in-place op), so a step builds no graph and allocates no tensors.
 
 use crate::{Error, Result};
-use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout};
 use edpo_model::Param;
 use std::cell::RefCell;
 
@@ -224,9 +224,4 @@ pub fn ensure_finite(x: f64, what: &'static str, step: usize) -> Result<()> {
     } else {
         Err(Error::NonFinite { what, step })
     }
-}
-
-/// The current values of a parameter, flattened (for tests and checkpoints).
-pub fn values(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }

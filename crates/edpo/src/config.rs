@@ -493,6 +493,29 @@ fn check(ok: bool, key: &str, message: impl std::fmt::Display) -> Result<()> {
     }
 }
 
+/// The checks every task shares: response length, pair and prompt counts, label temperature.
+fn check_pairs(
+    response_tokens: usize,
+    train_pairs: usize,
+    eval_pairs: usize,
+    eval_prompts: usize,
+    bt_temperature: f64,
+) -> Result<()> {
+    check(
+        response_tokens >= 2,
+        "task.response_tokens",
+        "must be at least 2",
+    )?;
+    check(train_pairs >= 1, "task.train_pairs", "must be at least 1")?;
+    check(eval_pairs >= 1, "task.eval_pairs", "must be at least 1")?;
+    check(eval_prompts >= 2, "task.eval_prompts", "must be at least 2")?;
+    check(
+        bt_temperature > 0.0,
+        "task.bt_temperature",
+        "must be positive",
+    )
+}
+
 fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
     Ok(match raw {
         RawTask::Synthetic {
@@ -530,30 +553,12 @@ fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
                 "task.prompt_tokens",
                 "must be at least 1",
             )?;
-            check(
-                task.response_tokens >= 2,
-                "task.response_tokens",
-                "must be at least 2",
-            )?;
-            check(
-                task.train_pairs >= 1,
-                "task.train_pairs",
-                "must be at least 1",
-            )?;
-            check(
-                task.eval_pairs >= 1,
-                "task.eval_pairs",
-                "must be at least 1",
-            )?;
-            check(
-                task.eval_prompts >= 2,
-                "task.eval_prompts",
-                "must be at least 2",
-            )?;
-            check(
-                task.bt_temperature > 0.0,
-                "task.bt_temperature",
-                "must be positive",
+            check_pairs(
+                task.response_tokens,
+                task.train_pairs,
+                task.eval_pairs,
+                task.eval_prompts,
+                task.bt_temperature,
             )?;
             TaskConfig::Synthetic(task)
         }
@@ -601,30 +606,12 @@ fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
                 "task.prompt_words_min",
                 "must be at least 1 and at most prompt_words_max",
             )?;
-            check(
-                task.response_tokens >= 2,
-                "task.response_tokens",
-                "must be at least 2",
-            )?;
-            check(
-                task.train_pairs >= 1,
-                "task.train_pairs",
-                "must be at least 1",
-            )?;
-            check(
-                task.eval_pairs >= 1,
-                "task.eval_pairs",
-                "must be at least 1",
-            )?;
-            check(
-                task.eval_prompts >= 2,
-                "task.eval_prompts",
-                "must be at least 2",
-            )?;
-            check(
-                task.bt_temperature > 0.0,
-                "task.bt_temperature",
-                "must be positive",
+            check_pairs(
+                task.response_tokens,
+                task.train_pairs,
+                task.eval_pairs,
+                task.eval_prompts,
+                task.bt_temperature,
             )?;
             check(
                 task.gold_buckets >= 16,

@@ -16,7 +16,7 @@
 
 use crate::config::{ModelShape, SentimentTask};
 use crate::stages::StageCache;
-use crate::task::{gpt2_config, read_jsonl, sample_pairs, write_jsonl, Judge, TaskData};
+use crate::task::{gpt2_config, sample_pairs, write_pairs, Judge, TaskData};
 use anyhow::{anyhow, Context, Result};
 use candle_core::Device;
 use edpo_data::bpe::{train_bpe, EOS};
@@ -288,21 +288,16 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             task.seed ^ 0x2222,
         )?;
         let prompts: Vec<Vec<u32>> = (0..task.eval_prompts).map(|_| held_prompts()).collect();
-        write_jsonl(&dir.join("train.jsonl"), &train_pairs)?;
-        write_jsonl(&dir.join("eval_pairs.jsonl"), &held_out)?;
-        write_jsonl(&dir.join("eval_prompts.jsonl"), &prompts)?;
-        Ok(())
+        write_pairs(dir, &train_pairs, &held_out, &prompts)
     })?;
-    Ok(TaskData {
-        judge: Box::new(judge),
+    TaskData::from_pairs_stage(
+        Box::new(judge),
         eos,
         reference_dir,
-        train: read_jsonl(&pairs_dir.join("train.jsonl"))?,
-        eval_pairs: read_jsonl(&pairs_dir.join("eval_pairs.jsonl"))?,
-        eval_prompts: read_jsonl(&pairs_dir.join("eval_prompts.jsonl"))?,
-        response_tokens: task.response_tokens,
+        &pairs_dir,
+        task.response_tokens,
         pairs_key,
-    })
+    )
 }
 
 #[cfg(test)]

@@ -82,6 +82,27 @@ pub struct TaskData {
 }
 
 impl TaskData {
+    /// Reads the pairs stage `pairs_dir` (as [`write_pairs`] left it) into a task's data.
+    pub fn from_pairs_stage(
+        judge: Box<dyn Judge>,
+        eos: u32,
+        reference_dir: PathBuf,
+        pairs_dir: &Path,
+        response_tokens: usize,
+        pairs_key: serde_json::Value,
+    ) -> Result<Self> {
+        Ok(Self {
+            judge,
+            eos,
+            reference_dir,
+            train: read_jsonl(&pairs_dir.join("train.jsonl"))?,
+            eval_pairs: read_jsonl(&pairs_dir.join("eval_pairs.jsonl"))?,
+            eval_prompts: read_jsonl(&pairs_dir.join("eval_prompts.jsonl"))?,
+            response_tokens,
+            pairs_key,
+        })
+    }
+
     /// Reference log-probs `[chosen, rejected]` of every training pair, computed once per
     /// reference and dataset and cached as a stage of its own: a different reference, data or
     /// tokenisation has a different key and so a different cache entry.
@@ -152,7 +173,7 @@ pub fn gpt2_config(
 }
 
 /// Writes rows as JSON lines.
-pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     let mut text = String::new();
     for r in rows {
         text.push_str(&serde_json::to_string(r)?);
@@ -161,8 +182,20 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Writes a pairs stage: training pairs, held-out pairs and evaluation prompts.
+pub fn write_pairs(
+    dir: &Path,
+    train: &[LabelledPair],
+    held_out: &[LabelledPair],
+    prompts: &[Vec<u32>],
+) -> Result<()> {
+    write_jsonl(&dir.join("train.jsonl"), train)?;
+    write_jsonl(&dir.join("eval_pairs.jsonl"), held_out)?;
+    write_jsonl(&dir.join("eval_prompts.jsonl"), prompts)
+}
+
 /// Reads JSON lines; a malformed row is an error naming the file and line.
-pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
+fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     text.lines()
@@ -321,19 +354,15 @@ pub fn synthetic_prepare(
             task.seed ^ 0x2222,
         )?;
         let prompts: Vec<Vec<u32>> = (0..task.eval_prompts).map(|_| next()).collect();
-        write_jsonl(&dir.join("train.jsonl"), &train)?;
-        write_jsonl(&dir.join("eval_pairs.jsonl"), &held_out)?;
-        write_jsonl(&dir.join("eval_prompts.jsonl"), &prompts)?;
-        Ok(())
+        write_pairs(dir, &train, &held_out, &prompts)
     })?;
-    Ok(TaskData {
-        judge: Box::new(judge),
-        eos: lang.eos(),
+    let eos = lang.eos();
+    TaskData::from_pairs_stage(
+        Box::new(judge),
+        eos,
         reference_dir,
-        train: read_jsonl(&pairs_dir.join("train.jsonl"))?,
-        eval_pairs: read_jsonl(&pairs_dir.join("eval_pairs.jsonl"))?,
-        eval_prompts: read_jsonl(&pairs_dir.join("eval_prompts.jsonl"))?,
-        response_tokens: task.response_tokens,
+        &pairs_dir,
+        task.response_tokens,
         pairs_key,
-    })
+    )
 }
