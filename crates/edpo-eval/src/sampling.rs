@@ -27,16 +27,27 @@ pub struct SamplingSettings {
 pub use edpo_data::rng::SplitMix64;
 
 /// Draws one token from `logits` under the settings.
+///
+/// The draw inverts the cumulative distribution in token-id order, so logits that differ by
+/// float rounding (a cached and an uncached forward pass) give the same token except with a
+/// probability of the order of that difference; ordering by probability would flip the draw
+/// whenever two nearly equal logits swap places. Top-k / top-p sort only to choose the kept set.
 pub fn draw(logits: &[f32], s: &SamplingSettings, rng: &mut SplitMix64) -> u32 {
     if s.temperature <= 0.0 {
         return argmax(logits);
     }
+    let truncate = (s.top_k > 0 && s.top_k < logits.len()) || s.top_p < 1.0;
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if s.top_k > 0 {
-        idx.truncate(s.top_k);
+    if truncate {
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if s.top_k > 0 {
+            idx.truncate(s.top_k);
+        }
     }
-    let max = f64::from(logits[idx[0]]);
+    let max = idx
+        .iter()
+        .map(|&i| f64::from(logits[i]))
+        .fold(f64::NEG_INFINITY, f64::max);
     let mut probs: Vec<f64> = idx
         .iter()
         .map(|&i| ((f64::from(logits[i]) - max) / s.temperature).exp())
@@ -44,6 +55,7 @@ pub fn draw(logits: &[f32], s: &SamplingSettings, rng: &mut SplitMix64) -> u32 {
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if s.top_p < 1.0 {
+        // `idx` is sorted by decreasing probability here.
         let mut cum = 0.0;
         let mut keep = probs.len();
         for (k, p) in probs.iter().enumerate() {
@@ -58,15 +70,19 @@ pub fn draw(logits: &[f32], s: &SamplingSettings, rng: &mut SplitMix64) -> u32 {
         let t: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= t);
     }
+    let mut kept: Vec<(usize, f64)> = idx.into_iter().zip(probs).collect();
+    if truncate {
+        kept.sort_by_key(|&(i, _)| i);
+    }
     let u = rng.uniform();
     let mut cum = 0.0;
-    for (k, p) in probs.iter().enumerate() {
+    for &(i, p) in &kept {
         cum += p;
         if u < cum {
-            return idx[k] as u32;
+            return i as u32;
         }
     }
-    idx[idx.len() - 1] as u32
+    kept[kept.len() - 1].0 as u32
 }
 
 fn argmax(logits: &[f32]) -> u32 {
@@ -80,6 +96,10 @@ fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Samples one response per prompt; sequence `i` uses the stream seeded by `seed` and `i`.
+///
+/// The prompts run once, right-padded, through the model with a key/value cache; after that
+/// each step feeds only the newest token of every unfinished sequence, and finished
+/// sequences leave the batch.
 pub fn sample(
     model: &CausalLm,
     prompts: &[Vec<u32>],
@@ -89,9 +109,79 @@ pub fn sample(
     if prompts.iter().any(Vec::is_empty) {
         return Err(Error::Input("a prompt has no tokens".into()));
     }
-    let mut rngs: Vec<SplitMix64> = (0..prompts.len())
-        .map(|i| SplitMix64(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)))
+    let mut rngs = streams(prompts.len(), seed);
+    let mut responses: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    if prompts.is_empty() || settings.max_new_tokens == 0 {
+        return Ok(responses);
+    }
+    let b = prompts.len();
+    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = vec![0u32; b * t];
+    let mut mask = vec![0u8; b * t];
+    for (row, p) in prompts.iter().enumerate() {
+        ids[row * t..row * t + p.len()].copy_from_slice(p);
+        mask[row * t..row * t + p.len()].fill(1);
+    }
+    let mut cache = model.new_cache(b);
+    let hidden = model.hidden_cached(&ids, &mask, t, &mut cache)?;
+    let d = hidden.dim(2)?;
+    let rows: Vec<u32> = prompts
+        .iter()
+        .enumerate()
+        .map(|(row, p)| (row * t + p.len() - 1) as u32)
         .collect();
+    let rows = Tensor::from_vec(rows, b, model.device())?;
+    let mut last = hidden.reshape((b * t, d))?.index_select(&rows, 0)?;
+    // `active[row]` is the prompt index of the cache's row `row`.
+    let mut active: Vec<usize> = (0..b).collect();
+    for step in 0..settings.max_new_tokens {
+        let logits = model
+            .lm_head(&last)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut kept_rows = Vec::with_capacity(active.len());
+        for (row, &i) in active.iter().enumerate() {
+            let tok = draw(&logits[row], settings, &mut rngs[i]);
+            responses[i].push(tok);
+            if tok != settings.eos {
+                kept_rows.push(row);
+            }
+        }
+        if kept_rows.is_empty() || step + 1 == settings.max_new_tokens {
+            break;
+        }
+        if kept_rows.len() < active.len() {
+            cache.keep_rows(&kept_rows, model.device())?;
+            active = kept_rows.iter().map(|&row| active[row]).collect();
+        }
+        let next: Vec<u32> = active.iter().map(|&i| responses[i][step]).collect();
+        let ones = vec![1u8; next.len()];
+        let hidden = model.hidden_cached(&next, &ones, 1, &mut cache)?;
+        last = hidden.reshape((active.len(), d))?;
+    }
+    Ok(responses)
+}
+
+/// One seeded stream per sequence.
+fn streams(n: usize, seed: u64) -> Vec<SplitMix64> {
+    (0..n)
+        .map(|i| SplitMix64(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)))
+        .collect()
+}
+
+/// The same sampler without a cache: every step reruns the whole prefix of every unfinished
+/// sequence. It is the definition [`sample`] must reproduce (tested) and the baseline the bench
+/// times it against.
+pub fn sample_uncached(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    settings: &SamplingSettings,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(Error::Input("a prompt has no tokens".into()));
+    }
+    let mut rngs = streams(prompts.len(), seed);
     let mut responses: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     for _ in 0..settings.max_new_tokens {
@@ -167,5 +257,119 @@ mod tests {
             ..s
         };
         assert_eq!(draw(&logits, &greedy, &mut rng), 1);
+    }
+    fn tiny(raw: serde_json::Value) -> CausalLm {
+        let cfg = edpo_model::ModelConfig::from_json(&raw, std::path::Path::new("<test>")).unwrap();
+        CausalLm::random(cfg, raw, 7, &candle_core::Device::Cpu, false).unwrap()
+    }
+
+    fn tiny_models() -> Vec<CausalLm> {
+        vec![
+            tiny(
+                serde_json::json!({"model_type": "gpt2", "vocab_size": 24, "n_positions": 64,
+                "n_embd": 16, "n_layer": 2, "n_head": 2}),
+            ),
+            // Grouped-query attention and a sliding window shorter than the sequences.
+            tiny(
+                serde_json::json!({"model_type": "mistral", "vocab_size": 24,
+                "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 5,
+                "tie_word_embeddings": true}),
+            ),
+        ]
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        (0..9u32)
+            .map(|i| {
+                (0..1 + (i as usize * 5) % 7)
+                    .map(|k| (i * 3 + k as u32) % 23)
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cached_sampling_reproduces_recomputing_the_prefix() -> Result<()> {
+        for model in tiny_models() {
+            let (mut stopped, mut ran_out) = (false, false);
+            for (temperature, top_k, top_p) in [(1.0, 0, 1.0), (0.7, 5, 0.9), (0.0, 0, 1.0)] {
+                let s = SamplingSettings {
+                    temperature,
+                    top_k,
+                    top_p,
+                    max_new_tokens: 12,
+                    eos: 3,
+                };
+                let cached = sample(&model, &prompts(), &s, 11)?;
+                let recomputed = sample_uncached(&model, &prompts(), &s, 11)?;
+                assert_eq!(cached, recomputed, "{:?}", model.config());
+                stopped |= cached.iter().any(|r| r.len() < 12 && r.last() == Some(&3));
+                ran_out |= cached.iter().any(|r| r.len() == 12);
+            }
+            // Some sequences stopped at EOS and some ran to the limit, so both paths ran.
+            assert!(stopped && ran_out);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cached_states_equal_full_forward_states() -> Result<()> {
+        for model in tiny_models() {
+            let seqs = prompts();
+            let b = seqs.len();
+            let t = seqs.iter().map(Vec::len).max().unwrap();
+            let mut ids = vec![0u32; b * t];
+            let mut mask = vec![0u8; b * t];
+            for (r, p) in seqs.iter().enumerate() {
+                ids[r * t..r * t + p.len()].copy_from_slice(p);
+                mask[r * t..r * t + p.len()].fill(1);
+            }
+            let full = model.hidden(&ids, &mask, b, t)?.to_vec3::<f32>()?;
+            // First three columns at once, then one column at a time.
+            let mut cache = model.new_cache(b);
+            let mut got = vec![Vec::new(); b];
+            let mut col = 0;
+            while col < t {
+                let n = if col == 0 { 3.min(t) } else { 1 };
+                let pick = |v: &[u32]| -> Vec<u32> {
+                    (0..b)
+                        .flat_map(|r| v[r * t + col..r * t + col + n].to_vec())
+                        .collect()
+                };
+                let step_ids = pick(&ids);
+                let m32: Vec<u32> = mask.iter().map(|&m| u32::from(m)).collect();
+                let step_mask: Vec<u8> = pick(&m32).iter().map(|&m| m as u8).collect();
+                let h = model
+                    .hidden_cached(&step_ids, &step_mask, n, &mut cache)?
+                    .to_vec3::<f32>()?;
+                for (r, rows) in h.into_iter().enumerate() {
+                    got[r].extend(rows);
+                }
+                col += n;
+            }
+            for r in 0..b {
+                for c in 0..seqs[r].len() {
+                    for (x, y) in full[r][c].iter().zip(&got[r][c]) {
+                        assert!((x - y).abs() < 1e-5, "row {r} col {c}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_cache_refuses_positions_beyond_the_model() -> Result<()> {
+        let model = &tiny_models()[0];
+        let mut cache = model.new_cache(1);
+        let ids = vec![1u32; 64];
+        model.hidden_cached(&ids, &[1; 64], 64, &mut cache)?;
+        let err = model.hidden_cached(&[1], &[1], 1, &mut cache).unwrap_err();
+        assert!(
+            err.to_string().contains("beyond the model's 64 positions"),
+            "{err}"
+        );
+        Ok(())
     }
 }

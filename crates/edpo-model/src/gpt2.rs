@@ -7,7 +7,7 @@
 
 use crate::config::Gpt2Config;
 use crate::model::{Init, TensorSpec, Weights};
-use crate::nn::{attention, LayerNorm, Linear};
+use crate::nn::{attention, LayerKv, LayerNorm, Linear};
 use crate::Result;
 use candle_core::Tensor;
 
@@ -80,7 +80,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, bias: &Tensor, cache: Option<&mut LayerKv>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3d)
@@ -91,7 +91,11 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?) // (B, H, T, hd)
         };
-        let y = attention(&heads(0)?, &heads(1)?, &heads(2)?, bias)?; // (B, T, d)
+        let (k, v) = match cache {
+            Some(cache) => cache.extend(heads(1)?, heads(2)?)?,
+            None => (heads(1)?, heads(2)?),
+        };
+        let y = attention(&heads(0)?, &k, &v, bias)?; // (B, T, d)
         self.c_proj.forward(&y)
     }
 }
@@ -118,8 +122,8 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, bias)?)?;
+    fn forward(&self, x: &Tensor, bias: &Tensor, cache: Option<&mut LayerKv>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, bias, cache)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }
 }
@@ -163,15 +167,23 @@ impl Gpt2 {
         }
     }
 
-    /// Final hidden states `(B, T, d)` after `ln_f`.
-    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    /// Final hidden states `(B, T, d)` after `ln_f`. With a cache (one [`LayerKv`] per block),
+    /// `ids` are the new positions only, `bias` covers past and new keys, and the new keys and
+    /// values are appended to the cache.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: &Tensor,
+        mut cache: Option<&mut [LayerKv]>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let d = self.wte.dim(1)?;
         let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
         let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
         let mut x = (tok + pos)?.reshape((b, t, d))?;
-        for block in &self.blocks {
-            x = block.forward(&x, bias)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, bias, cache.as_deref_mut().map(|c| &mut c[i]))?;
         }
         self.ln_f.forward(&x)
     }

@@ -28,7 +28,7 @@ pub mod nn;
 
 pub use config::{Gpt2Config, LlamaConfig, LlamaVariant, ModelConfig};
 pub use logprobs::{sequence_logps, SequenceBatch};
-pub use model::{CausalLm, Param};
+pub use model::{CausalLm, KvCache, Param};
 
 use std::path::PathBuf;
 

@@ -7,7 +7,7 @@
 
 use crate::config::LlamaConfig;
 use crate::model::{Init, TensorSpec, Weights};
-use crate::nn::{attention, Linear, RmsNorm, Rotary};
+use crate::nn::{attention, LayerKv, Linear, RmsNorm, Rotary};
 use crate::Result;
 use candle_core::Tensor;
 
@@ -85,8 +85,15 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        bias: &Tensor,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let (cos, sin) = rope;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, heads, self.head_dim))?
                 .transpose(1, 2)?
@@ -97,6 +104,10 @@ impl Attention {
         let v = split(self.v_proj.forward(x)?, self.n_kv)?;
         let q = Rotary::apply(&q, cos, sin)?;
         let k = Rotary::apply(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.extend(k, v)?,
+            None => (k, v),
+        };
         let y = attention(&q, &k, &v, bias)?; // (B, T, H·hd)
         self.o_proj.forward(&y)
     }
@@ -125,10 +136,16 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        bias: &Tensor,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, bias)?;
+            .forward(&self.input_layernorm.forward(x)?, rope, bias, cache)?;
         let x = (x + h)?;
         Ok((&x
             + self
@@ -193,8 +210,15 @@ impl Llama {
         }
     }
 
-    /// Final hidden states `(B, T, d)` after the last RMSNorm.
-    pub fn hidden(&self, ids: &Tensor, positions: &[u32], bias: &Tensor) -> Result<Tensor> {
+    /// Final hidden states `(B, T, d)` after the last RMSNorm. With a cache (one [`LayerKv`]
+    /// per block), `ids` are the new positions only and `bias` covers past and new keys.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &[u32],
+        bias: &Tensor,
+        mut cache: Option<&mut [LayerKv]>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let d = self.embed_tokens.dim(1)?;
         let (cos, sin) = self.rotary.tables(positions, b, t, ids.device())?;
@@ -202,8 +226,13 @@ impl Llama {
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, d))?;
-        for block in &self.blocks {
-            x = block.forward(&x, &cos, &sin, bias)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(
+                &x,
+                (&cos, &sin),
+                bias,
+                cache.as_deref_mut().map(|c| &mut c[i]),
+            )?;
         }
         self.norm.forward(&x)
     }

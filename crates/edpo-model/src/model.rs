@@ -7,7 +7,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::ModelConfig;
 use crate::gpt2::{self, Gpt2};
 use crate::llama::{self, Llama};
-use crate::nn::{attention_bias, position_ids};
+use crate::nn::{attention_bias, attention_bias_incremental, position_ids, LayerKv};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
@@ -91,6 +91,40 @@ pub struct CausalLm {
     source_dir: Option<PathBuf>,
     /// Forward passes run so far (shared by clones), so tests can prove a model was not run.
     forward_count: Arc<AtomicUsize>,
+}
+
+/// What incremental decoding has seen: every layer's keys and values, and for each row which
+/// key columns are real tokens and at which positions. Made by [`CausalLm::new_cache`].
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    key_mask: Vec<Vec<u8>>,
+    key_pos: Vec<Vec<u32>>,
+}
+
+impl KvCache {
+    /// Rows (sequences) in the cache.
+    pub fn batch(&self) -> usize {
+        self.key_mask.len()
+    }
+
+    /// Keeps only the given rows, in that order (sequences that finished are dropped).
+    pub fn keep_rows(&mut self, rows: &[usize], device: &Device) -> Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch()) {
+            return Err(Error::Input(format!(
+                "row {bad} is not in a cache of {} rows",
+                self.batch()
+            )));
+        }
+        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let index = Tensor::from_vec(index, rows.len(), device)?;
+        for layer in &mut self.layers {
+            layer.select_rows(&index)?;
+        }
+        self.key_mask = rows.iter().map(|&r| self.key_mask[r].clone()).collect();
+        self.key_pos = rows.iter().map(|&r| self.key_pos[r].clone()).collect();
+        Ok(())
+    }
 }
 
 fn specs(config: &ModelConfig) -> Vec<TensorSpec> {
@@ -249,6 +283,98 @@ impl CausalLm {
         batch: usize,
         seq_len: usize,
     ) -> Result<Tensor> {
+        self.check_ids(input_ids, attention_mask, batch, seq_len)?;
+        if let Some(n_positions) = self.max_positions() {
+            if seq_len > n_positions {
+                return Err(Error::Input(format!(
+                    "sequence of {seq_len} tokens is longer than the model's {n_positions} positions"
+                )));
+            }
+        }
+        let positions = position_ids(attention_mask, batch, seq_len);
+        let bias = attention_bias(attention_mask, batch, seq_len, self.window(), &self.device)?;
+        self.run_blocks(input_ids, positions, &bias, batch, seq_len, None)
+    }
+
+    /// An empty cache for incremental decoding of `batch` sequences.
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        let layers = match &self.config {
+            ModelConfig::Gpt2(c) => c.n_layer,
+            ModelConfig::Llama(c) => c.num_hidden_layers,
+        };
+        KvCache {
+            layers: vec![LayerKv::default(); layers],
+            key_mask: vec![Vec::new(); batch],
+            key_pos: vec![Vec::new(); batch],
+        }
+    }
+
+    /// Hidden states `(B, T_new, d)` of `T_new` new positions per row, attending to everything
+    /// `cache` has seen; their keys and values are added to it. The first call may pass
+    /// right-padded prompts (mask 0 on padding); padding stays masked for every later query,
+    /// and positions count real tokens only, so the states equal [`CausalLm::hidden`]'s on the
+    /// whole sequence (up to float rounding). No gradient: decoding is inference only.
+    pub fn hidden_cached(
+        &self,
+        input_ids: &[u32],
+        attention_mask: &[u8],
+        new_len: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let batch = cache.key_mask.len();
+        self.check_ids(input_ids, attention_mask, batch, new_len)?;
+        let mut positions = Vec::with_capacity(batch * new_len);
+        for b in 0..batch {
+            let mut seen = cache.key_mask[b].iter().filter(|&&m| m != 0).count() as u32;
+            for t in 0..new_len {
+                let real = attention_mask[b * new_len + t] != 0;
+                positions.push(if real { seen } else { seen.saturating_sub(1) });
+                seen += u32::from(real);
+            }
+        }
+        if let Some(n_positions) = self.max_positions() {
+            if let Some(&p) = positions
+                .iter()
+                .max()
+                .filter(|&&p| p as usize >= n_positions)
+            {
+                return Err(Error::Input(format!(
+                    "position {p} is beyond the model's {n_positions} positions"
+                )));
+            }
+        }
+        // Only now, with the input checked, does the cache grow.
+        for b in 0..batch {
+            for t in 0..new_len {
+                cache.key_mask[b].push(u8::from(attention_mask[b * new_len + t] != 0));
+                cache.key_pos[b].push(positions[b * new_len + t]);
+            }
+        }
+        let bias = attention_bias_incremental(
+            &cache.key_mask,
+            &cache.key_pos,
+            new_len,
+            self.window(),
+            &self.device,
+        )?;
+        let input = input_ids.to_vec();
+        self.run_blocks(
+            &input,
+            positions,
+            &bias,
+            batch,
+            new_len,
+            Some(&mut cache.layers),
+        )
+    }
+
+    fn check_ids(
+        &self,
+        input_ids: &[u32],
+        attention_mask: &[u8],
+        batch: usize,
+        seq_len: usize,
+    ) -> Result<()> {
         if input_ids.len() != batch * seq_len || attention_mask.len() != batch * seq_len {
             return Err(Error::Input(format!(
                 "expected {batch}×{seq_len} ids and mask values, got {} and {}",
@@ -256,38 +382,47 @@ impl CausalLm {
                 attention_mask.len()
             )));
         }
-        self.forward_count.fetch_add(1, Ordering::Relaxed);
         let vocab = self.config.vocab_size() as u32;
         if let Some(bad) = input_ids.iter().find(|&&id| id >= vocab) {
             return Err(Error::Input(format!(
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
+        Ok(())
+    }
+
+    /// GPT-2's learned-position limit (rotary models have none).
+    fn max_positions(&self) -> Option<usize> {
+        match &self.config {
+            ModelConfig::Gpt2(c) => Some(c.n_positions),
+            ModelConfig::Llama(_) => None,
+        }
+    }
+
+    fn window(&self) -> Option<usize> {
+        match &self.config {
+            ModelConfig::Llama(c) => c.sliding_window,
+            ModelConfig::Gpt2(_) => None,
+        }
+    }
+
+    fn run_blocks(
+        &self,
+        input_ids: &[u32],
+        positions: Vec<u32>,
+        bias: &Tensor,
+        batch: usize,
+        seq_len: usize,
+        cache: Option<&mut [LayerKv]>,
+    ) -> Result<Tensor> {
+        self.forward_count.fetch_add(1, Ordering::Relaxed);
         let ids = Tensor::from_slice(input_ids, (batch, seq_len), &self.device)?;
-        let positions = position_ids(attention_mask, batch, seq_len);
         match &self.arch {
             Arch::Gpt2(m) => {
-                let n_positions = match &self.config {
-                    ModelConfig::Gpt2(c) => c.n_positions,
-                    ModelConfig::Llama(_) => unreachable!("arch and config agree"),
-                };
-                if seq_len > n_positions {
-                    return Err(Error::Input(format!(
-                        "sequence of {seq_len} tokens is longer than the model's {n_positions} positions"
-                    )));
-                }
-                let bias = attention_bias(attention_mask, batch, seq_len, None, &self.device)?;
                 let pos = Tensor::from_vec(positions, (batch, seq_len), &self.device)?;
-                m.hidden(&ids, &pos, &bias)
+                m.hidden(&ids, &pos, bias, cache)
             }
-            Arch::Llama(m) => {
-                let window = match &self.config {
-                    ModelConfig::Llama(c) => c.sliding_window,
-                    ModelConfig::Gpt2(_) => None,
-                };
-                let bias = attention_bias(attention_mask, batch, seq_len, window, &self.device)?;
-                m.hidden(&ids, &positions, &bias)
-            }
+            Arch::Llama(m) => m.hidden(&ids, &positions, bias, cache),
         }
     }
 

@@ -153,6 +153,70 @@ pub fn attention_bias(
     )?)
 }
 
+/// Keys and values of the positions one layer has already seen, `(B, KV, T_past, hd)` each,
+/// for incremental decoding. Nothing here is differentiated: decoding is inference only.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl LayerKv {
+    /// Appends the new positions' keys and values and returns all of them.
+    pub fn extend(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match (self.k.take(), self.v.take()) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            _ => (k, v),
+        };
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        Ok((k, v))
+    }
+
+    /// Keeps only the given batch rows, in that order.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        if let Some(k) = &self.k {
+            self.k = Some(k.index_select(rows, 0)?);
+        }
+        if let Some(v) = &self.v {
+            self.v = Some(v.index_select(rows, 0)?);
+        }
+        Ok(())
+    }
+}
+
+/// Additive attention bias `(B, 1, T_new, T_past + T_new)` for new queries against every key
+/// seen so far. `key_mask[b]` and `key_pos[b]` hold, for each key column (past and new), whether
+/// it is a real token and its position; new query `i` sits at column `T_past + i`. The rule is
+/// [`attention_bias`]'s: causal, real keys only, and within `window` positions.
+pub fn attention_bias_incremental(
+    key_mask: &[Vec<u8>],
+    key_pos: &[Vec<u32>],
+    new_len: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    const MASKED: f32 = -1e30;
+    let batch = key_mask.len();
+    let total = key_mask.first().map_or(0, Vec::len);
+    let past = total - new_len;
+    let mut bias = vec![0f32; batch * new_len * total];
+    for b in 0..batch {
+        for i in 0..new_len {
+            let q = past + i;
+            let qpos = key_pos[b][q] as usize;
+            let row = &mut bias[(b * new_len + i) * total..(b * new_len + i + 1) * total];
+            for (j, v) in row.iter_mut().enumerate() {
+                let outside_window = window.is_some_and(|w| qpos >= key_pos[b][j] as usize + w);
+                if j > q || key_mask[b][j] == 0 || outside_window {
+                    *v = MASKED;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (batch, 1, new_len, total), device)?)
+}
+
 /// Position of each token: the count of real tokens before it, so left padding does not
 /// shift positions and right padding does not matter.
 pub fn position_ids(attention_mask: &[u8], batch: usize, seq_len: usize) -> Vec<u32> {

@@ -6,10 +6,12 @@
 //! tokens each including EOS. Step: reference forward, policy forward and backward on chosen
 //! and rejected, DPO (β = 0.1) or ε-DPO (ε = 0.01), AdamW at learning rate 1e-5.
 //! Timing: 2 warm-up steps, then `steps` timed steps; pairs/s = 8·steps / seconds.
+//! Also timed: sampling with and without the key/value cache (generated tokens/s).
 
 use anyhow::Result;
 use candle_core::Device;
 use edpo_data::TokenizedPair;
+use edpo_eval::{sample, sample_uncached, SamplingSettings};
 use edpo_model::{CausalLm, Gpt2Config, ModelConfig};
 use edpo_train::{AdamWConfig, Objective, Schedule, ScheduleKind, Trainer, TrainerConfig};
 use serde_json::json;
@@ -107,6 +109,38 @@ fn measure(objective: Objective, steps: usize) -> Result<f64> {
     Ok((PAIRS * steps) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Generated tokens per second of the cached and the uncached sampler on the bench model:
+/// 32 prompts of 32 random tokens, 64 new tokens each at temperature 1, the same seed. Both
+/// must draw the same tokens.
+fn measure_sampling() -> Result<(f64, f64)> {
+    let (cfg, raw) = config();
+    let model = CausalLm::random(cfg, raw, 1234, &Device::Cpu, false)?;
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .flat_map(|s| random_pairs(100 + s))
+        .map(|p| p.prompt)
+        .collect();
+    let settings = SamplingSettings {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_new_tokens: 64,
+        eos: (VOCAB - 1) as u32,
+    };
+    let timed = |f: &dyn Fn() -> edpo_eval::Result<Vec<Vec<u32>>>| -> Result<(f64, Vec<Vec<u32>>)> {
+        let start = Instant::now();
+        let out = f()?;
+        let tokens: usize = out.iter().map(Vec::len).sum();
+        Ok((tokens as f64 / start.elapsed().as_secs_f64(), out))
+    };
+    let (cached, a) = timed(&|| sample(&model, &prompts, &settings, 5))?;
+    let (uncached, b) = timed(&|| sample_uncached(&model, &prompts, &settings, 5))?;
+    anyhow::ensure!(
+        a == b,
+        "the cached and uncached samplers drew different tokens"
+    );
+    Ok((cached, uncached))
+}
+
 /// Peak resident set size of this process, from `/proc/self/status` (Linux).
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -128,12 +162,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         },
         args.steps,
     )?;
+    let (sampling, sampling_uncached) = measure_sampling()?;
     let tokens_per_pair = (2 * (PROMPT + RESPONSE)) as f64;
     let out = json!({
         "dpo_pairs_per_s": dpo,
         "epsilon_dpo_pairs_per_s": eps,
         "epsilon_over_dpo": eps / dpo,
         "dpo_tokens_per_s": dpo * tokens_per_pair,
+        "sampling_tokens_per_s": sampling,
+        "sampling_uncached_tokens_per_s": sampling_uncached,
         "threads": args.threads,
         "steps": args.steps,
         "peak_rss_mib": peak_rss_mib(),

@@ -24,6 +24,7 @@ pub enum RawTask {
         train_pairs: Option<usize>,
         eval_pairs: Option<usize>,
         eval_prompts: Option<usize>,
+        val_prompts: Option<usize>,
         bt_temperature: Option<f64>,
         sft_steps: Option<usize>,
         seed: Option<u64>,
@@ -40,6 +41,7 @@ pub enum RawTask {
         train_pairs: Option<usize>,
         eval_pairs: Option<usize>,
         eval_prompts: Option<usize>,
+        val_prompts: Option<usize>,
         bt_temperature: Option<f64>,
         pretrain_steps: Option<usize>,
         gold_buckets: Option<usize>,
@@ -142,6 +144,7 @@ pub struct SyntheticTask {
     pub train_pairs: usize,
     pub eval_pairs: usize,
     pub eval_prompts: usize,
+    pub val_prompts: usize,
     pub bt_temperature: f64,
     pub sft_steps: usize,
     pub seed: u64,
@@ -165,7 +168,10 @@ pub struct SentimentTask {
     pub response_tokens: usize,
     pub train_pairs: usize,
     pub eval_pairs: usize,
+    /// Test prompts: every reported number is measured on them.
     pub eval_prompts: usize,
+    /// Validation prompts: settings are chosen on them, never on the test prompts.
+    pub val_prompts: usize,
     /// τ of the Bradley–Terry labels, in rating units.
     pub bt_temperature: f64,
     /// Optimizer steps of the reference LM's pre-training.
@@ -182,6 +188,10 @@ pub enum TaskConfig {
     Synthetic(SyntheticTask),
     Sentiment(SentimentTask),
 }
+
+/// The version of resolved configs and of the run files they produce. 2: validation prompts
+/// apart from the test prompts, `decisions.json`, evaluation lines over training.
+pub const CONFIG_VERSION: u32 = 2;
 
 /// The snippets shipped in `datasets/` and their recorded checksum.
 pub const SNIPPETS_PATH: &str = "datasets/movie-snippets/movieReviewSnippets_GroundTruth.txt";
@@ -477,6 +487,8 @@ pub struct RunSettings {
 /// A resolved, validated run config: what `config.yaml` in a run directory holds.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunConfig {
+    /// [`CONFIG_VERSION`]: what the run directory's files mean. Reports skip other versions.
+    pub config_version: u32,
     pub task: TaskConfig,
     pub model: ModelShape,
     pub objective: ObjectiveConfig,
@@ -499,6 +511,7 @@ fn check_pairs(
     train_pairs: usize,
     eval_pairs: usize,
     eval_prompts: usize,
+    val_prompts: usize,
     bt_temperature: f64,
 ) -> Result<()> {
     check(
@@ -509,6 +522,7 @@ fn check_pairs(
     check(train_pairs >= 1, "task.train_pairs", "must be at least 1")?;
     check(eval_pairs >= 1, "task.eval_pairs", "must be at least 1")?;
     check(eval_prompts >= 2, "task.eval_prompts", "must be at least 2")?;
+    check(val_prompts >= 2, "task.val_prompts", "must be at least 2")?;
     check(
         bt_temperature > 0.0,
         "task.bt_temperature",
@@ -526,6 +540,7 @@ fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
             train_pairs,
             eval_pairs,
             eval_prompts,
+            val_prompts,
             bt_temperature,
             sft_steps,
             seed,
@@ -538,6 +553,7 @@ fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
                 train_pairs: train_pairs.unwrap_or(256),
                 eval_pairs: eval_pairs.unwrap_or(64),
                 eval_prompts: eval_prompts.unwrap_or(128),
+                val_prompts: val_prompts.unwrap_or(64),
                 bt_temperature: bt_temperature.unwrap_or(0.25),
                 sft_steps: sft_steps.unwrap_or(150),
                 seed: seed.unwrap_or(0),
@@ -558,6 +574,7 @@ fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
                 task.train_pairs,
                 task.eval_pairs,
                 task.eval_prompts,
+                task.val_prompts,
                 task.bt_temperature,
             )?;
             TaskConfig::Synthetic(task)
@@ -573,6 +590,7 @@ fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
             train_pairs,
             eval_pairs,
             eval_prompts,
+            val_prompts,
             bt_temperature,
             pretrain_steps,
             gold_buckets,
@@ -591,6 +609,7 @@ fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
                 train_pairs: train_pairs.unwrap_or(512),
                 eval_pairs: eval_pairs.unwrap_or(128),
                 eval_prompts: eval_prompts.unwrap_or(256),
+                val_prompts: val_prompts.unwrap_or(128),
                 bt_temperature: bt_temperature.unwrap_or(0.5),
                 pretrain_steps: pretrain_steps.unwrap_or(1200),
                 gold_buckets: gold_buckets.unwrap_or(1 << 16),
@@ -611,6 +630,7 @@ fn resolve_task(raw: RawTask) -> Result<TaskConfig> {
                 task.train_pairs,
                 task.eval_pairs,
                 task.eval_prompts,
+                task.val_prompts,
                 task.bt_temperature,
             )?;
             check(
@@ -734,6 +754,7 @@ impl RawConfig {
         check(run.threads >= 1, "run.threads", "must be at least 1")?;
         check(run.log_every >= 1, "run.log_every", "must be at least 1")?;
         Ok(RunConfig {
+            config_version: CONFIG_VERSION,
             task,
             model,
             objective,

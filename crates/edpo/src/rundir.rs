@@ -125,6 +125,14 @@ impl RunDir {
         write_atomic(&self.path.join("metrics.jsonl"), self.metrics.as_bytes())
     }
 
+    /// Writes another JSON file of the run (atomically).
+    pub fn write_file(&self, name: &str, value: &serde_json::Value) -> Result<()> {
+        write_atomic(
+            &self.path.join(name),
+            serde_json::to_string_pretty(value)?.as_bytes(),
+        )
+    }
+
     /// Records progress.
     pub fn set_steps_done(&mut self, steps: usize) {
         self.status.steps_done = steps;

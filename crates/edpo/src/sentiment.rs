@@ -12,7 +12,9 @@
 //!    layout, tokenizer included) — π_ref and the starting policy;
 //! 5. pairs: prompts are the first few words of training snippets, two continuations each are
 //!    sampled from π_ref, scored by the gold model on prompt + continuation, and labelled by a
-//!    Bradley–Terry draw. Held-out pairs and evaluation prompts come from the validation split.
+//!    Bradley–Terry draw. Held-out pairs and the test prompts every reported number uses
+//!    come from the test split; the validation prompts that settings are chosen on come from
+//!    the validation split.
 
 use crate::config::{ModelShape, SentimentTask};
 use crate::stages::StageCache;
@@ -240,7 +242,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     let pairs_key = json!({"stage": "sentiment-pairs", "reference": reference_key, "gold": gold_key,
         "prompt_words": [task.prompt_words_min, task.prompt_words_max], "response_tokens": task.response_tokens,
         "train_pairs": task.train_pairs, "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts,
-        "bt_temperature": task.bt_temperature});
+        "val_prompts": task.val_prompts, "held_out_split": "test", "bt_temperature": task.bt_temperature});
     let settings = SamplingSettings {
         temperature: 1.0,
         top_k: 0,
@@ -268,7 +270,8 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             }
         };
         let mut train_prompts = prompts_from(&train, task.seed ^ 0x4444);
-        let mut held_prompts = prompts_from(&validation, task.seed ^ 0x5555);
+        let mut held_prompts = prompts_from(&test, task.seed ^ 0x5555);
+        let mut val_prompts = prompts_from(&validation, task.seed ^ 0x6666);
         let train_pairs = sample_pairs(
             &reference,
             &judge,
@@ -288,7 +291,8 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             task.seed ^ 0x2222,
         )?;
         let prompts: Vec<Vec<u32>> = (0..task.eval_prompts).map(|_| held_prompts()).collect();
-        write_pairs(dir, &train_pairs, &held_out, &prompts)
+        let val: Vec<Vec<u32>> = (0..task.val_prompts).map(|_| val_prompts()).collect();
+        write_pairs(dir, &train_pairs, &held_out, &prompts, &val)
     })?;
     TaskData::from_pairs_stage(
         Box::new(judge),

@@ -73,8 +73,10 @@ pub struct TaskData {
     pub train: Vec<LabelledPair>,
     /// Held-out pairs.
     pub eval_pairs: Vec<LabelledPair>,
-    /// Held-out prompts for sampling.
+    /// Test prompts: every reported number is measured on them.
     pub eval_prompts: Vec<Vec<u32>>,
+    /// Validation prompts: settings are chosen on them.
+    pub val_prompts: Vec<Vec<u32>>,
     /// Maximum response length, EOS included.
     pub response_tokens: usize,
     /// What the pairs stage depends on (reference, data, tokenizer), for stages built on it.
@@ -98,6 +100,7 @@ impl TaskData {
             train: read_jsonl(&pairs_dir.join("train.jsonl"))?,
             eval_pairs: read_jsonl(&pairs_dir.join("eval_pairs.jsonl"))?,
             eval_prompts: read_jsonl(&pairs_dir.join("eval_prompts.jsonl"))?,
+            val_prompts: read_jsonl(&pairs_dir.join("val_prompts.jsonl"))?,
             response_tokens,
             pairs_key,
         })
@@ -182,16 +185,18 @@ fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes a pairs stage: training pairs, held-out pairs and evaluation prompts.
+/// Writes a pairs stage: training pairs, held-out pairs, test and validation prompts.
 pub fn write_pairs(
     dir: &Path,
     train: &[LabelledPair],
     held_out: &[LabelledPair],
     prompts: &[Vec<u32>],
+    val_prompts: &[Vec<u32>],
 ) -> Result<()> {
     write_jsonl(&dir.join("train.jsonl"), train)?;
     write_jsonl(&dir.join("eval_pairs.jsonl"), held_out)?;
-    write_jsonl(&dir.join("eval_prompts.jsonl"), prompts)
+    write_jsonl(&dir.join("eval_prompts.jsonl"), prompts)?;
+    write_jsonl(&dir.join("val_prompts.jsonl"), val_prompts)
 }
 
 /// Reads JSON lines; a malformed row is an error naming the file and line.
@@ -322,7 +327,8 @@ pub fn synthetic_prepare(
         tracing::info!(dir = %reference_dir.display(), "built reference");
     }
     let pairs_key = json!({"stage": "synthetic-pairs", "reference": ref_key, "train_pairs": task.train_pairs,
-        "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts, "bt_temperature": task.bt_temperature});
+        "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts, "val_prompts": task.val_prompts,
+        "bt_temperature": task.bt_temperature});
     let judge = MarkovJudge(lang.clone());
     let settings = SamplingSettings {
         temperature: 1.0,
@@ -354,7 +360,8 @@ pub fn synthetic_prepare(
             task.seed ^ 0x2222,
         )?;
         let prompts: Vec<Vec<u32>> = (0..task.eval_prompts).map(|_| next()).collect();
-        write_pairs(dir, &train, &held_out, &prompts)
+        let val_prompts: Vec<Vec<u32>> = (0..task.val_prompts).map(|_| next()).collect();
+        write_pairs(dir, &train, &held_out, &prompts, &val_prompts)
     })?;
     let eos = lang.eos();
     TaskData::from_pairs_stage(
