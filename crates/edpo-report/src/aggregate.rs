@@ -17,6 +17,8 @@ pub const METRICS: &[&str] = &[
     "mean_length",
     "entropy_per_token",
     "final_beta",
+    "val_win_rate",
+    "val_gold_reward",
 ];
 
 /// A metric's mean over seeds and the half-width of its 95% interval (NaN for one seed).

@@ -6,12 +6,19 @@
 //!   order of KL.
 //! - `epsilon_ablation`: ε-DPO's win rate and KL against ε, with each DPO setting as a
 //!   horizontal reference line.
+//! - `trajectories`: KL, win rate and gold reward at every evaluation over training (the DPO
+//!   paper's evaluation every N steps).
 //! - `beta_dynamics`: ε-DPO's base β and the fractions of pairs stepped up / down over training.
-//! - `steps_vs_confusion`: the mean true preference probability of the pairs ε-DPO relaxed,
-//!   strengthened and left alone — how its decisions relate to label confusion.
+//! - `steps_vs_confusion`: the share of pairs ε-DPO stepped +1 and −1, by bins of the pair's
+//!   true preference probability — how its decisions relate to label confusion.
+//! - `margins_accuracy`: implicit reward margins and preference accuracy on the training
+//!   batches over training.
+//!
+//! Every legend sits in a strip beside its plot, never over the data. Figures with traces
+//! draw every setting when they fit the palette, else each method at its best setting.
 
 use crate::aggregate::SettingSummary;
-use crate::runs::Sweep;
+use crate::runs::{Decisions, Sweep};
 use crate::{Error, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -100,7 +107,8 @@ pub struct Figure {
     pub svg: String,
 }
 
-const PANEL_W: u32 = 620;
+const PANEL_W: u32 = 780;
+const LEGEND_W: u32 = 190;
 const HEIGHT: u32 = 460;
 
 fn bounds(panel: &Panel) -> ((f64, f64), (f64, f64)) {
@@ -139,7 +147,10 @@ fn draw_panel<DB: DrawingBackend>(
     panel: &Panel,
 ) -> std::result::Result<(), String> {
     let ((x0, x1), (y0, y1)) = bounds(panel);
-    let mut chart = ChartBuilder::on(area)
+    // The legend gets its own strip to the right, so it never covers data.
+    let (width, _) = area.dim_in_pixel();
+    let (plot_area, legend_area) = area.split_horizontally(width.saturating_sub(LEGEND_W));
+    let mut chart = ChartBuilder::on(&plot_area)
         .margin(14)
         .x_label_area_size(44)
         .y_label_area_size(60)
@@ -215,24 +226,39 @@ fn draw_panel<DB: DrawingBackend>(
                     .map_err(|e| format!("{e:?}"))?;
             }
         }
+        let radius = if s.points.len() > 12 { 2 } else { 4 };
         chart
             .draw_series(
                 s.points
                     .iter()
-                    .map(|p| Circle::new((p.x, p.y), 4, color.filled())),
+                    .map(|p| Circle::new((p.x, p.y), radius, color.filled())),
             )
-            .map_err(|e| format!("{e:?}"))?
-            .label(s.label.clone())
-            .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
+            .map_err(|e| format!("{e:?}"))?;
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(180, 180, 180))
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| format!("{e:?}"))?;
+    draw_legend(&legend_area, &panel.series)
+}
+
+/// Legend entries, one per series, top to bottom in the strip beside the plot.
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    series: &[Series],
+) -> std::result::Result<(), String> {
+    let font = ("sans-serif", 13).into_font();
+    for (i, s) in series.iter().enumerate() {
+        let color = PALETTE[s.color % PALETTE.len()];
+        let y = 24 + 20 * i as i32;
+        if s.line {
+            area.draw(&PathElement::new(
+                vec![(2, y), (22, y)],
+                color.stroke_width(2),
+            ))
+            .map_err(|e| format!("{e:?}"))?;
+        }
+        area.draw(&Circle::new((12, y), 4, color.filled()))
+            .map_err(|e| format!("{e:?}"))?;
+        area.draw(&Text::new(s.label.clone(), (28, y - 7), font.clone()))
+            .map_err(|e| format!("{e:?}"))?;
+    }
     Ok(())
 }
 
@@ -402,13 +428,13 @@ fn epsilon_ablation(summary: &[SettingSummary]) -> Option<Figure> {
     })
 }
 
-/// Mean of a metric at each step over the traces of one setting.
-fn trace_mean(sweep: &Sweep, setting: &str, key: &str) -> Vec<Point> {
+/// Mean of a metric at each step over the seeds of one method and setting.
+fn trace_mean(sweep: &Sweep, method: &str, setting: &str, key: &str) -> Vec<Point> {
     let mut acc: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
     for t in sweep
         .traces
         .iter()
-        .filter(|t| t.method == "ε-DPO" && t.setting == setting)
+        .filter(|t| t.method == method && t.setting == setting)
     {
         for line in &t.lines {
             if let (Some(step), Some(v)) = (line.get("step"), line.get(key)) {
@@ -429,6 +455,131 @@ fn trace_mean(sweep: &Sweep, setting: &str, key: &str) -> Vec<Point> {
         .collect()
 }
 
+/// Trailing moving average over `window` points.
+fn smooth(points: Vec<Point>, window: usize) -> Vec<Point> {
+    let ys: Vec<f64> = points.iter().map(|p| p.y).collect();
+    points
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let from = (i + 1).saturating_sub(window);
+            let w = &ys[from..=i];
+            Point {
+                y: w.iter().sum::<f64>() / w.len() as f64,
+                ..p
+            }
+        })
+        .collect()
+}
+
+/// The settings whose traces a figure draws: all of them when they fit the palette, else
+/// each method at its best setting (chosen as the tables choose it).
+fn shown_settings<'a>(
+    summary: &'a [SettingSummary],
+    sweep: &Sweep,
+    key: &str,
+) -> Vec<&'a SettingSummary> {
+    let with_data: Vec<&SettingSummary> = summary
+        .iter()
+        .filter(|s| {
+            sweep.traces.iter().any(|t| {
+                t.method == s.method
+                    && t.setting == s.setting
+                    && t.lines.iter().any(|l| l.contains_key(key))
+            })
+        })
+        .collect();
+    if with_data.len() <= PALETTE.len() {
+        return with_data;
+    }
+    let metric = crate::tables::selection_metric(summary);
+    let mut best: Vec<&SettingSummary> = Vec::new();
+    for s in with_data {
+        let score = |s: &SettingSummary| s.get(metric).map_or(f64::NEG_INFINITY, |e| e.mean);
+        match best.iter_mut().find(|b| b.method == s.method) {
+            Some(b) if score(s) > score(b) => *b = s,
+            Some(_) => {}
+            None => best.push(s),
+        }
+    }
+    best
+}
+
+fn series_label(s: &SettingSummary) -> String {
+    format!("{} {}", s.method, short_setting(s))
+}
+
+fn trajectories(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
+    let shown = shown_settings(summary, sweep, "eval/kl");
+    if shown.is_empty() {
+        return None;
+    }
+    let panel = |key: &str, y_label: &str| Panel {
+        x_label: "optimizer step".into(),
+        y_label: y_label.into(),
+        series: shown
+            .iter()
+            .enumerate()
+            .map(|(c, s)| Series {
+                label: series_label(s),
+                color: c,
+                points: trace_mean(sweep, &s.method, &s.setting, key),
+                line: true,
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect(),
+        hlines: vec![],
+    };
+    Some(Figure {
+        name: "trajectories".into(),
+        title: "Evaluation over training (test prompts, mean over seeds)".into(),
+        panels: vec![
+            panel("eval/kl", "KL(π‖π_ref), nats"),
+            panel("eval/win_rate", "win rate vs π_ref"),
+            panel("eval/gold_reward", "gold reward (rating units)"),
+        ],
+        svg: String::new(),
+    })
+}
+
+/// Steps of the moving average in [`margins_accuracy`].
+const SMOOTH: usize = 8;
+
+fn margins_accuracy(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
+    let shown = shown_settings(summary, sweep, "rewards/margins");
+    if shown.is_empty() {
+        return None;
+    }
+    let panel = |key: &str, y_label: &str| Panel {
+        x_label: "optimizer step".into(),
+        y_label: y_label.into(),
+        series: shown
+            .iter()
+            .enumerate()
+            .map(|(c, s)| Series {
+                label: series_label(s),
+                color: c,
+                points: smooth(trace_mean(sweep, &s.method, &s.setting, key), SMOOTH),
+                line: true,
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect(),
+        hlines: vec![],
+    };
+    Some(Figure {
+        name: "margins_accuracy".into(),
+        title: format!(
+            "Implicit reward margin and preference accuracy on training batches \
+             (mean over seeds, moving average over {SMOOTH} steps)"
+        ),
+        panels: vec![
+            panel("rewards/margins", "reward margin r(chosen) − r(rejected)"),
+            panel("rewards/accuracies", "share of pairs with margin > 0"),
+        ],
+        svg: String::new(),
+    })
+}
+
 fn beta_dynamics(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
     let settings: Vec<&SettingSummary> =
         summary.iter().filter(|s| s.kind == "epsilon_dpo").collect();
@@ -442,11 +593,11 @@ fn beta_dynamics(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
         beta.push(Series {
             label: label.clone(),
             color: i,
-            points: trace_mean(sweep, &s.setting, "kl/beta"),
+            points: trace_mean(sweep, &s.method, &s.setting, "kl/beta"),
             line: true,
         });
-        let up = trace_mean(sweep, &s.setting, "kl/p_epsilon_steps");
-        let down = trace_mean(sweep, &s.setting, "kl/n_epsilon_steps");
+        let up = trace_mean(sweep, &s.method, &s.setting, "kl/p_epsilon_steps");
+        let down = trace_mean(sweep, &s.method, &s.setting, "kl/n_epsilon_steps");
         fractions.push(Series {
             label: format!("{label} step +1"),
             color: i,
@@ -482,65 +633,88 @@ fn beta_dynamics(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
 }
 
 fn steps_vs_confusion(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
-    let settings: Vec<&SettingSummary> = summary
-        .iter()
-        .filter(|s| s.kind == "epsilon_dpo" && s.params.contains_key("epsilon"))
-        .collect();
-    let mut series = Vec::new();
-    for (c, (key, label)) in [
-        ("kl/p_true_relaxed", "relaxed (step +1)"),
-        ("kl/p_true_strengthened", "strengthened (step −1)"),
-        ("kl/p_true_kept", "kept (step 0)"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mut points = Vec::new();
-        for s in &settings {
-            let values: Vec<f64> = sweep
-                .traces
-                .iter()
-                .filter(|t| t.method == "ε-DPO" && t.setting == s.setting)
-                .flat_map(|t| t.lines.iter().filter_map(|l| l.get(*key).copied()))
-                .collect();
-            if !values.is_empty() {
-                let n = values.len() as f64;
-                let mean = values.iter().sum::<f64>() / n;
-                let sd = (values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>()
-                    / (n - 1.0).max(1.0))
-                .sqrt();
-                points.push(Point {
-                    x: s.params["epsilon"],
-                    y: mean,
-                    x_err: f64::NAN,
-                    y_err: 1.96 * sd / n.sqrt(),
-                    text: None,
-                });
+    let settings: Vec<&SettingSummary> =
+        summary.iter().filter(|s| s.kind == "epsilon_dpo").collect();
+    // Per setting, the decisions of all its seeds summed bin by bin.
+    let mut up = Vec::new();
+    let mut down = Vec::new();
+    for (c, s) in settings.iter().enumerate() {
+        let mut total: Option<Decisions> = None;
+        for d in sweep
+            .traces
+            .iter()
+            .filter(|t| t.method == s.method && t.setting == s.setting)
+            .filter_map(|t| t.decisions.as_ref())
+        {
+            match &mut total {
+                None => total = Some(d.clone()),
+                Some(t) if t.p_true_edges == d.p_true_edges => {
+                    for (a, b) in [
+                        (&mut t.relaxed, &d.relaxed),
+                        (&mut t.kept, &d.kept),
+                        (&mut t.strengthened, &d.strengthened),
+                    ] {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    }
+                }
+                Some(_) => {}
             }
         }
-        points.sort_by(|a, b| a.x.total_cmp(&b.x));
-        if !points.is_empty() {
-            series.push(Series {
-                label: (*label).into(),
-                color: c,
-                points,
-                line: true,
-            });
-        }
+        let Some(d) = total else { continue };
+        let share = |counts: &[u64]| -> Vec<Point> {
+            (0..counts.len())
+                .filter_map(|k| {
+                    let n = (d.relaxed[k] + d.kept[k] + d.strengthened[k]) as f64;
+                    if n == 0.0 {
+                        return None;
+                    }
+                    let p = counts[k] as f64 / n;
+                    Some(Point {
+                        x: 0.5 * (d.p_true_edges[k] + d.p_true_edges[k + 1]),
+                        y: p,
+                        x_err: f64::NAN,
+                        // Normal-approximation 95% interval of a binomial share.
+                        y_err: 1.96 * (p * (1.0 - p) / n).sqrt(),
+                        text: None,
+                    })
+                })
+                .collect()
+        };
+        up.push(Series {
+            label: short_setting(s),
+            color: c,
+            points: share(&d.relaxed),
+            line: true,
+        });
+        down.push(Series {
+            label: short_setting(s),
+            color: c,
+            points: share(&d.strengthened),
+            line: true,
+        });
     }
-    if series.is_empty() {
+    if up.is_empty() {
         return None;
     }
+    let x_label = "true P(chosen ≻ rejected) of the pair (bins of 0.1)";
     Some(Figure {
         name: "steps_vs_confusion".into(),
-        title: "ε-DPO decisions against label confusion (true preference probability of the pairs)"
+        title: "ε-DPO step decisions against label confusion (all steps and seeds, 95% intervals)"
             .into(),
-        panels: vec![Panel {
-            x_label: "ε".into(),
-            y_label: "mean P(chosen ≻ rejected)".into(),
-            series,
-            hlines: vec![],
-        }],
+        panels: vec![
+            Panel {
+                x_label: x_label.into(),
+                y_label: "share of pairs stepped +1 (β relaxed)".into(),
+                series: up,
+                hlines: vec![],
+            },
+            Panel {
+                x_label: x_label.into(),
+                y_label: "share of pairs stepped −1 (β strengthened)".into(),
+                series: down,
+                hlines: vec![],
+            },
+        ],
         svg: String::new(),
     })
 }
@@ -550,8 +724,10 @@ pub fn all(sweep: &Sweep, summary: &[SettingSummary]) -> Result<Vec<Figure>> {
     [
         frontier(summary),
         epsilon_ablation(summary),
+        trajectories(sweep, summary),
         beta_dynamics(sweep, summary),
         steps_vs_confusion(sweep, summary),
+        margins_accuracy(sweep, summary),
     ]
     .into_iter()
     .flatten()

@@ -118,8 +118,9 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
         write(&tex, table.to_latex().as_bytes())?;
         files.extend([csv, tex]);
     }
-    let md = tables::report_markdown(sweep_dir, &loaded, &main, &best, &svgs);
-    let html = tables::report_html(sweep_dir, &loaded, &main, &best, &svgs);
+    let chosen_by = tables::selection_metric(&summary);
+    let md = tables::report_markdown(sweep_dir, &loaded, &main, &best, chosen_by, &svgs);
+    let html = tables::report_html(sweep_dir, &loaded, &main, &best, chosen_by, &svgs);
     write(&out.join("report.md"), md.as_bytes())?;
     write(&out.join("report.html"), html.as_bytes())?;
     files.extend([out.join("report.md"), out.join("report.html")]);

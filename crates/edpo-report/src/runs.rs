@@ -3,13 +3,32 @@
 //! Each `runs/<hash>/` with a `status.json` in state `completed` contributes one row: the
 //! objective's kind and parameters from `config.json`, the run seed, every number of
 //! `eval.json`, and a `setting` label naming the method's varied hyper-parameters. Runs that
-//! are not completed are listed as skipped; a malformed file is an error naming it.
+//! are not completed, or were written by another config version, are listed as skipped; a
+//! malformed file is an error naming it.
 
 use crate::{Error, Result};
 use polars::prelude::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// The run-directory format this crate reads (`config_version` in `config.json`; a run
+/// without the key is version 1). Runs of other versions are listed as skipped.
+pub const CONFIG_VERSION: u64 = 2;
+
+/// ε-DPO's step decisions over one run, counted by bins of the pairs' true preference
+/// probability (`decisions.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decisions {
+    /// Bin edges, `bins + 1` values.
+    pub p_true_edges: Vec<f64>,
+    /// Pairs stepped +1 (β relaxed) per bin, over every step of the run.
+    pub relaxed: Vec<u64>,
+    /// Pairs left at step 0 per bin.
+    pub kept: Vec<u64>,
+    /// Pairs stepped −1 (β strengthened) per bin.
+    pub strengthened: Vec<u64>,
+}
 
 /// One run's metrics over training (the lines of `metrics.jsonl`).
 #[derive(Debug, Clone)]
@@ -20,8 +39,11 @@ pub struct Trace {
     pub setting: String,
     /// Seed.
     pub seed: u64,
-    /// The metric lines.
+    /// The metric lines: training lines, and evaluation lines (keys `eval/…`) every
+    /// `eval.every` steps.
     pub lines: Vec<BTreeMap<String, f64>>,
+    /// ε-DPO's decisions by true preference probability, when the run wrote them.
+    pub decisions: Option<Decisions>,
 }
 
 /// A loaded sweep.
@@ -44,6 +66,41 @@ fn read_json(path: &Path) -> Result<Value> {
         path: path.to_path_buf(),
         message: format!("malformed JSON: {e}"),
     })
+}
+
+fn read_decisions(path: &Path) -> Result<Decisions> {
+    let v = read_json(path)?;
+    let bad = |what: &str| Error::File {
+        path: path.to_path_buf(),
+        message: format!("`{what}` missing or malformed"),
+    };
+    let floats = |key: &str| -> Result<Vec<f64>> {
+        v[key]
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad(key))
+    };
+    let counts = |key: &str| -> Result<Vec<u64>> {
+        v[key]
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad(key))
+    };
+    let d = Decisions {
+        p_true_edges: floats("p_true_edges")?,
+        relaxed: counts("relaxed")?,
+        kept: counts("kept")?,
+        strengthened: counts("strengthened")?,
+    };
+    let bins = d.p_true_edges.len().saturating_sub(1);
+    if bins == 0
+        || [&d.relaxed, &d.kept, &d.strengthened]
+            .iter()
+            .any(|c| c.len() != bins)
+    {
+        return Err(bad("p_true_edges"));
+    }
+    Ok(d)
 }
 
 /// Human label of a method: its kind, with the display names the papers use.
@@ -150,6 +207,13 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             continue;
         }
         let config = read_json(&dir.join("config.json"))?;
+        let version = config["config_version"].as_u64().unwrap_or(1);
+        if version != CONFIG_VERSION {
+            skipped.push(format!(
+                "{name}: config version {version} (this report reads version {CONFIG_VERSION})"
+            ));
+            continue;
+        }
         let eval = read_json(&dir.join("eval.json"))?;
         let objective = &config["objective"];
         let k = objective["kind"].as_str().unwrap_or("unknown").to_string();
@@ -198,11 +262,18 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
                 lines.push(line);
             }
         }
+        let decisions_path = dir.join("decisions.json");
+        let decisions = if decisions_path.exists() {
+            Some(read_decisions(&decisions_path)?)
+        } else {
+            None
+        };
         traces.push(Trace {
             method: method_label(&k),
             setting: label.clone(),
             seed,
             lines,
+            decisions,
         });
         method.push(method_label(&k));
         kind.push(k);

@@ -1,0 +1,79 @@
+"""Writes the small sweep directory the report test reads (crates/edpo-report/tests/fixture).
+
+Two DPO and two ε-DPO settings with two seeds each, plus a failed run, an unfinished run and
+a completed run of the older config version 1. ε = 0.05 has the best test win rate but not
+the best validation win rate, so a report that chose on test numbers would pick it.
+Run from the repository root: python3 tools/make_report_fixture.py
+"""
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path("crates/edpo-report/tests/fixture")
+
+
+def write(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def objective(kind, **params):
+    return {"kind": kind, **params, "sft_weight": 0.0, "reference_logps": "online"}
+
+
+def run(name, obj, seed, win, kl, val, state="completed", version=2):
+    d = ROOT / "runs" / name
+    write(d / "status.json", {"state": state})
+    cfg = {"objective": obj, "run": {"seed": seed}}
+    if version is not None:
+        cfg = {"config_version": version, **cfg}
+    write(d / "config.json", cfg)
+    if state != "completed":
+        return
+    write(d / "eval.json", {"win_rate": win, "kl": kl, "gold_reward": win - 0.5,
+                            "preference_accuracy": 0.6, "mean_length": 20.0 + seed,
+                            "val_win_rate": val})
+    eps = obj["kind"] == "epsilon_dpo"
+    lines = []
+    for step in range(8):
+        line = {"step": step, "loss": 0.69 - 0.01 * step, "rewards/margins": 0.1 * step,
+                "rewards/accuracies": 0.5 + 0.03 * step}
+        if eps:
+            line.update({"kl/beta": 0.1 - 0.001 * step, "kl/p_epsilon_steps": 0.5,
+                         "kl/n_epsilon_steps": 0.25})
+        lines.append(line)
+        if step in (3, 7):
+            frac = (step + 1) / 8
+            lines.append({"step": step + 1, "eval/kl": kl * frac,
+                          "eval/win_rate": 0.5 + (win - 0.5) * frac,
+                          "eval/gold_reward": (win - 0.5) * frac})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    if eps:
+        edges = [k / 10 for k in range(11)]
+        write(d / "decisions.json", {
+            "p_true_edges": edges,
+            "relaxed": [0, 1, 2, 3, 4, 6, 8, 10, 12, 14],
+            "kept": [0, 4, 4, 4, 4, 4, 4, 4, 4, 4],
+            "strengthened": [0, 5, 4, 3, 2, 2, 1, 1, 0, 0],
+        })
+
+
+def main() -> None:
+    shutil.rmtree(ROOT / "runs", ignore_errors=True)
+    dpo = lambda b: objective("dpo", beta=b)
+    eps = lambda e: objective("epsilon_dpo", beta=0.1, epsilon=e)
+    run("a0", dpo(0.1), 0, 0.60, 2.0, 0.58)
+    run("a1", dpo(0.1), 1, 0.70, 3.0, 0.62)
+    run("b0", dpo(0.5), 0, 0.55, 1.0, 0.56)
+    run("b1", dpo(0.5), 1, 0.55, 1.2, 0.54)
+    run("c0", eps(0.01), 0, 0.65, 2.5, 0.66)
+    run("c1", eps(0.01), 1, 0.75, 2.7, 0.70)
+    run("d0", eps(0.05), 0, 0.80, 4.0, 0.60)
+    run("d1", eps(0.05), 1, 0.80, 4.0, 0.60)
+    run("e0", eps(0.05), 2, 0.5, 9.0, 0.5, state="failed")
+    run("f0", eps(0.05), 3, 0.5, 9.0, 0.5, state="running")
+    run("g0", dpo(0.1), 2, 0.99, 0.1, 0.99, version=None)
+
+
+if __name__ == "__main__":
+    main()
