@@ -60,6 +60,9 @@ enum Command {
         /// Output root.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
+        /// Where the report goes (default: `reports/<sweep name>`).
+        #[arg(long)]
+        report_out: Option<PathBuf>,
     },
     /// Build the report of a sweep: figures, tables, report.md and report.html.
     Report {
@@ -165,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
             dry_run,
             sets,
             out,
+            report_out,
         } => {
             let planned = grid::expand(&grid, &sets)?;
             if dry_run {
@@ -190,10 +194,11 @@ fn run(cli: Cli) -> Result<()> {
             set_threads(threads);
             let outcomes = sweep::run_sweep(&planned, &out, jobs)?;
             let root = out.join(&planned.name);
-            let reported = edpo_report::build_report(&root, &report_dir(&root));
+            let report_out = report_out.unwrap_or_else(|| report_dir(&root));
+            let reported = edpo_report::build_report(&root, &report_out);
             let summary = summarise(&planned, &root, &outcomes);
             match reported {
-                Ok(r) => print_report(&r, &report_dir(&root)),
+                Ok(r) => print_report(&r, &report_out),
                 Err(e) => eprintln!("no report: {e}"),
             }
             summary

@@ -180,3 +180,45 @@ fn bad_data_files_give_named_errors() {
         );
     }
 }
+
+/// The CI smoke grid (`experiments/smoke.yaml`): six runs of the shrunk default task, then the
+/// report with every figure.
+#[test]
+fn smoke_grid_runs_and_reports() {
+    let out = scratch("smoke");
+    let report = out.join("report");
+    let start = std::time::Instant::now();
+    let o = edpo(&[
+        "sweep",
+        "experiments/smoke.yaml",
+        "--out",
+        out.to_str().expect("utf8"),
+        "--report-out",
+        report.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("smoke grid: {:.1} s", start.elapsed().as_secs_f64());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("report of 6 runs"), "{stdout}");
+    for name in [
+        "frontier",
+        "epsilon_ablation",
+        "trajectories",
+        "beta_dynamics",
+        "steps_vs_confusion",
+        "margins_accuracy",
+    ] {
+        assert!(
+            report.join("figures").join(format!("{name}.png")).is_file(),
+            "{name}.png missing"
+        );
+    }
+    let md = std::fs::read_to_string(report.join("report.md")).expect("report.md");
+    assert!(md.contains("Chosen by mean win rate on the validation prompts"));
+    let decisions = std::fs::read_dir(out.join("smoke/runs"))
+        .expect("runs")
+        .flatten()
+        .filter(|e| e.path().join("decisions.json").is_file())
+        .count();
+    assert_eq!(decisions, 4, "every ε-DPO run writes its decisions");
+}
