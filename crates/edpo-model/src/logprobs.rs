@@ -5,6 +5,12 @@
 //! only. Sequences are right-padded into one batch; only the rows that predict a response
 //! token go through the LM head, so the vocabulary projection is never spent on prompt or
 //! padding positions.
+//!
+//! A preference pair shares its prompt: [`SequenceBatch::shared_prompt_pairs`] lays out each
+//! pair as one row `prompt ++ chosen ++ rejected` with a tree-shaped attention mask (the
+//! rejected tokens see the prompt and themselves, never the chosen ones) and positions that
+//! restart after the prompt for the rejected branch. The prompt then runs once instead of
+//! twice, and every log-prob equals the one of the two separate sequences.
 
 use crate::{CausalLm, Error, Result};
 use candle_core::{Device, Tensor};
@@ -12,15 +18,20 @@ use candle_core::{Device, Tensor};
 /// Prompt + response sequences laid out for one forward pass.
 #[derive(Debug, Clone)]
 pub struct SequenceBatch {
-    /// Right-padded token ids, `batch × seq_len`.
+    /// Right-padded token ids, `rows × seq_len`.
     pub input_ids: Vec<u32>,
     /// 1 for real tokens, 0 for padding.
     pub attention_mask: Vec<u8>,
-    /// Number of sequences.
+    /// Number of sequences scored.
     pub batch: usize,
+    /// Rows of the layout (`batch`, or one per pair when prompts are shared).
+    pub rows: usize,
     /// Padded length.
     pub seq_len: usize,
-    /// For each scored response token: the flat index `b·seq_len + t − 1` of the position
+    /// With shared prompts: each token's position, and its branch (0 the prompt, 1 the first
+    /// response, 2 the second). `None`: every row is one sequence, positions count tokens.
+    pub tree: Option<(Vec<u32>, Vec<u8>)>,
+    /// For each scored response token: the flat index `row·seq_len + t` of the position
     /// that predicts it.
     pub predictor_rows: Vec<u32>,
     /// For each scored response token: its id.
@@ -48,7 +59,9 @@ impl SequenceBatch {
             input_ids: vec![pad_id; batch * seq_len],
             attention_mask: vec![0; batch * seq_len],
             batch,
+            rows: batch,
             seq_len,
+            tree: None,
             predictor_rows: Vec::new(),
             targets: Vec::new(),
             sequence_of: Vec::new(),
@@ -81,6 +94,84 @@ impl SequenceBatch {
         Ok(out)
     }
 
+    /// Lays out preference pairs `(prompt, chosen, rejected)`, one row each:
+    /// `prompt ++ chosen ++ rejected` with the rejected branch attending to the prompt and to
+    /// itself only, at positions that continue the prompt. Sequence `i` is the chosen response
+    /// of pair `i` and sequence `n + i` its rejected one, as [`SequenceBatch::new`] would number
+    /// the chosen sequences followed by the rejected ones.
+    pub fn shared_prompt_pairs(pairs: &[(&[u32], &[u32], &[u32])], pad_id: u32) -> Result<Self> {
+        let n = pairs.len();
+        if n == 0 {
+            return Err(Error::Input("no sequences to score".into()));
+        }
+        let seq_len = pairs
+            .iter()
+            .map(|(p, c, r)| p.len() + c.len() + r.len())
+            .max()
+            .unwrap_or(0);
+        let mut positions = vec![0u32; n * seq_len];
+        let mut branch = vec![0u8; n * seq_len];
+        let mut out = Self {
+            input_ids: vec![pad_id; n * seq_len],
+            attention_mask: vec![0; n * seq_len],
+            batch: 2 * n,
+            rows: n,
+            seq_len,
+            tree: None,
+            predictor_rows: Vec::new(),
+            targets: Vec::new(),
+            sequence_of: Vec::new(),
+            response_lengths: vec![0; 2 * n],
+        };
+        for (b, (prompt, chosen, rejected)) in pairs.iter().enumerate() {
+            if prompt.is_empty() {
+                return Err(Error::Input(format!(
+                    "pair {b}: the prompt has no tokens, so the first response token has no position to predict it"
+                )));
+            }
+            if chosen.is_empty() || rejected.is_empty() {
+                return Err(Error::Input(format!("pair {b}: a response has no tokens")));
+            }
+            let row = b * seq_len;
+            let p = prompt.len();
+            let tokens = prompt.iter().chain(chosen.iter()).chain(rejected.iter());
+            for (t, &id) in tokens.enumerate() {
+                out.input_ids[row + t] = id;
+                out.attention_mask[row + t] = 1;
+                let (pos, br) = if t < p {
+                    (t, 0)
+                } else if t < p + chosen.len() {
+                    (t, 1)
+                } else {
+                    (t - chosen.len(), 2)
+                };
+                positions[row + t] = pos as u32;
+                branch[row + t] = br;
+            }
+            for (k, &id) in chosen.iter().enumerate() {
+                out.predictor_rows.push((row + p + k - 1) as u32);
+                out.targets.push(id);
+                out.sequence_of.push(b);
+            }
+            for (k, &id) in rejected.iter().enumerate() {
+                // The first rejected token is predicted by the last prompt token, as in its
+                // own sequence; the rest by the rejected branch.
+                let t = if k == 0 {
+                    p - 1
+                } else {
+                    p + chosen.len() + k - 1
+                };
+                out.predictor_rows.push((row + t) as u32);
+                out.targets.push(id);
+                out.sequence_of.push(n + b);
+            }
+            out.response_lengths[b] = chosen.len();
+            out.response_lengths[n + b] = rejected.len();
+        }
+        out.tree = Some((positions, branch));
+        Ok(out)
+    }
+
     /// Number of scored response tokens in the batch.
     pub fn n_targets(&self) -> usize {
         self.targets.len()
@@ -99,16 +190,26 @@ impl SequenceBatch {
 
 /// Logits `(N, V)` at the positions that predict response tokens, in `targets` order.
 pub fn response_logits(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
-    let h = model.hidden(
-        &batch.input_ids,
-        &batch.attention_mask,
-        batch.batch,
-        batch.seq_len,
-    )?;
+    let h = match &batch.tree {
+        None => model.hidden(
+            &batch.input_ids,
+            &batch.attention_mask,
+            batch.rows,
+            batch.seq_len,
+        )?,
+        Some((positions, branch)) => model.hidden_tree(
+            &batch.input_ids,
+            &batch.attention_mask,
+            positions,
+            branch,
+            batch.rows,
+            batch.seq_len,
+        )?,
+    };
     let d = h.dim(2)?;
     let rows = Tensor::from_slice(&batch.predictor_rows, batch.n_targets(), model.device())?;
     let h = h
-        .reshape((batch.batch * batch.seq_len, d))?
+        .reshape((batch.rows * batch.seq_len, d))?
         .index_select(&rows, 0)?; // (N, d)
     model.lm_head(&h)
 }
@@ -179,4 +280,96 @@ pub fn mixed_sequence_logps(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelConfig;
+
+    fn tiny(raw: serde_json::Value) -> CausalLm {
+        let cfg = ModelConfig::from_json(&raw, std::path::Path::new("<test>")).expect("config");
+        CausalLm::random(cfg, raw, 3, &Device::Cpu, true).expect("model")
+    }
+
+    type Pair = (Vec<u32>, Vec<u32>, Vec<u32>);
+
+    fn pairs() -> Vec<Pair> {
+        (0..5u32)
+            .map(|i| {
+                let seq =
+                    |len: u32, off: u32| (0..len).map(|k| (i * 7 + k * 3 + off) % 29).collect();
+                (
+                    seq(1 + i % 4, 0),
+                    seq(2 + (i * 3) % 5, 1),
+                    seq(1 + (i * 2) % 6, 2),
+                )
+            })
+            .collect()
+    }
+
+    /// Sequence log-probs and the gradient of a weighted sum of them, for a layout.
+    fn logps_and_grads(model: &CausalLm, batch: &SequenceBatch) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let lp = sequence_logps(model, batch).expect("logps");
+        let w: Vec<f32> = (0..batch.batch).map(|i| 0.3 + 0.1 * i as f32).collect();
+        let w = Tensor::from_vec(w, batch.batch, &Device::Cpu).expect("w");
+        let grads = (&lp * &w)
+            .expect("mul")
+            .sum_all()
+            .expect("sum")
+            .backward()
+            .expect("bwd");
+        let g = model
+            .params()
+            .iter()
+            .map(|p| {
+                let var = p.var.as_ref().expect("trainable");
+                grads
+                    .get(var.as_tensor())
+                    .expect("every parameter gets a gradient")
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("grad")
+            })
+            .collect();
+        (lp.to_vec1::<f32>().expect("lp"), g)
+    }
+
+    #[test]
+    fn shared_prompt_layout_equals_separate_sequences() {
+        for raw in [
+            serde_json::json!({"model_type": "gpt2", "vocab_size": 29, "n_positions": 32,
+                "n_embd": 16, "n_layer": 2, "n_head": 2}),
+            serde_json::json!({"model_type": "mistral", "vocab_size": 29, "hidden_size": 16,
+                "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "sliding_window": 4}),
+        ] {
+            let model = tiny(raw);
+            let pairs = pairs();
+            let mut seqs: Vec<(&[u32], &[u32])> = pairs
+                .iter()
+                .map(|(p, c, _)| (p.as_slice(), c.as_slice()))
+                .collect();
+            seqs.extend(pairs.iter().map(|(p, _, r)| (p.as_slice(), r.as_slice())));
+            let separate = SequenceBatch::new(&seqs, 0).expect("layout");
+            let rows: Vec<(&[u32], &[u32], &[u32])> = pairs
+                .iter()
+                .map(|(p, c, r)| (p.as_slice(), c.as_slice(), r.as_slice()))
+                .collect();
+            let shared = SequenceBatch::shared_prompt_pairs(&rows, 0).expect("layout");
+            assert_eq!(shared.rows, pairs.len());
+            assert!(shared.rows * shared.seq_len < separate.rows * separate.seq_len);
+            let (a, ga) = logps_and_grads(&model, &separate);
+            let (b, gb) = logps_and_grads(&model, &shared);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{a:?} vs {b:?}");
+            }
+            for (p, (x, y)) in model.params().iter().zip(ga.iter().zip(&gb)) {
+                let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                for (u, v) in x.iter().zip(y) {
+                    assert!((u - v).abs() <= 1e-4 * scale, "{}: {u} vs {v}", p.name);
+                }
+            }
+        }
+    }
 }

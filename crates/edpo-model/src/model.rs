@@ -7,7 +7,9 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::ModelConfig;
 use crate::gpt2::{self, Gpt2};
 use crate::llama::{self, Llama};
-use crate::nn::{attention_bias, attention_bias_incremental, position_ids, LayerKv};
+use crate::nn::{
+    attention_bias, attention_bias_incremental, position_ids, tree_attention_bias, LayerKv,
+};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
@@ -294,6 +296,49 @@ impl CausalLm {
         let positions = position_ids(attention_mask, batch, seq_len);
         let bias = attention_bias(attention_mask, batch, seq_len, self.window(), &self.device)?;
         self.run_blocks(input_ids, positions, &bias, batch, seq_len, None)
+    }
+
+    /// Final hidden states `(B, T, d)` of rows laid out as a shared prompt followed by
+    /// branches (`SequenceBatch::shared_prompt_pairs`): explicit `positions` and `branch` per
+    /// token, attention restricted by [`tree_attention_bias`].
+    pub fn hidden_tree(
+        &self,
+        input_ids: &[u32],
+        attention_mask: &[u8],
+        positions: &[u32],
+        branch: &[u8],
+        batch: usize,
+        seq_len: usize,
+    ) -> Result<Tensor> {
+        self.check_ids(input_ids, attention_mask, batch, seq_len)?;
+        if positions.len() != batch * seq_len || branch.len() != batch * seq_len {
+            return Err(Error::Input(format!(
+                "expected {batch}×{seq_len} positions and branches, got {} and {}",
+                positions.len(),
+                branch.len()
+            )));
+        }
+        if let Some(n_positions) = self.max_positions() {
+            if let Some(&p) = positions
+                .iter()
+                .max()
+                .filter(|&&p| p as usize >= n_positions)
+            {
+                return Err(Error::Input(format!(
+                    "position {p} is beyond the model's {n_positions} positions"
+                )));
+            }
+        }
+        let bias = tree_attention_bias(
+            attention_mask,
+            positions,
+            branch,
+            batch,
+            seq_len,
+            self.window(),
+            &self.device,
+        )?;
+        self.run_blocks(input_ids, positions.to_vec(), &bias, batch, seq_len, None)
     }
 
     /// An empty cache for incremental decoding of `batch` sequences.

@@ -153,6 +153,43 @@ pub fn attention_bias(
     )?)
 }
 
+/// Additive attention bias `(B, 1, T, T)` for rows that hold a shared prompt and branches
+/// after it (see `SequenceBatch::shared_prompt_pairs`): query `i` may attend key `j` when
+/// `j ≤ i`, the key is a real token, the key is on the prompt (branch 0) or on the query's own
+/// branch, and, with a sliding window, within `window` positions.
+pub fn tree_attention_bias(
+    attention_mask: &[u8],
+    positions: &[u32],
+    branch: &[u8],
+    batch: usize,
+    seq_len: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    const MASKED: f32 = -1e30;
+    let mut bias = vec![0f32; batch * seq_len * seq_len];
+    for b in 0..batch {
+        let base = b * seq_len;
+        for i in 0..seq_len {
+            let row = &mut bias[(base + i) * seq_len..(base + i + 1) * seq_len];
+            let (qb, qp) = (branch[base + i], positions[base + i] as usize);
+            for (j, v) in row.iter_mut().enumerate() {
+                let kb = branch[base + j];
+                let outside_window = window.is_some_and(|w| qp >= positions[base + j] as usize + w);
+                if j > i || attention_mask[base + j] == 0 || (kb != 0 && kb != qb) || outside_window
+                {
+                    *v = MASKED;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        bias,
+        (batch, 1, seq_len, seq_len),
+        device,
+    )?)
+}
+
 /// Keys and values of the positions one layer has already seen, `(B, KV, T_past, hd)` each,
 /// for incremental decoding. Nothing here is differentiated: decoding is inference only.
 #[derive(Debug, Clone, Default)]

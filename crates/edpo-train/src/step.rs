@@ -131,20 +131,20 @@ impl PairScores {
     }
 }
 
-/// The layout of a micro-batch: chosen sequences of every pair, then rejected ones.
+/// The layout of a micro-batch: one row per pair, its prompt shared by the chosen and the
+/// rejected branch; sequences numbered chosen of every pair, then rejected ones.
 fn pair_batch(pairs: &[TokenizedPair], pad_id: u32) -> Result<SequenceBatch> {
-    let mut seqs: Vec<(&[u32], &[u32])> = Vec::with_capacity(2 * pairs.len());
-    seqs.extend(
-        pairs
-            .iter()
-            .map(|p| (p.prompt.as_slice(), p.chosen.as_slice())),
-    );
-    seqs.extend(
-        pairs
-            .iter()
-            .map(|p| (p.prompt.as_slice(), p.rejected.as_slice())),
-    );
-    Ok(SequenceBatch::new(&seqs, pad_id)?)
+    let rows: Vec<(&[u32], &[u32], &[u32])> = pairs
+        .iter()
+        .map(|p| {
+            (
+                p.prompt.as_slice(),
+                p.chosen.as_slice(),
+                p.rejected.as_slice(),
+            )
+        })
+        .collect();
+    Ok(SequenceBatch::shared_prompt_pairs(&rows, pad_id)?)
 }
 
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {

@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Timed optimizer steps per objective.
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Skip the sampling measurement (for profiling the training step alone).
+    #[arg(long)]
+    no_sampling: bool,
 }
 
 fn config() -> (ModelConfig, serde_json::Value) {
@@ -162,7 +165,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         },
         args.steps,
     )?;
-    let (sampling, sampling_uncached) = measure_sampling()?;
+    let (sampling, sampling_uncached) = if args.no_sampling {
+        (None, None)
+    } else {
+        let (a, b) = measure_sampling()?;
+        (Some(a), Some(b))
+    };
     let tokens_per_pair = (2 * (PROMPT + RESPONSE)) as f64;
     let out = json!({
         "dpo_pairs_per_s": dpo,
