@@ -75,6 +75,11 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// Whether kernels may split work across threads.
+pub fn may_parallelise() -> bool {
+    parallel()
+}
+
 /// `tanh(u) = 1 − 2/(e^{2u} + 1)`, with the absolute error of f32 (about 1e-7) near 0, which is
 /// what GELU needs.
 #[inline(always)]

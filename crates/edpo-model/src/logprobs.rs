@@ -264,19 +264,35 @@ pub fn mixed_sequence_logps(
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let mut out = vec![vec![0f64; batch.batch]; mixtures.len()];
-    let mut mixed = vec![0f32; v];
-    for i in 0..n {
+    // Row by row (in parallel when kernels may), then summed per sequence in row order, so
+    // the result does not depend on the thread count.
+    let row = |i: usize| -> Vec<f64> {
         let (zi, ri) = (&z[i * v..(i + 1) * v], &r[i * v..(i + 1) * v]);
         let target = batch.targets[i] as usize;
-        for (m, &(a, b)) in mixtures.iter().enumerate() {
-            let mut max = f32::NEG_INFINITY;
-            for ((x, &zv), &rv) in mixed.iter_mut().zip(zi).zip(ri) {
-                *x = a * zv + b * rv;
-                max = max.max(*x);
-            }
-            let sum: f64 = mixed.iter().map(|&x| ((x - max) as f64).exp()).sum();
-            out[m][batch.sequence_of[i]] += (mixed[target] - max) as f64 - sum.ln();
+        let mut mixed = vec![0f32; v];
+        mixtures
+            .iter()
+            .map(|&(a, b)| {
+                let mut max = f32::NEG_INFINITY;
+                for ((x, &zv), &rv) in mixed.iter_mut().zip(zi).zip(ri) {
+                    *x = a * zv + b * rv;
+                    max = max.max(*x);
+                }
+                let sum: f64 = mixed.iter().map(|&x| f64::from(x - max).exp()).sum();
+                f64::from(mixed[target] - max) - sum.ln()
+            })
+            .collect()
+    };
+    let per_row: Vec<Vec<f64>> = if crate::kernels::may_parallelise() {
+        use rayon::prelude::*;
+        (0..n).into_par_iter().map(row).collect()
+    } else {
+        (0..n).map(row).collect()
+    };
+    let mut out = vec![vec![0f64; batch.batch]; mixtures.len()];
+    for (i, values) in per_row.iter().enumerate() {
+        for (m, value) in values.iter().enumerate() {
+            out[m][batch.sequence_of[i]] += value;
         }
     }
     Ok(out)
