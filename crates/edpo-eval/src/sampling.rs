@@ -115,13 +115,7 @@ pub fn sample(
         return Ok(responses);
     }
     let b = prompts.len();
-    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = vec![0u32; b * t];
-    let mut mask = vec![0u8; b * t];
-    for (row, p) in prompts.iter().enumerate() {
-        ids[row * t..row * t + p.len()].copy_from_slice(p);
-        mask[row * t..row * t + p.len()].fill(1);
-    }
+    let (ids, mask, t) = right_padded(prompts.iter().map(Vec::as_slice));
     let mut cache = model.new_cache(b);
     let hidden = model.hidden_cached(&ids, &mask, t, &mut cache)?;
     let d = hidden.dim(2)?;
@@ -162,6 +156,22 @@ pub fn sample(
     Ok(responses)
 }
 
+/// Right-padded ids (padding 0) and mask of a batch of sequences, and the padded length.
+fn right_padded<'a>(
+    sequences: impl Iterator<Item = &'a [u32]> + Clone,
+) -> (Vec<u32>, Vec<u8>, usize) {
+    let t = sequences.clone().map(<[u32]>::len).max().unwrap_or(0);
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    for s in sequences {
+        ids.extend_from_slice(s);
+        ids.resize(ids.len() + t - s.len(), 0);
+        mask.resize(mask.len() + s.len(), 1);
+        mask.resize(mask.len() + t - s.len(), 0);
+    }
+    (ids, mask, t)
+}
+
 /// One seeded stream per sequence.
 fn streams(n: usize, seed: u64) -> Vec<SplitMix64> {
     (0..n)
@@ -192,16 +202,12 @@ pub fn sample_uncached(
             .iter()
             .map(|&i| prompts[i].len() + responses[i].len())
             .collect();
-        let t = lens.iter().copied().max().unwrap_or(0);
         let b = active.len();
-        let mut ids = vec![0u32; b * t];
-        let mut mask = vec![0u8; b * t];
-        for (row, &i) in active.iter().enumerate() {
-            for (k, &id) in prompts[i].iter().chain(&responses[i]).enumerate() {
-                ids[row * t + k] = id;
-                mask[row * t + k] = 1;
-            }
-        }
+        let sequences: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&i| [prompts[i].as_slice(), &responses[i]].concat())
+            .collect();
+        let (ids, mask, t) = right_padded(sequences.iter().map(Vec::as_slice));
         let hidden = model.hidden(&ids, &mask, b, t)?;
         let d = hidden.dim(2)?;
         let rows: Vec<u32> = lens

@@ -318,17 +318,7 @@ impl CausalLm {
                 branch.len()
             )));
         }
-        if let Some(n_positions) = self.max_positions() {
-            if let Some(&p) = positions
-                .iter()
-                .max()
-                .filter(|&&p| p as usize >= n_positions)
-            {
-                return Err(Error::Input(format!(
-                    "position {p} is beyond the model's {n_positions} positions"
-                )));
-            }
-        }
+        self.check_positions(positions)?;
         let bias = tree_attention_bias(
             attention_mask,
             positions,
@@ -377,17 +367,7 @@ impl CausalLm {
                 seen += u32::from(real);
             }
         }
-        if let Some(n_positions) = self.max_positions() {
-            if let Some(&p) = positions
-                .iter()
-                .max()
-                .filter(|&&p| p as usize >= n_positions)
-            {
-                return Err(Error::Input(format!(
-                    "position {p} is beyond the model's {n_positions} positions"
-                )));
-            }
-        }
+        self.check_positions(&positions)?;
         // Only now, with the input checked, does the cache grow.
         for b in 0..batch {
             for t in 0..new_len {
@@ -432,6 +412,22 @@ impl CausalLm {
             return Err(Error::Input(format!(
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
+        }
+        Ok(())
+    }
+
+    /// Refuses positions beyond GPT-2's learned position table.
+    fn check_positions(&self, positions: &[u32]) -> Result<()> {
+        if let Some(n_positions) = self.max_positions() {
+            if let Some(&p) = positions
+                .iter()
+                .max()
+                .filter(|&&p| p as usize >= n_positions)
+            {
+                return Err(Error::Input(format!(
+                    "position {p} is beyond the model's {n_positions} positions"
+                )));
+            }
         }
         Ok(())
     }

@@ -509,12 +509,16 @@ fn series_label(s: &SettingSummary) -> String {
     format!("{} {}", s.method, short_setting(s))
 }
 
-fn trajectories(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
-    let shown = shown_settings(summary, sweep, "eval/kl");
-    if shown.is_empty() {
-        return None;
-    }
-    let panel = |key: &str, y_label: &str| Panel {
+/// One panel of a metric over training steps, a series per shown setting (mean over seeds),
+/// smoothed by a trailing moving average over `window` points (1: none).
+fn trace_panel(
+    sweep: &Sweep,
+    shown: &[&SettingSummary],
+    key: &str,
+    y_label: &str,
+    window: usize,
+) -> Panel {
+    Panel {
         x_label: "optimizer step".into(),
         y_label: y_label.into(),
         series: shown
@@ -523,13 +527,21 @@ fn trajectories(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
             .map(|(c, s)| Series {
                 label: series_label(s),
                 color: c,
-                points: trace_mean(sweep, &s.method, &s.setting, key),
+                points: smooth(trace_mean(sweep, &s.method, &s.setting, key), window),
                 line: true,
             })
             .filter(|s| !s.points.is_empty())
             .collect(),
         hlines: vec![],
-    };
+    }
+}
+
+fn trajectories(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
+    let shown = shown_settings(summary, sweep, "eval/kl");
+    if shown.is_empty() {
+        return None;
+    }
+    let panel = |key: &str, y_label: &str| trace_panel(sweep, &shown, key, y_label, 1);
     Some(Figure {
         name: "trajectories".into(),
         title: "Evaluation over training (test prompts, mean over seeds)".into(),
@@ -550,22 +562,7 @@ fn margins_accuracy(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure>
     if shown.is_empty() {
         return None;
     }
-    let panel = |key: &str, y_label: &str| Panel {
-        x_label: "optimizer step".into(),
-        y_label: y_label.into(),
-        series: shown
-            .iter()
-            .enumerate()
-            .map(|(c, s)| Series {
-                label: series_label(s),
-                color: c,
-                points: smooth(trace_mean(sweep, &s.method, &s.setting, key), SMOOTH),
-                line: true,
-            })
-            .filter(|s| !s.points.is_empty())
-            .collect(),
-        hlines: vec![],
-    };
+    let panel = |key: &str, y_label: &str| trace_panel(sweep, &shown, key, y_label, SMOOTH);
     Some(Figure {
         name: "margins_accuracy".into(),
         title: format!(

@@ -47,17 +47,10 @@ impl<'a> Evaluator<'a> {
             eos: data.eos,
         };
         let seed = 0xE7A1 ^ cfg.run.seed.wrapping_mul(0x9E37_79B9);
-        let gold = |prompts: &[Vec<u32>], responses: &[Vec<u32>]| -> Vec<f64> {
-            prompts
-                .iter()
-                .zip(responses)
-                .map(|(p, r)| data.judge.gold(p, r))
-                .collect()
-        };
         let theirs = sample(reference, &data.eval_prompts, &settings, seed ^ 0xFFFF)?;
-        let r_theirs = gold(&data.eval_prompts, &theirs);
+        let r_theirs = gold(data, &data.eval_prompts, &theirs);
         let theirs_val = sample(reference, &data.val_prompts, &settings, seed ^ 0x7A1)?;
-        let reference_val = gold(&data.val_prompts, &theirs_val);
+        let reference_val = gold(data, &data.val_prompts, &theirs_val);
         Ok(Self {
             reference,
             data,
@@ -72,17 +65,10 @@ impl<'a> Evaluator<'a> {
     /// `val_*` numbers on the validation prompts.
     pub fn evaluate(&self, policy: &CausalLm) -> Result<Map<String, Value>> {
         let (data, settings, seed) = (self.data, &self.settings, self.seed);
-        let gold = |prompts: &[Vec<u32>], responses: &[Vec<u32>]| -> Vec<f64> {
-            prompts
-                .iter()
-                .zip(responses)
-                .map(|(p, r)| data.judge.gold(p, r))
-                .collect()
-        };
         let prompts = &data.eval_prompts;
         let ours = sample(policy, prompts, settings, seed)?;
         let (theirs, r_theirs) = &self.reference_test;
-        let r_ours = gold(prompts, &ours);
+        let r_ours = gold(data, prompts, &ours);
         let win = win_rate(&r_ours, r_theirs, 0.0);
         let seqs: Vec<(&[u32], &[u32])> = prompts
             .iter()
@@ -114,7 +100,7 @@ impl<'a> Evaluator<'a> {
             .map(|p| p.prompt_input_ids.clone())
             .collect();
         let on_pairs = sample(policy, &held_prompts, settings, seed ^ 0xC405)?;
-        let r_on_pairs = gold(&held_prompts, &on_pairs);
+        let r_on_pairs = gold(data, &held_prompts, &on_pairs);
         let r_chosen: Vec<f64> = data.eval_pairs.iter().map(|p| p.chosen_reward).collect();
         let win_chosen = win_rate(&r_on_pairs, &r_chosen, 0.0);
         let held: Vec<TokenizedPair> = data.eval_pairs.iter().map(|p| p.tokenized()).collect();
@@ -126,7 +112,7 @@ impl<'a> Evaluator<'a> {
         let (accuracy, accuracy_se) = mean_and_stderr(&correct);
         // Validation: the numbers a setting is chosen by.
         let ours_val = sample(policy, &data.val_prompts, settings, seed ^ 0x7A2)?;
-        let r_val = gold(&data.val_prompts, &ours_val);
+        let r_val = gold(data, &data.val_prompts, &ours_val);
         let win_val = win_rate(&r_val, &self.reference_val, 0.0);
         let mut out = Map::new();
         for (k, v) in [
@@ -164,6 +150,15 @@ impl<'a> Evaluator<'a> {
         out.insert("n_pairs".into(), json!(held.len()));
         Ok(out)
     }
+}
+
+/// The gold reward of each prompt + response.
+fn gold(data: &TaskData, prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Vec<f64> {
+    prompts
+        .iter()
+        .zip(responses)
+        .map(|(p, r)| data.judge.gold(p, r))
+        .collect()
 }
 
 /// Number of true-preference-probability bins in `decisions.json`.
