@@ -319,7 +319,8 @@ pub fn report_markdown(
     figures: &[(String, String, String)],
 ) -> String {
     let mut out = format!(
-        "# Report: {}\n\n{} completed runs",
+        "# Report: {}\n\nRegenerate with `edpo report {}`. {} completed runs",
+        sweep_dir.display(),
         sweep_dir.display(),
         sweep.runs.height()
     );
