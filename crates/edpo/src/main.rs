@@ -17,12 +17,6 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc keeps freed blocks for reuse: a training step allocates and frees the same large
-/// activation and gradient buffers every step, which the system allocator returns to the
-/// kernel and faults back in (page faults and page clearing were ~3–4% of a bench step).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Preference optimisation of language models with adaptive KL control.
 #[derive(Parser)]
 #[command(name = "edpo", version, about)]

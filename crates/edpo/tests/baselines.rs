@@ -21,11 +21,14 @@ const SMALL: &str = "set: {task.train_pairs: 64, task.sft_steps: 20, task.eval_p
 
 fn sweep(dir: &Path, grid: &str) -> Vec<serde_json::Value> {
     std::fs::write(dir.join("grid.yaml"), grid).expect("grid");
+    let report = dir.join("report");
     let o = edpo(&[
         "sweep",
         dir.join("grid.yaml").to_str().expect("utf8"),
         "--out",
         dir.to_str().expect("utf8"),
+        "--report-out",
+        report.to_str().expect("utf8"),
     ]);
     assert!(
         o.status.success(),

@@ -266,6 +266,7 @@ fn killed_sweep_resumes_where_it_stopped() {
     )
     .expect("copy");
     std::fs::write(&grid, "base: base.yaml\nname: k\nset: {task.train_pairs: 256, task.sft_steps: 30, optim.epochs: 6}\nseeds: [0, 1, 2, 3]\n").expect("grid");
+    let report = out.join("report");
     let args = [
         "sweep",
         grid.to_str().expect("utf8"),
@@ -273,6 +274,8 @@ fn killed_sweep_resumes_where_it_stopped() {
         "1",
         "--out",
         out.to_str().expect("utf8"),
+        "--report-out",
+        report.to_str().expect("utf8"),
     ];
     let mut child = Command::new(env!("CARGO_BIN_EXE_edpo"))
         .args(args)
@@ -360,6 +363,7 @@ fn a_diverging_run_fails_alone_and_the_sweep_reports_it() {
     .expect("copy");
     let grid = out.join("grid.yaml");
     std::fs::write(&grid, "base: base.yaml\nname: n\nset: {task.train_pairs: 64, task.sft_steps: 20, optim.max_grad_norm: 0, optim.schedule: constant, optim.warmup_ratio: 0.0}\naxes:\n  optim.lr: [1.0e-3, 1.0e+30]\n").expect("grid");
+    let report = out.join("report");
     let o = edpo(&[
         "sweep",
         grid.to_str().expect("utf8"),
@@ -367,6 +371,8 @@ fn a_diverging_run_fails_alone_and_the_sweep_reports_it() {
         "2",
         "--out",
         out.to_str().expect("utf8"),
+        "--report-out",
+        report.to_str().expect("utf8"),
     ]);
     assert!(!o.status.success(), "a failed run must fail the sweep");
     let err = text(&o.stderr);
