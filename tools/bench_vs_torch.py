@@ -15,9 +15,10 @@ reference forward, policy forward and backward on chosen and rejected as one bat
 first), DPO with β = 0.1, AdamW at learning rate 1e-5, no gradient clipping. Timing: 2 warm-up
 steps, then `--steps` timed steps; pairs/s = 8·steps / seconds.
 
-Run from the repository root with the reference virtualenv (torch, transformers, trl):
+Run from the repository root in a Python environment with torch, transformers and trl
+(`pip install torch transformers trl`; the versions measured are in the README):
 
-    /work/refenv/bin/python tools/bench_vs_torch.py --threads 1 --steps 20
+    python3 tools/bench_vs_torch.py --threads 1 --steps 20
 
 It prints one JSON object on stdout (progress goes to stderr). The bare loop and TRL each run
 in a child process of their own, so that each peak RSS is its own; `--only bare` or
