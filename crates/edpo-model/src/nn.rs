@@ -132,25 +132,20 @@ pub fn attention_bias(
     window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
-    const MASKED: f32 = -1e30;
-    let mut bias = vec![0f32; batch * seq_len * seq_len];
-    for b in 0..batch {
-        let keys = &attention_mask[b * seq_len..(b + 1) * seq_len];
-        for i in 0..seq_len {
-            let row = &mut bias[(b * seq_len + i) * seq_len..(b * seq_len + i + 1) * seq_len];
-            for (j, v) in row.iter_mut().enumerate() {
-                let outside_window = window.is_some_and(|w| i >= j + w);
-                if j > i || keys[j] == 0 || outside_window {
-                    *v = MASKED;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(
-        bias,
-        (batch, 1, seq_len, seq_len),
+    // One branch per row: the tree rule reduces to causal + real keys + window. Positions
+    // count real tokens, which for left or right padding differ from column indices by a
+    // constant along the real tokens, so the window is the same either way.
+    let positions = position_ids(attention_mask, batch, seq_len);
+    let branch = vec![0u8; batch * seq_len];
+    tree_attention_bias(
+        attention_mask,
+        &positions,
+        &branch,
+        batch,
+        seq_len,
+        window,
         device,
-    )?)
+    )
 }
 
 /// Additive attention bias `(B, 1, T, T)` for rows that hold a shared prompt and branches
