@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 14] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -36,6 +36,12 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(127, 127, 127),
+    RGBColor(174, 199, 232),
+    RGBColor(255, 152, 150),
+    RGBColor(152, 223, 138),
+    RGBColor(197, 176, 213),
 ];
 
 fn register_font() -> Result<()> {
@@ -338,6 +344,26 @@ fn frontier(summary: &[SettingSummary]) -> Option<Figure> {
     if order.is_empty() {
         return None;
     }
+    // Point labels name what varies within a method; with many points they would cover each
+    // other (and the data), so they are left to the tables then.
+    let n_points: usize = by_method.values().map(Vec::len).sum();
+    let label = |m: &str, s: &SettingSummary| -> Option<String> {
+        if n_points > 16 {
+            return None;
+        }
+        let siblings = &by_method[m];
+        let varied: Vec<String> = s
+            .params
+            .iter()
+            .filter(|(k, v)| siblings.iter().any(|o| o.params.get(*k) != Some(v)))
+            .map(|(k, v)| format!("{}={v}", crate::runs::symbol(k)))
+            .collect();
+        Some(if varied.is_empty() {
+            short_setting(s)
+        } else {
+            varied.join(", ")
+        })
+    };
     let series = order
         .iter()
         .enumerate()
@@ -351,7 +377,7 @@ fn frontier(summary: &[SettingSummary]) -> Option<Figure> {
                         y: win.mean,
                         x_err: kl.ci,
                         y_err: win.ci,
-                        text: Some(short_setting(s)),
+                        text: label(m, s),
                     })
                 })
                 .collect();

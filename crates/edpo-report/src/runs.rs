@@ -125,7 +125,8 @@ pub fn method_label(kind: &str) -> String {
     .to_string()
 }
 
-fn symbol(name: &str) -> &str {
+/// The symbol a parameter is shown with (β, ε, λ, …).
+pub(crate) fn symbol(name: &str) -> &str {
     match name {
         "beta" => "β",
         "epsilon" => "ε",
