@@ -106,11 +106,7 @@ pub fn sample(
     settings: &SamplingSettings,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(Error::Input("a prompt has no tokens".into()));
-    }
-    let mut rngs = streams(prompts.len(), seed);
-    let mut responses: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let (mut rngs, mut responses) = start(prompts, seed)?;
     if prompts.is_empty() || settings.max_new_tokens == 0 {
         return Ok(responses);
     }
@@ -172,11 +168,15 @@ fn right_padded<'a>(
     (ids, mask, t)
 }
 
-/// One seeded stream per sequence.
-fn streams(n: usize, seed: u64) -> Vec<SplitMix64> {
-    (0..n)
+/// Checks the prompts; one seeded stream per sequence and empty responses.
+fn start(prompts: &[Vec<u32>], seed: u64) -> Result<(Vec<SplitMix64>, Vec<Vec<u32>>)> {
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(Error::Input("a prompt has no tokens".into()));
+    }
+    let streams = (0..prompts.len())
         .map(|i| SplitMix64(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)))
-        .collect()
+        .collect();
+    Ok((streams, vec![Vec::new(); prompts.len()]))
 }
 
 /// The same sampler without a cache: every step reruns the whole prefix of every unfinished
@@ -188,11 +188,7 @@ pub fn sample_uncached(
     settings: &SamplingSettings,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(Error::Input("a prompt has no tokens".into()));
-    }
-    let mut rngs = streams(prompts.len(), seed);
-    let mut responses: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let (mut rngs, mut responses) = start(prompts, seed)?;
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     for _ in 0..settings.max_new_tokens {
         if active.is_empty() {

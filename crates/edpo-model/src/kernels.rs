@@ -27,7 +27,8 @@ fn slice<'a>(
     }
 }
 
-fn parallel() -> bool {
+/// Whether kernels may split work across threads: candle runs with more than one.
+pub fn parallel() -> bool {
     candle_core::utils::get_num_threads() > 1
 }
 
@@ -73,11 +74,6 @@ pub fn exp(x: f32) -> f32 {
     } else {
         y
     }
-}
-
-/// Whether kernels may split work across threads.
-pub fn may_parallelise() -> bool {
-    parallel()
 }
 
 /// `tanh(u) = 1 − 2/(e^{2u} + 1)`, with the absolute error of f32 (about 1e-7) near 0, which is

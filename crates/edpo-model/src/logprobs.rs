@@ -283,7 +283,7 @@ pub fn mixed_sequence_logps(
             })
             .collect()
     };
-    let per_row: Vec<Vec<f64>> = if crate::kernels::may_parallelise() {
+    let per_row: Vec<Vec<f64>> = if crate::kernels::parallel() {
         use rayon::prelude::*;
         (0..n).into_par_iter().map(row).collect()
     } else {

@@ -7,9 +7,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::ModelConfig;
 use crate::gpt2::{self, Gpt2};
 use crate::llama::{self, Llama};
-use crate::nn::{
-    attention_bias, attention_bias_incremental, position_ids, tree_attention_bias, LayerKv,
-};
+use crate::nn::{attention_bias, attention_bias_rows, position_ids, tree_attention_bias, LayerKv};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
@@ -96,12 +94,11 @@ pub struct CausalLm {
 }
 
 /// What incremental decoding has seen: every layer's keys and values, and for each row which
-/// key columns are real tokens and at which positions. Made by [`CausalLm::new_cache`].
+/// key columns are real tokens (positions follow from it). Made by [`CausalLm::new_cache`].
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     key_mask: Vec<Vec<u8>>,
-    key_pos: Vec<Vec<u32>>,
 }
 
 impl KvCache {
@@ -124,7 +121,6 @@ impl KvCache {
             layer.select_rows(&index)?;
         }
         self.key_mask = rows.iter().map(|&r| self.key_mask[r].clone()).collect();
-        self.key_pos = rows.iter().map(|&r| self.key_pos[r].clone()).collect();
         Ok(())
     }
 }
@@ -340,7 +336,6 @@ impl CausalLm {
         KvCache {
             layers: vec![LayerKv::default(); layers],
             key_mask: vec![Vec::new(); batch],
-            key_pos: vec![Vec::new(); batch],
         }
     }
 
@@ -358,30 +353,39 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let batch = cache.key_mask.len();
         self.check_ids(input_ids, attention_mask, batch, new_len)?;
-        let mut positions = Vec::with_capacity(batch * new_len);
-        for b in 0..batch {
-            let mut seen = cache.key_mask[b].iter().filter(|&&m| m != 0).count() as u32;
-            for t in 0..new_len {
-                let real = attention_mask[b * new_len + t] != 0;
-                positions.push(if real { seen } else { seen.saturating_sub(1) });
-                seen += u32::from(real);
-            }
+        // The whole mask so far: past columns, then the new ones. Positions and the bias
+        // follow from it exactly as for a full forward pass.
+        let past = cache.key_mask.first().map_or(0, Vec::len);
+        let total = past + new_len;
+        let mut mask = Vec::with_capacity(batch * total);
+        for (b, seen) in cache.key_mask.iter().enumerate() {
+            mask.extend_from_slice(seen);
+            mask.extend(
+                attention_mask[b * new_len..(b + 1) * new_len]
+                    .iter()
+                    .map(|&m| u8::from(m != 0)),
+            );
         }
+        let all_positions = position_ids(&mask, batch, total);
+        let positions: Vec<u32> = all_positions
+            .chunks(total)
+            .flat_map(|row| row[past..].iter().copied())
+            .collect();
         self.check_positions(&positions)?;
-        // Only now, with the input checked, does the cache grow.
-        for b in 0..batch {
-            for t in 0..new_len {
-                cache.key_mask[b].push(u8::from(attention_mask[b * new_len + t] != 0));
-                cache.key_pos[b].push(positions[b * new_len + t]);
-            }
-        }
-        let bias = attention_bias_incremental(
-            &cache.key_mask,
-            &cache.key_pos,
-            new_len,
+        let bias = attention_bias_rows(
+            &mask,
+            &all_positions,
+            &vec![0; batch * total],
+            batch,
+            total,
+            past,
             self.window(),
             &self.device,
         )?;
+        // Only now, with the input checked, does the cache grow.
+        for (row, seen) in mask.chunks(total).zip(&mut cache.key_mask) {
+            seen.extend_from_slice(&row[past..]);
+        }
         let input = input_ids.to_vec();
         self.run_blocks(
             &input,

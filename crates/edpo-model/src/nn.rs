@@ -149,9 +149,7 @@ pub fn attention_bias(
 }
 
 /// Additive attention bias `(B, 1, T, T)` for rows that hold a shared prompt and branches
-/// after it (see `SequenceBatch::shared_prompt_pairs`): query `i` may attend key `j` when
-/// `j ≤ i`, the key is a real token, the key is on the prompt (branch 0) or on the query's own
-/// branch, and, with a sliding window, within `window` positions.
+/// after it (see `SequenceBatch::shared_prompt_pairs`); [`attention_bias_rows`] for every query.
 pub fn tree_attention_bias(
     attention_mask: &[u8],
     positions: &[u32],
@@ -161,12 +159,43 @@ pub fn tree_attention_bias(
     window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
+    attention_bias_rows(
+        attention_mask,
+        positions,
+        branch,
+        batch,
+        seq_len,
+        0,
+        window,
+        device,
+    )
+}
+
+/// The one masking rule of every layout: additive bias `(B, 1, T − first_query, T)` for the
+/// queries at columns `first_query..T` (all of them for a forward pass, the new ones when
+/// decoding with a cache). Query `i` may attend key `j` when `j ≤ i`, the key is a real token,
+/// the key is on branch 0 or on the query's own branch (shared-prompt rows; one branch
+/// otherwise), and, with a sliding window, within `window` positions. Masked entries get a
+/// large finite negative number, which keeps fully masked rows (padding queries) finite.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bias_rows(
+    attention_mask: &[u8],
+    positions: &[u32],
+    branch: &[u8],
+    batch: usize,
+    seq_len: usize,
+    first_query: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     const MASKED: f32 = -1e30;
-    let mut bias = vec![0f32; batch * seq_len * seq_len];
+    let queries = seq_len - first_query;
+    let mut bias = vec![0f32; batch * queries * seq_len];
     for b in 0..batch {
         let base = b * seq_len;
-        for i in 0..seq_len {
-            let row = &mut bias[(base + i) * seq_len..(base + i + 1) * seq_len];
+        for i in first_query..seq_len {
+            let out = (b * queries + i - first_query) * seq_len;
+            let row = &mut bias[out..out + seq_len];
             let (qb, qp) = (branch[base + i], positions[base + i] as usize);
             for (j, v) in row.iter_mut().enumerate() {
                 let kb = branch[base + j];
@@ -180,7 +209,7 @@ pub fn tree_attention_bias(
     }
     Ok(Tensor::from_vec(
         bias,
-        (batch, 1, seq_len, seq_len),
+        (batch, 1, queries, seq_len),
         device,
     )?)
 }
@@ -215,38 +244,6 @@ impl LayerKv {
         }
         Ok(())
     }
-}
-
-/// Additive attention bias `(B, 1, T_new, T_past + T_new)` for new queries against every key
-/// seen so far. `key_mask[b]` and `key_pos[b]` hold, for each key column (past and new), whether
-/// it is a real token and its position; new query `i` sits at column `T_past + i`. The rule is
-/// [`attention_bias`]'s: causal, real keys only, and within `window` positions.
-pub fn attention_bias_incremental(
-    key_mask: &[Vec<u8>],
-    key_pos: &[Vec<u32>],
-    new_len: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Tensor> {
-    const MASKED: f32 = -1e30;
-    let batch = key_mask.len();
-    let total = key_mask.first().map_or(0, Vec::len);
-    let past = total - new_len;
-    let mut bias = vec![0f32; batch * new_len * total];
-    for b in 0..batch {
-        for i in 0..new_len {
-            let q = past + i;
-            let qpos = key_pos[b][q] as usize;
-            let row = &mut bias[(b * new_len + i) * total..(b * new_len + i + 1) * total];
-            for (j, v) in row.iter_mut().enumerate() {
-                let outside_window = window.is_some_and(|w| qpos >= key_pos[b][j] as usize + w);
-                if j > q || key_mask[b][j] == 0 || outside_window {
-                    *v = MASKED;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(bias, (batch, 1, new_len, total), device)?)
 }
 
 /// Position of each token: the count of real tokens before it, so left padding does not

@@ -222,6 +222,9 @@ fn headers(columns: &[Column]) -> Vec<String> {
 /// The best mean of each column among `rows` (ties all bold), as `(row, column)` cells.
 fn best_cells(rows: &[&SettingSummary], columns: &[Column]) -> Vec<(usize, usize)> {
     let mut bold = Vec::new();
+    if rows.len() < 2 {
+        return bold;
+    }
     for (c, (key, _, digits, better)) in columns.iter().enumerate() {
         let sign = match better {
             Better::Higher => 1.0,
@@ -242,9 +245,6 @@ fn best_cells(rows: &[&SettingSummary], columns: &[Column]) -> Vec<(usize, usize
         else {
             continue;
         };
-        if rows.len() < 2 {
-            continue;
-        }
         for (r, s) in rows.iter().enumerate() {
             if shown(s) == Some(best) {
                 bold.push((r, 3 + c));
