@@ -162,6 +162,23 @@ pub enum ReferenceSource<'a> {
     Precomputed(&'a [[f64; 2]]),
 }
 
+impl ReferenceSource<'_> {
+    /// The source for the pairs `range` of a micro-batch.
+    fn slice(&self, range: std::ops::Range<usize>) -> Result<Self> {
+        Ok(match *self {
+            ReferenceSource::Precomputed(values) => {
+                ReferenceSource::Precomputed(values.get(range.clone()).ok_or_else(|| {
+                    Error::Config(format!(
+                        "{} precomputed reference log-probs for pairs {range:?}",
+                        values.len()
+                    ))
+                })?)
+            }
+            other => other,
+        })
+    }
+}
+
 struct Forward {
     scores: PairScores,
     /// The policy's sequence log-probs `(2B,)`, still in the autograd graph.
@@ -173,7 +190,6 @@ fn forward(
     reference: ReferenceSource<'_>,
     pairs: &[TokenizedPair],
     epsilon: Option<f64>,
-    kl_logratios: Option<&CausalLm>,
 ) -> Result<Forward> {
     let n = pairs.len();
     let batch = pair_batch(pairs, 0)?;
@@ -228,10 +244,6 @@ fn forward(
             "ε-DPO needs the reference model's logits every step".into(),
         ));
     }
-    let kl_logratios = match kl_logratios {
-        None => None,
-        Some(reference) => Some(mismatched_logratios(policy, reference, pairs)?),
-    };
     Ok(Forward {
         scores: PairScores {
             policy_chosen: lp[..n].to_vec(),
@@ -241,10 +253,74 @@ fn forward(
             chosen_lengths: batch.response_lengths[..n].to_vec(),
             rejected_lengths: batch.response_lengths[n..].to_vec(),
             ratios,
-            kl_logratios,
+            kl_logratios: None,
         },
         policy_logps,
     })
+}
+
+/// The contiguous groups of pairs a micro-batch of `n` pairs is split into: `shards` groups
+/// (at most one per pair) whose sizes differ by at most one.
+fn shard_ranges(n: usize, shards: usize) -> Vec<std::ops::Range<usize>> {
+    let s = shards.clamp(1, n.max(1));
+    (0..s).map(|i| (i * n / s)..((i + 1) * n / s)).collect()
+}
+
+/// [`forward`] over the shards of a micro-batch, in parallel on the current rayon pool, with
+/// the per-pair scores joined back in pair order. Each shard's graph is kept for its own
+/// backward pass. KTO's mismatched pairs wrap around the whole micro-batch, so they are scored
+/// once over all of it.
+fn sharded_forward(
+    policy: &CausalLm,
+    reference: ReferenceSource<'_>,
+    pairs: &[TokenizedPair],
+    epsilon: Option<f64>,
+    kl_logratios: Option<&CausalLm>,
+    shards: usize,
+) -> Result<(PairScores, Vec<(std::ops::Range<usize>, Tensor)>)> {
+    use rayon::prelude::*;
+    let ranges = shard_ranges(pairs.len(), shards);
+    let run = |r: &std::ops::Range<usize>| -> Result<Forward> {
+        forward(
+            policy,
+            reference.slice(r.clone())?,
+            &pairs[r.clone()],
+            epsilon,
+        )
+    };
+    let parts: Vec<Forward> = if ranges.len() > 1 {
+        ranges.par_iter().map(run).collect::<Result<_>>()?
+    } else {
+        ranges.iter().map(run).collect::<Result<_>>()?
+    };
+    let mut scores = PairScores {
+        policy_chosen: Vec::new(),
+        policy_rejected: Vec::new(),
+        reference_chosen: Vec::new(),
+        reference_rejected: Vec::new(),
+        chosen_lengths: Vec::new(),
+        rejected_lengths: Vec::new(),
+        ratios: epsilon.map(|_| Vec::new()),
+        kl_logratios: match kl_logratios {
+            None => None,
+            Some(reference) => Some(mismatched_logratios(policy, reference, pairs)?),
+        },
+    };
+    let mut graphs = Vec::with_capacity(parts.len());
+    for (range, part) in ranges.into_iter().zip(parts) {
+        let p = part.scores;
+        scores.policy_chosen.extend(p.policy_chosen);
+        scores.policy_rejected.extend(p.policy_rejected);
+        scores.reference_chosen.extend(p.reference_chosen);
+        scores.reference_rejected.extend(p.reference_rejected);
+        scores.chosen_lengths.extend(p.chosen_lengths);
+        scores.rejected_lengths.extend(p.rejected_lengths);
+        if let (Some(all), Some(mine)) = (scores.ratios.as_mut(), p.ratios) {
+            all.extend(mine);
+        }
+        graphs.push((range, part.policy_logps));
+    }
+    Ok((scores, graphs))
 }
 
 /// KTO's KL estimate inputs: `log π_θ(y_{i+1}|x_i) − log π_ref(y_{i+1}|x_i)` for the chosen
@@ -283,14 +359,7 @@ pub fn score_pairs(
     pairs: &[TokenizedPair],
     epsilon: Option<f64>,
 ) -> Result<PairScores> {
-    Ok(forward(
-        policy,
-        ReferenceSource::Model(reference),
-        pairs,
-        epsilon,
-        None,
-    )?
-    .scores)
+    Ok(forward(policy, ReferenceSource::Model(reference), pairs, epsilon)?.scores)
 }
 
 /// `[log π_ref(y_w|x), log π_ref(y_l|x)]` of every pair, in chunks of `chunk` pairs: what a
@@ -424,6 +493,7 @@ pub struct Trainer {
     grads: GradBuffers,
     state: State,
     step: usize,
+    shards: usize,
 }
 
 impl Trainer {
@@ -445,7 +515,23 @@ impl Trainer {
             grads,
             state,
             step: 0,
+            shards: 1,
         })
+    }
+
+    /// Splits every micro-batch into `shards` groups of pairs whose forward and backward passes
+    /// run in parallel on the current rayon pool, their gradients summed in shard order.
+    ///
+    /// The objective always sees the whole micro-batch, so losses, statistics and ε-DPO's
+    /// decisions are those of the unsplit batch; the gradients agree with it to f32 rounding
+    /// (they are summed over the shards instead of inside one matrix product). The result
+    /// depends on the number of shards, never on the number of threads.
+    pub fn with_shards(mut self, shards: usize) -> Result<Self> {
+        if shards == 0 {
+            return Err(Error::Config("shards must be at least 1".into()));
+        }
+        self.shards = shards;
+        Ok(self)
     }
 
     /// Checks an objective's parameters without building a trainer (for config validation).
@@ -551,24 +637,33 @@ impl Trainer {
                 (true, None) => ReferenceSource::Model(&self.reference),
             };
             let kl = objective.needs_kl_logratios().then_some(&self.reference);
-            let fwd = forward(&self.policy, reference, pairs, epsilon, kl)?;
-            let (out, steps) = self.objective(&fwd.scores)?;
+            let (scores, graphs) =
+                sharded_forward(&self.policy, reference, pairs, epsilon, kl, self.shards)?;
+            let (out, steps) = self.objective(&scores)?;
             ensure_finite(out.loss(), "loss", self.step)?;
             pair_steps.extend(steps);
             if let Some(b) = out.stat("beta/mean") {
                 batch_beta = b;
             }
-            // Surrogate whose gradient is ∂(loss / k)/∂θ.
-            let coef: Vec<f32> = out
-                .grad_policy_chosen
-                .iter()
-                .chain(&out.grad_policy_rejected)
-                .map(|g| (g / k) as f32)
-                .collect();
-            let coef = Tensor::from_vec(coef, fwd.policy_logps.dims(), fwd.policy_logps.device())?;
-            let surrogate = (&fwd.policy_logps * &coef)?.sum_all()?;
-            let store = surrogate.backward()?;
-            self.grads.add(self.policy.params(), &store)?;
+            // Per shard, a surrogate whose gradient is ∂(loss / k)/∂θ over its pairs.
+            let backward = |(range, logps): &(std::ops::Range<usize>, Tensor)| {
+                let coef: Vec<f32> = out.grad_policy_chosen[range.clone()]
+                    .iter()
+                    .chain(&out.grad_policy_rejected[range.clone()])
+                    .map(|g| (g / k) as f32)
+                    .collect();
+                let coef = Tensor::from_vec(coef, logps.dims(), logps.device())?;
+                Ok((logps * &coef)?.sum_all()?.backward()?)
+            };
+            let stores: Vec<candle_core::backprop::GradStore> = if graphs.len() > 1 {
+                use rayon::prelude::*;
+                graphs.par_iter().map(backward).collect::<Result<_>>()?
+            } else {
+                graphs.iter().map(backward).collect::<Result<_>>()?
+            };
+            for store in &stores {
+                self.grads.add(self.policy.params(), store)?;
+            }
             loss += out.loss() / k;
             if stats.is_empty() {
                 stats = out.stats.iter().map(|&(n, v)| (n, v / k)).collect();

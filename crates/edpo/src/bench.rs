@@ -26,9 +26,13 @@ const WARMUP: usize = 2;
 /// Arguments of `edpo bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Threads inside the run (sets CANDLE_NUM_THREADS and RAYON_NUM_THREADS).
+    /// Threads inside the run.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Groups of pairs per batch whose forward and backward passes run in parallel
+    /// (default: one per thread).
+    #[arg(long)]
+    pub shards: Option<usize>,
     /// Timed optimizer steps per objective.
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -84,7 +88,7 @@ fn random_pairs(seed: u64) -> Vec<TokenizedPair> {
         .collect()
 }
 
-fn measure(objective: Objective, steps: usize) -> Result<f64> {
+fn measure(objective: Objective, steps: usize, shards: usize) -> Result<f64> {
     let (cfg, raw) = config();
     let policy = CausalLm::random(cfg, raw, 1234, &Device::Cpu, true)?;
     let reference = policy.frozen_copy()?;
@@ -100,7 +104,7 @@ fn measure(objective: Objective, steps: usize) -> Result<f64> {
         },
         max_grad_norm: None,
     };
-    let mut trainer = Trainer::new(policy, reference, config)?;
+    let mut trainer = Trainer::new(policy, reference, config)?.with_shards(shards)?;
     let batch = vec![random_pairs(7)];
     for _ in 0..WARMUP {
         trainer.train_step(&batch)?;
@@ -152,18 +156,20 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-pub fn run(args: &BenchArgs) -> Result<()> {
+/// Runs the bench with `shards` groups of pairs per batch, on the current rayon pool.
+pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
     anyhow::ensure!(
         args.threads >= 1 && args.steps >= 1,
         "--threads and --steps must be at least 1"
     );
-    let dpo = measure(Objective::Dpo { beta: 0.1 }, args.steps)?;
+    let dpo = measure(Objective::Dpo { beta: 0.1 }, args.steps, shards)?;
     let eps = measure(
         Objective::EpsilonDpo {
             beta: 0.1,
             epsilon: 0.01,
         },
         args.steps,
+        shards,
     )?;
     let (sampling, sampling_uncached) = if args.no_sampling {
         (None, None)
@@ -180,6 +186,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "sampling_tokens_per_s": sampling,
         "sampling_uncached_tokens_per_s": sampling_uncached,
         "threads": args.threads,
+        "shards": shards,
         "steps": args.steps,
         "peak_rss_mib": peak_rss_mib(),
     });

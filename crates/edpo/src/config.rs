@@ -115,6 +115,7 @@ pub struct RawEval {
 pub struct RawRun {
     seed: Option<u64>,
     threads: Option<usize>,
+    shards: Option<usize>,
     log_every: Option<usize>,
 }
 
@@ -481,7 +482,17 @@ pub struct EvalConfig {
 pub struct RunSettings {
     pub seed: u64,
     pub threads: usize,
+    /// Groups of pairs per micro-batch whose passes run in parallel (see
+    /// `Trainer::with_shards`). Part of the hash: gradients are summed per shard, so the
+    /// numbers differ at f32 rounding. Left out of the file when 1, so configs written before
+    /// it existed keep their hashes.
+    #[serde(skip_serializing_if = "is_one")]
+    pub shards: usize,
     pub log_every: usize,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// A resolved, validated run config: what `config.yaml` in a run directory holds.
@@ -749,9 +760,11 @@ impl RawConfig {
         let run = RunSettings {
             seed: self.run.seed.unwrap_or(0),
             threads: self.run.threads.unwrap_or(1),
+            shards: self.run.shards.unwrap_or(1),
             log_every: self.run.log_every.unwrap_or(1),
         };
         check(run.threads >= 1, "run.threads", "must be at least 1")?;
+        check(run.shards >= 1, "run.shards", "must be at least 1")?;
         check(run.log_every >= 1, "run.log_every", "must be at least 1")?;
         Ok(RunConfig {
             config_version: CONFIG_VERSION,

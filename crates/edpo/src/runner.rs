@@ -230,7 +230,8 @@ pub fn run(
             schedule,
             max_grad_norm: o.max_grad_norm,
         },
-    )?;
+    )?
+    .with_shards(cfg.run.shards)?;
     let precomputed = match cfg.objective.reference_logps.as_str() {
         "cached" => Some(data.cached_reference_logps(cache)?),
         _ => None,
