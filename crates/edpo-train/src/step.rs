@@ -266,6 +266,9 @@ fn shard_ranges(n: usize, shards: usize) -> Vec<std::ops::Range<usize>> {
     (0..s).map(|i| (i * n / s)..((i + 1) * n / s)).collect()
 }
 
+/// The pairs of one shard and their policy log-probs `(2·len,)`, still in the autograd graph.
+type ShardGraph = (std::ops::Range<usize>, Tensor);
+
 /// [`forward`] over the shards of a micro-batch, in parallel on the current rayon pool, with
 /// the per-pair scores joined back in pair order. Each shard's graph is kept for its own
 /// backward pass. KTO's mismatched pairs wrap around the whole micro-batch, so they are scored
@@ -277,7 +280,7 @@ fn sharded_forward(
     epsilon: Option<f64>,
     kl_logratios: Option<&CausalLm>,
     shards: usize,
-) -> Result<(PairScores, Vec<(std::ops::Range<usize>, Tensor)>)> {
+) -> Result<(PairScores, Vec<ShardGraph>)> {
     use rayon::prelude::*;
     let ranges = shard_ranges(pairs.len(), shards);
     let run = |r: &std::ops::Range<usize>| -> Result<Forward> {
@@ -646,7 +649,7 @@ impl Trainer {
                 batch_beta = b;
             }
             // Per shard, a surrogate whose gradient is ∂(loss / k)/∂θ over its pairs.
-            let backward = |(range, logps): &(std::ops::Range<usize>, Tensor)| {
+            let backward = |(range, logps): &ShardGraph| {
                 let coef: Vec<f32> = out.grad_policy_chosen[range.clone()]
                     .iter()
                     .chain(&out.grad_policy_rejected[range.clone()])
