@@ -471,6 +471,272 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
     )
 }
 
+/// `x·W + b` over the last dimension of `x`, as one node of the autograd graph: the product
+/// runs through candle's matrix multiply, the bias is added in place on its output, and the
+/// backward pass computes `∂x = g·Wᵀ`, `∂W = xᵀ·g` and `∂b = Σ_rows g` directly, where the
+/// composed version (a product, a broadcast and an addition) would have its gradient passed
+/// through zero-filled buffers, a broadcast and a strided reduction.
+struct LinearBias {
+    /// `W` is stored `(in, out)` (GPT-2's `Conv1D`); otherwise `(out, in)` (`nn.Linear`).
+    input_major: bool,
+}
+
+impl LinearBias {
+    fn dims(&self, x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (&n_in, lead) = match x.dims().split_last() {
+            Some(v) => v,
+            None => bail!("linear: x must have at least one dimension"),
+        };
+        let (wi, wo) = match *w.dims() {
+            [a, b] if self.input_major => (a, b),
+            [a, b] => (b, a),
+            _ => bail!("linear: the weight must be a matrix"),
+        };
+        if wi != n_in {
+            bail!("linear: input width {n_in} against weight {:?}", w.dims());
+        }
+        Ok((lead.iter().product(), n_in, wo))
+    }
+}
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "edpo-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (rows, n_in, n_out) = self.dims(l1, l2)?;
+        let b = slice(s3, l3, "linear bias")?;
+        if b.len() != n_out || !l1.is_contiguous() || !l2.is_contiguous() {
+            bail!("linear: contiguous x and weight, and a bias of width {n_out}, expected");
+        }
+        let x_layout = Layout::contiguous_with_offset((rows, n_in), l1.start_offset());
+        let w_layout = if self.input_major {
+            Layout::contiguous_with_offset((n_in, n_out), l2.start_offset())
+        } else {
+            Layout::contiguous_with_offset((n_out, n_in), l2.start_offset()).transpose(0, 1)?
+        };
+        let mut y = s1.matmul(s2, (1, rows, n_out, n_in), &x_layout, &w_layout)?;
+        let CpuStorage::F32(out) = &mut y else {
+            bail!("linear: f32 only");
+        };
+        for row in out.chunks_mut(n_out) {
+            for (o, &bk) in row.iter_mut().zip(b) {
+                *o += bk;
+            }
+        }
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n_out;
+        }
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, n_in, n_out) = self.dims(x.layout(), w.layout())?;
+        let g = grad.detach().contiguous()?.reshape((rows, n_out))?;
+        let x2 = x.detach().reshape((rows, n_in))?;
+        let w = w.detach();
+        let (dx, dw) = if self.input_major {
+            (g.matmul(&w.t()?)?, x2.t()?.matmul(&g)?)
+        } else {
+            (g.matmul(&w)?, g.t()?.matmul(&x2)?)
+        };
+        let gs = g.flatten_all()?.to_vec1::<f32>()?;
+        let mut db = vec![0f64; n_out];
+        for row in gs.chunks(n_out) {
+            for (acc, &v) in db.iter_mut().zip(row) {
+                *acc += f64::from(v);
+            }
+        }
+        let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
+        Ok((
+            Some(dx.reshape(x.shape())?),
+            Some(dw),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `x·W + b` with a fused bias and backward (see [`LinearBias`]); `input_major`: `W` is
+/// `(in, out)`, else `(out, in)`.
+pub fn linear_bias(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    input_major: bool,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, bias, LinearBias { input_major })
+}
+
+/// Scaled dot-product attention for one set of heads as one node of the autograd graph:
+/// `softmax(scale·q·kᵀ + bias)·v` for `q (B, H, Tq, hd)`, `k`, `v (B, H, Tk, hd)` and an
+/// additive mask `bias (B, 1, Tq, Tk)`. The scaling, the mask and the softmax are one pass over
+/// the scores, and the probabilities are kept for the backward pass, which computes
+/// `∂v = Pᵀ·g`, `∂P = g·vᵀ`, `∂S = scale·P ⊙ (∂P − Σ ∂P·P)`, `∂q = ∂S·k`, `∂k = ∂Sᵀ·q`
+/// without the chain of scaled, masked and broadcast intermediates (and their zero-filled
+/// gradient buffers) that the composed version records.
+struct Attention {
+    bias: Vec<f32>,
+    scale: f32,
+    /// `P (B·H, Tq, Tk)`, written by the forward pass for the backward pass.
+    probs: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "edpo-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (b, h, tq, hd) = l1.shape().dims4()?;
+        let tk = l2.dim(2)?;
+        if l2.dims() != [b, h, tk, hd] || l3.dims() != [b, h, tk, hd] {
+            bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not agree",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
+            bail!("attention: contiguous q, k and v expected");
+        }
+        if self.bias.len() != b * tq * tk {
+            bail!("attention: a mask of {} for {b}×{tq}×{tk}", self.bias.len());
+        }
+        let bh = b * h;
+        let q_layout = Layout::contiguous_with_offset((bh, tq, hd), l1.start_offset());
+        let kt_layout =
+            Layout::contiguous_with_offset((bh, tk, hd), l2.start_offset()).transpose(1, 2)?;
+        let mut scores = s1.matmul(s2, (bh, tq, tk, hd), &q_layout, &kt_layout)?;
+        let CpuStorage::F32(z) = &mut scores else {
+            bail!("attention: f32 only");
+        };
+        let scale = self.scale;
+        let rows = |i: usize, row: &mut [f32]| {
+            // Row i is query (i % tq) of head-batch (i / tq); the mask is shared by heads.
+            let (n, t) = (i / tq / h, i % tq);
+            let mask = &self.bias[(n * tq + t) * tk..(n * tq + t + 1) * tk];
+            let mut max = f32::NEG_INFINITY;
+            for (x, &m) in row.iter_mut().zip(mask) {
+                *x = *x * scale + m;
+                max = max.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = exp(*x - max);
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        };
+        if parallel() && z.len() >= 1 << 15 {
+            z.par_chunks_mut(tk)
+                .enumerate()
+                .for_each(|(i, r)| rows(i, r));
+        } else {
+            z.chunks_mut(tk).enumerate().for_each(|(i, r)| rows(i, r));
+        }
+        let p_layout = Layout::contiguous((bh, tq, tk));
+        let v_layout = Layout::contiguous_with_offset((bh, tk, hd), l3.start_offset());
+        let out = scores.matmul(s3, (bh, tq, hd, tk), &p_layout, &v_layout)?;
+        let CpuStorage::F32(z) = scores else {
+            bail!("attention: f32 only");
+        };
+        let probs = Tensor::from_vec(z, (bh, tq, tk), &candle_core::Device::Cpu)?;
+        if let Ok(mut slot) = self.probs.lock() {
+            *slot = Some(probs);
+        }
+        Ok((out, Shape::from((b, h, tq, hd))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, tq, hd) = q.dims4()?;
+        let tk = k.dim(2)?;
+        let bh = b * h;
+        let p = match self.probs.lock().ok().and_then(|s| s.clone()) {
+            Some(p) => p,
+            None => bail!("attention: backward before forward"),
+        };
+        let g = grad.detach().contiguous()?.reshape((bh, tq, hd))?;
+        let q = q.detach().reshape((bh, tq, hd))?;
+        let k = k.detach().reshape((bh, tk, hd))?;
+        let v = v.detach().reshape((bh, tk, hd))?;
+        let dv = p.t()?.matmul(&g)?;
+        let dp = g.matmul(&v.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let pv = p.flatten_all()?.to_vec1::<f32>()?;
+        let mut ds = vec![0f32; pv.len()];
+        let scale = self.scale;
+        rows_map(&dp, &mut ds, tk, |i, dp, ds| {
+            let p = &pv[i * tk..(i + 1) * tk];
+            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+            for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
+                *o = scale * (y * (g - dot));
+            }
+        });
+        let ds = Tensor::from_vec(ds, (bh, tq, tk), q.device())?;
+        let dq = ds.matmul(&k)?;
+        let dk = ds.t()?.matmul(&q)?;
+        Ok((
+            Some(dq.reshape((b, h, tq, hd))?),
+            Some(dk.reshape((b, h, tk, hd))?),
+            Some(dv.reshape((b, h, tk, hd))?),
+        ))
+    }
+}
+
+/// `softmax(scale·q·kᵀ + bias)·v` as one node (see [`Attention`]): `q (B, H, Tq, hd)`,
+/// `k`, `v (B, H, Tk, hd)` with as many key heads as query heads, `bias (B, 1, Tq, Tk)`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let op = Attention {
+        bias: bias.flatten_all()?.to_vec1::<f32>()?,
+        scale: scale as f32,
+        probs: std::sync::Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,6 +841,90 @@ mod tests {
                     (None, None) => {}
                     _ => panic!("{name}: one side has a gradient the other lacks"),
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused linear layer against a product plus a broadcast bias, for both weight
+    /// layouts and a 3-d input: values and the gradients of x, W and b.
+    #[test]
+    fn linear_bias_matches_composed() -> candle_core::Result<()> {
+        let x = Var::from_tensor(&input((6, 40)).as_tensor().reshape((2, 3, 40))?)?;
+        for input_major in [true, false] {
+            let shape = if input_major { (40, 24) } else { (24, 40) };
+            let w = Var::from_tensor(&input(shape).as_tensor().affine(0.1, 0.0)?)?;
+            let b = Var::from_vec(
+                (0..24).map(|i| i as f32 / 48.0 - 0.3).collect::<Vec<f32>>(),
+                24,
+                &Device::Cpu,
+            )?;
+            let probe = input((6, 24)).as_tensor().reshape((2, 3, 24))?;
+            let fused = linear_bias(x.as_tensor(), w.as_tensor(), b.as_tensor(), input_major)?;
+            let wt = if input_major {
+                w.as_tensor().clone()
+            } else {
+                w.as_tensor().t()?
+            };
+            let composed = x
+                .as_tensor()
+                .reshape((6, 40))?
+                .matmul(&wt)?
+                .broadcast_add(b.as_tensor())?
+                .reshape((2, 3, 24))?;
+            close(&fused, &composed, 1e-5);
+            let ga = (&fused * &probe)?.sum_all()?.backward()?;
+            let gc = (&composed * &probe)?.sum_all()?.backward()?;
+            for var in [&x, &w, &b] {
+                match (ga.get(var.as_tensor()), gc.get(var.as_tensor())) {
+                    (Some(p), Some(q)) => close(p, q, 1e-4),
+                    _ => panic!("linear (input_major {input_major}): a gradient is missing"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fused attention against the composed product, scale, mask, softmax and product, with a
+    /// causal mask that also hides one padded key: values and the gradients of q, k and v.
+    #[test]
+    fn attention_matches_composed() -> candle_core::Result<()> {
+        let (b, h, t, hd) = (2, 3, 5, 4);
+        let var = |seed: usize| -> candle_core::Result<Var> {
+            let n = b * h * t * hd;
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i + seed) * 7919 % 1000) as f32 / 500.0) - 1.0)
+                .collect();
+            Var::from_vec(v, (b, h, t, hd), &Device::Cpu)
+        };
+        let (q, k, v) = (var(1)?, var(2)?, var(3)?);
+        let mut mask = vec![0f32; b * t * t];
+        for n in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || (n == 1 && j == 2 && i != 2) {
+                        mask[(n * t + i) * t + j] = -1e30;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu)?;
+        let scale = 0.5;
+        let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale)?;
+        let scores = q
+            .as_tensor()
+            .matmul(&k.as_tensor().t()?)?
+            .affine(scale, 0.0)?
+            .broadcast_add(&bias)?;
+        let composed = nn::softmax_composed(&scores)?.matmul(v.as_tensor())?;
+        close(&fused, &composed, 1e-5);
+        let probe = var(4)?.as_tensor().affine(0.7, 0.1)?;
+        let ga = (&fused * &probe)?.sum_all()?.backward()?;
+        let gc = (&composed * &probe)?.sum_all()?.backward()?;
+        for x in [&q, &k, &v] {
+            match (ga.get(x.as_tensor()), gc.get(x.as_tensor())) {
+                (Some(p), Some(r)) => close(p, r, 1e-4),
+                _ => panic!("attention: a gradient is missing"),
             }
         }
         Ok(())

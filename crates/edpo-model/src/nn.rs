@@ -22,6 +22,16 @@ pub struct Linear {
 impl Linear {
     /// Applies the map to `x` of shape `(…, in)`, giving `(…, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(b) = &self.bias {
+            if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+                return Ok(crate::kernels::linear_bias(
+                    x,
+                    &self.weight,
+                    b,
+                    self.input_major,
+                )?);
+            }
+        }
         let dims = x.dims().to_vec();
         let n_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -272,6 +282,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
         (repeat_kv(k, h / kv)?, repeat_kv(v, h / kv)?)
     };
     let scale = 1.0 / (hd as f64).sqrt();
+    if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
+        let out = crate::kernels::attention(q, &k, &v, bias, scale)?; // (B, H, T, hd)
+        return Ok(out.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?);
+    }
     let scores = q.matmul(&k.t()?)?.affine(scale, 0.0)?; // (B, H, T, T)
     let scores = scores.broadcast_add(bias)?;
     let probs = softmax_last(&scores)?;
