@@ -51,6 +51,76 @@ fn rows_map(
     }
 }
 
+/// Lanes of the reductions below: eight independent partial results, so the loops vectorise
+/// (a single running f32 sum is a serial dependency the compiler must keep in order).
+const LANES: usize = 8;
+
+/// `Σ f(x_i)` over a row, accumulated in [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += f(c[k]);
+        }
+    }
+    let mut total = acc.iter().sum::<f32>();
+    for &v in tail {
+        total += f(v);
+    }
+    total
+}
+
+/// `Σ a_i·b_i`, accumulated in [`LANES`] partial sums.
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let full = n - n % LANES;
+    for (ca, cb) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
+        for k in 0..LANES {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    let mut total = acc.iter().sum::<f32>();
+    for (x, y) in a[full..].iter().zip(&b[full..]) {
+        total += x * y;
+    }
+    total
+}
+
+/// The largest element of a row (−∞ for an empty one).
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    acc.iter()
+        .chain(tail)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Softmax of a row in place: `x ← exp(x − max) / Σ exp(x − max)`.
+#[inline(always)]
+fn softmax_in_place(row: &mut [f32]) {
+    let max = lane_max(row);
+    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    let inv = 1.0 / lane_sum(row, |v| v);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// `eˣ` in f32 without a library call, so loops over it vectorise: `x = n·ln2 + r` with
 /// `|r| ≤ ln2/2`, a degree-6 Taylor polynomial for `eʳ` (truncation error below 2e-7 relative),
 /// and `2ⁿ` built from its bits. Inputs below −87 give 0 (as `expf` underflows there).
@@ -179,14 +249,8 @@ impl CustomOp1 for Softmax {
         let width = layout.dims().last().copied().unwrap_or(1);
         let mut y = vec![0f32; x.len()];
         rows_map(x, &mut y, width, |_, x, y| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = exp(v - max);
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|o| *o *= inv);
+            y.copy_from_slice(x);
+            softmax_in_place(y);
         });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
@@ -225,7 +289,7 @@ impl CustomOp2 for SoftmaxGrad {
         let mut dx = vec![0f32; y.len()];
         rows_map(dy, &mut dx, width, |i, dy, dx| {
             let y = &y[i * width..(i + 1) * width];
-            let dot: f32 = dy.iter().zip(y).map(|(a, b)| a * b).sum();
+            let dot = lane_dot(dy, y);
             for ((o, &g), &p) in dx.iter_mut().zip(dy).zip(y) {
                 *o = p * (g - dot);
             }
@@ -246,8 +310,8 @@ struct LogSoftmaxGather {
 }
 
 fn row_lse(z: &[f32]) -> f32 {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = z.iter().map(|&v| exp(v - max)).sum();
+    let max = lane_max(z);
+    let sum = lane_sum(z, |v| exp(v - max));
     max + sum.ln()
 }
 
@@ -346,8 +410,8 @@ struct Norm {
 /// Per-row statistics: mean (0 for RMSNorm) and 1/σ.
 fn norm_stats(x: &[f32], eps: f32, rms: bool) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = if rms { 0.0 } else { x.iter().sum::<f32>() / n };
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = if rms { 0.0 } else { lane_sum(x, |v| v) / n };
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -644,18 +708,10 @@ impl CustomOp3 for Attention {
             // Row i is query (i % tq) of head-batch (i / tq); the mask is shared by heads.
             let (n, t) = (i / tq / h, i % tq);
             let mask = &self.bias[(n * tq + t) * tk..(n * tq + t + 1) * tk];
-            let mut max = f32::NEG_INFINITY;
             for (x, &m) in row.iter_mut().zip(mask) {
                 *x = *x * scale + m;
-                max = max.max(*x);
             }
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = exp(*x - max);
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|x| *x *= inv);
+            softmax_in_place(row);
         };
         if parallel() && z.len() >= 1 << 15 {
             z.par_chunks_mut(tk)
@@ -703,7 +759,7 @@ impl CustomOp3 for Attention {
         let scale = self.scale;
         rows_map(&dp, &mut ds, tk, |i, dp, ds| {
             let p = &pv[i * tk..(i + 1) * tk];
-            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+            let dot = lane_dot(dp, p);
             for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
                 *o = scale * (y * (g - dot));
             }
