@@ -131,13 +131,17 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // The integer n sits in the low bits of t: reading it from the bits avoids a float-to-int
+    // conversion, which Rust saturates and the compiler then splits into scalar code.
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
     let y = p * scale;
     if x < -87.0 {
         0.0
@@ -173,13 +177,15 @@ pub fn exp64(x: f64) -> f64 {
         1.0 / 6_227_020_800.0,
     ];
     let xc = x.clamp(-708.0, 709.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    let ni = (t.to_bits() as i64).wrapping_sub(ROUND.to_bits() as i64);
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = C[13];
     for &c in C[..13].iter().rev() {
         p = p * r + c;
     }
-    let scale = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    let scale = f64::from_bits(((ni + 1023) as u64) << 52);
     let y = p * scale;
     if x < -708.0 {
         0.0
