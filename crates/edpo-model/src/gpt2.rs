@@ -84,6 +84,11 @@ impl Attention {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3d)
+        if cache.is_none() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            let scale = 1.0 / (hd as f64).sqrt();
+            let y = crate::kernels::packed_attention(&qkv, self.n_head, bias, scale)?;
+            return self.c_proj.forward(&y);
+        }
         let heads = |i: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(2, i * d, d)?

@@ -712,42 +712,25 @@ struct Attention {
     probs: std::sync::Mutex<Option<Tensor>>,
 }
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "edpo-attention"
-    }
-
-    fn cpu_fwd(
+impl Attention {
+    /// The forward pass on head-major `q (B·H, Tq, hd)`, `k`, `v (B·H, Tk, hd)` given as
+    /// storages with start offsets; returns `(B·H, Tq, hd)` and keeps the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_heads(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        (q, q_off): (&CpuStorage, usize),
+        (k, k_off): (&CpuStorage, usize),
+        (v, v_off): (&CpuStorage, usize),
+        (b, h, tq, tk, hd): (usize, usize, usize, usize, usize),
+    ) -> candle_core::Result<CpuStorage> {
         use candle_core::backend::BackendStorage;
-        let (b, h, tq, hd) = l1.shape().dims4()?;
-        let tk = l2.dim(2)?;
-        if l2.dims() != [b, h, tk, hd] || l3.dims() != [b, h, tk, hd] {
-            bail!(
-                "attention: q {:?}, k {:?}, v {:?} do not agree",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
-            bail!("attention: contiguous q, k and v expected");
-        }
         if self.bias.len() != b * tq * tk {
             bail!("attention: a mask of {} for {b}×{tq}×{tk}", self.bias.len());
         }
         let bh = b * h;
-        let q_layout = Layout::contiguous_with_offset((bh, tq, hd), l1.start_offset());
-        let kt_layout =
-            Layout::contiguous_with_offset((bh, tk, hd), l2.start_offset()).transpose(1, 2)?;
-        let mut scores = s1.matmul(s2, (bh, tq, tk, hd), &q_layout, &kt_layout)?;
+        let q_layout = Layout::contiguous_with_offset((bh, tq, hd), q_off);
+        let kt_layout = Layout::contiguous_with_offset((bh, tk, hd), k_off).transpose(1, 2)?;
+        let mut scores = q.matmul(k, (bh, tq, tk, hd), &q_layout, &kt_layout)?;
         let CpuStorage::F32(z) = &mut scores else {
             bail!("attention: f32 only");
         };
@@ -769,8 +752,8 @@ impl CustomOp3 for Attention {
             z.chunks_mut(tk).enumerate().for_each(|(i, r)| rows(i, r));
         }
         let p_layout = Layout::contiguous((bh, tq, tk));
-        let v_layout = Layout::contiguous_with_offset((bh, tk, hd), l3.start_offset());
-        let out = scores.matmul(s3, (bh, tq, hd, tk), &p_layout, &v_layout)?;
+        let v_layout = Layout::contiguous_with_offset((bh, tk, hd), v_off);
+        let out = scores.matmul(v, (bh, tq, hd, tk), &p_layout, &v_layout)?;
         let CpuStorage::F32(z) = scores else {
             bail!("attention: f32 only");
         };
@@ -778,6 +761,75 @@ impl CustomOp3 for Attention {
         if let Ok(mut slot) = self.probs.lock() {
             *slot = Some(probs);
         }
+        Ok(out)
+    }
+
+    /// The backward pass on head-major `q (B·H, Tq, hd)`, `k`, `v (B·H, Tk, hd)` and
+    /// `g (B·H, Tq, hd)`: `(∂q, ∂k, ∂v)` in the same layout.
+    fn backward_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let p = match self.probs.lock().ok().and_then(|s| s.clone()) {
+            Some(p) => p,
+            None => bail!("attention: backward before forward"),
+        };
+        let (bh, tq, tk) = p.dims3()?;
+        let dv = p.t()?.matmul(g)?;
+        let dp = g.matmul(&v.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let pv = p.flatten_all()?.to_vec1::<f32>()?;
+        let mut ds = vec![0f32; pv.len()];
+        let scale = self.scale;
+        rows_map(&dp, &mut ds, tk, |i, dp, ds| {
+            let p = &pv[i * tk..(i + 1) * tk];
+            let dot = lane_dot(dp, p);
+            for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
+                *o = scale * (y * (g - dot));
+            }
+        });
+        let ds = Tensor::from_vec(ds, (bh, tq, tk), q.device())?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((dq, dk, dv))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "edpo-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, tq, hd) = l1.shape().dims4()?;
+        let tk = l2.dim(2)?;
+        if l2.dims() != [b, h, tk, hd] || l3.dims() != [b, h, tk, hd] {
+            bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not agree",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
+            bail!("attention: contiguous q, k and v expected");
+        }
+        let out = self.forward_heads(
+            (s1, l1.start_offset()),
+            (s2, l2.start_offset()),
+            (s3, l3.start_offset()),
+            (b, h, tq, tk, hd),
+        )?;
         Ok((out, Shape::from((b, h, tq, hd))))
     }
 
@@ -792,35 +844,168 @@ impl CustomOp3 for Attention {
         let (b, h, tq, hd) = q.dims4()?;
         let tk = k.dim(2)?;
         let bh = b * h;
-        let p = match self.probs.lock().ok().and_then(|s| s.clone()) {
-            Some(p) => p,
-            None => bail!("attention: backward before forward"),
-        };
         let g = grad.detach().contiguous()?.reshape((bh, tq, hd))?;
-        let q = q.detach().reshape((bh, tq, hd))?;
-        let k = k.detach().reshape((bh, tk, hd))?;
-        let v = v.detach().reshape((bh, tk, hd))?;
-        let dv = p.t()?.matmul(&g)?;
-        let dp = g.matmul(&v.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-        let pv = p.flatten_all()?.to_vec1::<f32>()?;
-        let mut ds = vec![0f32; pv.len()];
-        let scale = self.scale;
-        rows_map(&dp, &mut ds, tk, |i, dp, ds| {
-            let p = &pv[i * tk..(i + 1) * tk];
-            let dot = lane_dot(dp, p);
-            for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
-                *o = scale * (y * (g - dot));
-            }
-        });
-        let ds = Tensor::from_vec(ds, (bh, tq, tk), q.device())?;
-        let dq = ds.matmul(&k)?;
-        let dk = ds.t()?.matmul(&q)?;
+        let (dq, dk, dv) = self.backward_heads(
+            &q.detach().reshape((bh, tq, hd))?,
+            &k.detach().reshape((bh, tk, hd))?,
+            &v.detach().reshape((bh, tk, hd))?,
+            &g,
+        )?;
         Ok((
             Some(dq.reshape((b, h, tq, hd))?),
             Some(dk.reshape((b, h, tk, hd))?),
             Some(dv.reshape((b, h, tk, hd))?),
         ))
     }
+}
+
+/// Copies part `which` (0 q, 1 k, 2 v) of a packed `(B, T, 3·H·hd)` projection into a
+/// head-major `(B·H, T, hd)` buffer.
+fn unpack_heads(x: &[f32], which: usize, (b, t, h, hd): (usize, usize, usize, usize)) -> Vec<f32> {
+    let d = h * hd;
+    let mut out = vec![0f32; b * h * t * hd];
+    for n in 0..b {
+        for s in 0..t {
+            let row = &x[(n * t + s) * 3 * d + which * d..][..d];
+            for (head, src) in row.chunks_exact(hd).enumerate() {
+                out[((n * h + head) * t + s) * hd..][..hd].copy_from_slice(src);
+            }
+        }
+    }
+    out
+}
+
+/// Writes a head-major `(B·H, T, hd)` buffer into part `which` of a packed `(B, T, w·H·hd)`
+/// row layout (`w` parts per row).
+fn pack_heads(
+    src: &[f32],
+    out: &mut [f32],
+    (which, parts): (usize, usize),
+    (b, t, h, hd): (usize, usize, usize, usize),
+) {
+    let d = h * hd;
+    for n in 0..b {
+        for s in 0..t {
+            let row = &mut out[(n * t + s) * parts * d + which * d..][..d];
+            for (head, dst) in row.chunks_exact_mut(hd).enumerate() {
+                dst.copy_from_slice(&src[((n * h + head) * t + s) * hd..][..hd]);
+            }
+        }
+    }
+}
+
+/// GPT-2's attention straight from its packed projection: `qkv (B, T, 3·H·hd)` in, the heads'
+/// outputs side by side `(B, T, H·hd)` out, as one autograd node. The split into heads and the
+/// merge back are copies inside the node, so neither the three slices, reshapes, transposes
+/// and copies of the composed version nor their gradient buffers appear in the graph.
+struct PackedAttention {
+    core: Attention,
+    n_head: usize,
+    /// Head-major q, k, v of the forward pass, for the backward pass.
+    heads: std::sync::Mutex<Option<[Tensor; 3]>>,
+}
+
+impl PackedAttention {
+    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, t, w) = layout.shape().dims3()?;
+        let h = self.n_head;
+        if h == 0 || w % (3 * h) != 0 {
+            bail!("attention: width {w} is not 3 × {h} heads");
+        }
+        Ok((b, t, h, w / (3 * h)))
+    }
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "edpo-packed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, "attention")?;
+        let dims @ (b, t, h, hd) = self.dims(layout)?;
+        let [q, k, v] = [0, 1, 2].map(|w| CpuStorage::F32(unpack_heads(x, w, dims)));
+        let out = self
+            .core
+            .forward_heads((&q, 0), (&k, 0), (&v, 0), (b, h, t, t, hd))?;
+        let CpuStorage::F32(out) = out else {
+            bail!("attention: f32 only");
+        };
+        let mut merged = vec![0f32; b * t * h * hd];
+        pack_heads(&out, &mut merged, (0, 1), dims);
+        let device = candle_core::Device::Cpu;
+        let mut kept = Vec::with_capacity(3);
+        for part in [q, k, v] {
+            let CpuStorage::F32(part) = part else {
+                bail!("attention: f32 only");
+            };
+            kept.push(Tensor::from_vec(part, (b * h, t, hd), &device)?);
+        }
+        if let (Ok(mut slot), Ok(kept)) = (self.heads.lock(), <[Tensor; 3]>::try_from(kept)) {
+            *slot = Some(kept);
+        }
+        Ok((CpuStorage::F32(merged), Shape::from((b, t, h * hd))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dims @ (b, t, h, hd) = self.dims(arg.layout())?;
+        let Some([q, k, v]) = self.heads.lock().ok().and_then(|s| s.clone()) else {
+            bail!("attention: backward before forward");
+        };
+        let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
+        // The gradient arrives token-major; bring it to head-major as the forward did.
+        let gs = g.flatten_all()?.to_vec1::<f32>()?;
+        let mut gh = vec![0f32; gs.len()];
+        for n in 0..b {
+            for s in 0..t {
+                let row = &gs[(n * t + s) * h * hd..][..h * hd];
+                for (head, src) in row.chunks_exact(hd).enumerate() {
+                    gh[((n * h + head) * t + s) * hd..][..hd].copy_from_slice(src);
+                }
+            }
+        }
+        let g = Tensor::from_vec(gh, (b * h, t, hd), arg.device())?;
+        let (dq, dk, dv) = self.core.backward_heads(&q, &k, &v, &g)?;
+        let mut dx = vec![0f32; b * t * 3 * h * hd];
+        for (which, part) in [dq, dk, dv].iter().enumerate() {
+            pack_heads(
+                &part.flatten_all()?.to_vec1::<f32>()?,
+                &mut dx,
+                (which, 3),
+                dims,
+            );
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// GPT-2 attention from the packed `qkv (B, T, 3·H·hd)` projection (see [`PackedAttention`]),
+/// giving `(B, T, H·hd)`; `bias (B, 1, T, T)`.
+pub fn packed_attention(
+    qkv: &Tensor,
+    n_head: usize,
+    bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let op = PackedAttention {
+        core: Attention {
+            bias: bias.flatten_all()?.to_vec1::<f32>()?,
+            scale: scale as f32,
+            probs: std::sync::Mutex::new(None),
+        },
+        n_head,
+        heads: std::sync::Mutex::new(None),
+    };
+    qkv.contiguous()?.apply_op1(op)
 }
 
 /// `softmax(scale·q·kᵀ + bias)·v` as one node (see [`Attention`]): `q (B, H, Tq, hd)`,
@@ -1030,6 +1215,64 @@ mod tests {
                 (Some(p), Some(r)) => close(p, r, 1e-4),
                 _ => panic!("attention: a gradient is missing"),
             }
+        }
+        Ok(())
+    }
+
+    /// Packed GPT-2 attention against slicing q, k, v out of the projection, splitting heads,
+    /// the composed attention and merging heads: values and the gradient of the projection.
+    #[test]
+    fn packed_attention_matches_composed() -> candle_core::Result<()> {
+        let (b, t, h, hd) = (2, 5, 3, 4);
+        let d = h * hd;
+        let n = b * t * 3 * d;
+        let qkv = Var::from_vec(
+            (0..n)
+                .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+                .collect::<Vec<f32>>(),
+            (b, t, 3 * d),
+            &Device::Cpu,
+        )?;
+        let mut mask = vec![0f32; b * t * t];
+        for m in 0..b {
+            for i in 0..t {
+                for j in (i + 1)..t {
+                    mask[(m * t + i) * t + j] = -1e30;
+                }
+            }
+        }
+        let bias = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu)?;
+        let scale = 0.5;
+        let fused = packed_attention(qkv.as_tensor(), h, &bias, scale)?;
+        let heads = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.as_tensor()
+                .narrow(2, i * d, d)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scores = heads(0)?
+            .matmul(&heads(1)?.t()?)?
+            .affine(scale, 0.0)?
+            .broadcast_add(&bias)?;
+        let composed = nn::softmax_composed(&scores)?
+            .matmul(&heads(2)?)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, d))?;
+        close(&fused, &composed, 1e-5);
+        let probe = Tensor::from_vec(
+            (0..b * t * d)
+                .map(|i| ((i * 31 % 17) as f32) / 17.0 - 0.5)
+                .collect::<Vec<f32>>(),
+            (b, t, d),
+            &Device::Cpu,
+        )?;
+        let ga = (&fused * &probe)?.sum_all()?.backward()?;
+        let gc = (&composed * &probe)?.sum_all()?.backward()?;
+        match (ga.get(qkv.as_tensor()), gc.get(qkv.as_tensor())) {
+            (Some(p), Some(r)) => close(p, r, 1e-4),
+            _ => panic!("packed attention: the gradient is missing"),
         }
         Ok(())
     }
