@@ -27,6 +27,16 @@ fn slice<'a>(
     }
 }
 
+/// Runs `f` on the elements of a contiguous f32 CPU tensor in place, without copying them
+/// (`f` must not write to the tensor).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Ok(f(slice(cpu, layout, "tensor")?)),
+        _ => bail!("a CPU tensor expected"),
+    }
+}
+
 /// Whether kernels may split work across threads: candle runs with more than one.
 pub fn parallel() -> bool {
     candle_core::utils::get_num_threads() > 1
@@ -355,6 +365,8 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `(N, V)` output. The backward is `g·(onehot(target) − softmax(z))`.
 struct LogSoftmaxGather {
     targets: Arc<Vec<u32>>,
+    /// Each row's log-sum-exp, written by the forward pass for the backward pass.
+    lse: std::sync::Mutex<Option<Arc<Vec<f32>>>>,
 }
 
 fn row_lse(z: &[f32]) -> f32 {
@@ -384,12 +396,18 @@ impl CustomOp1 for LogSoftmaxGather {
         if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
             bail!("log-softmax gather: target {t} outside the vocabulary of {v}");
         }
-        let one = |i: usize| z[i * v + self.targets[i] as usize] - row_lse(&z[i * v..(i + 1) * v]);
-        let out: Vec<f32> = if parallel() && n * v >= 1 << 15 {
-            (0..n).into_par_iter().map(one).collect()
+        let lse = |i: usize| row_lse(&z[i * v..(i + 1) * v]);
+        let lses: Vec<f32> = if parallel() && n * v >= 1 << 15 {
+            (0..n).into_par_iter().map(lse).collect()
         } else {
-            (0..n).map(one).collect()
+            (0..n).map(lse).collect()
         };
+        let out: Vec<f32> = (0..n)
+            .map(|i| z[i * v + self.targets[i] as usize] - lses[i])
+            .collect();
+        if let Ok(mut slot) = self.lse.lock() {
+            *slot = Some(Arc::new(lses));
+        }
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
@@ -401,6 +419,7 @@ impl CustomOp1 for LogSoftmaxGather {
     ) -> candle_core::Result<Option<Tensor>> {
         let op = LogSoftmaxGatherGrad {
             targets: self.targets.clone(),
+            lse: self.lse.lock().ok().and_then(|s| s.clone()),
         };
         Ok(Some(
             arg.contiguous()?
@@ -411,6 +430,8 @@ impl CustomOp1 for LogSoftmaxGather {
 
 struct LogSoftmaxGatherGrad {
     targets: Arc<Vec<u32>>,
+    /// The forward pass's log-sum-exp per row (recomputed when absent).
+    lse: Option<Arc<Vec<f32>>>,
 }
 
 impl CustomOp2 for LogSoftmaxGatherGrad {
@@ -430,7 +451,10 @@ impl CustomOp2 for LogSoftmaxGatherGrad {
         let (_, v) = l1.shape().dims2()?;
         let mut dz = vec![0f32; z.len()];
         rows_map(z, &mut dz, v, |i, z, dz| {
-            let lse = row_lse(z);
+            let lse = match &self.lse {
+                Some(l) => l[i],
+                None => row_lse(z),
+            };
             let gi = g[i];
             for (o, &x) in dz.iter_mut().zip(z) {
                 *o = -gi * exp(x - lse);
@@ -445,6 +469,7 @@ impl CustomOp2 for LogSoftmaxGatherGrad {
 pub fn log_softmax_gather(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
     logits.contiguous()?.apply_op1(LogSoftmaxGather {
         targets: Arc::new(targets.to_vec()),
+        lse: std::sync::Mutex::new(None),
     })
 }
 
@@ -505,35 +530,38 @@ impl CustomOp3 for Norm {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let ws = w.flatten_all()?.to_vec1::<f32>()?;
-        let gs = dy.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; xs.len()];
+        let (xt, gt) = (x.contiguous()?, dy.contiguous()?);
+        let mut dx = vec![0f32; x.elem_count()];
         let mut dw = vec![0f64; d];
         let mut db = vec![0f64; d];
         let mut xhat = vec![0f32; d];
-        for ((x, g), o) in xs.chunks(d).zip(gs.chunks(d)).zip(dx.chunks_mut(d)) {
-            let (mean, inv) = norm_stats(x, self.eps, self.rms);
-            let mut sum_gw = 0f32;
-            let mut sum_gwx = 0f32;
-            for k in 0..d {
-                xhat[k] = (x[k] - mean) * inv;
-                let gw = g[k] * ws[k];
-                sum_gw += gw;
-                sum_gwx += gw * xhat[k];
-                dw[k] += f64::from(g[k] * xhat[k]);
-                db[k] += f64::from(g[k]);
-            }
-            let n = d as f32;
-            for k in 0..d {
-                let gw = g[k] * ws[k];
-                o[k] = if self.rms {
-                    inv * (gw - xhat[k] * sum_gwx / n)
-                } else {
-                    inv * (gw - sum_gw / n - xhat[k] * sum_gwx / n)
-                };
-            }
-        }
+        with_f32(&xt, |xs| {
+            with_f32(&gt, |gs| {
+                for ((x, g), o) in xs.chunks(d).zip(gs.chunks(d)).zip(dx.chunks_mut(d)) {
+                    let (mean, inv) = norm_stats(x, self.eps, self.rms);
+                    let mut sum_gw = 0f32;
+                    let mut sum_gwx = 0f32;
+                    for k in 0..d {
+                        xhat[k] = (x[k] - mean) * inv;
+                        let gw = g[k] * ws[k];
+                        sum_gw += gw;
+                        sum_gwx += gw * xhat[k];
+                        dw[k] += f64::from(g[k] * xhat[k]);
+                        db[k] += f64::from(g[k]);
+                    }
+                    let n = d as f32;
+                    for k in 0..d {
+                        let gw = g[k] * ws[k];
+                        o[k] = if self.rms {
+                            inv * (gw - xhat[k] * sum_gwx / n)
+                        } else {
+                            inv * (gw - sum_gw / n - xhat[k] * sum_gwx / n)
+                        };
+                    }
+                }
+            })
+        })??;
         let dev = x.device();
         let dx = Tensor::from_vec(dx, x.shape(), dev)?;
         let dw = Tensor::from_vec(
@@ -670,13 +698,14 @@ impl CustomOp3 for LinearBias {
         } else {
             (g.matmul(&w)?, g.t()?.matmul(&x2)?)
         };
-        let gs = g.flatten_all()?.to_vec1::<f32>()?;
         let mut db = vec![0f64; n_out];
-        for row in gs.chunks(n_out) {
-            for (acc, &v) in db.iter_mut().zip(row) {
-                *acc += f64::from(v);
+        with_f32(&g, |gs| {
+            for row in gs.chunks(n_out) {
+                for (acc, &v) in db.iter_mut().zip(row) {
+                    *acc += f64::from(v);
+                }
             }
-        }
+        })?;
         let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
         Ok((
             Some(dx.reshape(x.shape())?),
@@ -779,17 +808,20 @@ impl Attention {
         };
         let (bh, tq, tk) = p.dims3()?;
         let dv = p.t()?.matmul(g)?;
-        let dp = g.matmul(&v.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-        let pv = p.flatten_all()?.to_vec1::<f32>()?;
-        let mut ds = vec![0f32; pv.len()];
+        let dp = g.matmul(&v.t()?)?;
+        let mut ds = vec![0f32; p.elem_count()];
         let scale = self.scale;
-        rows_map(&dp, &mut ds, tk, |i, dp, ds| {
-            let p = &pv[i * tk..(i + 1) * tk];
-            let dot = lane_dot(dp, p);
-            for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
-                *o = scale * (y * (g - dot));
-            }
-        });
+        with_f32(&p, |pv| {
+            with_f32(&dp, |dp| {
+                rows_map(dp, &mut ds, tk, |i, dp, ds| {
+                    let p = &pv[i * tk..(i + 1) * tk];
+                    let dot = lane_dot(dp, p);
+                    for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
+                        *o = scale * (y * (g - dot));
+                    }
+                })
+            })
+        })??;
         let ds = Tensor::from_vec(ds, (bh, tq, tk), q.device())?;
         let dq = ds.matmul(k)?;
         let dk = ds.t()?.matmul(q)?;
@@ -963,26 +995,24 @@ impl CustomOp1 for PackedAttention {
         };
         let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
         // The gradient arrives token-major; bring it to head-major as the forward did.
-        let gs = g.flatten_all()?.to_vec1::<f32>()?;
-        let mut gh = vec![0f32; gs.len()];
-        for n in 0..b {
-            for s in 0..t {
-                let row = &gs[(n * t + s) * h * hd..][..h * hd];
-                for (head, src) in row.chunks_exact(hd).enumerate() {
-                    gh[((n * h + head) * t + s) * hd..][..hd].copy_from_slice(src);
+        let mut gh = vec![0f32; g.elem_count()];
+        with_f32(&g, |gs| {
+            for n in 0..b {
+                for s in 0..t {
+                    let row = &gs[(n * t + s) * h * hd..][..h * hd];
+                    for (head, src) in row.chunks_exact(hd).enumerate() {
+                        gh[((n * h + head) * t + s) * hd..][..hd].copy_from_slice(src);
+                    }
                 }
             }
-        }
+        })?;
         let g = Tensor::from_vec(gh, (b * h, t, hd), arg.device())?;
         let (dq, dk, dv) = self.core.backward_heads(&q, &k, &v, &g)?;
         let mut dx = vec![0f32; b * t * 3 * h * hd];
         for (which, part) in [dq, dk, dv].iter().enumerate() {
-            pack_heads(
-                &part.flatten_all()?.to_vec1::<f32>()?,
-                &mut dx,
-                (which, 3),
-                dims,
-            );
+            with_f32(&part.contiguous()?, |part| {
+                pack_heads(part, &mut dx, (which, 3), dims)
+            })?;
         }
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

@@ -258,13 +258,25 @@ pub fn mixed_sequence_logps(
     let z = policy_logits
         .detach()
         .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+        .contiguous()?;
     let r = reference_logits
         .detach()
         .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+        .contiguous()?;
+    crate::kernels::with_f32(&z, |z| {
+        crate::kernels::with_f32(&r, |r| mixed_rows(z, r, v, batch, mixtures))
+    })??
+}
+
+/// [`mixed_sequence_logps`] on the logits' elements.
+fn mixed_rows(
+    z: &[f32],
+    r: &[f32],
+    v: usize,
+    batch: &SequenceBatch,
+    mixtures: &[(f32, f32)],
+) -> Result<Vec<Vec<f64>>> {
+    let n = batch.n_targets();
     // Row by row (in parallel when kernels may), then summed per sequence in row order, so
     // the result does not depend on the thread count.
     let row = |i: usize| -> Vec<f64> {

@@ -60,10 +60,11 @@ impl GradBuffers {
     ) -> Result<()> {
         for (buf, p) in self.grads.iter_mut().zip(params) {
             if let Some(g) = store.get(&p.tensor) {
-                let g = g.flatten_all()?.to_vec1::<f32>()?;
-                for (b, x) in buf.iter_mut().zip(&g) {
-                    *b += x;
-                }
+                edpo_model::kernels::with_f32(&g.contiguous()?, |g| {
+                    for (b, x) in buf.iter_mut().zip(g) {
+                        *b += x;
+                    }
+                })?;
             }
         }
         Ok(())
