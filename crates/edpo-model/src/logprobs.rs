@@ -12,7 +12,6 @@
 //! restart after the prompt for the rejected branch. The prompt then runs once instead of
 //! twice, and every log-prob equals the one of the two separate sequences.
 
-use crate::kernels::exp64;
 use crate::{CausalLm, Error, Result};
 use candle_core::{Device, Tensor};
 
@@ -290,20 +289,7 @@ fn mixed_rows(
                     *x = a * zv + b * rv;
                 }
                 let max = mixed.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                // Four partial f64 sums so the exponentials vectorise.
-                let mut acc = [0f64; 4];
-                let chunks = mixed.chunks_exact(4);
-                let tail: f64 = chunks
-                    .remainder()
-                    .iter()
-                    .map(|&x| exp64(f64::from(x - max)))
-                    .sum();
-                for c in chunks {
-                    for k in 0..4 {
-                        acc[k] += exp64(f64::from(c[k] - max));
-                    }
-                }
-                let sum = acc.iter().sum::<f64>() + tail;
+                let sum: f64 = mixed.iter().map(|&x| f64::from(x - max).exp()).sum();
                 f64::from(mixed[target] - max) - sum.ln()
             })
             .collect()
