@@ -1038,6 +1038,48 @@ mod tests {
         Var::from_vec(v, shape, &Device::Cpu).expect("var")
     }
 
+    /// `fused` and `composed` agree in value, and the gradients of `⟨out, probe⟩` with respect
+    /// to each of `vars` agree (both present, or both absent where `absent_ok`).
+    fn same_values_and_grads(
+        name: &str,
+        fused: &Tensor,
+        composed: &Tensor,
+        probe: &Tensor,
+        vars: &[&Var],
+        absent_ok: bool,
+    ) -> candle_core::Result<()> {
+        close(fused, composed, 1e-5);
+        let ga = (fused * probe)?.sum_all()?.backward()?;
+        let gc = (composed * probe)?.sum_all()?.backward()?;
+        for var in vars {
+            match (ga.get(var.as_tensor()), gc.get(var.as_tensor())) {
+                (Some(p), Some(q)) => close(p, q, 1e-4),
+                (None, None) if absent_ok => {}
+                _ => panic!("{name}: a gradient is missing on one side"),
+            }
+        }
+        Ok(())
+    }
+
+    /// An additive causal mask `(b, 1, t, t)`, also hiding where `hide(row, query, key)`.
+    fn causal_mask(
+        b: usize,
+        t: usize,
+        hide: impl Fn(usize, usize, usize) -> bool,
+    ) -> candle_core::Result<Tensor> {
+        let mut mask = vec![0f32; b * t * t];
+        for n in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || hide(n, i, j) {
+                        mask[(n * t + i) * t + j] = -1e30;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu)
+    }
+
     type Op = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
 
     fn composed_gelu(x: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Tensor> {
@@ -1107,16 +1149,7 @@ mod tests {
             let args = (x.as_tensor(), w.as_tensor(), b.as_tensor());
             let a = fused(args.0, args.1, args.2)?;
             let c = composed(args.0, args.1, args.2)?;
-            close(&a, &c, 1e-5);
-            let ga = (&a * &probe)?.sum_all()?.backward()?;
-            let gc = (&c * &probe)?.sum_all()?.backward()?;
-            for var in [&x, &w, &b] {
-                match (ga.get(var.as_tensor()), gc.get(var.as_tensor())) {
-                    (Some(p), Some(q)) => close(p, q, 1e-4),
-                    (None, None) => {}
-                    _ => panic!("{name}: one side has a gradient the other lacks"),
-                }
-            }
+            same_values_and_grads(name, &a, &c, &probe, &[&x, &w, &b], true)?;
         }
         Ok(())
     }
@@ -1147,15 +1180,8 @@ mod tests {
                 .matmul(&wt)?
                 .broadcast_add(b.as_tensor())?
                 .reshape((2, 3, 24))?;
-            close(&fused, &composed, 1e-5);
-            let ga = (&fused * &probe)?.sum_all()?.backward()?;
-            let gc = (&composed * &probe)?.sum_all()?.backward()?;
-            for var in [&x, &w, &b] {
-                match (ga.get(var.as_tensor()), gc.get(var.as_tensor())) {
-                    (Some(p), Some(q)) => close(p, q, 1e-4),
-                    _ => panic!("linear (input_major {input_major}): a gradient is missing"),
-                }
-            }
+            let name = format!("linear (input_major {input_major})");
+            same_values_and_grads(&name, &fused, &composed, &probe, &[&x, &w, &b], false)?;
         }
         Ok(())
     }
@@ -1173,17 +1199,7 @@ mod tests {
             Var::from_vec(v, (b, h, t, hd), &Device::Cpu)
         };
         let (q, k, v) = (var(1)?, var(2)?, var(3)?);
-        let mut mask = vec![0f32; b * t * t];
-        for n in 0..b {
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || (n == 1 && j == 2 && i != 2) {
-                        mask[(n * t + i) * t + j] = -1e30;
-                    }
-                }
-            }
-        }
-        let bias = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu)?;
+        let bias = causal_mask(b, t, |n, i, j| n == 1 && j == 2 && i != 2)?;
         let scale = 0.5;
         let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale)?;
         let scores = q
@@ -1192,16 +1208,8 @@ mod tests {
             .affine(scale, 0.0)?
             .broadcast_add(&bias)?;
         let composed = nn::softmax_composed(&scores)?.matmul(v.as_tensor())?;
-        close(&fused, &composed, 1e-5);
         let probe = var(4)?.as_tensor().affine(0.7, 0.1)?;
-        let ga = (&fused * &probe)?.sum_all()?.backward()?;
-        let gc = (&composed * &probe)?.sum_all()?.backward()?;
-        for x in [&q, &k, &v] {
-            match (ga.get(x.as_tensor()), gc.get(x.as_tensor())) {
-                (Some(p), Some(r)) => close(p, r, 1e-4),
-                _ => panic!("attention: a gradient is missing"),
-            }
-        }
+        same_values_and_grads("attention", &fused, &composed, &probe, &[&q, &k, &v], false)?;
         Ok(())
     }
 
@@ -1219,15 +1227,7 @@ mod tests {
             (b, t, 3 * d),
             &Device::Cpu,
         )?;
-        let mut mask = vec![0f32; b * t * t];
-        for m in 0..b {
-            for i in 0..t {
-                for j in (i + 1)..t {
-                    mask[(m * t + i) * t + j] = -1e30;
-                }
-            }
-        }
-        let bias = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu)?;
+        let bias = causal_mask(b, t, |_, _, _| false)?;
         let scale = 0.5;
         let fused = packed_attention(qkv.as_tensor(), h, &bias, scale)?;
         let heads = |i: usize| -> candle_core::Result<Tensor> {
@@ -1246,7 +1246,6 @@ mod tests {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, d))?;
-        close(&fused, &composed, 1e-5);
         let probe = Tensor::from_vec(
             (0..b * t * d)
                 .map(|i| ((i * 31 % 17) as f32) / 17.0 - 0.5)
@@ -1254,12 +1253,14 @@ mod tests {
             (b, t, d),
             &Device::Cpu,
         )?;
-        let ga = (&fused * &probe)?.sum_all()?.backward()?;
-        let gc = (&composed * &probe)?.sum_all()?.backward()?;
-        match (ga.get(qkv.as_tensor()), gc.get(qkv.as_tensor())) {
-            (Some(p), Some(r)) => close(p, r, 1e-4),
-            _ => panic!("packed attention: the gradient is missing"),
-        }
+        same_values_and_grads(
+            "packed attention",
+            &fused,
+            &composed,
+            &probe,
+            &[&qkv],
+            false,
+        )?;
         Ok(())
     }
 

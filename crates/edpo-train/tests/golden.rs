@@ -224,6 +224,18 @@ fn trace_config(golden: &Value, objective: Objective) -> TrainerConfig {
     }
 }
 
+/// The golden pairs split into the trace's micro-batches.
+fn trace_micro_batches(golden: &Value) -> Vec<Vec<TokenizedPair>> {
+    let k = golden["trace"]["settings"]["micro_batches"]
+        .as_u64()
+        .unwrap_or(1) as usize;
+    let pairs = golden_pairs(golden);
+    let size = pairs.len() / k;
+    (0..k)
+        .map(|i| pairs[i * size..(i + 1) * size].to_vec())
+        .collect()
+}
+
 #[test]
 fn dpo_gradient_norm_matches_pytorch() -> TestResult {
     for family in FAMILIES {
@@ -259,14 +271,7 @@ fn ten_step_traces_match_pytorch() -> TestResult {
         let (golden, policy, reference) = load(family)?;
         let beta = f(&golden["beta"]);
         let eps = f(&golden["trace"]["epsilon_dpo"]["epsilon"]);
-        let k = golden["trace"]["settings"]["micro_batches"]
-            .as_u64()
-            .unwrap_or(1) as usize;
-        let pairs = golden_pairs(&golden);
-        let size = pairs.len() / k;
-        let micro: Vec<Vec<TokenizedPair>> = (0..k)
-            .map(|i| pairs[i * size..(i + 1) * size].to_vec())
-            .collect();
+        let micro = trace_micro_batches(&golden);
         for (name, objective, expected) in [
             ("DPO", Objective::Dpo { beta }, &golden["trace"]["dpo"]),
             (
@@ -427,18 +432,12 @@ fn sharded_steps_match_pytorch_and_the_unsplit_batch() -> TestResult {
         let (golden, _, reference) = load(family)?;
         let beta = f(&golden["beta"]);
         let eps = f(&golden["trace"]["epsilon_dpo"]["epsilon"]);
-        let k = golden["trace"]["settings"]["micro_batches"]
-            .as_u64()
-            .unwrap_or(1) as usize;
-        let pairs = golden_pairs(&golden);
-        let size = pairs.len() / k;
+        let micro = trace_micro_batches(&golden);
+        let size = micro[0].len();
         assert!(
             size >= 2,
             "{family}: micro-batches of {size} cannot be split"
         );
-        let micro: Vec<Vec<TokenizedPair>> = (0..k)
-            .map(|i| pairs[i * size..(i + 1) * size].to_vec())
-            .collect();
         let objective = Objective::EpsilonDpo { beta, epsilon: eps };
         let expected = golden["trace"]["epsilon_dpo"]["steps"]
             .as_array()

@@ -6,6 +6,8 @@
 //! tokens each including EOS. Step: reference forward, policy forward and backward on chosen
 //! and rejected, DPO (β = 0.1) or ε-DPO (ε = 0.01), AdamW at learning rate 1e-5.
 //! Timing: 2 warm-up steps, then `steps` timed steps; pairs/s = 8·steps / seconds.
+//! Threads: with `--threads T` the batch runs as T shards side by side (`--shards` to choose
+//! otherwise; one shard gives the threads to the operations instead).
 //! Also timed: sampling with and without the key/value cache (generated tokens/s).
 
 use anyhow::Result;
