@@ -98,6 +98,8 @@ pub struct Panel {
     pub series: Vec<Series>,
     /// Horizontal reference lines: label, y, palette index.
     pub hlines: Vec<(String, f64, usize)>,
+    /// Logarithmic x axis (for values spanning more than a decade); positive x only.
+    pub log_x: bool,
 }
 
 /// A figure: panels side by side.
@@ -117,6 +119,27 @@ const PANEL_W: u32 = 780;
 const LEGEND_W: u32 = 190;
 const HEIGHT: u32 = 460;
 
+/// Where `x` sits on the panel's x axis (its log10 on a logarithmic axis).
+fn axis_x(panel: &Panel, x: f64) -> f64 {
+    if panel.log_x {
+        x.max(1e-12).log10()
+    } else {
+        x
+    }
+}
+
+/// The drawn extent `(low, high)` of `x ± err` (no bar: `x`); on a logarithmic axis a lower end
+/// at or below zero is drawn at a tenth of `x`.
+fn x_extent(panel: &Panel, x: f64, err: f64) -> (f64, f64) {
+    let e = if err.is_finite() { err } else { 0.0 };
+    let low = if panel.log_x && x - e <= 0.0 {
+        x / 10.0
+    } else {
+        x - e
+    };
+    (axis_x(panel, low), axis_x(panel, x + e))
+}
+
 fn bounds(panel: &Panel) -> ((f64, f64), (f64, f64)) {
     let (mut x0, mut x1, mut y0, mut y1) = (
         f64::INFINITY,
@@ -126,10 +149,10 @@ fn bounds(panel: &Panel) -> ((f64, f64), (f64, f64)) {
     );
     for s in &panel.series {
         for p in &s.points {
-            let xe = if p.x_err.is_finite() { p.x_err } else { 0.0 };
             let ye = if p.y_err.is_finite() { p.y_err } else { 0.0 };
-            x0 = x0.min(p.x - xe);
-            x1 = x1.max(p.x + xe);
+            let (lo, hi) = x_extent(panel, p.x, p.x_err);
+            x0 = x0.min(lo);
+            x1 = x1.max(hi);
             y0 = y0.min(p.y - ye);
             y1 = y1.max(p.y + ye);
         }
@@ -162,15 +185,22 @@ fn draw_panel<DB: DrawingBackend>(
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| format!("{e:?}"))?;
-    chart
-        .configure_mesh()
-        .x_desc(panel.x_label.as_str())
+    // On a logarithmic axis the ticks sit at round log10 values; label them with the value.
+    let log_label = |v: &f64| {
+        let x = 10f64.powf(*v);
+        let decimals = (2.0 - x.log10().floor()).clamp(0.0, 4.0) as usize;
+        format!("{x:.decimals$}")
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(panel.x_label.as_str())
         .y_desc(panel.y_label.as_str())
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16))
-        .light_line_style(RGBColor(235, 235, 235))
-        .draw()
-        .map_err(|e| format!("{e:?}"))?;
+        .light_line_style(RGBColor(235, 235, 235));
+    if panel.log_x {
+        mesh.x_label_formatter(&log_label);
+    }
+    mesh.draw().map_err(|e| format!("{e:?}"))?;
     for (label, y, c) in &panel.hlines {
         let color = PALETTE[c % PALETTE.len()];
         chart
@@ -192,16 +222,17 @@ fn draw_panel<DB: DrawingBackend>(
         if s.line && s.points.len() > 1 {
             chart
                 .draw_series(LineSeries::new(
-                    s.points.iter().map(|p| (p.x, p.y)),
+                    s.points.iter().map(|p| (axis_x(panel, p.x), p.y)),
                     color.stroke_width(2),
                 ))
                 .map_err(|e| format!("{e:?}"))?;
         }
         for p in &s.points {
+            let px = axis_x(panel, p.x);
             if p.y_err.is_finite() {
                 chart
                     .draw_series(std::iter::once(ErrorBar::new_vertical(
-                        p.x,
+                        px,
                         p.y - p.y_err,
                         p.y,
                         p.y + p.y_err,
@@ -211,12 +242,13 @@ fn draw_panel<DB: DrawingBackend>(
                     .map_err(|e| format!("{e:?}"))?;
             }
             if p.x_err.is_finite() {
+                let (lo, hi) = x_extent(panel, p.x, p.x_err);
                 chart
                     .draw_series(std::iter::once(ErrorBar::new_horizontal(
                         p.y,
-                        p.x - p.x_err,
-                        p.x,
-                        p.x + p.x_err,
+                        lo,
+                        px,
+                        hi,
                         color.stroke_width(1),
                         6,
                     )))
@@ -226,7 +258,7 @@ fn draw_panel<DB: DrawingBackend>(
                 chart
                     .draw_series(std::iter::once(Text::new(
                         t.clone(),
-                        (p.x, p.y),
+                        (px, p.y),
                         ("sans-serif", 12).into_font().color(&color),
                     )))
                     .map_err(|e| format!("{e:?}"))?;
@@ -237,7 +269,7 @@ fn draw_panel<DB: DrawingBackend>(
             .draw_series(
                 s.points
                     .iter()
-                    .map(|p| Circle::new((p.x, p.y), radius, color.filled())),
+                    .map(|p| Circle::new((axis_x(panel, p.x), p.y), radius, color.filled())),
             )
             .map_err(|e| format!("{e:?}"))?;
     }
@@ -389,15 +421,28 @@ fn frontier(summary: &[SettingSummary]) -> Option<Figure> {
                 line: true,
             }
         })
-        .collect();
+        .collect::<Vec<Series>>();
+    // One runaway setting (a policy that collapsed, say) would squeeze every other point into
+    // a sliver of a linear axis: past a tenfold spread the KL axis turns logarithmic.
+    let (lo, hi) = series
+        .iter()
+        .flat_map(|s: &Series| s.points.iter().map(|p| p.x))
+        .filter(|x| *x > 0.0)
+        .fold((f64::INFINITY, 0f64), |(a, b), x| (a.min(x), b.max(x)));
+    let log_x = hi > 10.0 * lo;
     Some(Figure {
         name: "frontier".into(),
         title: "Win rate against the reference vs KL(π‖π_ref)".into(),
         panels: vec![Panel {
-            x_label: "KL(π‖π_ref), nats (exact, mean over prompts)".into(),
+            x_label: if log_x {
+                "KL(π‖π_ref), nats (exact, mean over prompts; log scale)".into()
+            } else {
+                "KL(π‖π_ref), nats (exact, mean over prompts)".into()
+            },
             y_label: "win rate vs π_ref".into(),
             series,
             hlines: vec![],
+            log_x,
         }],
         svg: String::new(),
     })
@@ -441,6 +486,7 @@ fn epsilon_ablation(summary: &[SettingSummary]) -> Option<Figure> {
                 line: true,
             }],
             hlines,
+            log_x: false,
         }
     };
     Some(Figure {
@@ -559,6 +605,7 @@ fn trace_panel(
             .filter(|s| !s.points.is_empty())
             .collect(),
         hlines: vec![],
+        log_x: false,
     }
 }
 
@@ -643,12 +690,14 @@ fn beta_dynamics(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
                 y_label: "base β".into(),
                 series: beta,
                 hlines: vec![],
+                log_x: false,
             },
             Panel {
                 x_label: "optimizer step".into(),
                 y_label: "fraction of pairs".into(),
                 series: fractions,
                 hlines: vec![],
+                log_x: false,
             },
         ],
         svg: String::new(),
@@ -730,12 +779,14 @@ fn steps_vs_confusion(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figur
                 y_label: "share of pairs stepped +1 (β relaxed)".into(),
                 series: up,
                 hlines: vec![],
+                log_x: false,
             },
             Panel {
                 x_label: x_label.into(),
                 y_label: "share of pairs stepped −1 (β strengthened)".into(),
                 series: down,
                 hlines: vec![],
+                log_x: false,
             },
         ],
         svg: String::new(),
@@ -756,4 +807,56 @@ pub fn all(sweep: &Sweep, summary: &[SettingSummary]) -> Result<Vec<Figure>> {
     .flatten()
     .map(finish)
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::Estimate;
+
+    fn setting(method: &str, kl: f64) -> SettingSummary {
+        SettingSummary {
+            method: method.into(),
+            kind: method.into(),
+            setting: format!("kl {kl}"),
+            n: 2,
+            params: BTreeMap::new(),
+            metrics: [
+                (
+                    "kl".to_string(),
+                    Estimate {
+                        mean: kl,
+                        ci: 0.5 * kl,
+                    },
+                ),
+                (
+                    "win_rate".to_string(),
+                    Estimate {
+                        mean: 0.6,
+                        ci: 0.05,
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    /// The frontier's KL axis turns logarithmic past a tenfold spread, and there every point,
+    /// error bar and bound is drawn at log10 of its value.
+    #[test]
+    fn frontier_axis_turns_logarithmic_past_a_tenfold_spread() {
+        let close = frontier(&[setting("DPO", 2.0), setting("DPO", 15.0)]).expect("figure");
+        assert!(!close.panels[0].log_x);
+        let wide = frontier(&[setting("DPO", 2.0), setting("R-DPO", 58.0)]).expect("figure");
+        let panel = &wide.panels[0];
+        assert!(panel.log_x && panel.x_label.contains("log scale"));
+        assert_eq!(axis_x(panel, 100.0), 2.0);
+        let (lo, hi) = x_extent(panel, 58.0, 29.0);
+        assert!((lo - 29f64.log10()).abs() < 1e-12 && (hi - 87f64.log10()).abs() < 1e-12);
+        // A lower end at or below zero is drawn at a tenth of the value.
+        assert_eq!(x_extent(panel, 10.0, 12.0).0, 0.0);
+        let ((x0, x1), _) = bounds(panel);
+        assert!(x0 < 1f64.log10() && x1 > 87f64.log10() && x1 < 2.1);
+    }
 }
