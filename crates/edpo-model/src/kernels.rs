@@ -847,14 +847,18 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Copies part `which` (0 q, 1 k, 2 v) of a packed `(B, T, 3·H·hd)` projection into a
-/// head-major `(B·H, T, hd)` buffer.
-fn unpack_heads(x: &[f32], which: usize, (b, t, h, hd): (usize, usize, usize, usize)) -> Vec<f32> {
+/// Copies part `which` of a packed `(B, T, parts·H·hd)` row layout (for the projection: 0 q,
+/// 1 k, 2 v of 3 parts) into a head-major `(B·H, T, hd)` buffer.
+fn unpack_heads(
+    x: &[f32],
+    (which, parts): (usize, usize),
+    (b, t, h, hd): (usize, usize, usize, usize),
+) -> Vec<f32> {
     let d = h * hd;
     let mut out = vec![0f32; b * h * t * hd];
     for n in 0..b {
         for s in 0..t {
-            let row = &x[(n * t + s) * 3 * d + which * d..][..d];
+            let row = &x[(n * t + s) * parts * d + which * d..][..d];
             for (head, src) in row.chunks_exact(hd).enumerate() {
                 out[((n * h + head) * t + s) * hd..][..hd].copy_from_slice(src);
             }
@@ -916,7 +920,7 @@ impl CustomOp1 for PackedAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(storage, layout, "attention")?;
         let dims @ (b, t, h, hd) = self.dims(layout)?;
-        let [q, k, v] = [0, 1, 2].map(|w| CpuStorage::F32(unpack_heads(x, w, dims)));
+        let [q, k, v] = [0, 1, 2].map(|w| CpuStorage::F32(unpack_heads(x, (w, 3), dims)));
         let out = self
             .core
             .forward_heads((&q, 0), (&k, 0), (&v, 0), (b, h, t, t, hd))?;
@@ -951,17 +955,7 @@ impl CustomOp1 for PackedAttention {
         };
         let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
         // The gradient arrives token-major; bring it to head-major as the forward did.
-        let mut gh = vec![0f32; g.elem_count()];
-        with_f32(&g, |gs| {
-            for n in 0..b {
-                for s in 0..t {
-                    let row = &gs[(n * t + s) * h * hd..][..h * hd];
-                    for (head, src) in row.chunks_exact(hd).enumerate() {
-                        gh[((n * h + head) * t + s) * hd..][..hd].copy_from_slice(src);
-                    }
-                }
-            }
-        })?;
+        let gh = with_f32(&g, |gs| unpack_heads(gs, (0, 1), dims))?;
         let g = Tensor::from_vec(gh, (b * h, t, hd), arg.device())?;
         let (dq, dk, dv) = self.core.backward_heads(&q, &k, &v, &g)?;
         let mut dx = vec![0f32; b * t * 3 * h * hd];

@@ -291,11 +291,7 @@ fn sharded_forward(
             epsilon,
         )
     };
-    let parts: Vec<Forward> = if ranges.len() > 1 {
-        ranges.par_iter().map(run).collect::<Result<_>>()?
-    } else {
-        ranges.iter().map(run).collect::<Result<_>>()?
-    };
+    let parts: Vec<Forward> = ranges.par_iter().map(run).collect::<Result<_>>()?;
     let mut scores = PairScores {
         policy_chosen: Vec::new(),
         policy_rejected: Vec::new(),
@@ -658,11 +654,9 @@ impl Trainer {
                 let coef = Tensor::from_vec(coef, logps.dims(), logps.device())?;
                 Ok((logps * &coef)?.sum_all()?.backward()?)
             };
-            let stores: Vec<candle_core::backprop::GradStore> = if graphs.len() > 1 {
+            let stores: Vec<candle_core::backprop::GradStore> = {
                 use rayon::prelude::*;
                 graphs.par_iter().map(backward).collect::<Result<_>>()?
-            } else {
-                graphs.iter().map(backward).collect::<Result<_>>()?
             };
             for store in &stores {
                 self.grads.add(self.policy.params(), store)?;
