@@ -84,13 +84,17 @@ def peak_rss_mib():
 
 
 def random_pairs(seed=DATA_SEED):
-    """The pairs of `edpo bench`: the same 64-bit LCG, drawn in the same order."""
+    """The pairs of `edpo bench`: the project's generator (SplitMix64), drawn in the same order."""
     state = seed
+    mask = 2**64 - 1
 
     def next_id():
         nonlocal state
-        state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
-        return (state >> 33) % (VOCAB - 1)
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return (z ^ (z >> 31)) % (VOCAB - 1)
 
     def response():
         return [next_id() for _ in range(RESPONSE - 1)] + [EOS]

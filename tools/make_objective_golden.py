@@ -1,6 +1,6 @@
 """Golden reference values for edpo's preference-optimisation objectives (no model involved).
 
-Every objective in shared/spec/baselines.md is evaluated on a few seeded batches of per-pair
+Every objective in docs/spec/baselines.md is evaluated on a few seeded batches of per-pair
 numbers: sequence log-probs of the policy and the reference for the chosen and the rejected
 response (lw, ll, rw, rl), response lengths in tokens (len_w, len_l) and, for KTO, the
 policy-minus-reference log-ratios of mismatched prompt/completion pairs (kl_logratios).

@@ -19,12 +19,12 @@ pub struct MarkovTask {
 }
 
 /// The task's seeded generator.
-pub use crate::rng::SplitMix64 as Rng;
+use crate::rng::SplitMix64;
 
 impl MarkovTask {
     /// A task with `vocab` ordinary tokens; `sharpness` scales the transition logits.
     pub fn new(vocab: usize, sharpness: f64, seed: u64) -> Self {
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix64(seed);
         let mut transitions = Vec::with_capacity(vocab * vocab);
         for _ in 0..vocab {
             let logits: Vec<f64> = (0..vocab).map(|_| sharpness * rng.normal()).collect();
@@ -47,7 +47,7 @@ impl MarkovTask {
     }
 
     /// Continues `prefix` (or starts uniformly when empty) for `len` tokens.
-    pub fn continue_chain(&self, prefix: &[u32], len: usize, rng: &mut Rng) -> Vec<u32> {
+    pub fn continue_chain(&self, prefix: &[u32], len: usize, rng: &mut SplitMix64) -> Vec<u32> {
         let mut out = Vec::with_capacity(len);
         let mut last = prefix
             .last()
@@ -95,7 +95,7 @@ mod tests {
         for row in a.transitions.chunks(8) {
             assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         }
-        let mut rng = Rng(1);
+        let mut rng = SplitMix64(1);
         let s = a.continue_chain(&[2], 5, &mut rng);
         assert_eq!(s.len(), 5);
         assert!(s.iter().all(|&t| t < 8));

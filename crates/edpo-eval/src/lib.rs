@@ -15,7 +15,7 @@ pub mod sampling;
 pub mod stats;
 
 pub use kl::{sequence_kl, SequenceKl};
-pub use sampling::{sample, sample_uncached, SamplingSettings, SplitMix64};
+pub use sampling::{sample, sample_uncached, SamplingSettings};
 pub use stats::{mean_and_stderr, win_rate, WinRate};
 
 /// Everything that can go wrong while evaluating.

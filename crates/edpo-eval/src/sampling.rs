@@ -24,7 +24,7 @@ pub struct SamplingSettings {
     pub eos: u32,
 }
 
-pub use edpo_data::rng::SplitMix64;
+use edpo_data::rng::SplitMix64;
 
 /// Draws one token from `logits` under the settings.
 ///

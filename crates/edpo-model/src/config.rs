@@ -28,6 +28,23 @@ pub struct Gpt2Config {
     pub layer_norm_epsilon: f64,
 }
 
+impl Gpt2Config {
+    /// The `config.json` `transformers` writes for this config (`GPT2LMHeadModel`, dropout
+    /// off, `eos_token_id` and `bos_token_id` both `eos`): the one place a config file is
+    /// made rather than read.
+    pub fn hf_json(&self, eos: u32) -> Value {
+        serde_json::json!({
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size, "n_positions": self.n_positions,
+            "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head,
+            "n_inner": self.n_inner, "layer_norm_epsilon": self.layer_norm_epsilon,
+            "activation_function": "gelu_new",
+            "eos_token_id": eos, "bos_token_id": eos,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        })
+    }
+}
+
 /// Which member of the Llama family a checkpoint is; they differ only in biases and masks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LlamaVariant {

@@ -5,11 +5,12 @@
 //!
 //! Reads bottom-up: attention, MLP, block, model.
 
+use crate::arch::{Architecture, Forward, Init, TensorSpec, Weights};
 use crate::config::Gpt2Config;
-use crate::model::{Init, TensorSpec, Weights};
 use crate::nn::{attention, LayerKv, LayerNorm, Linear};
 use crate::Result;
 use candle_core::Tensor;
+use std::sync::Arc;
 
 /// The names and shapes of every parameter, in `transformers`' naming.
 pub fn tensor_specs(cfg: &Gpt2Config) -> Vec<TensorSpec> {
@@ -84,9 +85,9 @@ impl Attention {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3d)
-        if cache.is_none() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        if cache.is_none() {
             let scale = 1.0 / (hd as f64).sqrt();
-            let y = crate::kernels::packed_attention(&qkv, self.n_head, bias, scale)?;
+            let y = crate::ops::packed_attention(&qkv, self.n_head, bias, scale)?;
             return self.c_proj.forward(&y);
         }
         let heads = |i: usize| -> Result<Tensor> {
@@ -114,7 +115,7 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.c_proj
-            .forward(&crate::kernels::gelu(&self.c_fc.forward(x)?)?)
+            .forward(&crate::ops::gelu(&self.c_fc.forward(x)?)?)
     }
 }
 
@@ -171,18 +172,41 @@ impl Gpt2 {
             ln_f: layer_norm(w, "transformer.ln_f", eps),
         }
     }
+}
 
-    /// Final hidden states `(B, T, d)` after `ln_f`. With a cache (one [`LayerKv`] per block),
-    /// `ids` are the new positions only, `bias` covers past and new keys, and the new keys and
-    /// values are appended to the cache.
-    pub fn hidden(
+impl Architecture for Gpt2Config {
+    fn tensor_specs(&self) -> Vec<TensorSpec> {
+        tensor_specs(self)
+    }
+
+    fn n_layers(&self) -> usize {
+        self.n_layer
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.n_positions)
+    }
+
+    fn sliding_window(&self) -> Option<usize> {
+        None
+    }
+
+    fn build(&self, weights: &Weights) -> Arc<dyn Forward> {
+        Arc::new(Gpt2::new(self, weights))
+    }
+}
+
+impl Forward for Gpt2 {
+    /// Final hidden states `(B, T, d)` after `ln_f`.
+    fn hidden(
         &self,
         ids: &Tensor,
-        positions: &Tensor,
+        positions: &[u32],
         bias: &Tensor,
         mut cache: Option<&mut [LayerKv]>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let positions = Tensor::from_slice(positions, (b, t), ids.device())?;
         let d = self.wte.dim(1)?;
         let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
         let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
@@ -193,8 +217,8 @@ impl Gpt2 {
         self.ln_f.forward(&x)
     }
 
-    /// Logits `(N, V)` for hidden states `(N, d)`.
-    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+    /// Logits `(N, V)` for hidden states `(N, d)`: the LM head tied to the token embedding.
+    fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(hidden.matmul(&self.wte.t()?)?)
     }
 }

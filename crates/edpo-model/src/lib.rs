@@ -5,19 +5,30 @@
 //! - [`config`]: `config.json` as Hugging Face writes it → a typed [`ModelConfig`].
 //! - [`checkpoint`]: safetensors reading (single file or sharded with an index) and writing back
 //!   to the same layout, with every tensor's shape checked against the config.
+//! - [`source`]: every way a model is stored becomes one [`Source`] (config, tensors by
+//!   Hugging Face name, tokenizer directory); a Hugging Face directory today.
+//! - `arch`: the architecture description each family implements (parameters, depth,
+//!   position limits, forward pass), chosen once from the config.
 //! - [`nn`]: the building blocks (linear maps, LayerNorm, RMSNorm, rotary embeddings, attention,
-//!   softmax) written with operations that candle can differentiate. candle's fused kernels
-//!   (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rope*`, `sdpa`) are deliberately absent:
-//!   they have no backward pass and silently drop gradients.
+//!   softmax, masks, the decoding cache).
+//! - [`ops`]: the one place each differentiable operation is routed, by device and dtype, to
+//!   a fused CPU kernel with an explicit backward ([`kernels`], one module per op family) or
+//!   to its composed definition from candle's differentiable operations ([`composed`]), which
+//!   runs on any device. candle's own fused kernels (`softmax_last_dim`, `rms_norm`,
+//!   `layer_norm`, `rope*`, `sdpa`) are deliberately absent: they have no backward pass and
+//!   silently drop gradients.
 //! - [`gpt2`], [`llama`]: the two families, each reading bottom-up from blocks to the model.
 //! - [`CausalLm`]: a loaded model (policy or frozen reference) with its parameters by
-//!   Hugging Face name; only a trainable model owns candle `Var`s.
+//!   Hugging Face name; trainability is per parameter (a `Var` for each trainable one), so a
+//!   frozen reference has none and an adapter can make only its own parameters trainable.
 //! - [`logprobs`]: the batch layout of prompt + response sequences and per-sequence log-probs.
 //!
 //! This crate depends on candle and the file formats only; it knows nothing of objectives,
 //! data files or the command line.
 
+mod arch;
 pub mod checkpoint;
+pub mod composed;
 pub mod config;
 pub mod gpt2;
 pub mod kernels;
@@ -25,10 +36,13 @@ pub mod llama;
 pub mod logprobs;
 mod model;
 pub mod nn;
+pub mod ops;
+pub mod source;
 
 pub use config::{Gpt2Config, LlamaConfig, LlamaVariant, ModelConfig};
 pub use logprobs::{sequence_logps, SequenceBatch};
 pub use model::{CausalLm, KvCache, Param};
+pub use source::Source;
 
 use std::path::PathBuf;
 

@@ -5,11 +5,12 @@
 //!
 //! Reads bottom-up: attention, MLP, block, model.
 
+use crate::arch::{Architecture, Forward, Init, TensorSpec, Weights};
 use crate::config::LlamaConfig;
-use crate::model::{Init, TensorSpec, Weights};
 use crate::nn::{attention, LayerKv, Linear, RmsNorm, Rotary};
 use crate::Result;
 use candle_core::Tensor;
+use std::sync::Arc;
 
 /// The names and shapes of every parameter, in `transformers`' naming.
 pub fn tensor_specs(cfg: &LlamaConfig) -> Vec<TensorSpec> {
@@ -209,10 +210,33 @@ impl Llama {
             rotary: Rotary::new(cfg.head_dim, cfg.rope_theta),
         }
     }
+}
 
-    /// Final hidden states `(B, T, d)` after the last RMSNorm. With a cache (one [`LayerKv`]
-    /// per block), `ids` are the new positions only and `bias` covers past and new keys.
-    pub fn hidden(
+impl Architecture for LlamaConfig {
+    fn tensor_specs(&self) -> Vec<TensorSpec> {
+        tensor_specs(self)
+    }
+
+    fn n_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
+
+    fn sliding_window(&self) -> Option<usize> {
+        self.sliding_window
+    }
+
+    fn build(&self, weights: &Weights) -> Arc<dyn Forward> {
+        Arc::new(Llama::new(self, weights))
+    }
+}
+
+impl Forward for Llama {
+    /// Final hidden states `(B, T, d)` after the last RMSNorm.
+    fn hidden(
         &self,
         ids: &Tensor,
         positions: &[u32],
@@ -238,7 +262,7 @@ impl Llama {
     }
 
     /// Logits `(N, V)` for hidden states `(N, d)`.
-    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+    fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(hidden.matmul(&self.lm_head.t()?)?)
     }
 }

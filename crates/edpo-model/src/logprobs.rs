@@ -216,7 +216,7 @@ pub fn response_logits(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor
 
 /// Per-token log-probs `(N,)` of the targets under `logits (N, V)`.
 pub fn token_logps(logits: &Tensor, batch: &SequenceBatch) -> Result<Tensor> {
-    Ok(crate::kernels::log_softmax_gather(logits, &batch.targets)?)
+    Ok(crate::ops::log_softmax_gather(logits, &batch.targets)?)
 }
 
 /// Sums per-token values `(N,)` into per-sequence values `(B,)`.
@@ -254,13 +254,17 @@ pub fn mixed_sequence_logps(
             batch.n_targets()
         )));
     }
+    // Read on the host: no gradient flows here, and on the CPU this copies nothing.
+    let host = candle_core::Device::Cpu;
     let z = policy_logits
         .detach()
         .to_dtype(candle_core::DType::F32)?
+        .to_device(&host)?
         .contiguous()?;
     let r = reference_logits
         .detach()
         .to_dtype(candle_core::DType::F32)?
+        .to_device(&host)?
         .contiguous()?;
     crate::kernels::with_f32(&z, |z| {
         crate::kernels::with_f32(&r, |r| mixed_rows(z, r, v, batch, mixtures))

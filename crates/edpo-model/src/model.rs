@@ -3,63 +3,17 @@
 //! Architecture invariant: only a trainable model owns candle `Var`s. A frozen reference is
 //! built from plain tensors, so no gradient can reach it and no optimizer can see it.
 
+use crate::arch::{self, Forward, Init, Weights};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::ModelConfig;
-use crate::gpt2::{self, Gpt2};
-use crate::llama::{self, Llama};
 use crate::nn::{attention_bias, attention_bias_rows, position_ids, tree_attention_bias, LayerKv};
+use crate::source::Source;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-/// How a parameter is initialised when a model is made from scratch.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Init {
-    /// Normal with mean 0 and this standard deviation.
-    Normal(f64),
-    /// All ones (norm scales).
-    Ones,
-    /// All zeros (biases, norm shifts).
-    Zeros,
-}
-
-/// The Hugging Face name, shape and initialisation of one parameter.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorSpec {
-    /// Name as `transformers` saves it.
-    pub name: String,
-    /// Shape as stored in the checkpoint.
-    pub shape: Vec<usize>,
-    /// Initialisation for a fresh model.
-    pub init: Init,
-}
-
-impl TensorSpec {
-    pub(crate) fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
-        Self {
-            name: name.into(),
-            shape: shape.to_vec(),
-            init,
-        }
-    }
-}
-
-/// Parameters by name, each present and of the shape its spec gives.
-pub(crate) struct Weights(HashMap<String, Tensor>);
-
-impl Weights {
-    pub(crate) fn get(&self, name: &str) -> Tensor {
-        // Weights is only ever built from the same specs the architectures read, so an absent
-        // name is a programming error in this crate, not bad input.
-        self.0
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| panic!("internal: parameter `{name}` not in the specs"))
-    }
-}
 
 /// One parameter of a model.
 #[derive(Debug, Clone)]
@@ -74,18 +28,12 @@ pub struct Param {
     pub decay: bool,
 }
 
-#[derive(Debug, Clone)]
-enum Arch {
-    Gpt2(Gpt2),
-    Llama(Llama),
-}
-
 /// A causal language model returning logits at every position.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     config: ModelConfig,
     raw_config: serde_json::Value,
-    arch: Arch,
+    arch: Arc<dyn Forward>,
     params: Vec<Param>,
     device: Device,
     source_dir: Option<PathBuf>,
@@ -125,38 +73,34 @@ impl KvCache {
     }
 }
 
-fn specs(config: &ModelConfig) -> Vec<TensorSpec> {
-    match config {
-        ModelConfig::Gpt2(c) => gpt2::tensor_specs(c),
-        ModelConfig::Llama(c) => llama::tensor_specs(c),
-    }
-}
-
 impl CausalLm {
     /// Loads a Hugging Face directory (`config.json` + safetensors). A trainable model gets a
     /// `Var` per parameter; a frozen one (a reference) does not.
     pub fn load(dir: &Path, device: &Device, trainable: bool) -> Result<Self> {
-        let (config, raw_config) = ModelConfig::from_file(&dir.join("config.json"))?;
-        let mut ckpt = Checkpoint::read_dir(dir, device)?;
-        // The original GPT-2 checkpoints name tensors without the `transformer.` prefix.
-        if matches!(config, ModelConfig::Gpt2(_))
-            && !ckpt.contains("transformer.wte.weight")
-            && ckpt.contains("wte.weight")
-        {
-            let names: Vec<String> = ckpt.remaining().map(str::to_string).collect();
-            let mut renamed = HashMap::new();
-            for name in names {
-                let shape_any = ckpt.take_any(&name)?;
-                renamed.insert(format!("transformer.{name}"), shape_any);
-            }
-            ckpt = Checkpoint::from_tensors(renamed, dir.join(checkpoint::SINGLE_FILE));
-        }
-        let mut model = Self::from_checkpoint(config, raw_config, &mut ckpt, device, trainable)?;
-        model.source_dir = Some(dir.to_path_buf());
+        Self::from_source(Source::hf_dir(dir, device)?, device, &|_| trainable)
+    }
+
+    /// Builds a model from a [`Source`]; `trainable(name)` says which parameters get a `Var`
+    /// (none for a frozen reference, all for full fine-tuning, some for adapters).
+    pub fn from_source(
+        source: Source,
+        device: &Device,
+        trainable: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let Source {
+            config,
+            raw_config,
+            mut checkpoint,
+            dir,
+        } = source;
+        let mut model =
+            Self::from_checkpoint_with(config, raw_config, &mut checkpoint, device, trainable)?;
+        model.source_dir = dir;
         Ok(model)
     }
 
-    /// Builds a model from tensors in a checkpoint, checking every name and shape.
+    /// Builds a model from tensors in a checkpoint, checking every name and shape; every
+    /// parameter trainable or none.
     pub fn from_checkpoint(
         config: ModelConfig,
         raw_config: serde_json::Value,
@@ -164,11 +108,24 @@ impl CausalLm {
         device: &Device,
         trainable: bool,
     ) -> Result<Self> {
+        Self::from_checkpoint_with(config, raw_config, ckpt, device, &|_| trainable)
+    }
+
+    /// Builds a model from tensors in a checkpoint, checking every name and shape;
+    /// `trainable(name)` says which parameters get a `Var`.
+    pub fn from_checkpoint_with(
+        config: ModelConfig,
+        raw_config: serde_json::Value,
+        ckpt: &mut Checkpoint,
+        device: &Device,
+        trainable: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let architecture = arch::of(&config);
         let mut weights = HashMap::new();
         let mut params = Vec::new();
-        for spec in specs(&config) {
+        for spec in architecture.tensor_specs() {
             let tensor = ckpt.take(&spec.name, &spec.shape)?;
-            let (tensor, var) = if trainable {
+            let (tensor, var) = if trainable(&spec.name) {
                 let var = Var::from_tensor(&tensor)?;
                 (var.as_tensor().clone(), Some(var))
             } else {
@@ -182,11 +139,7 @@ impl CausalLm {
                 var,
             });
         }
-        let weights = Weights(weights);
-        let arch = match &config {
-            ModelConfig::Gpt2(c) => Arch::Gpt2(Gpt2::new(c, &weights)),
-            ModelConfig::Llama(c) => Arch::Llama(Llama::new(c, &weights)),
-        };
+        let arch = architecture.build(&Weights(weights));
         Ok(Self {
             config,
             raw_config,
@@ -208,7 +161,7 @@ impl CausalLm {
     ) -> Result<Self> {
         let mut rng = edpo_data::rng::SplitMix64(seed);
         let mut tensors = HashMap::new();
-        for spec in specs(&config) {
+        for spec in arch::of(&config).tensor_specs() {
             let n: usize = spec.shape.iter().product();
             let values: Vec<f32> = match spec.init {
                 Init::Ones => vec![1.0; n],
@@ -329,10 +282,7 @@ impl CausalLm {
 
     /// An empty cache for incremental decoding of `batch` sequences.
     pub fn new_cache(&self, batch: usize) -> KvCache {
-        let layers = match &self.config {
-            ModelConfig::Gpt2(c) => c.n_layer,
-            ModelConfig::Llama(c) => c.num_hidden_layers,
-        };
+        let layers = arch::of(&self.config).n_layers();
         KvCache {
             layers: vec![LayerKv::default(); layers],
             key_mask: vec![Vec::new(); batch],
@@ -438,17 +388,11 @@ impl CausalLm {
 
     /// GPT-2's learned-position limit (rotary models have none).
     fn max_positions(&self) -> Option<usize> {
-        match &self.config {
-            ModelConfig::Gpt2(c) => Some(c.n_positions),
-            ModelConfig::Llama(_) => None,
-        }
+        arch::of(&self.config).max_positions()
     }
 
     fn window(&self) -> Option<usize> {
-        match &self.config {
-            ModelConfig::Llama(c) => c.sliding_window,
-            ModelConfig::Gpt2(_) => None,
-        }
+        arch::of(&self.config).sliding_window()
     }
 
     fn run_blocks(
@@ -462,13 +406,7 @@ impl CausalLm {
     ) -> Result<Tensor> {
         self.forward_count.fetch_add(1, Ordering::Relaxed);
         let ids = Tensor::from_slice(input_ids, (batch, seq_len), &self.device)?;
-        match &self.arch {
-            Arch::Gpt2(m) => {
-                let pos = Tensor::from_vec(positions, (batch, seq_len), &self.device)?;
-                m.hidden(&ids, &pos, bias, cache)
-            }
-            Arch::Llama(m) => m.hidden(&ids, &positions, bias, cache),
-        }
+        self.arch.hidden(&ids, &positions, bias, cache)
     }
 
     /// How many forward passes this model (or a clone sharing it) has run.
@@ -502,10 +440,7 @@ impl CausalLm {
 
     /// Logits `(N, V)` for hidden states `(N, d)`.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        match &self.arch {
-            Arch::Gpt2(m) => m.lm_head(hidden),
-            Arch::Llama(m) => m.lm_head(hidden),
-        }
+        self.arch.lm_head(hidden)
     }
 
     /// Logits `(B, T, V)` at every position.

@@ -1,11 +1,12 @@
-//! Building blocks written from operations candle can differentiate.
+//! The models' building blocks: linear maps, LayerNorm, RMSNorm, softmax, attention masks,
+//! attention with grouped key/value heads, rotary embeddings and the decoding cache.
 //!
-//! Every function here has a backward pass through candle's autograd: matrix products,
-//! elementwise arithmetic, reductions, `gather`/`index_select`, `narrow`/`cat`. The max
-//! subtracted for numerical stability is detached, which leaves softmax's gradient unchanged.
+//! Every operation with a gradient goes through [`crate::ops`], which runs the fused CPU
+//! kernel or the composed definition; what is computed here directly (rotary embeddings,
+//! head repetition, masks) is built from candle operations that have a backward pass.
 
 use crate::Result;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 /// A linear map `y = x·Wᵀ + b` (PyTorch `nn.Linear`, weight `[out, in]`) or `y = x·W + b`
 /// (GPT-2's `Conv1D`, weight stored input-major `[in, out]`).
@@ -22,33 +23,12 @@ pub struct Linear {
 impl Linear {
     /// Applies the map to `x` of shape `(…, in)`, giving `(…, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(b) = &self.bias {
-            if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-                return Ok(crate::kernels::linear_bias(
-                    x,
-                    &self.weight,
-                    b,
-                    self.input_major,
-                )?);
-            }
-        }
-        let dims = x.dims().to_vec();
-        let n_in = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, n_in))?; // (N, in)
-        let y = if self.input_major {
-            x2.matmul(&self.weight)? // (N, in)·(in, out)
-        } else {
-            x2.matmul(&self.weight.t()?)? // (N, in)·(in, out) as a transposed view
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = y.dim(1)?;
-        Ok(y.reshape(out_dims)?)
+        Ok(crate::ops::linear(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.input_major,
+        )?)
     }
 }
 
@@ -64,26 +44,14 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Normalises `x` of shape `(…, d)` with the fused kernel.
+    /// Normalises `x` of shape `(…, d)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::kernels::layer_norm(
+        Ok(crate::ops::layer_norm(
             x,
             &self.weight,
             &self.bias,
             self.eps,
         )?)
-    }
-
-    /// The definition the kernel implements, from composed operations.
-    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv_std = var.affine(1.0, self.eps)?.sqrt()?.recip()?;
-        centred
-            .broadcast_mul(&inv_std)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
     }
 }
 
@@ -97,38 +65,21 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Normalises `x` of shape `(…, d)` with the fused kernel.
+    /// Normalises `x` of shape `(…, d)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::kernels::rms_norm(x, &self.weight, self.eps)?)
-    }
-
-    /// The definition the kernel implements, from composed operations.
-    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv_rms = ms.affine(1.0, self.eps)?.sqrt()?.recip()?;
-        x.broadcast_mul(&inv_rms)?.broadcast_mul(&self.weight)
+        Ok(crate::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
-/// Softmax over the last dimension (the fused kernel).
+/// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    Ok(crate::kernels::softmax_last(x)?)
+    Ok(crate::ops::softmax_last(x)?)
 }
 
-/// The definition of the softmax kernel, from composed operations.
-pub fn softmax_composed(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&sum)
-}
-
-/// Log-softmax over the last dimension, with max subtraction.
+/// Log-softmax over the last dimension, with max subtraction (outside the training path: the
+/// training path gathers at the targets, [`crate::ops::log_softmax_gather`]).
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
+    Ok(crate::composed::log_softmax_last(x)?)
 }
 
 /// Additive attention bias `(B, 1, T, T)`: 0 where query `i` may attend key `j` (causal,
@@ -282,14 +233,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
         (repeat_kv(k, h / kv)?, repeat_kv(v, h / kv)?)
     };
     let scale = 1.0 / (hd as f64).sqrt();
-    if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        let out = crate::kernels::attention(q, &k, &v, bias, scale)?; // (B, H, T, hd)
-        return Ok(out.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?);
-    }
-    let scores = q.matmul(&k.t()?)?.affine(scale, 0.0)?; // (B, H, T, T)
-    let scores = scores.broadcast_add(bias)?;
-    let probs = softmax_last(&scores)?;
-    let out = probs.matmul(&v)?; // (B, H, T, hd)
+    let out = crate::ops::attention(q, &k, &v, bias, scale)?; // (B, H, T, hd)
     Ok(out.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?)
 }
 

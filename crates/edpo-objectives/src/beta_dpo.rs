@@ -1,6 +1,6 @@
 //! β-DPO: DPO with a batch-level β and a β-guided data filter (Wu et al., 2024, "β-DPO: Direct
 //! Preference Optimization with Dynamic β", NeurIPS; the authors' trainer is
-//! `junkangwu/beta-DPO`), as `spec/baselines.md` specifies it.
+//! `junkangwu/beta-DPO`), as `docs/spec/baselines.md` specifies it.
 //!
 //! Per batch, with `A_i = Δ_i` (not multiplied by β) and running estimates `M₀`, `S₀` of the
 //! mean and standard deviation of `A` (seeded from the first batch):

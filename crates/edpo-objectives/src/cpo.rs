@@ -1,11 +1,11 @@
 //! CPO, Contrastive Preference Optimisation (Xu et al., 2024; TRL's `CPOTrainer`): a
 //! reference-free DPO-like logistic loss plus an NLL term on the chosen response.
 //!
-//! The NLL term is on the *summed* chosen log-prob, as `spec/baselines.md` writes it (TRL
+//! The NLL term is on the *summed* chosen log-prob, as `docs/spec/baselines.md` writes it (TRL
 //! averages the token cross-entropy instead).
 
-use crate::evaluate::PairTerm;
 use crate::math::{sigmoid, softplus};
+use crate::term::PairTerm;
 
 /// CPO: `ℓ = −log σ(β·(lw − ll)) − λ·lw`;
 /// `∂ℓ/∂lw = −β·σ(−β·(lw − ll)) − λ`, `∂ℓ/∂ll = β·σ(−β·(lw − ll))`.

@@ -5,8 +5,8 @@
 //!
 //! Every one of them is reference-based and rewards pairs with `β·(lw − rw)`, `β·(ll − rl)`.
 
-use crate::evaluate::PairTerm;
 use crate::math::{log_sigmoid, sigmoid, softplus};
+use crate::term::PairTerm;
 use crate::{reward_stats, Error, ObjectiveOutput, PairLogps};
 
 /// DPO with a per-pair coefficient: `L = mean_i −log σ(β_i·Δ_i)`.

@@ -28,17 +28,6 @@ pub struct PairInputs<'a> {
     pub kl_logratios: Option<&'a [f64]>,
 }
 
-/// One pair's loss, the derivatives of *that pair's* loss with respect to `lw` and `ll` (the
-/// 1/N of the batch mean is applied by [`evaluate`]), and its implicit rewards.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct PairTerm {
-    pub loss: f64,
-    pub d_chosen: f64,
-    pub d_rejected: f64,
-    pub reward_chosen: f64,
-    pub reward_rejected: f64,
-}
-
 /// Evaluates `method` on a batch: `L = mean_i [ℓ_i + λ_sft·(−lw_i/|y_w,i|)]`, with `ℓ_i` the
 /// method's pair loss and `λ_sft = sft_weight` ≥ 0 (RPO's "DPO + SFT"; 0 leaves the method as
 /// it is). Returns the per-pair losses (SFT term included), `∂L/∂lw_i`, `∂L/∂ll_i`, the β of

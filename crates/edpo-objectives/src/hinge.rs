@@ -3,7 +3,7 @@
 //!
 //! The subgradient at a kink is taken as 0, as `torch.relu` does.
 
-use crate::evaluate::PairTerm;
+use crate::term::PairTerm;
 use crate::PairLogps;
 
 /// 1 where the hinge is active (`arg > 0`), else 0 (so 0 at the kink, as `torch.relu`).

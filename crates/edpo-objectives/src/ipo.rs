@@ -3,7 +3,7 @@
 //! The loss regresses the preference logit onto `1/(2β)` instead of pushing it to infinity.
 //! Rewards are `β·(lw − rw)`, `β·(ll − rl)` on the summed log-probs in both forms.
 
-use crate::evaluate::PairTerm;
+use crate::term::PairTerm;
 use crate::PairLogps;
 
 /// The pair term of `ℓ = (d − 1/(2β))²` given `d` and `∂d/∂lw`, `∂d/∂ll`.

@@ -4,8 +4,8 @@
 //! The reference point `z₀` is TRL's batch KL estimate: the mean policy-minus-reference
 //! log-ratio of mismatched prompt/completion pairs, clamped at 0 and treated as a constant.
 
-use crate::evaluate::PairTerm;
 use crate::math::{mean, sigmoid};
+use crate::term::PairTerm;
 use crate::PairLogps;
 
 /// Paired KTO: `ℓ = ½·[w_d·(1 − σ(β·(lw − rw − z₀))) + w_u·(1 − σ(β·(z₀ − ll + rl)))]`,

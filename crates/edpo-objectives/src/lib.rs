@@ -17,13 +17,17 @@
 //! - [`epsilon_dpo`] and [`EpsilonBeta`]: ε-DPO's per-pair step decision, per-pair β and the
 //!   base-β update (Lee et al., 2025, arXiv 2502.13177).
 //! - [`evaluate`] with a [`Method`] and [`PairInputs`]: the stateless baselines of
-//!   `spec/baselines.md`, each with an optional SFT term `λ_sft·(−lw/|y_w|)`:
+//!   `docs/spec/baselines.md`, each with an optional SFT term `λ_sft·(−lw/|y_w|)`:
 //!   - with a reference: `dpo`, `cdpo` (conservative DPO), `rdpo` (robust DPO), `ipo`,
 //!     `hinge` (RSO), `rdpo_len` (length-regularised R-DPO), `kto` (paired KTO, which also
 //!     reads the mismatched-pair log-ratios for its KL estimate);
 //!   - reference-free: `slic` (SLiC-HF), `simpo`, `cpo`, `orpo`.
 //! - [`BetaDpo`]: β-DPO (Wu et al., 2024), whose batch-level β and data filter carry running
 //!   estimates from batch to batch, so it is a stateful struct rather than a [`Method`].
+//!
+//! - [`catalogue`]: every objective a run can use ([`CATALOGUE`]: config name, label,
+//!   parameters and defaults), the one [`Objective`] type the trainer runs, and what each
+//!   needs from the model ([`Needs`]).
 //!
 //! Input rule: a method reads only what it needs ([`Method::needs_reference`],
 //! [`Method::needs_lengths`], [`Method::needs_kl_logratios`]); what it does not read may be
@@ -34,6 +38,7 @@
 //! model or a file.
 
 mod beta_dpo;
+pub mod catalogue;
 mod cpo;
 mod dpo;
 mod epsilon;
@@ -45,8 +50,10 @@ pub mod math;
 mod method;
 mod orpo;
 mod simpo;
+mod term;
 
 pub use beta_dpo::{BetaDpo, BetaDpoReport};
+pub use catalogue::{Needs, Objective, CATALOGUE};
 pub use dpo::dpo;
 pub use epsilon::{epsilon_dpo, step_decision, EpsilonBeta, PerturbedRatios};
 pub use evaluate::{add_sft, evaluate, PairInputs};

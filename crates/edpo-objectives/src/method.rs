@@ -6,7 +6,7 @@
 
 use crate::Error;
 
-/// A stateless preference objective and its hyper-parameters (`spec/baselines.md`).
+/// A stateless preference objective and its hyper-parameters (`docs/spec/baselines.md`).
 ///
 /// Notation: `Δ = (lw − rw) − (ll − rl)`, `|y|` a response's length in tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -4,8 +4,8 @@
 //! The NLL term is the per-pair token average `−lw/|y_w|`, averaged over pairs (TRL averages
 //! over all chosen tokens of the batch instead).
 
-use crate::evaluate::PairTerm;
 use crate::math::{log1m_exp, sigmoid, softplus};
+use crate::term::PairTerm;
 use crate::{Error, PairLogps};
 
 /// `log odds(p̄) = p̄ − log(1 − e^p̄)` for a token-averaged log-prob `p̄ < 0`.

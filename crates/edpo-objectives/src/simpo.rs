@@ -2,8 +2,8 @@
 //! `loss_type="simpo"`): a reference-free logistic loss on length-normalised log-probs with a
 //! target margin γ.
 
-use crate::evaluate::PairTerm;
 use crate::math::{sigmoid, softplus};
+use crate::term::PairTerm;
 
 /// SimPO: `ℓ = −log σ(x)`, `x = β·lw/|y_w| − β·ll/|y_l| − γ`, `γ = γ_ratio·β`;
 /// `∂ℓ/∂lw = −σ(−x)·β/|y_w|`, `∂ℓ/∂ll = σ(−x)·β/|y_l|`.

@@ -1,6 +1,6 @@
 //! Golden test of every objective against PyTorch, in the style of llm.c's `test_gpt2.c`: no
 //! model, just per-pair numbers. `tools/make_objective_golden.py` evaluated each objective of
-//! `spec/baselines.md` in float64 with autograd on four seeded batches (one with Δ = ±300 to
+//! `docs/spec/baselines.md` in float64 with autograd on four seeded batches (one with Δ = ±300 to
 //! exercise the stable log-sigmoid, one whose KTO KL estimate clamps to 0) and recorded the
 //! per-pair losses, the batch loss, the gradients of the batch loss with respect to `lw` and
 //! `ll`, and the statistics; β-DPO as runs of two consecutive batches with the sampled

@@ -21,11 +21,11 @@ pub const METRICS: &[&str] = &[
     "val_gold_reward",
 ];
 
-/// The order methods are listed in: DPO, ε-DPO, then the baselines as the spec lists them.
-pub const METHOD_ORDER: &[&str] = &[
-    "DPO", "ε-DPO", "cDPO", "rDPO", "IPO", "Hinge", "SLiC", "SimPO", "R-DPO", "CPO", "ORPO", "KTO",
-    "β-DPO", "TR-DPO",
-];
+/// The order methods are listed in, by label: the objective catalogue's (DPO, ε-DPO, then the
+/// baselines as the spec lists them).
+pub fn method_order() -> Vec<&'static str> {
+    edpo_objectives::CATALOGUE.iter().map(|e| e.label).collect()
+}
 
 /// A metric's mean over seeds and the half-width of its 95% interval (NaN for one seed).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -162,9 +162,9 @@ pub fn by_setting(runs: &DataFrame) -> Result<Vec<SettingSummary>> {
         }
         out.push(summary);
     }
-    // Methods in the order of [`METHOD_ORDER`] (others after, in order of first appearance),
+    // Methods in the order of [`method_order`] (others after, in order of first appearance),
     // each method's settings by their main parameter.
-    let mut methods: Vec<String> = METHOD_ORDER.iter().map(|m| m.to_string()).collect();
+    let mut methods: Vec<String> = method_order().iter().map(|m| m.to_string()).collect();
     for s in &out {
         if !methods.contains(&s.method) {
             methods.push(s.method.clone());

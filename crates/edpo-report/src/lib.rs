@@ -13,7 +13,8 @@
 //!   inline as SVG), `figures/` and `tables/`.
 //!
 //! Architecture invariant: this crate reads run directories only. It never loads a model,
-//! never reads YAML, and depends on no other edpo crate.
+//! never reads YAML, and depends on no other edpo crate but `edpo-rundir` (the schema of what
+//! it reads) and `edpo-objectives` (the catalogue of method names).
 
 pub mod aggregate;
 pub mod figures;

@@ -12,23 +12,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The run-directory format this crate reads (`config_version` in `config.json`; a run
-/// without the key is version 1). Runs of other versions are listed as skipped.
-pub const CONFIG_VERSION: u64 = 2;
-
-/// ε-DPO's step decisions over one run, counted by bins of the pairs' true preference
-/// probability (`decisions.json`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decisions {
-    /// Bin edges, `bins + 1` values.
-    pub p_true_edges: Vec<f64>,
-    /// Pairs stepped +1 (β relaxed) per bin, over every step of the run.
-    pub relaxed: Vec<u64>,
-    /// Pairs left at step 0 per bin.
-    pub kept: Vec<u64>,
-    /// Pairs stepped −1 (β strengthened) per bin.
-    pub strengthened: Vec<u64>,
-}
+pub use edpo_rundir::{Decisions, CONFIG_VERSION};
 
 /// One run's metrics over training (the lines of `metrics.jsonl`).
 #[derive(Debug, Clone)]
@@ -69,76 +53,24 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 fn read_decisions(path: &Path) -> Result<Decisions> {
-    let v = read_json(path)?;
-    let bad = |what: &str| Error::File {
-        path: path.to_path_buf(),
-        message: format!("`{what}` missing or malformed"),
-    };
-    let floats = |key: &str| -> Result<Vec<f64>> {
-        v[key]
-            .as_array()
-            .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| bad(key))
-    };
-    let counts = |key: &str| -> Result<Vec<u64>> {
-        v[key]
-            .as_array()
-            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| bad(key))
-    };
-    let d = Decisions {
-        p_true_edges: floats("p_true_edges")?,
-        relaxed: counts("relaxed")?,
-        kept: counts("kept")?,
-        strengthened: counts("strengthened")?,
-    };
-    let bins = d.p_true_edges.len().saturating_sub(1);
-    if bins == 0
-        || [&d.relaxed, &d.kept, &d.strengthened]
-            .iter()
-            .any(|c| c.len() != bins)
-    {
-        return Err(bad("p_true_edges"));
-    }
-    Ok(d)
+    Decisions::read(path).map_err(|e| match e {
+        edpo_rundir::Error::Malformed { path, message } => Error::File { path, message },
+        other => Error::File {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    })
 }
 
-/// Human label of a method: its kind, with the display names the papers use.
+/// Human label of a method: its kind, with the display names the papers use (from the
+/// objective catalogue).
 pub fn method_label(kind: &str) -> String {
-    match kind {
-        "dpo" => "DPO",
-        "epsilon_dpo" => "ε-DPO",
-        "cdpo" => "cDPO",
-        "rdpo" => "rDPO",
-        "ipo" => "IPO",
-        "hinge" => "Hinge",
-        "slic" => "SLiC",
-        "simpo" => "SimPO",
-        "rdpo_len" => "R-DPO",
-        "cpo" => "CPO",
-        "orpo" => "ORPO",
-        "kto" => "KTO",
-        "beta_dpo" => "β-DPO",
-        "tr_dpo" => "TR-DPO",
-        other => other,
-    }
-    .to_string()
+    edpo_objectives::catalogue::label(kind).to_string()
 }
 
 /// The symbol a parameter is shown with (β, ε, λ, …).
 pub(crate) fn symbol(name: &str) -> &str {
-    match name {
-        "beta" => "β",
-        "epsilon" => "ε",
-        "beta0" => "β₀",
-        "alpha" => "α",
-        "lambda" => "λ",
-        "delta" => "δ",
-        "tau" => "τ",
-        "gamma_ratio" => "γ/β",
-        "label_smoothing" => "ℓ",
-        other => other,
-    }
+    edpo_objectives::catalogue::symbol(name)
 }
 
 /// The setting label: `name=value` of every objective parameter, in a fixed order.
@@ -193,7 +125,7 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let status = match read_json(&dir.join("status.json")) {
+        let status = match read_json(&dir.join(edpo_rundir::STATUS)) {
             Ok(s) => s,
             Err(_) => {
                 skipped.push(format!("{name}: no status.json"));
@@ -207,15 +139,15 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             ));
             continue;
         }
-        let config = read_json(&dir.join("config.json"))?;
+        let config = read_json(&dir.join(edpo_rundir::CONFIG_JSON))?;
         let version = config["config_version"].as_u64().unwrap_or(1);
-        if version != CONFIG_VERSION {
+        if version != u64::from(CONFIG_VERSION) {
             skipped.push(format!(
                 "{name}: config version {version} (this report reads version {CONFIG_VERSION})"
             ));
             continue;
         }
-        let eval = read_json(&dir.join("eval.json"))?;
+        let eval = read_json(&dir.join(edpo_rundir::EVAL))?;
         let objective = &config["objective"];
         let k = objective["kind"].as_str().unwrap_or("unknown").to_string();
         let seed = config["run"]["seed"].as_u64().unwrap_or(0);
@@ -244,7 +176,7 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
         for col in columns.values_mut() {
             col.resize(row + 1, None);
         }
-        let metrics_path = dir.join("metrics.jsonl");
+        let metrics_path = dir.join(edpo_rundir::METRICS);
         let mut lines = Vec::new();
         if let Ok(text) = std::fs::read_to_string(&metrics_path) {
             for (i, l) in text.lines().enumerate() {
@@ -263,7 +195,7 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
                 lines.push(line);
             }
         }
-        let decisions_path = dir.join("decisions.json");
+        let decisions_path = dir.join(edpo_rundir::DECISIONS);
         let decisions = if decisions_path.exists() {
             Some(read_decisions(&decisions_path)?)
         } else {

@@ -1,5 +1,4 @@
-//! Optimisation for preference training: the objective choice, one training step from token
-//! ids to updated weights, AdamW with in-place updates, gradient clipping and learning-rate
+//! Optimisation for preference training: one training step from token ids to updated weights, AdamW with in-place updates, gradient clipping and learning-rate
 //! schedules.
 //!
 //! # Overview
@@ -8,25 +7,32 @@
 //! - [`optim`]: [`AdamW`](optim::AdamW) (decoupled weight decay, PyTorch's update order) whose
 //!   step mutates each parameter's storage in place; [`GradBuffers`](optim::GradBuffers) sums
 //!   gradients over micro-batches and clips them by global norm.
-//! - [`step`]: [`Objective`](step::Objective), the forward passes of policy and reference over
-//!   chosen and rejected sequences, the objective, and the backward pass of the surrogate
-//!   whose gradient is the objective's.
+//! - [`scoring`]: the forward passes of policy and reference over chosen and rejected
+//!   sequences, computing exactly what the objective needs from the model
+//!   ([`Objective::needs`](edpo_objectives::Objective::needs));
+//! - [`trainer`]: [`Trainer`], one optimizer step: scoring, the objective with its running
+//!   state (ε-DPO's base β, β-DPO's estimates, TR-DPO's reference), the backward pass of the
+//!   surrogate whose gradient is the objective's, clipping, AdamW, the state update.
+//!
+//! The objectives themselves, their catalogue and what each needs live in `edpo-objectives`;
+//! [`Objective`] is re-exported here.
 //!
 //! Depends on `edpo-model` (forward passes, log-probs), `edpo-objectives` (losses) and
 //! `edpo-data` (tokenised pairs). Knows nothing of files or the command line.
 
 pub mod optim;
 pub mod schedule;
+pub mod scoring;
 pub mod sft;
-pub mod step;
+mod state;
+pub mod trainer;
 
+pub use edpo_objectives::Objective;
 pub use optim::{AdamW, AdamWConfig, GradBuffers};
 pub use schedule::{Schedule, ScheduleKind};
+pub use scoring::{reference_logps, score_pairs, PairScores, ReferenceSource};
 pub use sft::SftTrainer;
-pub use step::{
-    reference_logps, score_pairs, Objective, PairScores, ReferenceSource, StepReport, Trainer,
-    TrainerConfig,
-};
+pub use trainer::{StepReport, Trainer, TrainerConfig};
 
 /// Everything that can go wrong in a training step.
 #[derive(Debug, thiserror::Error)]

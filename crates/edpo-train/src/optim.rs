@@ -2,8 +2,9 @@
 //!
 //! The update follows `torch.optim.AdamW` exactly, in this order: decoupled weight decay
 //! `θ ← θ·(1 − lr·λ)`, moments `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, then
-//! `θ ← θ − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)`. It runs as one pass over each parameter's
-//! storage (a candle in-place op), so a step builds no graph and allocates no tensors.
+//! `θ ← θ − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)`. On the CPU it runs as one pass over each
+//! parameter's storage (a candle in-place op), so a step builds no graph and allocates no
+//! tensors; on another device the same update runs on a host copy that is written back.
 
 use crate::{Error, Result};
 use candle_core::{CpuStorage, InplaceOp1, Layout};
@@ -60,7 +61,9 @@ impl GradBuffers {
     ) -> Result<()> {
         for (buf, p) in self.grads.iter_mut().zip(params) {
             if let Some(g) = store.get(&p.tensor) {
-                edpo_model::kernels::with_f32(&g.contiguous()?, |g| {
+                // Read on the host: the buffers are host memory whatever the device.
+                let g = g.to_device(&candle_core::Device::Cpu)?.contiguous()?;
+                edpo_model::kernels::with_f32(&g, |g| {
                     for (b, x) in buf.iter_mut().zip(g) {
                         *b += x;
                     }
@@ -163,7 +166,16 @@ impl AdamW {
                 bc2_sqrt: bc2.sqrt() as f32,
                 eps: c.eps as f32,
             };
-            var.as_tensor().inplace_op1(&op)?;
+            if var.device().is_cpu() {
+                var.as_tensor().inplace_op1(&op)?;
+            } else {
+                // Another device: the same update on a host copy, written back.
+                let shape = var.dims().to_vec();
+                let mut theta = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                op.apply(&mut theta)?;
+                let updated = candle_core::Tensor::from_vec(theta, shape, var.device())?;
+                var.set(&updated)?;
+            }
         }
         Ok(())
     }
@@ -194,7 +206,13 @@ impl InplaceOp1 for Update<'_> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("AdamW needs contiguous parameters");
         };
-        let theta = &mut data[start..end];
+        self.apply(&mut data[start..end])
+    }
+}
+
+impl Update<'_> {
+    /// The update of one parameter's values.
+    fn apply(&self, theta: &mut [f32]) -> candle_core::Result<()> {
         let mut moments = self.moments.borrow_mut();
         let (m, v) = &mut *moments;
         if theta.len() != self.grad.len() || m.len() != theta.len() {

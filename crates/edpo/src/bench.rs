@@ -11,7 +11,6 @@
 //! Also timed: sampling with and without the key/value cache (generated tokens/s).
 
 use anyhow::Result;
-use candle_core::Device;
 use edpo_data::TokenizedPair;
 use edpo_eval::{sample, sample_uncached, SamplingSettings};
 use edpo_model::{CausalLm, Gpt2Config, ModelConfig};
@@ -44,13 +43,7 @@ pub struct BenchArgs {
 }
 
 fn config() -> (ModelConfig, serde_json::Value) {
-    let raw = json!({
-        "model_type": "gpt2", "vocab_size": VOCAB, "n_positions": 256, "n_embd": 256,
-        "n_layer": 4, "n_head": 4, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 1,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "architectures": ["GPT2LMHeadModel"],
-    });
-    let cfg = ModelConfig::Gpt2(Gpt2Config {
+    let cfg = Gpt2Config {
         vocab_size: VOCAB,
         n_positions: 256,
         n_embd: 256,
@@ -58,18 +51,14 @@ fn config() -> (ModelConfig, serde_json::Value) {
         n_head: 4,
         n_inner: 1024,
         layer_norm_epsilon: 1e-5,
-    });
-    (cfg, raw)
+    };
+    let raw = cfg.hf_json((VOCAB - 1) as u32);
+    (ModelConfig::Gpt2(cfg), raw)
 }
 
 fn random_pairs(seed: u64) -> Vec<TokenizedPair> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % (VOCAB as u64 - 1)) as u32
-    };
+    let mut rng = edpo_data::rng::SplitMix64(seed);
+    let mut next = move || (rng.next_u64() % (VOCAB as u64 - 1)) as u32;
     let eos = (VOCAB - 1) as u32;
     let response = |next: &mut dyn FnMut() -> u32| {
         let mut r: Vec<u32> = (0..RESPONSE - 1).map(|_| next()).collect();
@@ -92,7 +81,7 @@ fn random_pairs(seed: u64) -> Vec<TokenizedPair> {
 
 fn measure(objective: Objective, steps: usize, shards: usize) -> Result<f64> {
     let (cfg, raw) = config();
-    let policy = CausalLm::random(cfg, raw, 1234, &Device::Cpu, true)?;
+    let policy = CausalLm::random(cfg, raw, 1234, &edpo_experiment::device(), true)?;
     let reference = policy.frozen_copy()?;
     let config = TrainerConfig {
         objective,
@@ -123,7 +112,7 @@ fn measure(objective: Objective, steps: usize, shards: usize) -> Result<f64> {
 /// must draw the same tokens.
 fn measure_sampling() -> Result<(f64, f64)> {
     let (cfg, raw) = config();
-    let model = CausalLm::random(cfg, raw, 1234, &Device::Cpu, false)?;
+    let model = CausalLm::random(cfg, raw, 1234, &edpo_experiment::device(), false)?;
     let prompts: Vec<Vec<u32>> = (0..4)
         .flat_map(|s| random_pairs(100 + s))
         .map(|p| p.prompt)

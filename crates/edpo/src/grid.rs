@@ -17,8 +17,9 @@
 //! resolved and validated before any starts (the sweeper decides what to run; the launcher in
 //! `sweep` decides how).
 
-use crate::config::{apply_set, get_path, read_yaml, resolve_tree, set_path, RunConfig};
+use crate::config::{apply_set, get_path, read_yaml, resolve_tree, set_path};
 use anyhow::{anyhow, bail, Result};
+use edpo_experiment::RunConfig;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 use std::path::{Path, PathBuf};
@@ -218,7 +219,7 @@ pub fn expand(grid_path: &Path, sets: &[String]) -> Result<Sweep> {
                 tree,
                 &format!("{} run {index} ({described})", grid_path.display()),
             )?;
-            let hash = config.hash();
+            let hash = config.hash()?;
             if let Some(twin) = runs.iter().find(|r| r.hash == hash) {
                 bail!(
                     "{}: runs {} and {index} resolve to the same config ({})",

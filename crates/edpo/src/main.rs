@@ -1,19 +1,17 @@
-//! The `edpo` command line: the only place that knows argument parsing, YAML files, logging
-//! subscribers and exit codes. Each subcommand is a thin layer over the library crates.
+//! The `edpo` command line: the only place that knows argument parsing, YAML files, grids,
+//! logging subscribers and exit codes. Each subcommand is a thin layer over the library
+//! crates: `train` and `sweep` over `edpo-experiment`, `report` over `edpo-report`, `score`
+//! and `bench` over the model, trainer and objectives.
 
 mod bench;
 mod config;
 mod grid;
-mod rundir;
-mod runner;
 mod score;
-mod sentiment;
-mod stages;
 mod sweep;
-mod task;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use edpo_experiment::runner::{run_one, Outcome, SharedTasks};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,6 +38,9 @@ enum Command {
         /// Print the resolved config and its hash, and stop.
         #[arg(long)]
         print_config: bool,
+        /// Print the stage cache entries (`name-hash`) the config reads, and stop.
+        #[arg(long)]
+        print_stages: bool,
     },
     /// Expand a grid and run it, skipping completed runs; `OUT/<sweep name>/`.
     Sweep {
@@ -142,7 +143,7 @@ fn run(cli: Cli) -> Result<()> {
             with_threads(args.threads, shards, || bench::run(&args, shards))?
         }
         Command::Convert { model, out } => {
-            let m = edpo_model::CausalLm::load(&model, &candle_core::Device::Cpu, false)?;
+            let m = edpo_model::CausalLm::load(&model, &edpo_experiment::device(), false)?;
             m.save(&out)?;
             eprintln!("wrote {}", out.display());
             Ok(())
@@ -152,24 +153,31 @@ fn run(cli: Cli) -> Result<()> {
             sets,
             out,
             print_config,
+            print_stages,
         } => {
             let cfg = config::load(&config, &sets)?;
+            if print_stages {
+                for entry in edpo_experiment::task::stage_entries(&cfg)? {
+                    println!("{entry}");
+                }
+                return Ok(());
+            }
             if print_config {
-                print!("# hash: {}\n{}", cfg.hash(), cfg.to_yaml()?);
+                print!("# hash: {}\n{}", cfg.hash()?, cfg.to_yaml()?);
                 return Ok(());
             }
             let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
-            let dir = out.join(format!("{stem}-{}", cfg.hash()));
-            let shared = sweep::SharedTasks::new(&out.join("cache"));
+            let dir = out.join(format!("{stem}-{}", cfg.hash()?));
+            let shared = SharedTasks::new(&out.join("cache"));
             let bar = indicatif::ProgressBar::new(0);
             let outcome = with_threads(cfg.run.threads, cfg.run.shards, || {
                 let data = shared.get(&cfg)?;
-                sweep::run_one(&cfg, &dir, &data, shared.cache(), &bar)
+                run_one(&cfg, &dir, &data, shared.cache(), &bar)
             })??;
             match outcome {
-                sweep::Outcome::Skipped => eprintln!("already completed: {}", dir.display()),
-                sweep::Outcome::Completed => eprintln!("completed: {}", dir.display()),
-                sweep::Outcome::Failed(m) => bail!("run failed ({}): {m}", dir.display()),
+                Outcome::Skipped => eprintln!("already completed: {}", dir.display()),
+                Outcome::Completed => eprintln!("completed: {}", dir.display()),
+                Outcome::Failed(m) => bail!("run failed ({}): {m}", dir.display()),
             }
             bar.finish_and_clear();
             println!("{}", std::fs::read_to_string(dir.join("eval.json"))?);
@@ -242,7 +250,7 @@ fn print_report(summary: &edpo_report::ReportSummary, out: &std::path::Path) {
 fn summarise(
     planned: &grid::Sweep,
     root: &std::path::Path,
-    outcomes: &[(usize, sweep::Outcome)],
+    outcomes: &[(usize, Outcome)],
 ) -> Result<()> {
     println!(
         "{:>4}  {:<12}  {:<9}  {:>8}  {:>8}  {:>8}  overrides",
@@ -252,7 +260,7 @@ fn summarise(
     for (index, outcome) in outcomes {
         let r = &planned.runs[*index];
         let eval: Option<serde_json::Value> =
-            std::fs::read_to_string(sweep::run_dir(root, &r.hash).join("eval.json"))
+            std::fs::read_to_string(sweep::run_dir(root, &r.hash).join(edpo_rundir::EVAL))
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok());
         let get = |k: &str| {
@@ -262,9 +270,9 @@ fn summarise(
                 .unwrap_or_else(|| "-".into())
         };
         let status = match outcome {
-            sweep::Outcome::Skipped => "skipped",
-            sweep::Outcome::Completed => "completed",
-            sweep::Outcome::Failed(m) => {
+            Outcome::Skipped => "skipped",
+            Outcome::Completed => "completed",
+            Outcome::Failed(m) => {
                 failed.push(format!("run {index} ({}): {m}", r.hash));
                 "failed"
             }

@@ -2,7 +2,6 @@
 //! their own implementation.
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use edpo_data::{read_jsonl_pairs, PairTokenizer, TokenizedPair};
 use edpo_model::CausalLm;
 use edpo_objectives::{dpo, epsilon_dpo, EpsilonBeta};
@@ -65,7 +64,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let device = Device::Cpu;
+    let device = edpo_experiment::device();
     let policy = CausalLm::load(&args.policy, &device, false)
         .with_context(|| format!("loading the policy from {}", args.policy.display()))?;
     let reference = CausalLm::load(&args.reference, &device, false)

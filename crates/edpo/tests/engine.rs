@@ -208,6 +208,21 @@ fn same_config_and_seed_give_identical_metrics() {
         metrics[0] == metrics[1],
         "metrics.jsonl or eval.json differ between identical runs"
     );
+    // `--print-stages` names exactly the cache entries the run built.
+    let mut args = vec!["train", "experiments/synthetic.yaml", "--print-stages"];
+    args.extend(small);
+    let printed = edpo(&args);
+    assert!(printed.status.success(), "{}", text(&printed.stderr));
+    let mut printed: Vec<String> = text(&printed.stdout).lines().map(str::to_string).collect();
+    printed.sort();
+    let mut built: Vec<String> = std::fs::read_dir(a.join("cache"))
+        .expect("cache")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    built.sort();
+    assert_eq!(printed, built);
 }
 
 fn statuses(sweep_root: &Path) -> Vec<(String, serde_json::Value)> {

@@ -16,21 +16,145 @@
 //!    come from the test split; the validation prompts that settings are chosen on come from
 //!    the validation split.
 
-use crate::config::{ModelShape, SentimentTask};
+use super::{check_pairs, gpt2_config, write_pairs, Judge, TaskData};
+use crate::config::raw::check;
+use crate::config::ModelShape;
+use crate::pairs::sample_pairs;
 use crate::stages::StageCache;
-use crate::task::{gpt2_config, sample_pairs, write_pairs, Judge, TaskData};
 use anyhow::{anyhow, Context, Result};
-use candle_core::Device;
 use edpo_data::bpe::{train_bpe, EOS};
+use edpo_data::rng::SplitMix64;
 use edpo_data::snippets::{self, Snippet};
-use edpo_data::synthetic::Rng;
 use edpo_data::PairTokenizer;
 use edpo_eval::gold::{pearson, GoldModel, Lexicon};
 use edpo_eval::SamplingSettings;
 use edpo_model::CausalLm;
 use edpo_train::{AdamWConfig, SftTrainer};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+
+/// The sentiment task's section as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSentiment {
+    data: Option<String>,
+    sha256: Option<String>,
+    lexicon: Option<String>,
+    vocab_size: Option<usize>,
+    prompt_words_min: Option<usize>,
+    prompt_words_max: Option<usize>,
+    response_tokens: Option<usize>,
+    train_pairs: Option<usize>,
+    eval_pairs: Option<usize>,
+    eval_prompts: Option<usize>,
+    val_prompts: Option<usize>,
+    bt_temperature: Option<f64>,
+    pretrain_steps: Option<usize>,
+    gold_buckets: Option<usize>,
+    seed: Option<u64>,
+}
+
+/// The resolved sentiment task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SentimentTask {
+    /// The snippets file (TSV: id, mean rating, text).
+    pub data: String,
+    /// Its expected SHA-256 (`None`: not checked).
+    pub sha256: Option<String>,
+    /// The VADER lexicon, for the second judge.
+    pub lexicon: String,
+    /// BPE vocabulary size, EOS included.
+    pub vocab_size: usize,
+    /// Prompts are the first `prompt_words_min..=prompt_words_max` words of a snippet.
+    pub prompt_words_min: usize,
+    /// See `prompt_words_min`.
+    pub prompt_words_max: usize,
+    /// Maximum response length in tokens, EOS included.
+    pub response_tokens: usize,
+    /// Training pairs.
+    pub train_pairs: usize,
+    /// Held-out pairs.
+    pub eval_pairs: usize,
+    /// Test prompts: every reported number is measured on them.
+    pub eval_prompts: usize,
+    /// Validation prompts: settings are chosen on them, never on the test prompts.
+    pub val_prompts: usize,
+    /// τ of the Bradley–Terry labels, in rating units.
+    pub bt_temperature: f64,
+    /// Optimizer steps of the reference LM's pre-training.
+    pub pretrain_steps: usize,
+    /// Hash buckets of the gold model's n-gram features.
+    pub gold_buckets: usize,
+    /// Seed of the tokenizer, reference and pairs.
+    pub seed: u64,
+}
+
+/// The snippets shipped in `datasets/` and their recorded checksum.
+pub const SNIPPETS_PATH: &str = "datasets/movie-snippets/movieReviewSnippets_GroundTruth.txt";
+/// SHA-256 of the snippets file as `vaderSentiment` 3.3.2 ships it.
+pub const SNIPPETS_SHA256: &str =
+    "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350";
+/// The VADER lexicon shipped in `datasets/`.
+pub const LEXICON_PATH: &str = "datasets/movie-snippets/vader_lexicon.txt";
+
+/// The reference's shape when the config gives none.
+pub const DEFAULT_SHAPE: ModelShape = ModelShape {
+    n_embd: 128,
+    n_layer: 4,
+    n_head: 4,
+};
+
+impl RawSentiment {
+    /// Fills defaults and validates.
+    pub fn resolve(self) -> Result<SentimentTask> {
+        let shipped = self.data.is_none();
+        let task = SentimentTask {
+            data: self.data.unwrap_or_else(|| SNIPPETS_PATH.into()),
+            // The shipped file is always checked; a user's own file when a digest is given.
+            sha256: self
+                .sha256
+                .or_else(|| shipped.then(|| SNIPPETS_SHA256.into())),
+            lexicon: self.lexicon.unwrap_or_else(|| LEXICON_PATH.into()),
+            vocab_size: self.vocab_size.unwrap_or(2048),
+            prompt_words_min: self.prompt_words_min.unwrap_or(2),
+            prompt_words_max: self.prompt_words_max.unwrap_or(8),
+            response_tokens: self.response_tokens.unwrap_or(24),
+            train_pairs: self.train_pairs.unwrap_or(512),
+            eval_pairs: self.eval_pairs.unwrap_or(128),
+            eval_prompts: self.eval_prompts.unwrap_or(256),
+            val_prompts: self.val_prompts.unwrap_or(128),
+            bt_temperature: self.bt_temperature.unwrap_or(0.5),
+            pretrain_steps: self.pretrain_steps.unwrap_or(1200),
+            gold_buckets: self.gold_buckets.unwrap_or(1 << 16),
+            seed: self.seed.unwrap_or(0),
+        };
+        check(
+            task.vocab_size >= 300,
+            "task.vocab_size",
+            "must be at least 300 (256 bytes, EOS and merges)",
+        )?;
+        check(
+            task.prompt_words_min >= 1 && task.prompt_words_min <= task.prompt_words_max,
+            "task.prompt_words_min",
+            "must be at least 1 and at most prompt_words_max",
+        )?;
+        check_pairs(
+            task.response_tokens,
+            task.train_pairs,
+            task.eval_pairs,
+            task.eval_prompts,
+            task.val_prompts,
+            task.bt_temperature,
+        )?;
+        check(
+            task.gold_buckets >= 16,
+            "task.gold_buckets",
+            "must be at least 16",
+        )?;
+        Ok(task)
+    }
+}
 
 /// Context of the reference LM, in tokens.
 const CONTEXT: usize = 64;
@@ -119,7 +243,7 @@ fn pretrain(
 ) -> Result<()> {
     let vocab = task.vocab_size;
     let (cfg, raw) = gpt2_config(vocab, CONTEXT, shape, tokenizer.eos_id());
-    let model = CausalLm::random(cfg, raw, task.seed ^ 0x5EED, &Device::Cpu, true)?;
+    let model = CausalLm::random(cfg, raw, task.seed ^ 0x5EED, &crate::device(), true)?;
     let mut sequences = Vec::with_capacity(texts.len());
     for s in texts {
         let mut ids = tokenizer.encode(&s.text)?;
@@ -137,7 +261,7 @@ fn pretrain(
         },
         Some(1.0),
     );
-    let mut rng = Rng(task.seed ^ 0xBEEF);
+    let mut rng = SplitMix64(task.seed ^ 0xBEEF);
     let warmup = (task.pretrain_steps / 20).max(1);
     let bar = indicatif::ProgressBar::new(task.pretrain_steps as u64)
         .with_message("pre-training the reference");
@@ -170,10 +294,35 @@ fn prompt_of(text: &str, words: usize) -> String {
     text.split(' ').take(words).collect::<Vec<_>>().join(" ")
 }
 
+/// The sentiment task's stage keys, in build order: snippets, tokenizer, gold, reference, pairs.
+pub fn stage_keys(
+    task: &SentimentTask,
+    shape: &ModelShape,
+) -> [(&'static str, serde_json::Value); 5] {
+    let snippets_key = json!({"stage": "snippets", "data": task.data, "sha256": task.sha256, "split": "sha256-80-10-10"});
+    let tokenizer_key =
+        json!({"stage": "tokenizer", "snippets": snippets_key, "vocab_size": task.vocab_size});
+    let gold_key = json!({"stage": "gold", "snippets": snippets_key, "buckets": task.gold_buckets});
+    let reference_key = json!({"stage": "sentiment-reference", "tokenizer": tokenizer_key, "model": shape,
+        "pretrain_steps": task.pretrain_steps, "seed": task.seed, "context": CONTEXT});
+    let pairs_key = json!({"stage": "sentiment-pairs", "reference": reference_key, "gold": gold_key,
+        "prompt_words": [task.prompt_words_min, task.prompt_words_max], "response_tokens": task.response_tokens,
+        "train_pairs": task.train_pairs, "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts,
+        "val_prompts": task.val_prompts, "held_out_split": "test", "bt_temperature": task.bt_temperature});
+    [
+        ("snippets", snippets_key),
+        ("tokenizer", tokenizer_key),
+        ("gold", gold_key),
+        ("reference", reference_key),
+        ("pairs", pairs_key),
+    ]
+}
+
 /// The sentiment task's stages.
 pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> Result<TaskData> {
     let data_path = PathBuf::from(&task.data);
-    let snippets_key = json!({"stage": "snippets", "data": task.data, "sha256": task.sha256, "split": "sha256-80-10-10"});
+    let [(_, snippets_key), (_, tokenizer_key), (_, gold_key), (_, reference_key), (_, pairs_key)] =
+        stage_keys(task, shape);
     let (snippets_dir, _) = cache.get_or_build("snippets", &snippets_key, |dir| {
         let (df, summary) = snippets::read(&data_path, task.sha256.as_deref())?;
         snippets::write_splits(&df, dir)?;
@@ -181,7 +330,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             dir.join("summary.json"),
             serde_json::to_string_pretty(&summary)?,
         )?;
-        eprintln!(
+        tracing::info!(
             "prepared {}: {}",
             data_path.display(),
             serde_json::to_string(&summary)?
@@ -192,8 +341,6 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     let validation = snippets::read_split(&snippets_dir, "validation")?;
     let test = snippets::read_split(&snippets_dir, "test")?;
 
-    let tokenizer_key =
-        json!({"stage": "tokenizer", "snippets": snippets_key, "vocab_size": task.vocab_size});
     let (tokenizer_dir, _) = cache.get_or_build("tokenizer", &tokenizer_key, |dir| {
         train_bpe(
             train.iter().map(|s| s.text.as_str()),
@@ -204,10 +351,9 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     })?;
     let tokenizer = load_tokenizer(&tokenizer_dir)?;
 
-    let gold_key = json!({"stage": "gold", "snippets": snippets_key, "buckets": task.gold_buckets});
     let (gold_dir, _) = cache.get_or_build("gold", &gold_key, |dir| {
         let (model, report) = fit_gold(&train, &validation, &test, task.gold_buckets);
-        eprintln!("gold model: {report}");
+        tracing::info!("gold model: {report}");
         std::fs::write(dir.join("gold.json"), serde_json::to_string(&model)?)?;
         std::fs::write(
             dir.join("report.json"),
@@ -223,8 +369,6 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     .with_context(|| format!("{}: malformed", gold_path.display()))?;
     let lexicon = Lexicon::from_file(Path::new(&task.lexicon)).map_err(|e| anyhow!(e))?;
 
-    let reference_key = json!({"stage": "sentiment-reference", "tokenizer": tokenizer_key, "model": shape,
-        "pretrain_steps": task.pretrain_steps, "seed": task.seed, "context": CONTEXT});
     let (reference_dir, _) = cache.get_or_build("reference", &reference_key, |dir| {
         std::fs::copy(
             tokenizer_dir.join("tokenizer.json"),
@@ -239,10 +383,6 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         gold,
         lexicon,
     };
-    let pairs_key = json!({"stage": "sentiment-pairs", "reference": reference_key, "gold": gold_key,
-        "prompt_words": [task.prompt_words_min, task.prompt_words_max], "response_tokens": task.response_tokens,
-        "train_pairs": task.train_pairs, "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts,
-        "val_prompts": task.val_prompts, "held_out_split": "test", "bt_temperature": task.bt_temperature});
     let settings = SamplingSettings {
         temperature: 1.0,
         top_k: 0,
@@ -251,10 +391,10 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         eos,
     };
     let (pairs_dir, _) = cache.get_or_build("pairs", &pairs_key, |dir| {
-        let reference = CausalLm::load(&reference_dir, &Device::Cpu, false)?;
+        let reference = CausalLm::load(&reference_dir, &crate::device(), false)?;
         let span = (task.prompt_words_max - task.prompt_words_min + 1) as u64;
         let prompts_from = |split: &[Snippet], seed: u64| {
-            let mut rng = Rng(seed);
+            let mut rng = SplitMix64(seed);
             let tok = &judge.tokenizer;
             let split = split.to_vec();
             move || -> Vec<u32> {
@@ -315,10 +455,7 @@ mod tests {
     #[test]
     fn gold_model_correlates_with_held_out_human_ratings() -> Result<()> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let (df, _) = snippets::read(
-            &root.join(crate::config::SNIPPETS_PATH),
-            Some(crate::config::SNIPPETS_SHA256),
-        )?;
+        let (df, _) = snippets::read(&root.join(SNIPPETS_PATH), Some(SNIPPETS_SHA256))?;
         let dir = std::env::temp_dir().join(format!("edpo-gold-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         snippets::write_splits(&df, &dir)?;

@@ -6,9 +6,9 @@
 //! concurrent runs wait for the one building it instead of building it twice; across
 //! processes, the rename decides and the loser's copy is discarded.
 
+use crate::config::short_hash;
 use anyhow::{Context, Result};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,16 +19,6 @@ const COMPLETE: &str = ".complete";
 pub struct StageCache {
     root: PathBuf,
     locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
-}
-
-/// A short hash of a serialisable key.
-pub fn key_hash(key: &impl Serialize) -> String {
-    let json = serde_json::to_string(key).unwrap_or_default();
-    Sha256::digest(json.as_bytes())
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 impl StageCache {
@@ -49,7 +39,7 @@ impl StageCache {
         key: &impl Serialize,
         build: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<(PathBuf, bool)> {
-        let dir = self.root.join(format!("{name}-{}", key_hash(key)));
+        let dir = self.root.join(format!("{name}-{}", short_hash(key)?));
         let lock = {
             let mut locks = self
                 .locks

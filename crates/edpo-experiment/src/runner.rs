@@ -1,0 +1,276 @@
+//! One run, top to bottom: load the policy and reference, then for every optimizer step
+//! (schedule → periodic evaluation → forward/backward → clip → step → log), then the final
+//! evaluation. Metrics go to the run directory ([`edpo_rundir`]), never to the log.
+//!
+//! [`run_one`] runs a config in its directory unless it is complete, writing its status
+//! whatever happens; [`SharedTasks`] prepares each task's stages once per process for every
+//! run that reads them.
+
+use crate::config::{ReferenceLogps, RunConfig};
+use crate::evaluate::Evaluator;
+use crate::stages::StageCache;
+use crate::task::TaskData;
+use anyhow::{anyhow, Result};
+use edpo_data::rng::SplitMix64;
+use edpo_data::TokenizedPair;
+use edpo_eval::mean_and_stderr;
+use edpo_model::CausalLm;
+use edpo_rundir::{read_status, Decisions, RunDir, RunState};
+use edpo_train::{AdamWConfig, Schedule, Trainer, TrainerConfig};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Number of optimizer steps a config takes over `n_pairs` training pairs (the last partial
+/// batch of an epoch is dropped).
+pub fn total_steps(cfg: &RunConfig, n_pairs: usize) -> usize {
+    let per_step = cfg.optim.batch_size * cfg.optim.grad_accum;
+    (n_pairs / per_step).max(1) * cfg.optim.epochs
+}
+
+/// What happened to one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Already completed before this invocation.
+    Skipped,
+    /// Trained now.
+    Completed,
+    /// Stopped by an error (message).
+    Failed(String),
+}
+
+/// Whether `dir` holds a completed run of exactly `config`: `status.json` in state
+/// `completed` with the same config hash, a `config.yaml` equal to the resolved config, and
+/// `eval.json`. Any other run (absent, failed, or killed while running) starts again from
+/// scratch.
+pub fn is_complete(dir: &Path, config: &RunConfig) -> bool {
+    let Some(status) = read_status(dir) else {
+        return false;
+    };
+    let yaml = std::fs::read_to_string(dir.join(edpo_rundir::CONFIG_YAML)).unwrap_or_default();
+    status.state == RunState::Completed
+        && config.hash().is_ok_and(|h| h == status.hash)
+        && config.to_yaml().is_ok_and(|y| y == yaml)
+        && dir.join(edpo_rundir::EVAL).exists()
+}
+
+/// Runs one config in `dir` (unless complete), writing its status whatever happens.
+pub fn run_one(
+    config: &RunConfig,
+    dir: &Path,
+    data: &TaskData,
+    cache: &StageCache,
+    progress: &indicatif::ProgressBar,
+) -> Result<Outcome> {
+    if is_complete(dir, config) {
+        return Ok(Outcome::Skipped);
+    }
+    let hash = config.hash()?;
+    let mut rundir = RunDir::start(
+        dir,
+        &hash,
+        &config.to_yaml()?,
+        &serde_json::to_string_pretty(config)?,
+    )?;
+    let span = tracing::info_span!("run", hash = %hash);
+    let _enter = span.enter();
+    match run(config, data, cache, &mut rundir, progress) {
+        Ok(eval) => {
+            rundir.complete(&eval)?;
+            Ok(Outcome::Completed)
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            rundir.fail(e.chain().map(|c| c.to_string()).collect())?;
+            Ok(Outcome::Failed(message))
+        }
+    }
+}
+
+/// One task's data, filled by whichever run asks first.
+type TaskSlot = Arc<Mutex<Option<Arc<TaskData>>>>;
+
+/// Task data shared by runs with the same task and model, prepared once.
+pub struct SharedTasks {
+    cache: StageCache,
+    prepared: Mutex<HashMap<String, TaskSlot>>,
+}
+
+impl SharedTasks {
+    /// Stages cached under `cache_dir`.
+    pub fn new(cache_dir: &Path) -> Self {
+        Self {
+            cache: StageCache::new(cache_dir),
+            prepared: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The stage cache.
+    pub fn cache(&self) -> &StageCache {
+        &self.cache
+    }
+
+    /// The task data of `config`, prepared at most once per process.
+    pub fn get(&self, config: &RunConfig) -> Result<Arc<TaskData>> {
+        let key = serde_json::to_string(&(&config.task, &config.model))?;
+        let slot = {
+            let mut map = self
+                .prepared
+                .lock()
+                .map_err(|_| anyhow!("task lock poisoned"))?;
+            map.entry(key).or_default().clone()
+        };
+        let mut slot = slot.lock().map_err(|_| anyhow!("task lock poisoned"))?;
+        if let Some(data) = slot.as_ref() {
+            return Ok(data.clone());
+        }
+        let data = Arc::new(config.task.prepare(&config.model, &self.cache)?);
+        *slot = Some(data.clone());
+        Ok(data)
+    }
+}
+
+/// Trains one config to completion in `dir`; returns the final evaluation.
+pub fn run(
+    cfg: &RunConfig,
+    data: &TaskData,
+    cache: &StageCache,
+    dir: &mut RunDir,
+    progress: &indicatif::ProgressBar,
+) -> Result<Value> {
+    let device = crate::device();
+    let policy = CausalLm::load(&data.reference_dir, &device, true)?;
+    let reference = CausalLm::load(&data.reference_dir, &device, false)?;
+    let original_reference = reference.frozen_copy()?;
+    let steps = total_steps(cfg, data.train.len());
+    let o = &cfg.optim;
+    let schedule = Schedule {
+        peak_lr: o.lr,
+        warmup_steps: (o.warmup_ratio * steps as f64).ceil() as usize,
+        total_steps: steps,
+        kind: o.schedule.kind(),
+    };
+    let mut trainer = Trainer::new(
+        policy,
+        reference,
+        TrainerConfig {
+            objective: cfg.objective.to_objective(cfg.run.seed)?,
+            sft_weight: cfg.objective.sft_weight,
+            adamw: AdamWConfig {
+                beta1: o.adam_beta1,
+                beta2: o.adam_beta2,
+                eps: o.adam_eps,
+                weight_decay: o.weight_decay,
+            },
+            schedule,
+            max_grad_norm: o.max_grad_norm,
+        },
+    )?
+    .with_shards(cfg.run.shards)?;
+    let precomputed = match cfg.objective.reference_logps {
+        ReferenceLogps::Cached => Some(data.cached_reference_logps(cache)?),
+        ReferenceLogps::Online => None,
+    };
+    let evaluator = Evaluator::new(&original_reference, data, cfg)?;
+    let mut decisions = Decisions::default();
+    let reference_forwards_before = trainer.reference.forward_count();
+    let mut order: Vec<usize> = Vec::new();
+    let mut rng = SplitMix64(cfg.run.seed ^ 0xDA7A);
+    let per_step = o.batch_size * o.grad_accum;
+    progress.set_length(steps as u64);
+    for step in 0..steps {
+        if cfg.eval.every > 0 && step > 0 && step % cfg.eval.every == 0 {
+            log_eval(dir, step, evaluator.evaluate(&trainer.policy)?)?;
+        }
+        // A fresh seeded shuffle at the start of every epoch.
+        if order.len() < per_step {
+            let mut idx: Vec<usize> = (0..data.train.len()).collect();
+            for i in (1..idx.len()).rev() {
+                idx.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            order = idx;
+        }
+        let taken: Vec<usize> = order.drain(..per_step).collect();
+        let micro: Vec<Vec<TokenizedPair>> = taken
+            .chunks(o.batch_size)
+            .map(|c| c.iter().map(|&i| data.train[i].tokenized()).collect())
+            .collect();
+        let report = match &precomputed {
+            Some(values) => {
+                let per_micro: Vec<Vec<[f64; 2]>> = taken
+                    .chunks(o.batch_size)
+                    .map(|c| c.iter().map(|&i| values[i]).collect())
+                    .collect();
+                trainer.train_step_with_reference(&micro, Some(&per_micro))?
+            }
+            None => trainer.train_step(&micro)?,
+        };
+        for (&i, &x) in taken.iter().zip(&report.pair_steps) {
+            decisions.add(data.train[i].p_true, x);
+        }
+        dir.set_steps_done(step + 1);
+        if step % cfg.run.log_every == 0 || step + 1 == steps {
+            let mut line = Map::new();
+            line.insert("step".into(), json!(report.step));
+            line.insert("lr".into(), json!(report.lr));
+            line.insert("loss".into(), json!(report.loss));
+            line.insert("grad_norm".into(), json!(report.grad_norm));
+            line.insert("beta".into(), json!(report.beta));
+            line.insert("next_beta".into(), json!(report.next_beta));
+            for (k, v) in &report.stats {
+                line.insert((*k).to_string(), json!(v));
+            }
+            let p_true: Vec<f64> = taken.iter().map(|&i| data.train[i].p_true).collect();
+            line.insert("data/p_true".into(), json!(mean_and_stderr(&p_true).0));
+            if !report.pair_steps.is_empty() {
+                // ε-DPO's decisions against label confusion: mean true preference probability
+                // of the pairs it relaxed, strengthened and left alone.
+                for (name, s) in [("relaxed", 1i8), ("strengthened", -1), ("kept", 0)] {
+                    let p: Vec<f64> = taken
+                        .iter()
+                        .zip(&report.pair_steps)
+                        .filter(|(_, &x)| x == s)
+                        .map(|(&i, _)| data.train[i].p_true)
+                        .collect();
+                    if !p.is_empty() {
+                        line.insert(format!("kl/p_true_{name}"), json!(mean_and_stderr(&p).0));
+                    }
+                }
+            }
+            dir.log(&Value::Object(line))?;
+        }
+        progress.inc(1);
+    }
+    let reference_forwards = trainer.reference.forward_count() - reference_forwards_before;
+    // Always judged against the original reference, which TR-DPO's updates have moved away from.
+    let mut eval = evaluator.evaluate(&trainer.policy)?;
+    if cfg.eval.every > 0 {
+        // The trajectory ends at the final evaluation.
+        log_eval(dir, steps, eval.clone())?;
+    }
+    if !decisions.is_empty() {
+        dir.write_file(edpo_rundir::DECISIONS, &decisions.to_json())?;
+    }
+    eval.insert("steps".into(), json!(steps));
+    eval.insert(
+        "training_reference_forward_passes".into(),
+        json!(reference_forwards),
+    );
+    eval.insert(
+        "reference_updates".into(),
+        json!(trainer.reference_updates()),
+    );
+    eval.insert("final_beta".into(), json!(trainer.beta()));
+    Ok(Value::Object(eval))
+}
+
+/// One line of evaluation numbers over training, keys prefixed `eval/`.
+fn log_eval(dir: &mut RunDir, step: usize, record: Map<String, Value>) -> Result<()> {
+    let mut line = Map::new();
+    line.insert("step".into(), json!(step));
+    for (k, v) in record {
+        line.insert(format!("eval/{k}"), v);
+    }
+    Ok(dir.log(&Value::Object(line))?)
+}

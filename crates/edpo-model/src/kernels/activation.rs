@@ -1,0 +1,80 @@
+//! GELU (tanh approximation) with a fused backward.
+use super::{rows_map, slice, tanh};
+use crate::composed::{GELU_C, SQRT_2_OVER_PI};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
+/// GELU, tanh approximation (`gelu_new` / `gelu_pytorch_tanh`):
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "edpo-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        rows_map(x, &mut y, 4096.min(x.len().max(1)), |_, x, y| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                let u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
+                *o = 0.5 * v * (1.0 + tanh(u));
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &GeluGrad)?,
+        ))
+    }
+}
+
+/// `dx = dy · d/dx gelu(x)`, the exact derivative of the tanh form.
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "edpo-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "gelu grad")?;
+        let dy = slice(s2, l2, "gelu grad")?;
+        let mut dx = vec![0f32; x.len()];
+        let chunk = 4096.min(x.len().max(1));
+        let f = |i: usize, dy: &[f32], dx: &mut [f32]| {
+            let x = &x[i * chunk..i * chunk + dx.len()];
+            for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+                let u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
+                let t = tanh(u);
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
+                *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+            }
+        };
+        rows_map(dy, &mut dx, chunk, f);
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// GELU (tanh form) with a fused backward.
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}

@@ -1,0 +1,328 @@
+//! Scaled masked attention as one autograd node, and GPT-2's attention straight from its
+//! packed q/k/v projection.
+use super::{lane_dot, parallel, rows_map, slice, softmax_in_place, with_f32};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Scaled dot-product attention for one set of heads as one node of the autograd graph:
+/// `softmax(scale·q·kᵀ + bias)·v` for `q (B, H, Tq, hd)`, `k`, `v (B, H, Tk, hd)` and an
+/// additive mask `bias (B, 1, Tq, Tk)`. The scaling, the mask and the softmax are one pass over
+/// the scores, and the probabilities are kept for the backward pass, which computes
+/// `∂v = Pᵀ·g`, `∂P = g·vᵀ`, `∂S = scale·P ⊙ (∂P − Σ ∂P·P)`, `∂q = ∂S·k`, `∂k = ∂Sᵀ·q`
+/// without the chain of scaled, masked and broadcast intermediates (and their zero-filled
+/// gradient buffers) that the composed version records.
+struct Attention {
+    bias: Vec<f32>,
+    scale: f32,
+    /// `P (B·H, Tq, Tk)`, written by the forward pass for the backward pass.
+    probs: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl Attention {
+    /// The forward pass on head-major `q (B·H, Tq, hd)`, `k`, `v (B·H, Tk, hd)` given as
+    /// storages with start offsets; returns `(B·H, Tq, hd)` and keeps the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_heads(
+        &self,
+        (q, q_off): (&CpuStorage, usize),
+        (k, k_off): (&CpuStorage, usize),
+        (v, v_off): (&CpuStorage, usize),
+        (b, h, tq, tk, hd): (usize, usize, usize, usize, usize),
+    ) -> candle_core::Result<CpuStorage> {
+        use candle_core::backend::BackendStorage;
+        if self.bias.len() != b * tq * tk {
+            bail!("attention: a mask of {} for {b}×{tq}×{tk}", self.bias.len());
+        }
+        let bh = b * h;
+        let q_layout = Layout::contiguous_with_offset((bh, tq, hd), q_off);
+        let kt_layout = Layout::contiguous_with_offset((bh, tk, hd), k_off).transpose(1, 2)?;
+        let mut scores = q.matmul(k, (bh, tq, tk, hd), &q_layout, &kt_layout)?;
+        let CpuStorage::F32(z) = &mut scores else {
+            bail!("attention: f32 only");
+        };
+        let scale = self.scale;
+        let rows = |i: usize, row: &mut [f32]| {
+            // Row i is query (i % tq) of head-batch (i / tq); the mask is shared by heads.
+            let (n, t) = (i / tq / h, i % tq);
+            let mask = &self.bias[(n * tq + t) * tk..(n * tq + t + 1) * tk];
+            for (x, &m) in row.iter_mut().zip(mask) {
+                *x = *x * scale + m;
+            }
+            softmax_in_place(row);
+        };
+        if parallel() && z.len() >= 1 << 15 {
+            z.par_chunks_mut(tk)
+                .enumerate()
+                .for_each(|(i, r)| rows(i, r));
+        } else {
+            z.chunks_mut(tk).enumerate().for_each(|(i, r)| rows(i, r));
+        }
+        let p_layout = Layout::contiguous((bh, tq, tk));
+        let v_layout = Layout::contiguous_with_offset((bh, tk, hd), v_off);
+        let out = scores.matmul(v, (bh, tq, hd, tk), &p_layout, &v_layout)?;
+        let CpuStorage::F32(z) = scores else {
+            bail!("attention: f32 only");
+        };
+        let probs = Tensor::from_vec(z, (bh, tq, tk), &candle_core::Device::Cpu)?;
+        if let Ok(mut slot) = self.probs.lock() {
+            *slot = Some(probs);
+        }
+        Ok(out)
+    }
+
+    /// The backward pass on head-major `q (B·H, Tq, hd)`, `k`, `v (B·H, Tk, hd)` and
+    /// `g (B·H, Tq, hd)`: `(∂q, ∂k, ∂v)` in the same layout.
+    fn backward_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let p = match self.probs.lock().ok().and_then(|s| s.clone()) {
+            Some(p) => p,
+            None => bail!("attention: backward before forward"),
+        };
+        let (bh, tq, tk) = p.dims3()?;
+        let dv = p.t()?.matmul(g)?;
+        let dp = g.matmul(&v.t()?)?;
+        let mut ds = vec![0f32; p.elem_count()];
+        let scale = self.scale;
+        with_f32(&p, |pv| {
+            with_f32(&dp, |dp| {
+                rows_map(dp, &mut ds, tk, |i, dp, ds| {
+                    let p = &pv[i * tk..(i + 1) * tk];
+                    let dot = lane_dot(dp, p);
+                    for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
+                        *o = scale * (y * (g - dot));
+                    }
+                })
+            })
+        })??;
+        let ds = Tensor::from_vec(ds, (bh, tq, tk), q.device())?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((dq, dk, dv))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "edpo-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, tq, hd) = l1.shape().dims4()?;
+        let tk = l2.dim(2)?;
+        if l2.dims() != [b, h, tk, hd] || l3.dims() != [b, h, tk, hd] {
+            bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not agree",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        if !(l1.is_contiguous() && l2.is_contiguous() && l3.is_contiguous()) {
+            bail!("attention: contiguous q, k and v expected");
+        }
+        let out = self.forward_heads(
+            (s1, l1.start_offset()),
+            (s2, l2.start_offset()),
+            (s3, l3.start_offset()),
+            (b, h, tq, tk, hd),
+        )?;
+        Ok((out, Shape::from((b, h, tq, hd))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, tq, hd) = q.dims4()?;
+        let tk = k.dim(2)?;
+        let bh = b * h;
+        let g = grad.detach().contiguous()?.reshape((bh, tq, hd))?;
+        let (dq, dk, dv) = self.backward_heads(
+            &q.detach().reshape((bh, tq, hd))?,
+            &k.detach().reshape((bh, tk, hd))?,
+            &v.detach().reshape((bh, tk, hd))?,
+            &g,
+        )?;
+        Ok((
+            Some(dq.reshape((b, h, tq, hd))?),
+            Some(dk.reshape((b, h, tk, hd))?),
+            Some(dv.reshape((b, h, tk, hd))?),
+        ))
+    }
+}
+
+/// Copies part `which` of a packed `(B, T, parts·H·hd)` row layout (for the projection: 0 q,
+/// 1 k, 2 v of 3 parts) into a head-major `(B·H, T, hd)` buffer.
+fn unpack_heads(
+    x: &[f32],
+    (which, parts): (usize, usize),
+    (b, t, h, hd): (usize, usize, usize, usize),
+) -> Vec<f32> {
+    let d = h * hd;
+    let mut out = vec![0f32; b * h * t * hd];
+    for n in 0..b {
+        for s in 0..t {
+            let row = &x[(n * t + s) * parts * d + which * d..][..d];
+            for (head, src) in row.chunks_exact(hd).enumerate() {
+                out[((n * h + head) * t + s) * hd..][..hd].copy_from_slice(src);
+            }
+        }
+    }
+    out
+}
+
+/// Writes a head-major `(B·H, T, hd)` buffer into part `which` of a packed `(B, T, w·H·hd)`
+/// row layout (`w` parts per row).
+fn pack_heads(
+    src: &[f32],
+    out: &mut [f32],
+    (which, parts): (usize, usize),
+    (b, t, h, hd): (usize, usize, usize, usize),
+) {
+    let d = h * hd;
+    for n in 0..b {
+        for s in 0..t {
+            let row = &mut out[(n * t + s) * parts * d + which * d..][..d];
+            for (head, dst) in row.chunks_exact_mut(hd).enumerate() {
+                dst.copy_from_slice(&src[((n * h + head) * t + s) * hd..][..hd]);
+            }
+        }
+    }
+}
+
+/// GPT-2's attention straight from its packed projection: `qkv (B, T, 3·H·hd)` in, the heads'
+/// outputs side by side `(B, T, H·hd)` out, as one autograd node. The split into heads and the
+/// merge back are copies inside the node, so neither the three slices, reshapes, transposes
+/// and copies of the composed version nor their gradient buffers appear in the graph.
+struct PackedAttention {
+    core: Attention,
+    n_head: usize,
+    /// Head-major q, k, v of the forward pass, for the backward pass.
+    heads: std::sync::Mutex<Option<[Tensor; 3]>>,
+}
+
+impl PackedAttention {
+    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, t, w) = layout.shape().dims3()?;
+        let h = self.n_head;
+        if h == 0 || w % (3 * h) != 0 {
+            bail!("attention: width {w} is not 3 × {h} heads");
+        }
+        Ok((b, t, h, w / (3 * h)))
+    }
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "edpo-packed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, "attention")?;
+        let dims @ (b, t, h, hd) = self.dims(layout)?;
+        let [q, k, v] = [0, 1, 2].map(|w| CpuStorage::F32(unpack_heads(x, (w, 3), dims)));
+        let out = self
+            .core
+            .forward_heads((&q, 0), (&k, 0), (&v, 0), (b, h, t, t, hd))?;
+        let CpuStorage::F32(out) = out else {
+            bail!("attention: f32 only");
+        };
+        let mut merged = vec![0f32; b * t * h * hd];
+        pack_heads(&out, &mut merged, (0, 1), dims);
+        let device = candle_core::Device::Cpu;
+        let mut kept = Vec::with_capacity(3);
+        for part in [q, k, v] {
+            let CpuStorage::F32(part) = part else {
+                bail!("attention: f32 only");
+            };
+            kept.push(Tensor::from_vec(part, (b * h, t, hd), &device)?);
+        }
+        if let (Ok(mut slot), Ok(kept)) = (self.heads.lock(), <[Tensor; 3]>::try_from(kept)) {
+            *slot = Some(kept);
+        }
+        Ok((CpuStorage::F32(merged), Shape::from((b, t, h * hd))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dims @ (b, t, h, hd) = self.dims(arg.layout())?;
+        let Some([q, k, v]) = self.heads.lock().ok().and_then(|s| s.clone()) else {
+            bail!("attention: backward before forward");
+        };
+        let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
+        // The gradient arrives token-major; bring it to head-major as the forward did.
+        let gh = with_f32(&g, |gs| unpack_heads(gs, (0, 1), dims))?;
+        let g = Tensor::from_vec(gh, (b * h, t, hd), arg.device())?;
+        let (dq, dk, dv) = self.core.backward_heads(&q, &k, &v, &g)?;
+        let mut dx = vec![0f32; b * t * 3 * h * hd];
+        for (which, part) in [dq, dk, dv].iter().enumerate() {
+            with_f32(&part.contiguous()?, |part| {
+                pack_heads(part, &mut dx, (which, 3), dims)
+            })?;
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// GPT-2 attention from the packed `qkv (B, T, 3·H·hd)` projection (see [`PackedAttention`]),
+/// giving `(B, T, H·hd)`; `bias (B, 1, T, T)`.
+pub fn packed_attention(
+    qkv: &Tensor,
+    n_head: usize,
+    bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let op = PackedAttention {
+        core: Attention {
+            bias: bias.flatten_all()?.to_vec1::<f32>()?,
+            scale: scale as f32,
+            probs: std::sync::Mutex::new(None),
+        },
+        n_head,
+        heads: std::sync::Mutex::new(None),
+    };
+    qkv.contiguous()?.apply_op1(op)
+}
+
+/// `softmax(scale·q·kᵀ + bias)·v` as one node (see [`Attention`]): `q (B, H, Tq, hd)`,
+/// `k`, `v (B, H, Tk, hd)` with as many key heads as query heads, `bias (B, 1, Tq, Tk)`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let op = Attention {
+        bias: bias.flatten_all()?.to_vec1::<f32>()?,
+        scale: scale as f32,
+        probs: std::sync::Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}

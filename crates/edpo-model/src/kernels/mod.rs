@@ -1,0 +1,210 @@
+//! Fused CPU kernels with explicit backward passes, for the operations that dominate a training
+//! step outside the matrix products, by family:
+//! - [`activation`]: GELU (tanh form);
+//! - [`softmax`]: softmax over the last dimension, and the log-softmax over the vocabulary
+//!   gathered at the target token (no `(N, V)` output);
+//! - [`norm`]: LayerNorm and RMSNorm;
+//! - [`linear`]: a linear layer with its bias;
+//! - [`attention`]: scaled masked attention, and GPT-2's attention straight from its packed
+//!   q/k/v projection.
+//!
+//! Each is a candle custom op whose forward is one pass over memory and whose backward is one
+//! more, instead of a chain of elementwise tensors each allocated, written and read back. They
+//! run on contiguous f32 CPU tensors only; [`crate::ops`] routes every operation here or to its
+//! composed definition ([`crate::composed`]), and its tests hold the two together in values
+//! and gradients. The golden tests against PyTorch run through these kernels.
+//!
+//! This module holds what the kernels share: reading a tensor's storage in place, splitting
+//! rows across threads, lane-wise reductions, and the vectorising `exp` and `tanh`. Work is
+//! split across rows with rayon when candle runs with more than one thread.
+
+pub mod activation;
+pub mod attention;
+pub mod linear;
+pub mod norm;
+pub mod softmax;
+
+pub use activation::gelu;
+pub use attention::{attention, packed_attention};
+pub use linear::linear_bias;
+pub use norm::{layer_norm, rms_norm};
+pub use softmax::{log_softmax_gather, softmax_last};
+
+use candle_core::{bail, CpuStorage, Layout, Tensor};
+use rayon::prelude::*;
+
+pub(crate) fn slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{what}: f32 only");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Runs `f` on the elements of a contiguous f32 CPU tensor in place, without copying them
+/// (`f` must not write to the tensor).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Ok(f(slice(cpu, layout, "tensor")?)),
+        _ => bail!("a CPU tensor expected"),
+    }
+}
+
+/// Whether kernels may split work across threads: candle runs with more than one.
+pub fn parallel() -> bool {
+    candle_core::utils::get_num_threads() > 1
+}
+
+/// Applies `f(row_in, row_out)` to every row of width `width`, in parallel when allowed.
+pub(crate) fn rows_map(
+    input: &[f32],
+    out: &mut [f32],
+    width: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) {
+    if parallel() && input.len() >= 1 << 15 {
+        out.par_chunks_mut(width)
+            .zip(input.par_chunks(width))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, x, o));
+    } else {
+        for (i, (o, x)) in out.chunks_mut(width).zip(input.chunks(width)).enumerate() {
+            f(i, x, o);
+        }
+    }
+}
+
+/// Lanes of the reductions below: eight independent partial results, so the loops vectorise
+/// (a single running f32 sum is a serial dependency the compiler must keep in order).
+const LANES: usize = 8;
+
+/// `Σ f(x_i)` over a row, accumulated in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += f(c[k]);
+        }
+    }
+    let mut total = acc.iter().sum::<f32>();
+    for &v in tail {
+        total += f(v);
+    }
+    total
+}
+
+/// `Σ a_i·b_i`, accumulated in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let full = n - n % LANES;
+    for (ca, cb) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
+        for k in 0..LANES {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    let mut total = acc.iter().sum::<f32>();
+    for (x, y) in a[full..].iter().zip(&b[full..]) {
+        total += x * y;
+    }
+    total
+}
+
+/// The largest element of a row (−∞ for an empty one).
+#[inline(always)]
+pub(crate) fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    acc.iter()
+        .chain(tail)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Softmax of a row in place: `x ← exp(x − max) / Σ exp(x − max)`.
+#[inline(always)]
+pub(crate) fn softmax_in_place(row: &mut [f32]) {
+    let max = lane_max(row);
+    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    let inv = 1.0 / lane_sum(row, |v| v);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `eˣ` in f32 without a library call, so loops over it vectorise: `x = n·ln2 + r` with
+/// `|r| ≤ ln2/2`, a degree-6 Taylor polynomial for `eʳ` (truncation error below 2e-7 relative),
+/// and `2ⁿ` built from its bits. Inputs below −87 give 0 (as `expf` underflows there).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // The integer n sits in the low bits of t: reading it from the bits avoids a float-to-int
+    // conversion, which Rust saturates and the compiler then splits into scalar code.
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
+    let y = p * scale;
+    if x < -87.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// `tanh(u) = 1 − 2/(e^{2u} + 1)`, with the absolute error of f32 (about 1e-7) near 0, which is
+/// what GELU needs.
+#[inline(always)]
+pub(crate) fn tanh(u: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_over_its_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((exp(x) as f64) - (x as f64).exp()).abs() / (x as f64).exp();
+            worst = worst.max(rel);
+            x += 0.013;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst:e}");
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        for u in [-20.0f32, -3.0, -0.5, -1e-4, 0.0, 1e-4, 0.5, 3.0, 20.0] {
+            assert!((tanh(u) - u.tanh()).abs() < 2e-7, "tanh({u})");
+        }
+    }
+}

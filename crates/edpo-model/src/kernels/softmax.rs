@@ -1,0 +1,189 @@
+//! Softmax over the last dimension, and the log-softmax over the vocabulary gathered at the
+//! target token, each with a fused backward.
+use super::{exp, lane_dot, lane_max, lane_sum, parallel, rows_map, slice, softmax_in_place};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Softmax over the last dimension.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "edpo-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, "softmax")?;
+        let width = layout.dims().last().copied().unwrap_or(1);
+        let mut y = vec![0f32; x.len()];
+        rows_map(x, &mut y, width, |_, x, y| {
+            y.copy_from_slice(x);
+            softmax_in_place(y);
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            res.contiguous()?
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+/// `dx = y ⊙ (dy − Σ dy·y)` per row.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "edpo-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = slice(s1, l1, "softmax grad")?;
+        let dy = slice(s2, l2, "softmax grad")?;
+        let width = l1.dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; y.len()];
+        rows_map(dy, &mut dx, width, |i, dy, dx| {
+            let y = &y[i * width..(i + 1) * width];
+            let dot = lane_dot(dy, y);
+            for ((o, &g), &p) in dx.iter_mut().zip(dy).zip(y) {
+                *o = p * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension with a fused backward.
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+/// `log_softmax(z)[target]` for each row of `z (N, V)`: one pass for the log-sum-exp, no
+/// `(N, V)` output. The backward is `g·(onehot(target) − softmax(z))`.
+struct LogSoftmaxGather {
+    targets: Arc<Vec<u32>>,
+    /// Each row's log-sum-exp, written by the forward pass for the backward pass.
+    lse: std::sync::Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+fn row_lse(z: &[f32]) -> f32 {
+    let max = lane_max(z);
+    let sum = lane_sum(z, |v| exp(v - max));
+    max + sum.ln()
+}
+
+impl CustomOp1 for LogSoftmaxGather {
+    fn name(&self) -> &'static str {
+        "edpo-log-softmax-gather"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let z = slice(storage, layout, "log-softmax gather")?;
+        let (n, v) = layout.shape().dims2()?;
+        if self.targets.len() != n {
+            bail!(
+                "log-softmax gather: {} targets for {n} rows",
+                self.targets.len()
+            );
+        }
+        if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("log-softmax gather: target {t} outside the vocabulary of {v}");
+        }
+        let lse = |i: usize| row_lse(&z[i * v..(i + 1) * v]);
+        let lses: Vec<f32> = if parallel() && n * v >= 1 << 15 {
+            (0..n).into_par_iter().map(lse).collect()
+        } else {
+            (0..n).map(lse).collect()
+        };
+        let out: Vec<f32> = (0..n)
+            .map(|i| z[i * v + self.targets[i] as usize] - lses[i])
+            .collect();
+        if let Ok(mut slot) = self.lse.lock() {
+            *slot = Some(Arc::new(lses));
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let op = LogSoftmaxGatherGrad {
+            targets: self.targets.clone(),
+            lse: self.lse.lock().ok().and_then(|s| s.clone()),
+        };
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &op)?,
+        ))
+    }
+}
+
+struct LogSoftmaxGatherGrad {
+    targets: Arc<Vec<u32>>,
+    /// The forward pass's log-sum-exp per row (recomputed when absent).
+    lse: Option<Arc<Vec<f32>>>,
+}
+
+impl CustomOp2 for LogSoftmaxGatherGrad {
+    fn name(&self) -> &'static str {
+        "edpo-log-softmax-gather-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let z = slice(s1, l1, "log-softmax gather grad")?;
+        let g = slice(s2, l2, "log-softmax gather grad")?;
+        let (_, v) = l1.shape().dims2()?;
+        let mut dz = vec![0f32; z.len()];
+        rows_map(z, &mut dz, v, |i, z, dz| {
+            let lse = match &self.lse {
+                Some(l) => l[i],
+                None => row_lse(z),
+            };
+            let gi = g[i];
+            for (o, &x) in dz.iter_mut().zip(z) {
+                *o = -gi * exp(x - lse);
+            }
+            dz[self.targets[i] as usize] += gi;
+        });
+        Ok((CpuStorage::F32(dz), l1.shape().clone()))
+    }
+}
+
+/// Per-row `log_softmax(logits)[targets]` for `logits (N, V)`, differentiable.
+pub fn log_softmax_gather(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    logits.contiguous()?.apply_op1(LogSoftmaxGather {
+        targets: Arc::new(targets.to_vec()),
+        lse: std::sync::Mutex::new(None),
+    })
+}

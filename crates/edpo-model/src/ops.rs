@@ -1,0 +1,109 @@
+//! The one place each differentiable operation of the models is routed: to the fused CPU
+//! kernel ([`crate::kernels`]) when its input is an f32 tensor on the CPU, otherwise to its
+//! composed definition ([`crate::composed`]), which candle can run and differentiate on any
+//! device. The models call these functions only, so a CUDA or Metal device needs nothing but
+//! candle's own operations.
+//!
+//! [`set_composed`] sends every operation to the composed path, so that a whole training step
+//! can be run both ways and compared (`tests/ops.rs` here, operation by operation, and
+//! `edpo-train`'s `tests/composed_path.rs`, a training step against the PyTorch traces; each
+//! in a test binary of its own, since the switch is process-wide).
+
+use crate::{composed, kernels};
+use candle_core::{DType, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static FORCE_COMPOSED: AtomicBool = AtomicBool::new(false);
+
+/// Sends every operation to its composed definition (`true`) or lets eligible ones use the
+/// fused kernels again (`false`, the default). Process-wide.
+pub fn set_composed(on: bool) {
+    FORCE_COMPOSED.store(on, Ordering::SeqCst);
+}
+
+/// Whether the composed path is forced.
+pub fn composed_forced() -> bool {
+    FORCE_COMPOSED.load(Ordering::SeqCst)
+}
+
+/// Whether the fused kernels apply to `x`: f32 on the CPU, and the composed path not forced.
+pub fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && !composed_forced()
+}
+
+/// GELU, tanh form.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fused(x) {
+        kernels::gelu(x)
+    } else {
+        composed::gelu(x)
+    }
+}
+
+/// LayerNorm over the last dimension.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(x) {
+        kernels::layer_norm(x, weight, bias, eps)
+    } else {
+        composed::layer_norm(x, weight, bias, eps)
+    }
+}
+
+/// RMSNorm over the last dimension.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(x) {
+        kernels::rms_norm(x, weight, eps)
+    } else {
+        composed::rms_norm(x, weight, eps)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fused(x) {
+        kernels::softmax_last(x)
+    } else {
+        composed::softmax_last(x)
+    }
+}
+
+/// Per-row `log_softmax(logits)[target]` for `logits (N, V)`.
+pub fn log_softmax_gather(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    if fused(logits) {
+        kernels::log_softmax_gather(logits, targets)
+    } else {
+        composed::log_softmax_gather(logits, targets)
+    }
+}
+
+/// `x·W + b` over the last dimension of `x` (`input_major`: `W` is `(in, out)`).
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    input_major: bool,
+) -> Result<Tensor> {
+    match bias {
+        Some(b) if fused(x) => kernels::linear_bias(x, weight, b, input_major),
+        _ => composed::linear(x, weight, bias, input_major),
+    }
+}
+
+/// `softmax(scale·q·kᵀ + bias)·v`, `q (B, H, Tq, hd)`, `k`, `v (B, H, Tk, hd)` (as many key
+/// heads as query heads), `bias (B, 1, Tq, Tk)`; gives `(B, H, Tq, hd)`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused(q) {
+        kernels::attention(q, k, v, bias, scale)
+    } else {
+        composed::attention(q, k, v, bias, scale)
+    }
+}
+
+/// GPT-2 attention from its packed projection `qkv (B, T, 3·H·hd)`, giving `(B, T, H·hd)`.
+pub fn packed_attention(qkv: &Tensor, n_head: usize, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused(qkv) {
+        kernels::packed_attention(qkv, n_head, bias, scale)
+    } else {
+        composed::packed_attention(qkv, n_head, bias, scale)
+    }
+}

@@ -1,0 +1,154 @@
+//! Every routed operation of `edpo_model::ops`, fused against composed: values, and the
+//! gradients of `⟨out, probe⟩` with respect to every input. A test binary of its own with one
+//! test, because forcing the composed path is process-wide.
+
+use candle_core::{Device, Result, Tensor, Var};
+use edpo_model::ops::*;
+
+fn close(name: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    let a = a.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a");
+    let b = b.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b");
+    assert_eq!(a.len(), b.len(), "{name}");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{name}, element {i}: {x} vs {y}"
+        );
+    }
+}
+
+fn var(shape: &[usize], seed: usize, scale: f32) -> Var {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((((i + seed) * 7919 % 1000) as f32 / 500.0) - 1.0) * scale)
+        .collect();
+    Var::from_vec(v, shape, &Device::Cpu).expect("var")
+}
+
+/// An additive causal mask `(b, 1, t, t)`, also hiding where `hide(row, query, key)`.
+fn causal_mask(b: usize, t: usize, hide: impl Fn(usize, usize, usize) -> bool) -> Tensor {
+    let mut mask = vec![0f32; b * t * t];
+    for n in 0..b {
+        for i in 0..t {
+            for j in 0..t {
+                if j > i || hide(n, i, j) {
+                    mask[(n * t + i) * t + j] = -1e30;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu).expect("mask")
+}
+
+type Case<'a> = (&'a str, Box<dyn Fn() -> Result<Tensor> + 'a>, Vec<&'a Var>);
+
+/// Runs `f` with the composed path forced, restoring the fused path after.
+fn composed_run(f: &dyn Fn() -> Result<Tensor>) -> Result<Tensor> {
+    set_composed(true);
+    let out = f();
+    set_composed(false);
+    out
+}
+
+#[test]
+fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
+    let x = var(&[2, 3, 40], 0, 2.0);
+    let w = Var::from_vec(
+        (0..40).map(|i| 0.5 + i as f32 / 40.0).collect::<Vec<f32>>(),
+        40,
+        &Device::Cpu,
+    )?;
+    let b = Var::from_vec(
+        (0..40).map(|i| i as f32 / 80.0 - 0.2).collect::<Vec<f32>>(),
+        40,
+        &Device::Cpu,
+    )?;
+    let w_in = var(&[40, 24], 1, 0.1);
+    let w_out = var(&[24, 40], 2, 0.1);
+    let b24 = var(&[24], 3, 0.3);
+    let logits = var(&[5, 33], 4, 3.0);
+    let targets = [0u32, 32, 7, 7, 12];
+    let (bh, h, t, hd) = (2, 3, 5, 4);
+    let q = var(&[bh, h, t, hd], 5, 1.0);
+    let k = var(&[bh, h, t, hd], 6, 1.0);
+    let v = var(&[bh, h, t, hd], 7, 1.0);
+    let padded = causal_mask(bh, t, |n, i, j| n == 1 && j == 2 && i != 2);
+    let qkv = var(&[bh, t, 3 * h * hd], 8, 1.0);
+    let causal = causal_mask(bh, t, |_, _, _| false);
+    let cases: Vec<Case<'_>> = vec![
+        ("gelu", Box::new(|| gelu(x.as_tensor())), vec![&x]),
+        (
+            "softmax",
+            Box::new(|| softmax_last(x.as_tensor())),
+            vec![&x],
+        ),
+        (
+            "layer_norm",
+            Box::new(|| layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)),
+            vec![&x, &w, &b],
+        ),
+        (
+            "rms_norm",
+            Box::new(|| rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)),
+            vec![&x, &w],
+        ),
+        (
+            "linear (input-major, bias)",
+            Box::new(|| linear(x.as_tensor(), w_in.as_tensor(), Some(b24.as_tensor()), true)),
+            vec![&x, &w_in, &b24],
+        ),
+        (
+            "linear (output-major, bias)",
+            Box::new(|| {
+                linear(
+                    x.as_tensor(),
+                    w_out.as_tensor(),
+                    Some(b24.as_tensor()),
+                    false,
+                )
+            }),
+            vec![&x, &w_out, &b24],
+        ),
+        (
+            "linear (no bias)",
+            Box::new(|| linear(x.as_tensor(), w_out.as_tensor(), None, false)),
+            vec![&x, &w_out],
+        ),
+        (
+            "log_softmax_gather",
+            Box::new(|| log_softmax_gather(logits.as_tensor(), &targets)),
+            vec![&logits],
+        ),
+        (
+            "attention (causal, a padded key)",
+            Box::new(|| attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &padded, 0.5)),
+            vec![&q, &k, &v],
+        ),
+        (
+            "packed attention",
+            Box::new(|| packed_attention(qkv.as_tensor(), h, &causal, 0.5)),
+            vec![&qkv],
+        ),
+    ];
+    for (name, op, vars) in &cases {
+        let fused_out = op()?;
+        let composed_out = composed_run(op.as_ref())?;
+        close(name, &fused_out, &composed_out, 1e-5);
+        let probe = Tensor::from_vec(
+            (0..fused_out.elem_count())
+                .map(|i| ((i * 31 % 17) as f32) / 17.0 - 0.5)
+                .collect::<Vec<f32>>(),
+            fused_out.dims(),
+            &Device::Cpu,
+        )?;
+        let gf = (&fused_out * &probe)?.sum_all()?.backward()?;
+        let gc = (&composed_out * &probe)?.sum_all()?.backward()?;
+        for (i, var) in vars.iter().enumerate() {
+            match (gf.get(var.as_tensor()), gc.get(var.as_tensor())) {
+                (Some(p), Some(c)) => close(&format!("{name}: gradient {i}"), p, c, 1e-4),
+                _ => panic!("{name}: gradient {i} is missing on one side"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! The run-directory schema: the one definition of what a run writes, shared by the crate that
+//! writes run directories (`edpo-experiment`) and the one that reads them (`edpo-report`).
+//!
+//! A run directory holds
+//! - [`CONFIG_YAML`]: the resolved config; [`CONFIG_JSON`]: the same as JSON, with
+//!   `config_version` ([`CONFIG_VERSION`]);
+//! - [`METRICS`]: one JSON object per logged step, evaluation lines (`eval/…` keys) included;
+//! - [`EVAL`]: the final evaluation;
+//! - [`DECISIONS`]: ε-DPO's step decisions by bins of the pairs' true preference probability
+//!   ([`Decisions`]);
+//! - [`STATUS`]: running / completed / failed, with the error chain and timings ([`Status`]).
+//!
+//! Every file is written whole to a temporary sibling and renamed into place
+//! ([`write_atomic`]), so a run killed at any moment leaves each file either absent or
+//! complete as of its last write.
+//!
+//! Architecture invariant: depends on `serde` and `serde_json` only; no model, no YAML, no
+//! polars, so that the reader of run directories needs nothing of the writer.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The version of resolved configs and of the run files they produce. 2: validation prompts
+/// apart from the test prompts, `decisions.json`, evaluation lines over training. A run
+/// without the key in its `config.json` is version 1.
+pub const CONFIG_VERSION: u32 = 2;
+
+/// The resolved config as YAML.
+pub const CONFIG_YAML: &str = "config.yaml";
+/// The resolved config as JSON, for readers that know no YAML.
+pub const CONFIG_JSON: &str = "config.json";
+/// Training and evaluation lines.
+pub const METRICS: &str = "metrics.jsonl";
+/// The final evaluation.
+pub const EVAL: &str = "eval.json";
+/// ε-DPO's step decisions.
+pub const DECISIONS: &str = "decisions.json";
+/// The run's state.
+pub const STATUS: &str = "status.json";
+
+/// Errors reading or writing a run directory; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A temporary file could not be renamed into place.
+    #[error("cannot rename {from} to {to}")]
+    Rename {
+        /// The temporary file.
+        from: PathBuf,
+        /// Its destination.
+        to: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A directory could not be created, listed or cleaned.
+    #[error("cannot {action} {path}")]
+    Dir {
+        /// What was attempted.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file exists but is not what the schema says.
+    #[error("{path}: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value could not be serialised.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(
+        ".{name}.tmp-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&tmp, bytes).map_err(|source| Error::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Rename {
+        from: tmp.clone(),
+        to: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The state of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Started and not finished (or killed).
+    Running,
+    /// Finished with its final evaluation written.
+    Completed,
+    /// Stopped by an error.
+    Failed,
+}
+
+/// `status.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Where the run is.
+    pub state: RunState,
+    /// The config hash (the directory name).
+    pub hash: String,
+    /// When it started.
+    pub started_unix: f64,
+    /// When it finished, if it did.
+    pub finished_unix: Option<f64>,
+    /// Wall time in seconds, if finished.
+    pub wall_s: Option<f64>,
+    /// Optimizer steps completed.
+    pub steps_done: usize,
+    /// The error chain, outermost first, if it failed.
+    pub error: Vec<String>,
+}
+
+/// Reads `status.json` of a run directory, if present and well-formed.
+pub fn read_status(dir: &Path) -> Option<Status> {
+    let text = std::fs::read_to_string(dir.join(STATUS)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// A run directory being written.
+pub struct RunDir {
+    /// Its path.
+    pub path: PathBuf,
+    metrics: String,
+    status: Status,
+}
+
+impl RunDir {
+    /// Creates (or resets) the directory and writes the config files and a running status.
+    pub fn start(path: &Path, hash: &str, config_yaml: &str, config_json: &str) -> Result<Self> {
+        let dir_error = |action, source| Error::Dir {
+            action,
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(|e| dir_error("create", e))?;
+        // Temporary files left by a process killed mid-write are never read; clear them.
+        for entry in std::fs::read_dir(path)
+            .map_err(|e| dir_error("list", e))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().contains(".tmp-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        for stale in [METRICS, EVAL] {
+            let p = path.join(stale);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|source| Error::Dir {
+                    action: "remove",
+                    path: p.clone(),
+                    source,
+                })?;
+            }
+        }
+        write_atomic(&path.join(CONFIG_YAML), config_yaml.as_bytes())?;
+        write_atomic(&path.join(CONFIG_JSON), config_json.as_bytes())?;
+        let mut dir = Self {
+            path: path.to_path_buf(),
+            metrics: String::new(),
+            status: Status {
+                state: RunState::Running,
+                hash: hash.to_string(),
+                started_unix: now_unix(),
+                finished_unix: None,
+                wall_s: None,
+                steps_done: 0,
+                error: Vec::new(),
+            },
+        };
+        dir.write_status()?;
+        Ok(dir)
+    }
+
+    fn write_status(&mut self) -> Result<()> {
+        let json = serde_json::to_string_pretty(&self.status)?;
+        write_atomic(&self.path.join(STATUS), json.as_bytes())
+    }
+
+    /// Appends one metrics object (the whole file is rewritten atomically).
+    pub fn log(&mut self, record: &Value) -> Result<()> {
+        self.metrics.push_str(&serde_json::to_string(record)?);
+        self.metrics.push('\n');
+        write_atomic(&self.path.join(METRICS), self.metrics.as_bytes())
+    }
+
+    /// Writes another JSON file of the run (atomically).
+    pub fn write_file(&self, name: &str, value: &Value) -> Result<()> {
+        write_atomic(
+            &self.path.join(name),
+            serde_json::to_string_pretty(value)?.as_bytes(),
+        )
+    }
+
+    /// Records progress.
+    pub fn set_steps_done(&mut self, steps: usize) {
+        self.status.steps_done = steps;
+    }
+
+    /// Writes `eval.json` and marks the run completed.
+    pub fn complete(self, eval: &Value) -> Result<()> {
+        write_atomic(
+            &self.path.join(EVAL),
+            serde_json::to_string_pretty(eval)?.as_bytes(),
+        )?;
+        self.finish(RunState::Completed, Vec::new())
+    }
+
+    /// Marks the run failed with its error chain, outermost first.
+    pub fn fail(self, chain: Vec<String>) -> Result<()> {
+        self.finish(RunState::Failed, chain)
+    }
+
+    fn finish(mut self, state: RunState, error: Vec<String>) -> Result<()> {
+        let now = now_unix();
+        self.status.state = state;
+        self.status.finished_unix = Some(now);
+        self.status.wall_s = Some(now - self.status.started_unix);
+        self.status.error = error;
+        self.write_status()
+    }
+}
+
+/// Number of true-preference-probability bins the writer uses in `decisions.json`.
+pub const P_TRUE_BINS: usize = 10;
+
+/// ε-DPO's step decisions over a whole run, counted by bins of the pairs' true preference
+/// probability (`decisions.json`): bin `k` of `n` holds `p ∈ [k/n, (k+1)/n)`, the last bin
+/// closed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decisions {
+    /// Bin edges, `bins + 1` values.
+    pub p_true_edges: Vec<f64>,
+    /// Pairs stepped +1 (β relaxed) per bin, over every step of the run.
+    pub relaxed: Vec<u64>,
+    /// Pairs left at step 0 per bin.
+    pub kept: Vec<u64>,
+    /// Pairs stepped −1 (β strengthened) per bin.
+    pub strengthened: Vec<u64>,
+}
+
+impl Default for Decisions {
+    fn default() -> Self {
+        Self {
+            p_true_edges: (0..=P_TRUE_BINS)
+                .map(|k| k as f64 / P_TRUE_BINS as f64)
+                .collect(),
+            relaxed: vec![0; P_TRUE_BINS],
+            kept: vec![0; P_TRUE_BINS],
+            strengthened: vec![0; P_TRUE_BINS],
+        }
+    }
+}
+
+impl Decisions {
+    /// Number of bins.
+    pub fn bins(&self) -> usize {
+        self.p_true_edges.len().saturating_sub(1)
+    }
+
+    /// Counts one pair's step (+1 relaxed, −1 strengthened, 0 kept).
+    pub fn add(&mut self, p_true: f64, step: i8) {
+        let n = self.bins().max(1);
+        let bin = ((p_true * n as f64).floor().max(0.0) as usize).min(n - 1);
+        let counts = match step {
+            1 => &mut self.relaxed,
+            -1 => &mut self.strengthened,
+            _ => &mut self.kept,
+        };
+        if let Some(c) = counts.get_mut(bin) {
+            *c += 1;
+        }
+    }
+
+    /// Whether no decision was counted.
+    pub fn is_empty(&self) -> bool {
+        [&self.relaxed, &self.kept, &self.strengthened]
+            .iter()
+            .all(|c| c.iter().all(|&x| x == 0))
+    }
+
+    /// The JSON object of `decisions.json`.
+    pub fn to_json(&self) -> Value {
+        json!({"p_true_edges": self.p_true_edges, "relaxed": self.relaxed, "kept": self.kept,
+            "strengthened": self.strengthened})
+    }
+
+    /// Reads `decisions.json`; a missing key or bins of different counts is an error naming
+    /// the file and key.
+    pub fn read(path: &Path) -> Result<Self> {
+        let malformed = |message: String| Error::Malformed {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| malformed(e.to_string()))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| malformed(format!("malformed JSON: {e}")))?;
+        let bad = |what: &str| malformed(format!("`{what}` missing or malformed"));
+        let floats = |key: &str| -> Result<Vec<f64>> {
+            v[key]
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| bad(key))
+        };
+        let counts = |key: &str| -> Result<Vec<u64>> {
+            v[key]
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| bad(key))
+        };
+        let d = Decisions {
+            p_true_edges: floats("p_true_edges")?,
+            relaxed: counts("relaxed")?,
+            kept: counts("kept")?,
+            strengthened: counts("strengthened")?,
+        };
+        let bins = d.bins();
+        if bins == 0
+            || [&d.relaxed, &d.kept, &d.strengthened]
+                .iter()
+                .any(|c| c.len() != bins)
+        {
+            return Err(bad("p_true_edges"));
+        }
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_bin_by_true_preference_and_round_trip() {
+        let mut d = Decisions::default();
+        assert!(d.is_empty());
+        d.add(0.0, 1);
+        d.add(0.05, -1);
+        d.add(0.55, 0);
+        d.add(1.0, 1); // the last bin is closed
+        d.add(-0.2, 0); // clamped into the first bin
+        assert_eq!(d.relaxed[0], 1);
+        assert_eq!(d.strengthened[0], 1);
+        assert_eq!(d.kept[5], 1);
+        assert_eq!(d.relaxed[9], 1);
+        assert_eq!(d.kept[0], 1);
+        assert!(!d.is_empty());
+        let dir = std::env::temp_dir().join(format!("edpo-rundir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(DECISIONS);
+        write_atomic(&path, d.to_json().to_string().as_bytes()).expect("write");
+        assert_eq!(Decisions::read(&path).expect("read"), d);
+        std::fs::write(
+            &path,
+            r#"{"p_true_edges": [0, 1], "relaxed": [1, 2], "kept": [0], "strengthened": [0]}"#,
+        )
+        .expect("write");
+        let err = Decisions::read(&path)
+            .expect_err("bins disagree")
+            .to_string();
+        assert!(
+            err.contains("decisions.json") && err.contains("p_true_edges"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_run_directory_ends_completed_or_failed_with_its_chain() {
+        let dir = std::env::temp_dir().join(format!("edpo-rundir-run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut run = RunDir::start(&dir, "abc", "a: 1\n", "{\"a\": 1}").expect("start");
+        assert_eq!(read_status(&dir).map(|s| s.state), Some(RunState::Running));
+        run.log(&json!({"step": 0})).expect("log");
+        run.set_steps_done(1);
+        run.fail(vec!["outer".into(), "inner".into()])
+            .expect("fail");
+        let status = read_status(&dir).expect("status");
+        assert_eq!(status.state, RunState::Failed);
+        assert_eq!(status.error, ["outer", "inner"]);
+        assert_eq!(status.steps_done, 1);
+        // Restarting clears the old metrics; completing writes eval.json.
+        let run = RunDir::start(&dir, "abc", "a: 1\n", "{}").expect("restart");
+        assert!(!dir.join(METRICS).exists());
+        run.complete(&json!({"win_rate": 0.5})).expect("complete");
+        assert_eq!(
+            read_status(&dir).map(|s| s.state),
+            Some(RunState::Completed)
+        );
+        assert!(dir.join(EVAL).is_file());
+    }
+}

@@ -1,0 +1,76 @@
+//! Per-parameter trainability: a model whose parameters are only partly trainable (as with an
+//! adapter) trains exactly those, and leaves the rest bit for bit as they were.
+
+use candle_core::Device;
+use edpo_data::TokenizedPair;
+use edpo_model::{CausalLm, Source};
+use edpo_train::{AdamWConfig, Objective, Schedule, ScheduleKind, Trainer, TrainerConfig};
+use std::path::PathBuf;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn values(model: &CausalLm) -> Vec<(String, bool, Vec<f32>)> {
+    model
+        .params()
+        .iter()
+        .map(|p| {
+            let v = p
+                .tensor
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .unwrap_or_default();
+            (p.name.clone(), p.var.is_some(), v)
+        })
+        .collect()
+}
+
+#[test]
+fn only_the_trainable_parameters_move() -> TestResult {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden/gpt2/policy");
+    let attention_only = |name: &str| name.contains(".attn.");
+    let policy = CausalLm::from_source(
+        Source::hf_dir(&dir, &Device::Cpu)?,
+        &Device::Cpu,
+        &attention_only,
+    )?;
+    let reference = CausalLm::load(&dir, &Device::Cpu, false)?;
+    let before = values(&policy);
+    assert!(before.iter().any(|(_, t, _)| *t) && before.iter().any(|(_, t, _)| !*t));
+    for (name, trainable, _) in &before {
+        assert_eq!(*trainable, attention_only(name), "{name}");
+    }
+    let config = TrainerConfig {
+        objective: Objective::Dpo { beta: 0.1 },
+        sft_weight: 0.0,
+        adamw: AdamWConfig::default(),
+        schedule: Schedule {
+            peak_lr: 1e-2,
+            warmup_steps: 0,
+            total_steps: 2,
+            kind: ScheduleKind::Constant,
+        },
+        max_grad_norm: None,
+    };
+    let mut trainer = Trainer::new(policy, reference, config)?;
+    let pairs = vec![
+        TokenizedPair {
+            prompt: vec![1, 2, 3],
+            chosen: vec![4, 5, 6],
+            rejected: vec![7, 8],
+        },
+        TokenizedPair {
+            prompt: vec![9, 10],
+            chosen: vec![11, 12],
+            rejected: vec![13, 14, 15],
+        },
+    ];
+    trainer.train_step(&[pairs])?;
+    for ((name, trainable, old), (_, _, new)) in before.iter().zip(values(&trainer.policy)) {
+        if *trainable {
+            assert!(old != &new, "{name} is trainable and did not move");
+        } else {
+            assert!(old == &new, "{name} is frozen and moved");
+        }
+    }
+    Ok(())
+}
