@@ -17,8 +17,10 @@
 //! This crate knows no command line and no YAML files (the binary parses them into a
 //! [`config::RawConfig`]); errors are `anyhow` chains with context for a person to read.
 
+pub mod check;
 pub mod config;
 pub mod evaluate;
+pub mod hash;
 pub mod pairs;
 pub mod runner;
 pub mod stages;

@@ -6,7 +6,7 @@
 //! concurrent runs wait for the one building it instead of building it twice; across
 //! processes, the rename decides and the loser's copy is discarded.
 
-use crate::config::short_hash;
+use crate::hash::short_hash;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::HashMap;

@@ -157,7 +157,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = config::load(&config, &sets)?;
             if print_stages {
-                for entry in edpo_experiment::task::stage_entries(&cfg)? {
+                for entry in cfg.stage_entries()? {
                     println!("{entry}");
                 }
                 return Ok(());

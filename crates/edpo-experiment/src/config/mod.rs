@@ -11,7 +11,8 @@
 
 pub mod raw;
 
-use crate::task::TaskConfig;
+use crate::hash::short_hash;
+use crate::task::{ModelShape, TaskConfig};
 use anyhow::{anyhow, Result};
 use edpo_objectives::{catalogue, Objective};
 use serde::Serialize;
@@ -19,17 +20,6 @@ use std::collections::BTreeMap;
 
 pub use edpo_rundir::CONFIG_VERSION;
 pub use raw::RawConfig;
-
-/// The resolved model shape (a GPT-2 the task pre-trains as its reference).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ModelShape {
-    /// Width.
-    pub n_embd: usize,
-    /// Blocks.
-    pub n_layer: usize,
-    /// Attention heads.
-    pub n_head: usize,
-}
 
 /// Where reference log-probs come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -208,14 +198,6 @@ pub struct RunConfig {
     pub run: RunSettings,
 }
 
-/// A short hash (12 hex digits of SHA-256) of a value's JSON.
-pub fn short_hash(value: &impl Serialize) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let json = serde_json::to_string(value)?;
-    let digest = Sha256::digest(json.as_bytes());
-    Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
-}
-
 impl RunConfig {
     /// The run's identity: a hash of everything that changes its results. The thread count
     /// is left out: it changes speed, not what is computed.
@@ -225,6 +207,22 @@ impl RunConfig {
         let mut canonical = self.clone();
         canonical.run.threads = 0;
         short_hash(&canonical)
+    }
+
+    /// The stage cache entries a config reads, in build order, as `name-hash` (without building
+    /// anything): the task's stages, and the cached reference log-probs where the objective uses
+    /// them.
+    pub fn stage_entries(&self) -> Result<Vec<String>> {
+        let mut keys = self.task.stage_keys(&self.model);
+        if self.objective.reference_logps == ReferenceLogps::Cached {
+            if let Some((_, pairs)) = keys.last() {
+                let key = crate::task::reference_logps_key(pairs);
+                keys.push(("reference-logps", key));
+            }
+        }
+        keys.iter()
+            .map(|(name, key)| Ok(format!("{name}-{}", short_hash(key)?)))
+            .collect()
     }
 
     /// The resolved config as YAML.

@@ -9,6 +9,7 @@ use super::{
     EvalConfig, ModelShape, ObjectiveConfig, OptimConfig, ReferenceLogps, RunConfig, RunSettings,
     ScheduleName, CONFIG_VERSION,
 };
+use crate::check::check;
 use crate::task::RawTask;
 use anyhow::{anyhow, bail, Result};
 use edpo_objectives::catalogue::{self, ParamType};
@@ -87,15 +88,6 @@ pub struct RawConfig {
     eval: RawEval,
     #[serde(default)]
     run: RawRun,
-}
-
-/// `Ok` if `ok`, else an error naming `key`.
-pub fn check(ok: bool, key: &str, message: impl std::fmt::Display) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        bail!("key `{key}`: {message}")
-    }
 }
 
 impl RawObjective {

@@ -17,8 +17,7 @@
 pub mod sentiment;
 pub mod synthetic;
 
-use crate::config::raw::check;
-use crate::config::{short_hash, ModelShape, ReferenceLogps, RunConfig};
+use crate::check::check;
 use crate::stages::StageCache;
 use anyhow::{bail, Context, Result};
 use edpo_data::TokenizedPair;
@@ -154,6 +153,17 @@ pub fn reference_logps_key(pairs_key: &serde_json::Value) -> serde_json::Value {
     json!({"stage": "reference-logps", "pairs": pairs_key})
 }
 
+/// The resolved model shape (a GPT-2 the task pre-trains as its reference).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelShape {
+    /// Width.
+    pub n_embd: usize,
+    /// Blocks.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+}
+
 /// A task section as written: `kind` and that task's own keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -233,22 +243,6 @@ pub(crate) fn check_pairs(
         "task.bt_temperature",
         "must be positive",
     )
-}
-
-/// The stage cache entries a config reads, in build order, as `name-hash` (without building
-/// anything): the task's stages, and the cached reference log-probs where the objective uses
-/// them.
-pub fn stage_entries(cfg: &RunConfig) -> Result<Vec<String>> {
-    let mut keys = cfg.task.stage_keys(&cfg.model);
-    if cfg.objective.reference_logps == ReferenceLogps::Cached {
-        if let Some((_, pairs)) = keys.last() {
-            let key = reference_logps_key(pairs);
-            keys.push(("reference-logps", key));
-        }
-    }
-    keys.iter()
-        .map(|(name, key)| Ok(format!("{name}-{}", short_hash(key)?)))
-        .collect()
 }
 
 /// A GPT-2 config for a task's reference model.

@@ -16,9 +16,9 @@
 //!    come from the test split; the validation prompts that settings are chosen on come from
 //!    the validation split.
 
+use super::ModelShape;
 use super::{check_pairs, gpt2_config, write_pairs, Judge, TaskData};
-use crate::config::raw::check;
-use crate::config::ModelShape;
+use crate::check::check;
 use crate::pairs::sample_pairs;
 use crate::stages::StageCache;
 use anyhow::{anyhow, Context, Result};

@@ -2,9 +2,9 @@
 //! GPT-2 reference trained on it by SFT, and preference pairs sampled from the reference.
 //! Seconds to build; the engine's tests run on it.
 
+use super::ModelShape;
 use super::{check_pairs, gpt2_config, write_pairs, Judge, TaskData};
-use crate::config::raw::check;
-use crate::config::ModelShape;
+use crate::check::check;
 use crate::pairs::sample_pairs;
 use crate::stages::StageCache;
 use anyhow::Result;
