@@ -74,10 +74,11 @@ impl KvCache {
 }
 
 impl CausalLm {
-    /// Loads a Hugging Face directory (`config.json` + safetensors). A trainable model gets a
-    /// `Var` per parameter; a frozen one (a reference) does not.
-    pub fn load(dir: &Path, device: &Device, trainable: bool) -> Result<Self> {
-        Self::from_source(Source::hf_dir(dir, device)?, device, &|_| trainable)
+    /// Loads a Hugging Face directory (`config.json` + safetensors) or a `.gguf` file
+    /// ([`Source::open`]). A trainable model gets a `Var` per parameter; a frozen one (a
+    /// reference) does not.
+    pub fn load(path: &Path, device: &Device, trainable: bool) -> Result<Self> {
+        Self::from_source(Source::open(path, device)?, device, &|_| trainable)
     }
 
     /// Builds a model from a [`Source`]; `trainable(name)` says which parameters get a `Var`

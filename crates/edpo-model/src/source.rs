@@ -4,14 +4,23 @@
 //! from any of them, so a new source (a GGUF file, the Hugging Face hub cache) is one
 //! constructor here and nothing else.
 //!
-//! Today: a Hugging Face directory ([`Source::hf_dir`]: `config.json` and a single or sharded
-//! safetensors checkpoint), with the unprefixed tensor names of the original GPT-2
-//! checkpoints normalised.
+//! - [`Source::hf_dir`]: a Hugging Face directory (`config.json` and a single or sharded
+//!   safetensors checkpoint), with the unprefixed tensor names of the original GPT-2
+//!   checkpoints normalised;
+//! - [`Source::gguf`]: a GGUF file (llama.cpp's format) of the `llama` or `qwen2`
+//!   architecture: its metadata becomes the `config.json` `transformers` would write, every
+//!   tensor is dequantised to f32 (any type candle dequantises) and renamed to its Hugging Face
+//!   name, and for `llama` files the rotary row order llama.cpp gives the q and k projections
+//!   is undone. The file's tokenizer is not read yet: a GGUF model has no tokenizer directory.
+//!
+//! [`Source::open`] picks the source by the path: a `.gguf` file or a directory.
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::ModelConfig;
-use crate::Result;
-use candle_core::Device;
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value as Meta};
+use candle_core::{Device, Tensor};
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +38,126 @@ pub struct Source {
 }
 
 impl Source {
+    /// A `.gguf` file or a Hugging Face directory, by the path.
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            Self::gguf(path, device)
+        } else {
+            Self::hf_dir(path, device)
+        }
+    }
+
+    /// A GGUF file of the `llama` or `qwen2` architecture (see the module documentation).
+    pub fn gguf(path: &Path, device: &Device) -> Result<Self> {
+        let bad = |key: &str, message: String| Error::BadKey {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = Content::read(&mut file).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("not a readable GGUF file: {e}"),
+        })?;
+        let meta = |key: &str| content.metadata.get(key);
+        let text = |key: &str| -> Result<String> {
+            meta(key)
+                .ok_or_else(|| bad(key, "missing".into()))?
+                .to_string()
+                .cloned()
+                .map_err(|e| bad(key, e.to_string()))
+        };
+        let arch = text("general.architecture")?;
+        let permuted = match arch.as_str() {
+            "llama" => true,
+            "qwen2" => false,
+            other => {
+                return Err(bad(
+                    "general.architecture",
+                    format!("`{other}` is not supported (llama, qwen2)"),
+                ))
+            }
+        };
+        let number = |key: &str| -> Result<Option<f64>> {
+            let full = format!("{arch}.{key}");
+            match meta(&full) {
+                None => Ok(None),
+                Some(v) => gguf_number(v)
+                    .map(Some)
+                    .ok_or_else(|| bad(&full, format!("expected a number, found {v:?}"))),
+            }
+        };
+        let required = |key: &str| -> Result<f64> {
+            number(key)?.ok_or_else(|| bad(&format!("{arch}.{key}"), "missing".into()))
+        };
+        let embedding = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| Error::MissingTensor {
+                path: path.to_path_buf(),
+                name: "token_embd.weight".into(),
+            })?;
+        let vocab = embedding.shape.dims().first().copied().unwrap_or(0);
+        let hidden = required("embedding_length")? as usize;
+        let heads = required("attention.head_count")? as usize;
+        let kv_heads = number("attention.head_count_kv")?.map_or(heads, |x| x as usize);
+        let head_dim =
+            number("rope.dimension_count")?.map_or(hidden / heads.max(1), |x| x as usize);
+        let tied = !content.tensor_infos.contains_key("output.weight");
+        let token = |key: &str| meta(key).and_then(gguf_number).map(|x| x as u64);
+        let raw = json!({
+            "model_type": arch,
+            "architectures": [if permuted { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" }],
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": required("feed_forward_length")? as usize,
+            "num_hidden_layers": required("block_count")? as usize,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "rms_norm_eps": number("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6),
+            "rope_theta": number("rope.freq_base")?.unwrap_or(10000.0),
+            "max_position_embeddings": number("context_length")?.map_or(2048, |x| x as usize),
+            "tie_word_embeddings": tied,
+            "hidden_act": "silu",
+            "bos_token_id": token("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": token("tokenizer.ggml.eos_token_id"),
+        });
+        let config = ModelConfig::from_json(&raw, path)?;
+        let mut tensors = HashMap::new();
+        for name in content.tensor_infos.keys() {
+            let Some(hf) = hf_name(name) else {
+                continue; // rope frequency tables and other buffers llama.cpp keeps
+            };
+            let read = |e: candle_core::Error| Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: {e}"),
+            };
+            let tensor = content
+                .tensor(&mut file, name, device)
+                .and_then(|q| q.dequantize(device))
+                .map_err(read)?;
+            let tensor = match (permuted, hf.rsplit('.').nth(1)) {
+                (true, Some("q_proj")) => unpermute_rotary(&tensor, heads)?,
+                (true, Some("k_proj")) => unpermute_rotary(&tensor, kv_heads)?,
+                _ => tensor,
+            };
+            tensors.insert(hf, tensor);
+        }
+        Ok(Self {
+            config,
+            raw_config: raw,
+            checkpoint: Checkpoint::from_tensors(tensors, path.to_path_buf()),
+            dir: None,
+        })
+    }
+
     /// A Hugging Face directory: `config.json` and `model.safetensors` (or the shards its
     /// index lists).
     pub fn hf_dir(dir: &Path, device: &Device) -> Result<Self> {
@@ -62,4 +191,106 @@ fn gpt2_prefixed(mut ckpt: Checkpoint, dir: &Path) -> Result<Checkpoint> {
         renamed,
         dir.join(checkpoint::SINGLE_FILE),
     ))
+}
+
+/// A GGUF metadata value as a number, whatever its integer or float type.
+fn gguf_number(v: &Meta) -> Option<f64> {
+    match v {
+        Meta::U8(x) => Some(f64::from(*x)),
+        Meta::I8(x) => Some(f64::from(*x)),
+        Meta::U16(x) => Some(f64::from(*x)),
+        Meta::I16(x) => Some(f64::from(*x)),
+        Meta::U32(x) => Some(f64::from(*x)),
+        Meta::I32(x) => Some(f64::from(*x)),
+        Meta::U64(x) => Some(*x as f64),
+        Meta::I64(x) => Some(*x as f64),
+        Meta::F32(x) => Some(f64::from(*x)),
+        Meta::F64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// The Hugging Face name of a llama.cpp tensor of the Llama family (`None`: not a parameter).
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes the row order llama.cpp's converter gives a `llama` file's q and k projections
+/// (weight `(heads·hd, in)` or bias `(heads·hd,)`): it stores each head's rows as interleaved
+/// pairs, `reshape(heads, 2, hd/2, …).swapaxes(1, 2)`; this applies the inverse,
+/// `reshape(heads, hd/2, 2, …).swapaxes(1, 2)`, giving the rotate-half layout of `transformers`.
+fn unpermute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let half = rows / heads.max(1) / 2;
+    if heads == 0 || rows != heads * half * 2 {
+        return Err(Error::Input(format!(
+            "a projection of {rows} rows does not split into {heads} rotary heads"
+        )));
+    }
+    let inner: usize = dims[1..].iter().product();
+    Ok(t.reshape((heads, half, 2, inner))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_to_hugging_face_names() {
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight").as_deref(),
+            Some("model.layers.0.mlp.down_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.1.attn_k.bias").as_deref(),
+            Some("model.layers.1.self_attn.k_proj.bias")
+        );
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    /// llama.cpp's permutation, as its converter writes it, then ours: the identity.
+    #[test]
+    fn unpermute_inverts_the_converter() -> Result<()> {
+        let (heads, hd, inp) = (3, 4, 5);
+        let w: Vec<f32> = (0..heads * hd * inp).map(|i| i as f32).collect();
+        let w = Tensor::from_vec(w, (heads * hd, inp), &Device::Cpu)?;
+        let permuted = w
+            .reshape((heads, 2, hd / 2, inp))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((heads * hd, inp))?;
+        let back = unpermute_rotary(&permuted, heads)?;
+        assert_eq!(back.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        Ok(())
+    }
 }

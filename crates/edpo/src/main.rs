@@ -78,9 +78,10 @@ enum Command {
     Score(score::ScoreArgs),
     /// Time a fixed DPO / ε-DPO training workload; prints JSON with pairs/s.
     Bench(bench::BenchArgs),
-    /// Load a model directory and write it back in the Hugging Face layout.
+    /// Load a model (a Hugging Face directory or a GGUF file) and write it in the Hugging Face
+    /// layout.
     Convert {
-        /// Source directory (config.json + safetensors).
+        /// Source: a directory (config.json + safetensors) or a `.gguf` file (llama, qwen2).
         #[arg(long)]
         model: PathBuf,
         /// Destination directory.
