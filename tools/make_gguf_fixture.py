@@ -42,6 +42,13 @@ def read_safetensors(path):
     return out
 
 
+# ChatML, as a chat template a GGUF file carries (`tokenizer.chat_template`).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 def permute(w, heads):
     """llama.cpp's converter on q_proj / k_proj."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -76,12 +83,19 @@ def gguf_name(hf):
 
 def main():
     cfg = json.loads((SRC / "config.json").read_text())
+    tok = json.loads((SRC / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    token_types = [3 if i in special else 1 for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     weights = read_safetensors(SRC / "model.safetensors")
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
     T = gguf.GGMLQuantizationType
     expected = {}
-    for label, matrix_type in [("f32", T.F32), ("f16", T.F16), ("q8_0", T.Q8_0), ("q4_0", T.Q4_0)]:
+    files = [("f32", T.F32), ("f16", T.F16), ("q8_0", T.Q8_0), ("q4_0", T.Q4_0), ("bad-pre", T.Q4_0)]
+    for label, matrix_type in files:
         path = OUT / f"tiny-llama-{label}.gguf"
         w = gguf.GGUFWriter(str(path), "llama", use_temp_file=False)
         w.add_name("tiny-llama")
@@ -96,6 +110,14 @@ def main():
         w.add_rope_freq_base(float(theta))
         w.add_bos_token_id(cfg["bos_token_id"])
         w.add_eos_token_id(cfg["eos_token_id"])
+        # The checkpoint's byte-level BPE, as llama.cpp's converter stores a `gpt2` vocabulary.
+        w.add_tokenizer_model("gpt2")
+        # The last file names a pre-tokenizer no loader knows, for the error test.
+        w.add_tokenizer_pre("mystery" if label == "bad-pre" else "gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types(token_types)
+        w.add_token_merges(merges)
+        w.add_chat_template(CHAT_TEMPLATE)
         sums = {}
         for hf, value in sorted(weights.items()):
             stored = value
@@ -124,7 +146,8 @@ def main():
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        expected[label] = sums
+        if label != "bad-pre":
+            expected[label] = sums
         print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size} bytes)")
     # A file of an architecture the loader does not implement, for the error test.
     w = gguf.GGUFWriter(str(OUT / "falcon-no-tensors.gguf"), "falcon", use_temp_file=False)

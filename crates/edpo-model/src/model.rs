@@ -37,6 +37,9 @@ pub struct CausalLm {
     params: Vec<Param>,
     device: Device,
     source_dir: Option<PathBuf>,
+    /// Tokenizer files a source made rather than found in a directory (a GGUF file's own
+    /// tokenizer): `(file name, contents)`, written by [`CausalLm::save`].
+    made_files: Vec<(String, String)>,
     /// Forward passes run so far (shared by clones), so tests can prove a model was not run.
     forward_count: Arc<AtomicUsize>,
 }
@@ -93,10 +96,12 @@ impl CausalLm {
             raw_config,
             mut checkpoint,
             dir,
+            files,
         } = source;
         let mut model =
             Self::from_checkpoint_with(config, raw_config, &mut checkpoint, device, trainable)?;
         model.source_dir = dir;
+        model.made_files = files;
         Ok(model)
     }
 
@@ -148,6 +153,7 @@ impl CausalLm {
             params,
             device: device.clone(),
             source_dir: None,
+            made_files: Vec::new(),
             forward_count: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -190,6 +196,7 @@ impl CausalLm {
             false,
         )?;
         model.source_dir = self.source_dir.clone();
+        model.made_files = self.made_files.clone();
         Ok(model)
     }
 
@@ -478,6 +485,9 @@ impl CausalLm {
                 source,
             })?;
         checkpoint::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+        for (name, text) in &self.made_files {
+            checkpoint::write_atomic(&dir.join(name), text.as_bytes())?;
+        }
         if let Some(src) = &self.source_dir {
             for name in [
                 "tokenizer.json",

@@ -11,7 +11,9 @@
 //!   architecture: its metadata becomes the `config.json` `transformers` would write, every
 //!   tensor is dequantised to f32 (any type candle dequantises) and renamed to its Hugging Face
 //!   name, and for `llama` files the rotary row order llama.cpp gives the q and k projections
-//!   is undone. The file's tokenizer is not read yet: a GGUF model has no tokenizer directory.
+//!   is undone. Its tokenizer (`tokenizer.ggml.*`, byte-level BPE) becomes a `tokenizer.json`
+//!   and its chat template a `tokenizer_config.json`, written beside the weights when the
+//!   model is saved.
 //!
 //! [`Source::open`] picks the source by the path: a `.gguf` file or a directory.
 
@@ -20,7 +22,7 @@ use crate::config::ModelConfig;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value as Meta};
 use candle_core::{Device, Tensor};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +37,9 @@ pub struct Source {
     pub checkpoint: Checkpoint,
     /// Where the tokenizer and generation files are, if anywhere.
     pub dir: Option<PathBuf>,
+    /// Tokenizer files the source makes rather than finds (`tokenizer.json` and
+    /// `tokenizer_config.json` from a GGUF file's vocabulary), as `(file name, contents)`.
+    pub files: Vec<(String, String)>,
 }
 
 impl Source {
@@ -155,6 +160,7 @@ impl Source {
             raw_config: raw,
             checkpoint: Checkpoint::from_tensors(tensors, path.to_path_buf()),
             dir: None,
+            files: gguf_tokenizer_files(&content, path)?,
         })
     }
 
@@ -171,6 +177,7 @@ impl Source {
             raw_config,
             checkpoint,
             dir: Some(dir.to_path_buf()),
+            files: Vec::new(),
         })
     }
 }
@@ -191,6 +198,142 @@ fn gpt2_prefixed(mut ckpt: Checkpoint, dir: &Path) -> Result<Checkpoint> {
         renamed,
         dir.join(checkpoint::SINGLE_FILE),
     ))
+}
+
+/// The pre-tokenizers of the byte-level BPE vocabularies llama.cpp names
+/// (`tokenizer.ggml.pre`), as `tokenizer.json` writes them.
+fn pre_tokenizer(name: &str) -> Option<Value> {
+    let byte_level = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+            "use_regex": use_regex})
+    };
+    let split = |pattern: &str| {
+        json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+            "invert": false})
+    };
+    Some(match name {
+        // GPT-2's own regex, inside the byte-level pre-tokenizer.
+        "gpt-2" | "default" => byte_level(true),
+        // SmolLM: every digit alone, then GPT-2's regex.
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        _ => return None,
+    })
+}
+
+/// A GGUF file's tokenizer as `tokenizer.json` (and its chat template as
+/// `tokenizer_config.json`); none when the file carries no vocabulary. Byte-level BPE
+/// (`tokenizer.ggml.model` = `gpt2`) only; any other model or an unknown pre-tokenizer name is
+/// an error naming the key, never a silent default.
+fn gguf_tokenizer_files(content: &Content, path: &Path) -> Result<Vec<(String, String)>> {
+    let bad = |key: &str, message: String| Error::BadKey {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    let meta = |key: &str| content.metadata.get(key);
+    let Some(tokens) = meta("tokenizer.ggml.tokens") else {
+        return Ok(Vec::new());
+    };
+    let strings = |key: &str, v: &Meta| -> Result<Vec<String>> {
+        v.to_vec()
+            .map_err(|e| bad(key, e.to_string()))?
+            .iter()
+            .map(|s| s.to_string().cloned().map_err(|e| bad(key, e.to_string())))
+            .collect()
+    };
+    let model = meta("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if model != "gpt2" {
+        return Err(bad(
+            "tokenizer.ggml.model",
+            format!("`{model}` is not supported (gpt2: byte-level BPE)"),
+        ));
+    }
+    let pre = meta("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| "default".into());
+    let pre_tokenizer = pre_tokenizer(&pre).ok_or_else(|| {
+        bad(
+            "tokenizer.ggml.pre",
+            format!("`{pre}` is not a pre-tokenizer this loader builds (gpt-2, default, smollm, llama-bpe, qwen2)"),
+        )
+    })?;
+    let tokens = strings("tokenizer.ggml.tokens", tokens)?;
+    let merges = match meta("tokenizer.ggml.merges") {
+        Some(v) => strings("tokenizer.ggml.merges", v)?,
+        None => Vec::new(),
+    };
+    let types: Vec<f64> = match meta("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| bad("tokenizer.ggml.token_type", e.to_string()))?
+            .iter()
+            .map(|t| gguf_number(t).unwrap_or(1.0))
+            .collect(),
+        None => Vec::new(),
+    };
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    // Control (3) and user-defined (4) tokens are added tokens, matched before the model.
+    let added: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i).copied(), Some(t) if t == 3.0 || t == 4.0))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": types[i] == 3.0})
+        })
+        .collect();
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|m| {
+            let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+            json!([a, b])
+        })
+        .collect();
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+            "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
+    });
+    let token_text = |key: &str| {
+        meta(key)
+            .and_then(gguf_number)
+            .and_then(|i| tokens.get(i as usize))
+            .cloned()
+    };
+    let mut config = json!({
+        "bos_token": token_text("tokenizer.ggml.bos_token_id"),
+        "eos_token": token_text("tokenizer.ggml.eos_token_id"),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    });
+    if let Some(template) = meta("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+        config["chat_template"] = json!(template);
+    }
+    let pretty = |v: &Value| {
+        serde_json::to_string_pretty(v).map_err(|e| bad("tokenizer.ggml.tokens", e.to_string()))
+    };
+    Ok(vec![
+        ("tokenizer.json".to_string(), pretty(&tokenizer)?),
+        ("tokenizer_config.json".to_string(), pretty(&config)?),
+    ])
 }
 
 /// A GGUF metadata value as a number, whatever its integer or float type.

@@ -152,3 +152,47 @@ fn bad_files_are_errors_naming_file_and_key() -> TestResult {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn the_files_tokenizer_and_chat_template_come_out_as_hugging_face_files() -> TestResult {
+    let model = CausalLm::load(&gguf("q4_0"), &Device::Cpu, false)?;
+    let dir = std::env::temp_dir().join(format!("edpo-gguf-tok-{}", std::process::id()));
+    model.save(&dir)?;
+    let ours = edpo_data::PairTokenizer::from_file(&dir.join("tokenizer.json"), 0)?;
+    let golden = edpo_data::PairTokenizer::from_file(
+        &testdata().join("golden/llama/policy/tokenizer.json"),
+        0,
+    )?;
+    for text in [
+        "the cat sat on the mat",
+        "  leading spaces, trailing punctuation!!",
+        "digits 12345 and 3.14, don't stop",
+        "unicode: naïve café — ünïcödé",
+        "<|endoftext|> then more",
+        "",
+    ] {
+        let ids = ours.encode(text)?;
+        assert_eq!(ids, golden.encode(text)?, "{text:?}");
+        assert_eq!(ours.decode(&ids)?, golden.decode(&ids)?, "{text:?}");
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json"))?)?;
+    let template = config["chat_template"].as_str().ok_or("chat template")?;
+    assert!(
+        template.starts_with("{% for message in messages %}"),
+        "{template}"
+    );
+    assert_eq!(config["eos_token"], "<|endoftext|>");
+    std::fs::remove_dir_all(&dir)?;
+    let err = CausalLm::load(&gguf("bad-pre"), &Device::Cpu, false)
+        .err()
+        .ok_or("an unknown pre-tokenizer loaded")?
+        .to_string();
+    assert!(
+        err.contains("tiny-llama-bad-pre.gguf")
+            && err.contains("tokenizer.ggml.pre")
+            && err.contains("mystery"),
+        "{err}"
+    );
+    Ok(())
+}
