@@ -347,7 +347,9 @@ fn gguf_number(v: &Meta) -> Option<f64> {
         Meta::I32(x) => Some(f64::from(*x)),
         Meta::U64(x) => Some(*x as f64),
         Meta::I64(x) => Some(*x as f64),
-        Meta::F32(x) => Some(f64::from(*x)),
+        // The shortest decimal that reads back as the same f32 (1e-5, not 9.99999974e-6), as
+        // the `config.json` the GGUF was converted from held it.
+        Meta::F32(x) => x.to_string().parse().ok(),
         Meta::F64(x) => Some(*x),
         _ => None,
     }
