@@ -9,9 +9,10 @@ F16; matrices in Q8_0; matrices in Q4_0 (norms stay F32, as llama.cpp keeps them
 
 `expected.json` records, for every file and every tensor under its Hugging Face name, the sum
 and the sum of squares (float64) of the values `gguf`'s own dequantisation gives, with the
-permutation undone: what the Rust loader must reproduce. Needs the `gguf` package (and numpy):
+permutation undone: what the Rust loader must reproduce; and the sequence log-probs
+`transformers` computes loading each GGUF file itself. Needs gguf, torch and transformers:
 
-    pip install gguf==0.19.0
+    pip install gguf==0.19.0 torch transformers accelerate
     python3 tools/make_gguf_fixture.py
 """
 import importlib.metadata
@@ -156,8 +157,32 @@ def main():
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    # Golden log-probs: `transformers` loading each GGUF file itself (its own dequantisation,
+    # names, permutation and config), on the sequences of `crates/edpo-model/tests/gguf.rs`.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    seqs = []
+    for i in range(4):
+        prompt = [(k * 37 + i * 11) % 320 for k in range(3 + i)]
+        response = [(k * 53 + i * 7 + 1) % 320 for k in range(5 + i)]
+        seqs.append((prompt, response))
+    logps = {}
+    for label, _ in files:
+        if label == "bad-pre":
+            continue
+        name = f"tiny-llama-{label}.gguf"
+        model = AutoModelForCausalLM.from_pretrained(str(OUT), gguf_file=name, dtype=torch.float32)
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for prompt, response in seqs:
+                lp = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0], -1)
+                out.append(sum(lp[len(prompt) - 1 + j, t].item() for j, t in enumerate(response)))
+        logps[label] = out
     version = importlib.metadata.version("gguf")
-    (OUT / "expected.json").write_text(json.dumps({"gguf": version, "files": expected}, indent=1, sort_keys=True) + "\n")
+    (OUT / "expected.json").write_text(json.dumps({"gguf": version, "transformers": importlib.metadata.version("transformers"),
+                    "torch": importlib.metadata.version("torch"), "files": expected, "logps": logps}, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 //! GGUF files as a model source, against the fixtures `tools/make_gguf_fixture.py` writes from
 //! the golden Llama checkpoint the way llama.cpp's converter does (its names, its metadata, its
 //! permuted q/k rows) in F32, F16, Q8_0 and Q4_0:
+//! - sequence log-probs equal those `transformers` computes loading the same GGUF files (its
+//!   own dequantisation, names, permutation and config) to the golden tolerance, 1e-4
+//!   relative;
 //! - every dequantised tensor matches the `gguf` package's own dequantisation (sum, sum of
 //!   squares, and a row-weighted sum that sees the row order);
 //! - the F32 file gives the safetensors checkpoint's parameters and log-probs exactly (so the
@@ -44,6 +47,27 @@ fn values(t: &candle_core::Tensor) -> Vec<f32> {
     t.flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .unwrap_or_default()
+}
+
+#[test]
+fn log_probs_match_transformers_loading_the_same_files() -> TestResult {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(
+        testdata().join("gguf/expected.json"),
+    )?)?;
+    for label in ["f32", "f16", "q8_0", "q4_0"] {
+        let found = logps(&CausalLm::load(&gguf(label), &Device::Cpu, false)?)?;
+        let want = expected["logps"][label].as_array().ok_or("logps")?;
+        assert_eq!(found.len(), want.len());
+        for (f, w) in found.iter().zip(want) {
+            let w = w.as_f64().ok_or("logp")?;
+            let rel = (f64::from(*f) - w).abs() / w.abs();
+            assert!(
+                rel < 1e-4,
+                "{label}: {f} vs transformers {w} ({rel:e} relative)"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[test]
