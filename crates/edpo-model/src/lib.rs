@@ -83,6 +83,18 @@ pub enum Error {
         /// The `model_type` found.
         found: String,
     },
+    /// A model named `hf:ORG/NAME[@REV]` is not in the local Hugging Face cache.
+    #[error("model `hf:{name}` is not in the Hugging Face cache: looked for {looked} (set HF_HUB_CACHE or HF_HOME to another cache, or fetch it with `huggingface-cli download {repo} --revision {revision}`)")]
+    NotCached {
+        /// The name as given (`ORG/NAME[@REV]`).
+        name: String,
+        /// The repository id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// What was looked for.
+        looked: PathBuf,
+    },
     /// A tensor the config requires is absent from the checkpoint.
     #[error("{path}: tensor `{name}` is missing")]
     MissingTensor {

@@ -15,7 +15,13 @@
 //!   and its chat template a `tokenizer_config.json`, written beside the weights when the
 //!   model is saved.
 //!
-//! [`Source::open`] picks the source by the path: a `.gguf` file or a directory.
+//! - [`Source::hf_cache`]: a model in the local Hugging Face hub cache, named
+//!   `hf:ORG/NAME[@REV]` (a branch, tag or commit; `main` when absent), found offline through
+//!   `HF_HUB_CACHE`, `HF_HOME/hub` or `~/.cache/huggingface/hub`, resolved through the cache's
+//!   `refs/` to its `snapshots/<commit>/` directory (with the `hf-hub` crate's cache layout),
+//!   then read as a Hugging Face directory (sharded checkpoints included).
+//!
+//! [`Source::open`] picks the source by the name: `hf:…`, a `.gguf` file or a directory.
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::ModelConfig;
@@ -43,8 +49,12 @@ pub struct Source {
 }
 
 impl Source {
-    /// A `.gguf` file or a Hugging Face directory, by the path.
+    /// A model in the Hugging Face cache (`hf:ORG/NAME[@REV]`), a `.gguf` file or a Hugging
+    /// Face directory, by the name.
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        if let Some(name) = path.to_str().and_then(|p| p.strip_prefix("hf:")) {
+            return Self::hf_cache(name, device);
+        }
         if path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
@@ -53,6 +63,50 @@ impl Source {
         } else {
             Self::hf_dir(path, device)
         }
+    }
+
+    /// A model in the local Hugging Face hub cache: `ORG/NAME[@REV]` (see the module
+    /// documentation). Never touches the network; a miss is [`Error::NotCached`].
+    pub fn hf_cache(name: &str, device: &Device) -> Result<Self> {
+        let (repo_id, revision) = name.split_once('@').unwrap_or((name, "main"));
+        let not_cached = |looked: PathBuf| Error::NotCached {
+            name: name.to_string(),
+            repo: repo_id.to_string(),
+            revision: revision.to_string(),
+            looked,
+        };
+        let root = hub_cache_dir().ok_or_else(|| not_cached(PathBuf::from("$HF_HUB_CACHE")))?;
+        let repo = hf_hub::Repo::with_revision(
+            repo_id.to_string(),
+            hf_hub::RepoType::Model,
+            revision.to_string(),
+        );
+        let repo_dir = root.join(repo.folder_name());
+        let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
+        let config = if is_commit {
+            let p = repo_dir
+                .join("snapshots")
+                .join(revision)
+                .join("config.json");
+            p.exists().then_some(p)
+        } else {
+            hf_hub::Cache::new(root.clone())
+                .repo(repo)
+                .get("config.json")
+        };
+        let looked = if is_commit {
+            repo_dir
+                .join("snapshots")
+                .join(revision)
+                .join("config.json")
+        } else {
+            repo_dir.join("refs").join(revision)
+        };
+        let dir = config
+            .as_deref()
+            .and_then(Path::parent)
+            .ok_or_else(|| not_cached(looked))?;
+        Self::hf_dir(dir, device)
     }
 
     /// A GGUF file of the `llama` or `qwen2` architecture (see the module documentation).
@@ -198,6 +252,19 @@ fn gpt2_prefixed(mut ckpt: Checkpoint, dir: &Path) -> Result<Checkpoint> {
         renamed,
         dir.join(checkpoint::SINGLE_FILE),
     ))
+}
+
+/// The Hugging Face hub cache, as `huggingface_hub` finds it: `HF_HUB_CACHE`, else
+/// `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn hub_cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("HF_HUB_CACHE")
+        .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/huggingface/hub")))
 }
 
 /// The pre-tokenizers of the byte-level BPE vocabularies llama.cpp names

@@ -69,7 +69,9 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         .with_context(|| format!("loading the policy from {}", args.policy.display()))?;
     let reference = CausalLm::load(&args.reference, &device, false)
         .with_context(|| format!("loading the reference from {}", args.reference.display()))?;
-    let tokenizer_path = args.policy.join("tokenizer.json");
+    // The policy's own directory: a snapshot for `hf:` names, the path given otherwise.
+    let policy_dir = policy.source_dir().unwrap_or(&args.policy).to_path_buf();
+    let tokenizer_path = policy_dir.join("tokenizer.json");
     let eos = eos_id(&policy, &args.policy, &tokenizer_path)?;
     let tokenizer = PairTokenizer::from_file(&tokenizer_path, eos)?;
     let pairs = read_jsonl_pairs(&args.data)?;

@@ -1,0 +1,85 @@
+//! Models named `hf:ORG/NAME[@REV]` resolve offline in a Hugging Face hub cache laid out as
+//! `huggingface_hub` lays it out (`models--ORG--NAME/refs/REV` holding a commit,
+//! `snapshots/<commit>/…`), found through `HF_HUB_CACHE` or `HF_HOME`; a miss names what was
+//! looked for and how to fetch it. One test: it sets process-wide environment variables.
+
+use candle_core::Device;
+use edpo_model::{sequence_logps, CausalLm, SequenceBatch};
+use std::path::{Path, PathBuf};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden/llama/policy")
+}
+
+fn logps(model: &CausalLm) -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+    let seqs: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[4, 5]), (&[7, 8], &[9, 10, 11])];
+    Ok(sequence_logps(model, &SequenceBatch::new(&seqs, 0)?)?.to_vec1::<f32>()?)
+}
+
+/// A cache at `root` holding the golden Llama as `tiny/llama` at `COMMIT`, `main` pointing to it.
+fn make_cache(root: &Path) -> std::io::Result<()> {
+    let repo = root.join("models--tiny--llama");
+    let snapshot = repo.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(&snapshot)?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs/main"), COMMIT)?;
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(golden().join(f), snapshot.join(f))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn hf_names_resolve_in_the_local_cache_and_a_miss_says_where_it_looked() -> TestResult {
+    let base = std::env::temp_dir().join(format!("edpo-hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let cache = base.join("hub");
+    make_cache(&cache)?;
+    let want = logps(&CausalLm::load(&golden(), &Device::Cpu, false)?)?;
+
+    std::env::set_var("HF_HUB_CACHE", &cache);
+    for name in ["hf:tiny/llama", "hf:tiny/llama@main"] {
+        let model = CausalLm::load(Path::new(name), &Device::Cpu, false)?;
+        assert_eq!(logps(&model)?, want, "{name}");
+        assert!(model
+            .source_dir()
+            .is_some_and(|d| d.ends_with(format!("snapshots/{COMMIT}"))));
+    }
+    let by_commit = format!("hf:tiny/llama@{COMMIT}");
+    assert_eq!(
+        logps(&CausalLm::load(Path::new(&by_commit), &Device::Cpu, false)?)?,
+        want
+    );
+    for (name, looked) in [
+        ("hf:tiny/llama@v2", "models--tiny--llama/refs/v2"),
+        ("hf:other/model", "models--other--model/refs/main"),
+    ] {
+        let err = CausalLm::load(Path::new(name), &Device::Cpu, false)
+            .err()
+            .ok_or("a missing model loaded")?
+            .to_string();
+        assert!(
+            err.contains(looked) && err.contains("huggingface-cli download"),
+            "{err}"
+        );
+    }
+
+    // HF_HOME/hub when HF_HUB_CACHE is not set.
+    std::env::remove_var("HF_HUB_CACHE");
+    std::env::set_var("HF_HOME", &base);
+    assert_eq!(
+        logps(&CausalLm::load(
+            Path::new("hf:tiny/llama"),
+            &Device::Cpu,
+            false
+        )?)?,
+        want
+    );
+    std::env::remove_var("HF_HOME");
+    std::fs::remove_dir_all(&base)?;
+    Ok(())
+}
