@@ -8,9 +8,13 @@
 //! - [`PairTokenizer`]: prompt and responses tokenised separately with no special tokens,
 //!   EOS appended to each response (and counted as a response token), as TRL-style trainers do.
 //!
+//! - [`chat`]: chat templates rendered as `transformers` renders them (from a checkpoint's
+//!   `tokenizer_config.json`, a GGUF file, or by name: ChatML, Llama 3, SmolLM2).
+//!
 //! This crate depends on no model code; the model crate consumes token ids only.
 
 pub mod bpe;
+pub mod chat;
 pub mod rng;
 pub mod snippets;
 pub mod synthetic;
@@ -37,6 +41,14 @@ pub enum Error {
         /// 1-based line number.
         line: usize,
         /// What is wrong with the row.
+        message: String,
+    },
+    /// A chat template could not be parsed or rendered, or raised an error itself.
+    #[error("chat template {origin}: {message}")]
+    Template {
+        /// Where the template came from.
+        origin: String,
+        /// What went wrong (the template's own message for `raise_exception`).
         message: String,
     },
     /// The tokenizer file could not be loaded or could not encode a text.

@@ -207,6 +207,17 @@ fn the_files_tokenizer_and_chat_template_come_out_as_hugging_face_files() -> Tes
         "{template}"
     );
     assert_eq!(config["eos_token"], "<|endoftext|>");
+    let chat =
+        edpo_data::chat::ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))?
+            .ok_or("no chat template")?;
+    let hi = edpo_data::chat::Message {
+        role: "user".into(),
+        content: "Hi".into(),
+    };
+    assert_eq!(
+        chat.render(&[hi], true)?,
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
     std::fs::remove_dir_all(&dir)?;
     let err = CausalLm::load(&gguf("bad-pre"), &Device::Cpu, false)
         .err()
