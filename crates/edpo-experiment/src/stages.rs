@@ -1,19 +1,85 @@
 //! Shared stages (reference model, preference pairs, …) built once and cached by a hash of
 //! what they depend on.
 //!
-//! A stage is built into a private temporary directory, marked complete, and renamed into
-//! place; readers only ever see complete directories. Within a process, a lock per stage makes
-//! concurrent runs wait for the one building it instead of building it twice; across
+//! A stage is built into a private temporary directory, given a manifest of its files (size
+//! and SHA-256 of each), marked complete, and renamed into place; readers only ever see
+//! complete directories. Every use of a cached stage checks it against its manifest first: a
+//! file truncated, altered, missing or added since, or an entry without a manifest (built by
+//! an older version), is reported and rebuilt, never used. Within a process, a lock per stage
+//! makes concurrent runs wait for the one building it instead of building it twice; across
 //! processes, the rename decides and the loser's copy is discarded.
 
 use crate::hash::short_hash;
 use anyhow::{Context, Result};
 use serde::Serialize;
-use std::collections::HashMap;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 const COMPLETE: &str = ".complete";
+const MANIFEST: &str = ".manifest.json";
+
+/// Every file under `dir` but the cache's own hidden markers, by relative path: its size and
+/// SHA-256.
+fn manifest(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in
+            std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))?
+        {
+            let path = entry?.path();
+            let rel = path
+                .strip_prefix(dir)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if rel == COMPLETE || rel == MANIFEST {
+                continue;
+            }
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let digest: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            out.insert(rel, (bytes.len() as u64, digest));
+        }
+    }
+    Ok(out)
+}
+
+/// Why a complete stage directory cannot be used, if it cannot.
+fn verify(dir: &Path) -> Option<String> {
+    let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST)) else {
+        return Some("it has no manifest (built by an older version)".into());
+    };
+    let Ok(recorded) = serde_json::from_str::<BTreeMap<String, (u64, String)>>(&text) else {
+        return Some("its manifest is malformed".into());
+    };
+    let found = match manifest(dir) {
+        Ok(found) => found,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    for (file, (size, digest)) in &recorded {
+        match found.get(file) {
+            None => return Some(format!("`{file}` is missing")),
+            Some((s, _)) if s != size => {
+                return Some(format!("`{file}` has {s} bytes, {size} were written"))
+            }
+            Some((_, d)) if d != digest => return Some(format!("`{file}` was altered")),
+            Some(_) => {}
+        }
+    }
+    found
+        .keys()
+        .find(|f| !recorded.contains_key(*f))
+        .map(|f| format!("`{f}` was added after it was built"))
+}
 
 /// A directory of cached stages.
 pub struct StageCache {
@@ -51,7 +117,14 @@ impl StageCache {
             .lock()
             .map_err(|_| anyhow::anyhow!("stage lock poisoned"))?;
         if dir.join(COMPLETE).exists() {
-            return Ok((dir, false));
+            match verify(&dir) {
+                None => return Ok((dir, false)),
+                Some(why) => {
+                    tracing::warn!(stage = %dir.display(), "cached stage failed its check ({why}); rebuilding it");
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("cannot remove {}", dir.display()))?;
+                }
+            }
         }
         std::fs::create_dir_all(&self.root)
             .with_context(|| format!("cannot create {}", self.root.display()))?;
@@ -63,6 +136,10 @@ impl StageCache {
         }
         std::fs::create_dir_all(&tmp)?;
         build(&tmp).with_context(|| format!("building stage `{name}`"))?;
+        std::fs::write(
+            tmp.join(MANIFEST),
+            serde_json::to_string_pretty(&manifest(&tmp)?)?,
+        )?;
         std::fs::write(tmp.join(COMPLETE), serde_json::to_string_pretty(key)?)?;
         if dir.exists() && !dir.join(COMPLETE).exists() {
             // Left by a process killed mid-rename on a filesystem without atomic directory

@@ -225,6 +225,90 @@ fn same_config_and_seed_give_identical_metrics() {
     assert_eq!(printed, built);
 }
 
+/// What the damage test expects to be told, and how it does the damage.
+type Damage<'a> = (&'a str, Box<dyn Fn() + 'a>);
+
+/// A cached stage truncated, altered or extended after it was built is detected, reported and
+/// rebuilt, never used, and the run on the rebuilt stage gives the same numbers.
+#[test]
+fn a_damaged_stage_is_detected_and_rebuilt() {
+    let dir = scratch("damaged");
+    let out = dir.to_str().expect("utf8");
+    let args = [
+        "train",
+        "experiments/synthetic.yaml",
+        "--out",
+        out,
+        "--set",
+        "task.train_pairs=32",
+        "--set",
+        "task.sft_steps=10",
+        "--set",
+        "task.eval_prompts=8",
+        "--set",
+        "task.val_prompts=4",
+        "--set",
+        "task.eval_pairs=4",
+        "--set",
+        "optim.epochs=1",
+    ];
+    let first = edpo(&args);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let run = std::fs::read_dir(&dir)
+        .expect("out")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("synthetic-"))
+        .expect("run dir")
+        .path();
+    let eval = std::fs::read(run.join("eval.json")).expect("eval");
+    let stage = |prefix: &str| {
+        std::fs::read_dir(dir.join("cache"))
+            .expect("cache")
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .expect("stage")
+            .path()
+    };
+    let model = stage("reference-").join("model.safetensors");
+    let pairs = stage("pairs-").join("train.jsonl");
+    let damage: [Damage<'_>; 3] = [
+        (
+            "bytes, 0 were written",
+            Box::new(|| {
+                let bytes = std::fs::read(&model).expect("model");
+                std::fs::write(&model, &bytes[..bytes.len() / 2]).expect("truncate");
+            }),
+        ),
+        (
+            "was altered",
+            Box::new(|| {
+                let mut t = std::fs::read(&pairs).expect("pairs");
+                t[10] ^= 1;
+                std::fs::write(&pairs, t).expect("flip");
+            }),
+        ),
+        (
+            "was added after it was built",
+            Box::new(|| std::fs::write(stage("pairs-").join("stray.txt"), "x").expect("add")),
+        ),
+    ];
+    for (why, harm) in damage {
+        harm();
+        std::fs::remove_dir_all(&run).expect("remove run");
+        let again = edpo(&args);
+        let err = text(&again.stderr);
+        assert!(again.status.success(), "{err}");
+        assert!(
+            err.contains("failed its check") && err.contains(why.split(',').next().unwrap_or(why)),
+            "{why}: {err}"
+        );
+        assert!(
+            std::fs::read(run.join("eval.json")).expect("eval") == eval,
+            "{why}: the rebuilt stage gave other numbers"
+        );
+    }
+}
+
 fn statuses(sweep_root: &Path) -> Vec<(String, serde_json::Value)> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(sweep_root.join("runs")) {
