@@ -17,6 +17,28 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// The version of the code that computes cached numbers. A stage's entry name hashes it with
+/// the stage's key, so a cache built by code that computed other numbers is never reused.
+/// Bump it with any change that alters what a stage builder writes (kernels, sampling,
+/// pre-training, tokenisation, the gold model, …); the hash snapshot test then shows every
+/// stage name moving, and nothing else.
+pub const NUMERICS_VERSION: u32 = 1;
+
+/// The cache entry name of stage `name` with key `key`: `name-<hash of numerics version and
+/// key>`.
+pub fn entry_name(name: &str, key: &impl Serialize) -> Result<String> {
+    #[derive(Serialize)]
+    struct Versioned<'a, K> {
+        numerics_version: u32,
+        key: &'a K,
+    }
+    let hash = short_hash(&Versioned {
+        numerics_version: NUMERICS_VERSION,
+        key,
+    })?;
+    Ok(format!("{name}-{hash}"))
+}
+
 const COMPLETE: &str = ".complete";
 const MANIFEST: &str = ".manifest.json";
 
@@ -105,7 +127,7 @@ impl StageCache {
         key: &impl Serialize,
         build: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<(PathBuf, bool)> {
-        let dir = self.root.join(format!("{name}-{}", short_hash(key)?));
+        let dir = self.root.join(entry_name(name, key)?);
         let lock = {
             let mut locks = self
                 .locks

@@ -221,7 +221,7 @@ impl RunConfig {
             }
         }
         keys.iter()
-            .map(|(name, key)| Ok(format!("{name}-{}", short_hash(key)?)))
+            .map(|(name, key)| crate::stages::entry_name(name, key))
             .collect()
     }
 
