@@ -45,17 +45,32 @@ impl TensorSpec {
     }
 }
 
-/// Parameters by name, each present and of the shape its spec gives.
-pub(crate) struct Weights(pub(crate) HashMap<String, Tensor>);
+/// Parameters by name, each present and of the shape its spec gives, and the LoRA adapters
+/// (`<module>.lora_A.weight`, `<module>.lora_B.weight`) with their scale, if any.
+pub(crate) struct Weights {
+    pub(crate) tensors: HashMap<String, Tensor>,
+    pub(crate) lora_scale: f64,
+}
 
 impl Weights {
     pub(crate) fn get(&self, name: &str) -> Tensor {
         // Weights is only ever built from the same specs the architectures read, so an absent
         // name is a programming error in this crate, not bad input.
-        self.0
+        self.tensors
             .get(name)
             .cloned()
             .unwrap_or_else(|| panic!("internal: parameter `{name}` not in the specs"))
+    }
+
+    /// The LoRA adapter of the linear module `module`, if it has one.
+    pub(crate) fn lora(&self, module: &str) -> Option<crate::nn::Lora> {
+        let a = self.tensors.get(&format!("{module}.lora_A.weight"))?;
+        let b = self.tensors.get(&format!("{module}.lora_B.weight"))?;
+        Some(crate::nn::Lora {
+            a: a.clone(),
+            b: b.clone(),
+            scale: self.lora_scale,
+        })
     }
 }
 

@@ -136,7 +136,8 @@ impl Checkpoint {
     }
 }
 
-fn read_file(
+/// Reads every tensor of one safetensors file into `out` (as f32), remembering the file.
+pub(crate) fn read_file(
     path: &Path,
     device: &Device,
     out: &mut HashMap<String, (Tensor, PathBuf)>,
@@ -173,6 +174,11 @@ fn read_file(
 
 /// Writes `tensors` (f32) as `dir/model.safetensors`, atomically.
 pub fn write_safetensors(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_safetensors_file(&dir.join(SINGLE_FILE), tensors)
+}
+
+/// Writes `tensors` as one safetensors file at `target` (f32, `{"format": "pt"}` metadata).
+pub fn write_safetensors_file(target: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -183,19 +189,18 @@ pub fn write_safetensors(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()>
     for (name, shape, bytes) in &buffers {
         let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(
             |e| Error::Checkpoint {
-                path: dir.join(SINGLE_FILE),
+                path: target.to_path_buf(),
                 message: format!("tensor `{name}`: {e}"),
             },
         )?;
         views.push((name.as_str(), view));
     }
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let target = dir.join(SINGLE_FILE);
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Checkpoint {
-        path: target.clone(),
+        path: target.to_path_buf(),
         message: format!("cannot serialise: {e}"),
     })?;
-    write_atomic(&target, &bytes)
+    write_atomic(target, &bytes)
 }
 
 /// Writes a file through a temporary sibling and a rename.

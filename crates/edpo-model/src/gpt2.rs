@@ -62,6 +62,7 @@ fn conv1d(w: &Weights, name: &str) -> Linear {
         weight: w.get(&format!("{name}.weight")),
         bias: Some(w.get(&format!("{name}.bias"))),
         input_major: true,
+        lora: w.lora(name),
     }
 }
 

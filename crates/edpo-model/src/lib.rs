@@ -21,6 +21,8 @@
 //! - [`CausalLm`]: a loaded model (policy or frozen reference) with its parameters by
 //!   Hugging Face name; trainability is per parameter (a `Var` for each trainable one), so a
 //!   frozen reference has none and an adapter can make only its own parameters trainable.
+//! - [`lora`]: LoRA adapters as PEFT defines and stores them, on the same base tensors as the
+//!   reference (only the adapters train).
 //! - [`logprobs`]: the batch layout of prompt + response sequences and per-sequence log-probs.
 //!
 //! This crate depends on candle and the file formats only; it knows nothing of objectives,
@@ -34,6 +36,7 @@ pub mod gpt2;
 pub mod kernels;
 pub mod llama;
 pub mod logprobs;
+pub mod lora;
 mod model;
 pub mod nn;
 pub mod ops;
@@ -41,6 +44,7 @@ pub mod source;
 
 pub use config::{Gpt2Config, LlamaConfig, LlamaVariant, ModelConfig};
 pub use logprobs::{sequence_logps, SequenceBatch};
+pub use lora::LoraConfig;
 pub use model::{CausalLm, KvCache, Param};
 pub use source::Source;
 

@@ -71,6 +71,7 @@ fn linear(w: &Weights, name: &str, bias: bool) -> Linear {
         weight: w.get(&format!("{name}.weight")),
         bias: bias.then(|| w.get(&format!("{name}.bias"))),
         input_major: false,
+        lora: w.lora(name),
     }
 }
 

@@ -31,17 +31,20 @@ pub struct Param {
 /// A causal language model returning logits at every position.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
-    config: ModelConfig,
-    raw_config: serde_json::Value,
-    arch: Arc<dyn Forward>,
-    params: Vec<Param>,
-    device: Device,
-    source_dir: Option<PathBuf>,
+    pub(crate) config: ModelConfig,
+    pub(crate) raw_config: serde_json::Value,
+    pub(crate) arch: Arc<dyn Forward>,
+    pub(crate) params: Vec<Param>,
+    pub(crate) device: Device,
+    pub(crate) source_dir: Option<PathBuf>,
     /// Tokenizer files a source made rather than found in a directory (a GGUF file's own
     /// tokenizer): `(file name, contents)`, written by [`CausalLm::save`].
-    made_files: Vec<(String, String)>,
+    pub(crate) made_files: Vec<(String, String)>,
+    /// The LoRA adapters' configuration, when the model carries adapters
+    /// ([`CausalLm::with_lora`]).
+    pub(crate) lora: Option<crate::nn::LoraConfig>,
     /// Forward passes run so far (shared by clones), so tests can prove a model was not run.
-    forward_count: Arc<AtomicUsize>,
+    pub(crate) forward_count: Arc<AtomicUsize>,
 }
 
 /// What incremental decoding has seen: every layer's keys and values, and for each row which
@@ -145,7 +148,10 @@ impl CausalLm {
                 var,
             });
         }
-        let arch = architecture.build(&Weights(weights));
+        let arch = architecture.build(&Weights {
+            tensors: weights,
+            lora_scale: 0.0,
+        });
         Ok(Self {
             config,
             raw_config,
@@ -154,6 +160,7 @@ impl CausalLm {
             device: device.clone(),
             source_dir: None,
             made_files: Vec::new(),
+            lora: None,
             forward_count: Arc::new(AtomicUsize::new(0)),
         })
     }

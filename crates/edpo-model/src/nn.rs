@@ -18,17 +18,56 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// True for `Conv1D`'s `[in, out]` layout.
     pub input_major: bool,
+    /// A LoRA adapter on this map, if any.
+    pub lora: Option<Lora>,
+}
+
+/// Which modules carry adapters, and their rank and scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank `r`.
+    pub r: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// Module names (the last component: `q_proj`, `v_proj`, `c_attn`, …).
+    pub targets: Vec<String>,
+    /// rsLoRA: scale by `alpha/√r` instead of `alpha/r`.
+    pub rslora: bool,
+}
+
+impl LoraConfig {
+    /// The factor on the adapters' product.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// A LoRA adapter (Hu et al., 2021) as PEFT computes it: `y += scale · (x·Aᵀ)·Bᵀ` with
+/// `A (r, in)`, `B (out, r)`, whatever the layout of the base weight.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `lora_A`, `(r, in)`.
+    pub a: Tensor,
+    /// `lora_B`, `(out, r)`.
+    pub b: Tensor,
+    /// `alpha / r` (or `alpha / √r` with rsLoRA).
+    pub scale: f64,
 }
 
 impl Linear {
     /// Applies the map to `x` of shape `(…, in)`, giving `(…, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::ops::linear(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.input_major,
-        )?)
+        let y = crate::ops::linear(x, &self.weight, self.bias.as_ref(), self.input_major)?;
+        let Some(lora) = &self.lora else {
+            return Ok(y);
+        };
+        let down = crate::ops::linear(x, &lora.a, None, false)?;
+        let up = crate::ops::linear(&down, &lora.b, None, false)?;
+        Ok((y + up.affine(lora.scale, 0.0)?)?)
     }
 }
 

@@ -74,3 +74,53 @@ fn only_the_trainable_parameters_move() -> TestResult {
     }
     Ok(())
 }
+
+/// A LoRA policy against its own base as the reference: the first DPO loss is ln 2 (the two
+/// are the same model), one step moves the adapters' B matrices (A gets no gradient while B is
+/// zero), and the base, shared with the reference, stays bit for bit.
+#[test]
+fn a_lora_policy_trains_its_adapters_against_its_base() -> TestResult {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden/llama/policy");
+    let base = CausalLm::load(&dir, &Device::Cpu, false)?;
+    let lora = edpo_model::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+        rslora: false,
+    };
+    let policy = base.with_lora(&lora, 1)?;
+    let before = values(&policy);
+    let config = TrainerConfig {
+        objective: Objective::Dpo { beta: 0.1 },
+        sft_weight: 0.0,
+        adamw: AdamWConfig::default(),
+        schedule: Schedule {
+            peak_lr: 1e-2,
+            warmup_steps: 0,
+            total_steps: 2,
+            kind: ScheduleKind::Constant,
+        },
+        max_grad_norm: None,
+    };
+    let mut trainer = Trainer::new(policy, base, config)?;
+    let pairs = vec![TokenizedPair {
+        prompt: vec![1, 2, 3],
+        chosen: vec![4, 5, 6],
+        rejected: vec![7, 8],
+    }];
+    let report = trainer.train_step(&[pairs])?;
+    assert!(
+        (report.loss - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        report.loss
+    );
+    for ((name, trainable, old), (_, _, new)) in before.iter().zip(values(&trainer.policy)) {
+        let moved = old != &new;
+        assert_eq!(
+            moved,
+            name.contains(".lora_B."),
+            "{name} (trainable {trainable})"
+        );
+    }
+    Ok(())
+}
