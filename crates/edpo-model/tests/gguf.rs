@@ -12,35 +12,22 @@
 //! - a GGUF model saved as a Hugging Face directory loads back with identical log-probs;
 //! - a truncated file and an unsupported architecture are errors naming the file and key.
 
+mod common;
+
 use candle_core::Device;
-use edpo_model::{sequence_logps, CausalLm, SequenceBatch, Source};
+use common::{golden_sequences, testdata};
+use edpo_model::{sequence_logps, CausalLm, Source};
 use serde_json::Value;
 use std::path::PathBuf;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
 
 fn gguf(label: &str) -> PathBuf {
     testdata().join(format!("gguf/tiny-llama-{label}.gguf"))
 }
 
 fn logps(model: &CausalLm) -> Result<Vec<f32>, Box<dyn std::error::Error>> {
-    let seqs: Vec<(Vec<u32>, Vec<u32>)> = (0..4u32)
-        .map(|i| {
-            let prompt = (0..3 + i).map(|k| (k * 37 + i * 11) % 320).collect();
-            let response = (0..5 + i).map(|k| (k * 53 + i * 7 + 1) % 320).collect();
-            (prompt, response)
-        })
-        .collect();
-    let views: Vec<(&[u32], &[u32])> = seqs
-        .iter()
-        .map(|(p, r)| (p.as_slice(), r.as_slice()))
-        .collect();
-    let batch = SequenceBatch::new(&views, 0)?;
-    Ok(sequence_logps(model, &batch)?.to_vec1::<f32>()?)
+    Ok(sequence_logps(model, &golden_sequences()?)?.to_vec1::<f32>()?)
 }
 
 fn values(t: &candle_core::Tensor) -> Vec<f32> {

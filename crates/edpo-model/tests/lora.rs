@@ -4,31 +4,14 @@
 //! (no variable) and is the very tensors of the model the adapters were put on; fresh adapters
 //! leave the model unchanged; a saved adapter loads back unchanged; bad adapters are errors.
 
+mod common;
+
 use candle_core::Device;
-use edpo_model::{sequence_logps, CausalLm, LoraConfig, SequenceBatch};
+use common::{golden_sequences, testdata};
+use edpo_model::{sequence_logps, CausalLm, LoraConfig};
 use serde_json::Value;
-use std::path::PathBuf;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
-
-fn batch() -> Result<SequenceBatch, Box<dyn std::error::Error>> {
-    let seqs: Vec<(Vec<u32>, Vec<u32>)> = (0..4u32)
-        .map(|i| {
-            let prompt = (0..3 + i).map(|k| (k * 37 + i * 11) % 320).collect();
-            let response = (0..5 + i).map(|k| (k * 53 + i * 7 + 1) % 320).collect();
-            (prompt, response)
-        })
-        .collect();
-    let views: Vec<(&[u32], &[u32])> = seqs
-        .iter()
-        .map(|(p, r)| (p.as_slice(), r.as_slice()))
-        .collect();
-    Ok(SequenceBatch::new(&views, 0)?)
-}
 
 fn base() -> Result<CausalLm, Box<dyn std::error::Error>> {
     Ok(CausalLm::load(
@@ -45,7 +28,7 @@ fn a_peft_adapter_gives_pefts_log_probs_and_gradients() -> TestResult {
     )?)?;
     let base = base()?;
     let model = base.load_adapter(&testdata().join("lora/adapter"))?;
-    let logps = sequence_logps(&model, &batch()?)?;
+    let logps = sequence_logps(&model, &golden_sequences()?)?;
     let found = logps.to_vec1::<f32>()?;
     for (f, w) in found.iter().zip(golden["logps"].as_array().ok_or("logps")?) {
         let w = w.as_f64().ok_or("logp")?;
@@ -85,7 +68,10 @@ fn a_peft_adapter_gives_pefts_log_probs_and_gradients() -> TestResult {
     let dir = std::env::temp_dir().join(format!("edpo-lora-{}", std::process::id()));
     model.save_adapter(&dir)?;
     let again = base.load_adapter(&dir)?;
-    assert_eq!(sequence_logps(&again, &batch()?)?.to_vec1::<f32>()?, found);
+    assert_eq!(
+        sequence_logps(&again, &golden_sequences()?)?.to_vec1::<f32>()?,
+        found
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -101,8 +87,8 @@ fn fresh_adapters_leave_the_model_unchanged_and_bad_ones_are_errors() -> TestRes
     };
     let model = base.with_lora(&cfg, 7)?;
     assert_eq!(
-        sequence_logps(&model, &batch()?)?.to_vec1::<f32>()?,
-        sequence_logps(&base, &batch()?)?.to_vec1::<f32>()?
+        sequence_logps(&model, &golden_sequences()?)?.to_vec1::<f32>()?,
+        sequence_logps(&base, &golden_sequences()?)?.to_vec1::<f32>()?
     );
     let trainable: Vec<&str> = model
         .params()

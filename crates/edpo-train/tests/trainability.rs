@@ -24,6 +24,22 @@ fn values(model: &CausalLm) -> Vec<(String, bool, Vec<f32>)> {
         .collect()
 }
 
+/// DPO at β 0.1, a constant learning rate of 1e-2, no clipping.
+fn dpo_config() -> TrainerConfig {
+    TrainerConfig {
+        objective: Objective::Dpo { beta: 0.1 },
+        sft_weight: 0.0,
+        adamw: AdamWConfig::default(),
+        schedule: Schedule {
+            peak_lr: 1e-2,
+            warmup_steps: 0,
+            total_steps: 2,
+            kind: ScheduleKind::Constant,
+        },
+        max_grad_norm: None,
+    }
+}
+
 #[test]
 fn only_the_trainable_parameters_move() -> TestResult {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden/gpt2/policy");
@@ -39,18 +55,7 @@ fn only_the_trainable_parameters_move() -> TestResult {
     for (name, trainable, _) in &before {
         assert_eq!(*trainable, attention_only(name), "{name}");
     }
-    let config = TrainerConfig {
-        objective: Objective::Dpo { beta: 0.1 },
-        sft_weight: 0.0,
-        adamw: AdamWConfig::default(),
-        schedule: Schedule {
-            peak_lr: 1e-2,
-            warmup_steps: 0,
-            total_steps: 2,
-            kind: ScheduleKind::Constant,
-        },
-        max_grad_norm: None,
-    };
+    let config = dpo_config();
     let mut trainer = Trainer::new(policy, reference, config)?;
     let pairs = vec![
         TokenizedPair {
@@ -90,18 +95,7 @@ fn a_lora_policy_trains_its_adapters_against_its_base() -> TestResult {
     };
     let policy = base.with_lora(&lora, 1)?;
     let before = values(&policy);
-    let config = TrainerConfig {
-        objective: Objective::Dpo { beta: 0.1 },
-        sft_weight: 0.0,
-        adamw: AdamWConfig::default(),
-        schedule: Schedule {
-            peak_lr: 1e-2,
-            warmup_steps: 0,
-            total_steps: 2,
-            kind: ScheduleKind::Constant,
-        },
-        max_grad_norm: None,
-    };
+    let config = dpo_config();
     let mut trainer = Trainer::new(policy, base, config)?;
     let pairs = vec![TokenizedPair {
         prompt: vec![1, 2, 3],
