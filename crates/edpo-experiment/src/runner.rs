@@ -140,8 +140,13 @@ pub fn run(
     progress: &indicatif::ProgressBar,
 ) -> Result<Value> {
     let device = crate::device();
-    let policy = CausalLm::load(&data.reference_dir, &device, true)?;
     let reference = CausalLm::load(&data.reference_dir, &device, false)?;
+    // With LoRA the policy is the reference's own base tensors plus trainable adapters: one
+    // copy of the base weights.
+    let policy = match &cfg.lora {
+        Some(lora) => reference.with_lora(&lora.config(), cfg.run.seed ^ 0x10_7A)?,
+        None => CausalLm::load(&data.reference_dir, &device, true)?,
+    };
     let original_reference = reference.frozen_copy()?;
     let steps = total_steps(cfg, data.train.len());
     let o = &cfg.optim;

@@ -514,3 +514,68 @@ fn a_diverging_run_fails_alone_and_the_sweep_reports_it() {
     );
     assert!(stages.iter().all(|n| !n.starts_with(".tmp")), "{stages:?}");
 }
+
+/// A run with LoRA adapters (`lora` section): it trains, moves the policy away from the
+/// reference, records the section in its config; TR-DPO, which moves the reference the LoRA
+/// policy shares its base with, is refused; a target no module has fails the run by name.
+#[test]
+fn lora_runs_train_adapters_from_the_config() {
+    let dir = scratch("lora");
+    let out = dir.to_str().expect("utf8");
+    let small = [
+        "--set",
+        "task.train_pairs=32",
+        "--set",
+        "task.sft_steps=10",
+        "--set",
+        "task.eval_prompts=8",
+        "--set",
+        "task.val_prompts=4",
+        "--set",
+        "task.eval_pairs=4",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "optim.lr=1e-2",
+    ];
+    let run = |lora: &str, objective: Option<&str>| {
+        let mut args = vec!["train", "experiments/synthetic.yaml", "--out", out];
+        args.extend(small);
+        let set = format!("lora={lora}");
+        args.extend(["--set", set.as_str()]);
+        let objective = objective.map(|o| format!("objective={o}"));
+        if let Some(o) = &objective {
+            args.extend(["--set", o.as_str()]);
+        }
+        edpo(&args)
+    };
+    let ok = run("{r: 2, alpha: 4, targets: [c_attn, c_fc]}", None);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let eval: serde_json::Value = serde_json::from_str(&text(&ok.stdout)).expect("eval json");
+    assert!(eval["kl"].as_f64().expect("kl") > 0.0, "{eval}");
+    let run_dir = std::fs::read_dir(&dir)
+        .expect("out")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("synthetic-"))
+        .expect("run dir")
+        .path();
+    let yaml = std::fs::read_to_string(run_dir.join("config.yaml")).expect("config");
+    assert!(yaml.contains("lora:") && yaml.contains("c_attn"), "{yaml}");
+    let tr = run(
+        "{r: 2, targets: [c_attn]}",
+        Some("{kind: tr_dpo, beta: 0.1}"),
+    );
+    assert!(!tr.status.success());
+    assert!(
+        text(&tr.stderr).contains("key `lora`"),
+        "{}",
+        text(&tr.stderr)
+    );
+    let missing = run("{r: 2, targets: [q_proj]}", None);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing.stderr).contains("q_proj"),
+        "{}",
+        text(&missing.stderr)
+    );
+}

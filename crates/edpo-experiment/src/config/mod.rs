@@ -196,6 +196,36 @@ pub struct RunConfig {
     pub eval: EvalConfig,
     /// Seed, threads, shards, logging.
     pub run: RunSettings,
+    /// LoRA adapters on the policy (none: full fine-tuning). Left out of the file when
+    /// absent, so configs without it keep their hashes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSettings>,
+}
+
+/// The resolved `lora` section: adapters on the policy's linear modules named in `targets`,
+/// the reference being the same base without them (see `edpo_model::lora`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraSettings {
+    /// Rank.
+    pub r: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// Module names (`c_attn`, `q_proj`, …).
+    pub targets: Vec<String>,
+    /// Scale by `alpha/√r` instead of `alpha/r`.
+    pub rslora: bool,
+}
+
+impl LoraSettings {
+    /// The model crate's adapter configuration.
+    pub fn config(&self) -> edpo_model::LoraConfig {
+        edpo_model::LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+            rslora: self.rslora,
+        }
+    }
 }
 
 impl RunConfig {

@@ -6,8 +6,8 @@
 //! checked against the objective catalogue, so a new objective needs nothing here.
 
 use super::{
-    EvalConfig, ModelShape, ObjectiveConfig, OptimConfig, ReferenceLogps, RunConfig, RunSettings,
-    ScheduleName, CONFIG_VERSION,
+    EvalConfig, LoraSettings, ModelShape, ObjectiveConfig, OptimConfig, ReferenceLogps, RunConfig,
+    RunSettings, ScheduleName, CONFIG_VERSION,
 };
 use crate::check::check;
 use crate::task::RawTask;
@@ -88,6 +88,17 @@ pub struct RawConfig {
     eval: RawEval,
     #[serde(default)]
     run: RawRun,
+    lora: Option<RawLora>,
+}
+
+/// The `lora` section as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLora {
+    r: usize,
+    alpha: Option<f64>,
+    targets: Vec<String>,
+    rslora: Option<bool>,
 }
 
 impl RawObjective {
@@ -300,6 +311,34 @@ impl RawConfig {
         check(run.threads >= 1, "run.threads", "must be at least 1")?;
         check(run.shards >= 1, "run.shards", "must be at least 1")?;
         check(run.log_every >= 1, "run.log_every", "must be at least 1")?;
+        let lora = match self.lora {
+            None => None,
+            Some(l) => {
+                let lora = LoraSettings {
+                    r: l.r,
+                    alpha: l.alpha.unwrap_or(2.0 * l.r as f64),
+                    targets: l.targets,
+                    rslora: l.rslora.unwrap_or(false),
+                };
+                check(lora.r >= 1, "lora.r", "must be at least 1")?;
+                check(
+                    lora.alpha > 0.0 && lora.alpha.is_finite(),
+                    "lora.alpha",
+                    "must be positive",
+                )?;
+                check(
+                    !lora.targets.is_empty(),
+                    "lora.targets",
+                    "must name at least one module",
+                )?;
+                check(
+                    !objective.to_objective(0)?.needs().reference_updates,
+                    "lora",
+                    format!("`{}` moves its reference towards the policy, which shares its base weights with a LoRA policy", objective.kind),
+                )?;
+                Some(lora)
+            }
+        };
         let config = RunConfig {
             config_version: CONFIG_VERSION,
             task,
@@ -308,6 +347,7 @@ impl RawConfig {
             optim,
             eval,
             run,
+            lora,
         };
         config.hash()?;
         Ok(config)
