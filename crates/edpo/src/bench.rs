@@ -9,6 +9,12 @@
 //! Threads: with `--threads T` the batch runs as T shards side by side (`--shards` to choose
 //! otherwise; one shard gives the threads to the operations instead).
 //! Also timed: sampling with and without the key/value cache (generated tokens/s).
+//!
+//! `--workload smollm2`: SmolLM2-135M's architecture (Llama family: 30 layers, width 576,
+//! 9 query and 3 key/value heads, SwiGLU 1536, vocabulary 49,152, tied embeddings), random
+//! weights, 4 pairs per step of prompt 64 + chosen 64 + rejected 64 tokens; no sampling
+//! measurement. `--lora R`: LoRA adapters of rank R (alpha 2R) on every attention and MLP
+//! projection, only they trained, the reference being the same base (one copy of it).
 
 use anyhow::Result;
 use edpo_data::TokenizedPair;
@@ -23,6 +29,60 @@ const PROMPT: usize = 32;
 const RESPONSE: usize = 64;
 const VOCAB: usize = 4096;
 const WARMUP: usize = 2;
+
+/// A bench workload: the model and the batch shape.
+struct Workload {
+    config: ModelConfig,
+    raw: serde_json::Value,
+    vocab: usize,
+    pairs: usize,
+    prompt: usize,
+    response: usize,
+    /// The linear modules LoRA targets.
+    lora_targets: &'static [&'static str],
+}
+
+impl Workload {
+    fn named(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gpt2" => {
+                let (config, raw) = config();
+                Self {
+                    config,
+                    raw,
+                    vocab: VOCAB,
+                    pairs: PAIRS,
+                    prompt: PROMPT,
+                    response: RESPONSE,
+                    lora_targets: &["c_attn", "c_proj", "c_fc"],
+                }
+            }
+            "smollm2" => {
+                let raw = json!({
+                    "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                    "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": true,
+                    "max_position_embeddings": 8192, "eos_token_id": 2, "bos_token_id": 1,
+                });
+                let config = ModelConfig::from_json(&raw, std::path::Path::new("<smollm2>"))?;
+                Self {
+                    config,
+                    raw,
+                    vocab: 49152,
+                    pairs: 4,
+                    prompt: 64,
+                    response: 64,
+                    lora_targets: &[
+                        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj",
+                    ],
+                }
+            }
+            other => anyhow::bail!("--workload: `{other}` is not one of gpt2, smollm2"),
+        })
+    }
+}
 
 /// Arguments of `edpo bench`.
 #[derive(clap::Args)]
@@ -40,6 +100,12 @@ pub struct BenchArgs {
     /// Skip the sampling measurement (for profiling the training step alone).
     #[arg(long)]
     no_sampling: bool,
+    /// The workload: `gpt2` (the small default) or `smollm2` (SmolLM2-135M's architecture).
+    #[arg(long, default_value = "gpt2")]
+    workload: String,
+    /// Train LoRA adapters of this rank on every projection instead of every weight.
+    #[arg(long)]
+    lora: Option<usize>,
 }
 
 fn config() -> (ModelConfig, serde_json::Value) {
@@ -57,17 +123,28 @@ fn config() -> (ModelConfig, serde_json::Value) {
 }
 
 fn random_pairs(seed: u64) -> Vec<TokenizedPair> {
+    random_pairs_for(seed, VOCAB, PAIRS, PROMPT, RESPONSE)
+}
+
+/// `pairs` pairs of random ids below `vocab − 1`, responses ending with EOS (`vocab − 1`).
+fn random_pairs_for(
+    seed: u64,
+    vocab: usize,
+    pairs: usize,
+    prompt_len: usize,
+    response_len: usize,
+) -> Vec<TokenizedPair> {
     let mut rng = edpo_data::rng::SplitMix64(seed);
-    let mut next = move || (rng.next_u64() % (VOCAB as u64 - 1)) as u32;
-    let eos = (VOCAB - 1) as u32;
+    let mut next = move || (rng.next_u64() % (vocab as u64 - 1)) as u32;
+    let eos = (vocab - 1) as u32;
     let response = |next: &mut dyn FnMut() -> u32| {
-        let mut r: Vec<u32> = (0..RESPONSE - 1).map(|_| next()).collect();
+        let mut r: Vec<u32> = (0..response_len - 1).map(|_| next()).collect();
         r.push(eos);
         r
     };
-    (0..PAIRS)
+    (0..pairs)
         .map(|_| {
-            let prompt = (0..PROMPT).map(|_| next()).collect();
+            let prompt = (0..prompt_len).map(|_| next()).collect();
             let chosen = response(&mut next);
             let rejected = response(&mut next);
             TokenizedPair {
@@ -79,10 +156,33 @@ fn random_pairs(seed: u64) -> Vec<TokenizedPair> {
         .collect()
 }
 
-fn measure(objective: Objective, steps: usize, shards: usize) -> Result<f64> {
-    let (cfg, raw) = config();
-    let policy = CausalLm::random(cfg, raw, 1234, &edpo_experiment::device(), true)?;
-    let reference = policy.frozen_copy()?;
+fn measure(
+    work: &Workload,
+    lora: Option<usize>,
+    objective: Objective,
+    steps: usize,
+    shards: usize,
+) -> Result<f64> {
+    let device = edpo_experiment::device();
+    let (policy, reference) = match lora {
+        None => {
+            let policy =
+                CausalLm::random(work.config.clone(), work.raw.clone(), 1234, &device, true)?;
+            let reference = policy.frozen_copy()?;
+            (policy, reference)
+        }
+        Some(r) => {
+            let base =
+                CausalLm::random(work.config.clone(), work.raw.clone(), 1234, &device, false)?;
+            let cfg = edpo_model::LoraConfig {
+                r,
+                alpha: 2.0 * r as f64,
+                targets: work.lora_targets.iter().map(|t| t.to_string()).collect(),
+                rslora: false,
+            };
+            (base.with_lora(&cfg, 99)?, base)
+        }
+    };
     let config = TrainerConfig {
         objective,
         sft_weight: 0.0,
@@ -96,7 +196,13 @@ fn measure(objective: Objective, steps: usize, shards: usize) -> Result<f64> {
         max_grad_norm: None,
     };
     let mut trainer = Trainer::new(policy, reference, config)?.with_shards(shards)?;
-    let batch = vec![random_pairs(7)];
+    let batch = vec![random_pairs_for(
+        7,
+        work.vocab,
+        work.pairs,
+        work.prompt,
+        work.response,
+    )];
     for _ in 0..WARMUP {
         trainer.train_step(&batch)?;
     }
@@ -104,7 +210,7 @@ fn measure(objective: Objective, steps: usize, shards: usize) -> Result<f64> {
     for _ in 0..steps {
         trainer.train_step(&batch)?;
     }
-    Ok((PAIRS * steps) as f64 / start.elapsed().as_secs_f64())
+    Ok((work.pairs * steps) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Generated tokens per second of the cached and the uncached sampler on the bench model:
@@ -153,8 +259,17 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         args.threads >= 1 && args.steps >= 1,
         "--threads and --steps must be at least 1"
     );
-    let dpo = measure(Objective::Dpo { beta: 0.1 }, args.steps, shards)?;
+    let work = Workload::named(&args.workload)?;
+    let dpo = measure(
+        &work,
+        args.lora,
+        Objective::Dpo { beta: 0.1 },
+        args.steps,
+        shards,
+    )?;
     let eps = measure(
+        &work,
+        args.lora,
         Objective::EpsilonDpo {
             beta: 0.1,
             epsilon: 0.01,
@@ -162,13 +277,13 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         args.steps,
         shards,
     )?;
-    let (sampling, sampling_uncached) = if args.no_sampling {
+    let (sampling, sampling_uncached) = if args.no_sampling || args.workload != "gpt2" {
         (None, None)
     } else {
         let (a, b) = measure_sampling()?;
         (Some(a), Some(b))
     };
-    let tokens_per_pair = (2 * (PROMPT + RESPONSE)) as f64;
+    let tokens_per_pair = (2 * (work.prompt + work.response)) as f64;
     let out = json!({
         "dpo_pairs_per_s": dpo,
         "epsilon_dpo_pairs_per_s": eps,
@@ -181,6 +296,12 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         "steps": args.steps,
         "peak_rss_mib": peak_rss_mib(),
     });
+    let mut out = out;
+    if args.workload != "gpt2" || args.lora.is_some() {
+        // Only off the default workload, so the default output keeps its keys.
+        out["workload"] = json!(args.workload);
+        out["lora_rank"] = json!(args.lora);
+    }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }
