@@ -74,7 +74,12 @@ impl Workload {
                     prompt: 64,
                     response: 64,
                     lora_targets: &[
-                        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
                         "down_proj",
                     ],
                 }
