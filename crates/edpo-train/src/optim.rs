@@ -35,19 +35,25 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Gradients summed over the micro-batches of one optimizer step, one buffer per parameter.
+/// Gradients summed over the micro-batches of one optimizer step, one buffer per trainable
+/// parameter (a frozen one, such as the base under LoRA adapters, has an empty buffer: candle's
+/// backward pass computes its gradient too, but it is neither kept, clipped nor counted in the
+/// norm).
 #[derive(Debug, Clone)]
 pub struct GradBuffers {
     grads: Vec<Vec<f32>>,
 }
 
 impl GradBuffers {
-    /// Zeroed buffers shaped like `params`.
+    /// Zeroed buffers shaped like the trainable `params` (empty for frozen ones).
     pub fn new(params: &[Param]) -> Self {
         Self {
             grads: params
                 .iter()
-                .map(|p| vec![0.0; p.tensor.elem_count()])
+                .map(|p| match p.var {
+                    Some(_) => vec![0.0; p.tensor.elem_count()],
+                    None => Vec::new(),
+                })
                 .collect(),
         }
     }
@@ -60,6 +66,9 @@ impl GradBuffers {
         store: &candle_core::backprop::GradStore,
     ) -> Result<()> {
         for (buf, p) in self.grads.iter_mut().zip(params) {
+            if p.var.is_none() {
+                continue;
+            }
             if let Some(g) = store.get(&p.tensor) {
                 // Read on the host: the buffers are host memory whatever the device.
                 let g = g.to_device(&candle_core::Device::Cpu)?.contiguous()?;

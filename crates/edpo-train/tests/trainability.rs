@@ -102,11 +102,33 @@ fn a_lora_policy_trains_its_adapters_against_its_base() -> TestResult {
         chosen: vec![4, 5, 6],
         rejected: vec![7, 8],
     }];
+    // The gradient norm is over the adapters alone: with policy = reference, ∂L/∂lw = −β/2
+    // and ∂L/∂ll = β/2 (one pair), so the norm is that of ∇(β/2·(ll − lw)) on the adapters.
+    let adapters_only = {
+        let p = &pairs[0];
+        let seqs: [(&[u32], &[u32]); 2] = [(&p.prompt, &p.chosen), (&p.prompt, &p.rejected)];
+        let batch = edpo_model::SequenceBatch::new(&seqs, 0)?;
+        let lp = edpo_model::sequence_logps(&trainer.policy, &batch)?;
+        let coef = candle_core::Tensor::new(&[-0.05f32, 0.05], &Device::Cpu)?;
+        let store = (lp * coef)?.sum_all()?.backward()?;
+        let mut sq = 0f64;
+        for p in trainer.policy.params().iter().filter(|p| p.var.is_some()) {
+            if let Some(g) = store.get(&p.tensor) {
+                sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            }
+        }
+        sq.sqrt()
+    };
     let report = trainer.train_step(&[pairs])?;
     assert!(
         (report.loss - std::f64::consts::LN_2).abs() < 1e-6,
         "{}",
         report.loss
+    );
+    assert!(
+        (report.grad_norm - adapters_only).abs() <= 1e-4 * adapters_only,
+        "gradient norm {} vs {adapters_only} over the adapters",
+        report.grad_norm
     );
     for ((name, trainable, old), (_, _, new)) in before.iter().zip(values(&trainer.policy)) {
         let moved = old != &new;
