@@ -50,6 +50,8 @@ impl TensorSpec {
 pub(crate) struct Weights {
     pub(crate) tensors: HashMap<String, Tensor>,
     pub(crate) lora_scale: f64,
+    /// Every base weight is frozen (a LoRA model): linear maps skip their weights' gradients.
+    pub(crate) frozen: bool,
 }
 
 impl Weights {

@@ -63,6 +63,7 @@ fn conv1d(w: &Weights, name: &str) -> Linear {
         bias: Some(w.get(&format!("{name}.bias"))),
         input_major: true,
         lora: w.lora(name),
+        frozen: w.frozen,
     }
 }
 

@@ -72,6 +72,7 @@ fn linear(w: &Weights, name: &str, bias: bool) -> Linear {
         bias: bias.then(|| w.get(&format!("{name}.bias"))),
         input_major: false,
         lora: w.lora(name),
+        frozen: w.frozen,
     }
 }
 

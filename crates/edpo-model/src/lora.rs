@@ -186,6 +186,7 @@ impl CausalLm {
         let arch = arch::of(&self.config).build(&Weights {
             tensors,
             lora_scale: cfg.scale(),
+            frozen: true,
         });
         Ok(Self {
             config: self.config.clone(),

@@ -151,6 +151,7 @@ impl CausalLm {
         let arch = architecture.build(&Weights {
             tensors: weights,
             lora_scale: 0.0,
+            frozen: false,
         });
         Ok(Self {
             config,

@@ -20,6 +20,9 @@ pub struct Linear {
     pub input_major: bool,
     /// A LoRA adapter on this map, if any.
     pub lora: Option<Lora>,
+    /// The weight and bias are frozen (the base of a LoRA model): no gradient is computed
+    /// for them.
+    pub frozen: bool,
 }
 
 /// Which modules carry adapters, and their rank and scale.
@@ -61,7 +64,11 @@ pub struct Lora {
 impl Linear {
     /// Applies the map to `x` of shape `(…, in)`, giving `(…, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::ops::linear(x, &self.weight, self.bias.as_ref(), self.input_major)?;
+        let y = if self.frozen {
+            crate::ops::linear_frozen(x, &self.weight, self.bias.as_ref(), self.input_major)?
+        } else {
+            crate::ops::linear(x, &self.weight, self.bias.as_ref(), self.input_major)?
+        };
         let Some(lora) = &self.lora else {
             return Ok(y);
         };

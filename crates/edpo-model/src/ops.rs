@@ -76,6 +76,21 @@ pub fn log_softmax_gather(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     }
 }
 
+/// `x·W (+ b)` with `W` and `b` frozen: on the fused path the backward pass computes the
+/// gradient of `x` alone (the composed path computes the weight's too and it is dropped).
+pub fn linear_frozen(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    input_major: bool,
+) -> Result<Tensor> {
+    if fused(x) {
+        kernels::linear_frozen(x, weight, bias, input_major)
+    } else {
+        composed::linear(x, weight, bias, input_major)
+    }
+}
+
 /// `x·W + b` over the last dimension of `x` (`input_major`: `W` is `(in, out)`).
 pub fn linear(
     x: &Tensor,

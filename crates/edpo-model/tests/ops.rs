@@ -150,5 +150,44 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
             }
         }
     }
+    // A frozen linear map (LoRA's base): the same values and input gradient as the composed
+    // map, and no gradient at all for its weight or bias on the fused path.
+    for (w, bias, input_major) in [
+        (&w_in, Some(&b24), true),
+        (&w_out, Some(&b24), false),
+        (&w_out, None, false),
+    ] {
+        let op = || {
+            linear_frozen(
+                x.as_tensor(),
+                w.as_tensor(),
+                bias.map(Var::as_tensor),
+                input_major,
+            )
+        };
+        let fused_out = op()?;
+        let composed_out = composed_run(&op)?;
+        close("frozen linear", &fused_out, &composed_out, 1e-5);
+        let probe = composed_out.ones_like()?.affine(0.3, 0.1)?;
+        let gf = (&fused_out * &probe)?.sum_all()?.backward()?;
+        let gc = (&composed_out * &probe)?.sum_all()?.backward()?;
+        let (dxf, dxc) = (gf.get(x.as_tensor()), gc.get(x.as_tensor()));
+        close(
+            "frozen linear: input gradient",
+            dxf.expect("fused dx"),
+            dxc.expect("composed dx"),
+            1e-4,
+        );
+        assert!(
+            gf.get(w.as_tensor()).is_none(),
+            "a frozen weight got a gradient"
+        );
+        if let Some(b) = bias {
+            assert!(
+                gf.get(b.as_tensor()).is_none(),
+                "a frozen bias got a gradient"
+            );
+        }
+    }
     Ok(())
 }

@@ -10,6 +10,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 struct LinearBias {
     /// `W` is stored `(in, out)` (GPT-2's `Conv1D`); otherwise `(out, in)` (`nn.Linear`).
     input_major: bool,
+    /// `W` and `b` are frozen: the backward pass computes `∂x` only (LoRA's base).
+    frozen: bool,
 }
 
 impl LinearBias {
@@ -84,6 +86,14 @@ impl CustomOp3 for LinearBias {
         let g = grad.detach().contiguous()?.reshape((rows, n_out))?;
         let x2 = x.detach().reshape((rows, n_in))?;
         let w = w.detach();
+        if self.frozen {
+            let dx = if self.input_major {
+                g.matmul(&w.t()?)?
+            } else {
+                g.matmul(&w)?
+            };
+            return Ok((Some(dx.reshape(x.shape())?), None, None));
+        }
         let (dx, dw) = if self.input_major {
             (g.matmul(&w.t()?)?, x2.t()?.matmul(&g)?)
         } else {
@@ -114,6 +124,44 @@ pub fn linear_bias(
     bias: &Tensor,
     input_major: bool,
 ) -> candle_core::Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, bias, LinearBias { input_major })
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        bias,
+        LinearBias {
+            input_major,
+            frozen: false,
+        },
+    )
+}
+
+/// `x·W (+ b)` for a frozen `W` (and `b`): the backward pass computes the gradient of `x`
+/// only, where candle's product would also compute (and keep) one for the weight. A bias-free
+/// map runs as the bias case with a zero bias.
+pub fn linear_frozen(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    input_major: bool,
+) -> candle_core::Result<Tensor> {
+    let n_out = if input_major {
+        weight.dim(1)?
+    } else {
+        weight.dim(0)?
+    };
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = Tensor::zeros(n_out, weight.dtype(), weight.device())?;
+            &zeros
+        }
+    };
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        bias,
+        LinearBias {
+            input_major,
+            frozen: true,
+        },
+    )
 }

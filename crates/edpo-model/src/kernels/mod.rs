@@ -26,7 +26,7 @@ pub mod softmax;
 
 pub use activation::gelu;
 pub use attention::{attention, packed_attention};
-pub use linear::linear_bias;
+pub use linear::{linear_bias, linear_frozen};
 pub use norm::{layer_norm, rms_norm};
 pub use softmax::{log_softmax_gather, softmax_last};
 
