@@ -143,6 +143,8 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
+    /// The base is frozen (a LoRA model): the LM head skips its weight's gradient.
+    frozen: bool,
 }
 
 impl Gpt2 {
@@ -172,6 +174,7 @@ impl Gpt2 {
             wpe: w.get("transformer.wpe.weight"),
             blocks,
             ln_f: layer_norm(w, "transformer.ln_f", eps),
+            frozen: w.frozen,
         }
     }
 }
@@ -221,6 +224,9 @@ impl Forward for Gpt2 {
 
     /// Logits `(N, V)` for hidden states `(N, d)`: the LM head tied to the token embedding.
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        if self.frozen {
+            return Ok(crate::ops::linear_frozen(hidden, &self.wte, None, false)?);
+        }
         Ok(hidden.matmul(&self.wte.t()?)?)
     }
 }

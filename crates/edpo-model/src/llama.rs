@@ -165,6 +165,8 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Tensor,
     rotary: Rotary,
+    /// The base is frozen (a LoRA model): the LM head skips its weight's gradient.
+    frozen: bool,
 }
 
 impl Llama {
@@ -210,6 +212,7 @@ impl Llama {
             norm: norm("model.norm"),
             lm_head,
             rotary: Rotary::new(cfg.head_dim, cfg.rope_theta),
+            frozen: w.frozen,
         }
     }
 }
@@ -265,6 +268,14 @@ impl Forward for Llama {
 
     /// Logits `(N, V)` for hidden states `(N, d)`.
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        if self.frozen {
+            return Ok(crate::ops::linear_frozen(
+                hidden,
+                &self.lm_head,
+                None,
+                false,
+            )?);
+        }
         Ok(hidden.matmul(&self.lm_head.t()?)?)
     }
 }
