@@ -83,24 +83,18 @@ impl Source {
         );
         let repo_dir = root.join(repo.folder_name());
         let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
-        let config = if is_commit {
+        // A commit names its snapshot directly; a branch or tag goes through `refs/`.
+        let (config, looked) = if is_commit {
             let p = repo_dir
                 .join("snapshots")
                 .join(revision)
                 .join("config.json");
-            p.exists().then_some(p)
+            (p.exists().then(|| p.clone()), p)
         } else {
-            hf_hub::Cache::new(root.clone())
+            let config = hf_hub::Cache::new(root.clone())
                 .repo(repo)
-                .get("config.json")
-        };
-        let looked = if is_commit {
-            repo_dir
-                .join("snapshots")
-                .join(revision)
-                .join("config.json")
-        } else {
-            repo_dir.join("refs").join(revision)
+                .get("config.json");
+            (config, repo_dir.join("refs").join(revision))
         };
         let dir = config
             .as_deref()

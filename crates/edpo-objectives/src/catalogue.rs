@@ -338,11 +338,9 @@ pub fn symbol(name: &str) -> &str {
 
 impl Entry {
     /// Builds the objective from `values` (every parameter of the entry; see
-    /// [`Entry::params`]) and checks every parameter's range.
-    pub fn objective(&self, values: &[(&str, f64)], seed: u64) -> Result<Objective, Error> {
-        let objective = (self.build)(&Values { values }, seed);
-        objective.validate(0.0)?;
-        Ok(objective)
+    /// [`Entry::params`]); [`Objective::validate`] checks the ranges.
+    pub fn objective(&self, values: &[(&str, f64)], seed: u64) -> Objective {
+        (self.build)(&Values { values }, seed)
     }
 }
 
@@ -475,9 +473,10 @@ mod tests {
                 .iter()
                 .map(|p| (p.name, p.default.unwrap_or(0.1)))
                 .collect();
-            let o = e.objective(&values, 7).unwrap_or_else(|err| {
+            let o = e.objective(&values, 7);
+            if let Err(err) = o.validate(0.0) {
                 panic!("{}: {err}", e.kind);
-            });
+            }
             assert_eq!(o.kind(), e.kind);
             assert_eq!(label(e.kind), e.label);
             let needs = o.needs();
@@ -505,7 +504,7 @@ mod tests {
         };
         assert!(eps.needs().mixed_logit_ratios && !eps.needs().precomputed_reference);
         let simpo = entry("simpo")
-            .and_then(|e| e.objective(&[("beta", 2.0), ("gamma_ratio", 0.5)], 0).ok())
+            .map(|e| e.objective(&[("beta", 2.0), ("gamma_ratio", 0.5)], 0))
             .expect("simpo");
         assert!(!simpo.needs().reference && simpo.needs().lengths);
         let tr = Objective::TrDpo {

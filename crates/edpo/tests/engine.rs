@@ -193,14 +193,10 @@ fn same_config_and_seed_give_identical_metrics() {
         args.extend(small);
         let out = edpo(&args);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        let run = std::fs::read_dir(dir)
-            .expect("out")
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().starts_with("synthetic-"))
-            .expect("run dir");
+        let run = synthetic_run_dir(dir);
         metrics.push((
-            std::fs::read(run.path().join("metrics.jsonl")).expect("metrics"),
-            std::fs::read(run.path().join("eval.json")).expect("eval"),
+            std::fs::read(run.join("metrics.jsonl")).expect("metrics"),
+            std::fs::read(run.join("eval.json")).expect("eval"),
         ));
     }
     assert!(!metrics[0].0.is_empty());
@@ -225,6 +221,32 @@ fn same_config_and_seed_give_identical_metrics() {
     assert_eq!(printed, built);
 }
 
+/// Overrides that shrink the synthetic task to a run of a fraction of a second.
+const TINY: [&str; 12] = [
+    "--set",
+    "task.train_pairs=32",
+    "--set",
+    "task.sft_steps=10",
+    "--set",
+    "task.eval_prompts=8",
+    "--set",
+    "task.val_prompts=4",
+    "--set",
+    "task.eval_pairs=4",
+    "--set",
+    "optim.epochs=1",
+];
+
+/// The run directory `edpo train experiments/synthetic.yaml --out DIR` made in `dir`.
+fn synthetic_run_dir(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .expect("out")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("synthetic-"))
+        .expect("run dir")
+        .path()
+}
+
 /// What the damage test expects to be told, and how it does the damage.
 type Damage<'a> = (&'a str, Box<dyn Fn() + 'a>);
 
@@ -234,32 +256,11 @@ type Damage<'a> = (&'a str, Box<dyn Fn() + 'a>);
 fn a_damaged_stage_is_detected_and_rebuilt() {
     let dir = scratch("damaged");
     let out = dir.to_str().expect("utf8");
-    let args = [
-        "train",
-        "experiments/synthetic.yaml",
-        "--out",
-        out,
-        "--set",
-        "task.train_pairs=32",
-        "--set",
-        "task.sft_steps=10",
-        "--set",
-        "task.eval_prompts=8",
-        "--set",
-        "task.val_prompts=4",
-        "--set",
-        "task.eval_pairs=4",
-        "--set",
-        "optim.epochs=1",
-    ];
+    let mut args = vec!["train", "experiments/synthetic.yaml", "--out", out];
+    args.extend(TINY);
     let first = edpo(&args);
     assert!(first.status.success(), "{}", text(&first.stderr));
-    let run = std::fs::read_dir(&dir)
-        .expect("out")
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("synthetic-"))
-        .expect("run dir")
-        .path();
+    let run = synthetic_run_dir(&dir);
     let eval = std::fs::read(run.join("eval.json")).expect("eval");
     let stage = |prefix: &str| {
         std::fs::read_dir(dir.join("cache"))
@@ -522,25 +523,10 @@ fn a_diverging_run_fails_alone_and_the_sweep_reports_it() {
 fn lora_runs_train_adapters_from_the_config() {
     let dir = scratch("lora");
     let out = dir.to_str().expect("utf8");
-    let small = [
-        "--set",
-        "task.train_pairs=32",
-        "--set",
-        "task.sft_steps=10",
-        "--set",
-        "task.eval_prompts=8",
-        "--set",
-        "task.val_prompts=4",
-        "--set",
-        "task.eval_pairs=4",
-        "--set",
-        "optim.epochs=1",
-        "--set",
-        "optim.lr=1e-2",
-    ];
     let run = |lora: &str, objective: Option<&str>| {
         let mut args = vec!["train", "experiments/synthetic.yaml", "--out", out];
-        args.extend(small);
+        args.extend(TINY);
+        args.extend(["--set", "optim.lr=1e-2"]);
         let set = format!("lora={lora}");
         args.extend(["--set", set.as_str()]);
         let objective = objective.map(|o| format!("objective={o}"));
@@ -553,12 +539,7 @@ fn lora_runs_train_adapters_from_the_config() {
     assert!(ok.status.success(), "{}", text(&ok.stderr));
     let eval: serde_json::Value = serde_json::from_str(&text(&ok.stdout)).expect("eval json");
     assert!(eval["kl"].as_f64().expect("kl") > 0.0, "{eval}");
-    let run_dir = std::fs::read_dir(&dir)
-        .expect("out")
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("synthetic-"))
-        .expect("run dir")
-        .path();
+    let run_dir = synthetic_run_dir(&dir);
     let yaml = std::fs::read_to_string(run_dir.join("config.yaml")).expect("config");
     assert!(yaml.contains("lora:") && yaml.contains("c_attn"), "{yaml}");
     let tr = run(

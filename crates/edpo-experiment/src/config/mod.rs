@@ -62,7 +62,8 @@ pub struct ObjectiveConfig {
 }
 
 impl ObjectiveConfig {
-    /// The trainer's objective; `seed` seeds β-DPO's filter.
+    /// The trainer's objective; `seed` seeds β-DPO's filter. Its ranges were checked when the
+    /// config was resolved, and are again when a trainer is made.
     pub fn to_objective(&self, seed: u64) -> Result<Objective> {
         let entry = catalogue::entry(&self.kind)
             .ok_or_else(|| anyhow!("unknown objective `{}`", self.kind))?;
@@ -78,7 +79,7 @@ impl ObjectiveConfig {
                 (p.name, x)
             })
             .collect();
-        Ok(entry.objective(&values, seed)?)
+        Ok(entry.objective(&values, seed))
     }
 }
 

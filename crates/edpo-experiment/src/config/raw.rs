@@ -180,10 +180,8 @@ impl RawObjective {
         };
         // Range checks live with the objectives; run them now so a bad value fails before any
         // run.
-        let objective = resolved.to_objective(0).map_err(parameter_error)?;
-        objective
-            .validate(sft_weight)
-            .map_err(|e| parameter_error(e.into()))?;
+        let objective = resolved.to_objective(0)?;
+        objective.validate(sft_weight).map_err(parameter_error)?;
         if reference_logps == ReferenceLogps::Cached && !objective.needs().precomputed_reference {
             bail!("key `objective.reference_logps`: `{kind}` cannot use cached reference log-probs (it needs the reference model every step, or no reference at all)");
         }
@@ -192,14 +190,14 @@ impl RawObjective {
 }
 
 /// An objective's parameter error as a config error naming the key.
-fn parameter_error(e: anyhow::Error) -> anyhow::Error {
-    match e.downcast_ref::<edpo_objectives::Error>() {
-        Some(edpo_objectives::Error::Parameter {
+fn parameter_error(e: edpo_objectives::Error) -> anyhow::Error {
+    match e {
+        edpo_objectives::Error::Parameter {
             name,
             value,
             message,
-        }) => anyhow!("key `objective.{name}`: {value} {message}"),
-        _ => anyhow!("key `objective`: {e}"),
+        } => anyhow!("key `objective.{name}`: {value} {message}"),
+        other => anyhow!("key `objective`: {other}"),
     }
 }
 
