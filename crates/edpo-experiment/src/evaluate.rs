@@ -37,10 +37,15 @@ impl<'a> Evaluator<'a> {
             eos: data.eos,
         };
         let seed = 0xE7A1 ^ cfg.run.seed.wrapping_mul(0x9E37_79B9);
+        let started = std::time::Instant::now();
         let theirs = sample(reference, &data.eval_prompts, &settings, seed ^ 0xFFFF)?;
         let r_theirs = gold(data, &data.eval_prompts, &theirs);
         let theirs_val = sample(reference, &data.val_prompts, &settings, seed ^ 0x7A1)?;
         let reference_val = gold(data, &data.val_prompts, &theirs_val);
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "sampled the reference on the test and validation prompts"
+        );
         Ok(Self {
             reference,
             data,
@@ -56,7 +61,9 @@ impl<'a> Evaluator<'a> {
     pub fn evaluate(&self, policy: &CausalLm) -> Result<Map<String, Value>> {
         let (data, settings, seed) = (self.data, &self.settings, self.seed);
         let prompts = &data.eval_prompts;
+        let started = std::time::Instant::now();
         let ours = sample(policy, prompts, settings, seed)?;
+        let sampled = started.elapsed().as_secs_f64();
         let (theirs, r_theirs) = &self.reference_test;
         let r_ours = gold(data, prompts, &ours);
         let win = win_rate(&r_ours, r_theirs, 0.0);
@@ -66,6 +73,7 @@ impl<'a> Evaluator<'a> {
             .map(|(p, r)| (p.as_slice(), r.as_slice()))
             .collect();
         let kl = sequence_kl(policy, self.reference, &seqs)?;
+        let kl_done = started.elapsed().as_secs_f64();
         let (kl_mean, kl_se) = mean_and_stderr(&kl.exact);
         let (kls_mean, kls_se) = mean_and_stderr(&kl.sampled);
         let (reward_mean, reward_se) = mean_and_stderr(&r_ours);
@@ -138,6 +146,12 @@ impl<'a> Evaluator<'a> {
         out.insert("n_prompts".into(), json!(prompts.len()));
         out.insert("n_val_prompts".into(), json!(data.val_prompts.len()));
         out.insert("n_pairs".into(), json!(held.len()));
+        tracing::info!(
+            sampling = sampled,
+            kl = kl_done - sampled,
+            total = started.elapsed().as_secs_f64(),
+            "evaluated (seconds)"
+        );
         Ok(out)
     }
 }

@@ -22,6 +22,7 @@ pub fn sample_pairs(
     let mut rng = SplitMix64(seed);
     let mut pairs = Vec::with_capacity(count);
     let mut round = 0u64;
+    let started = std::time::Instant::now();
     while pairs.len() < count {
         if round > 20 {
             bail!(
@@ -55,6 +56,11 @@ pub fn sample_pairs(
         }
         round += 1;
     }
+    tracing::info!(
+        pairs = pairs.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "sampled preference pairs"
+    );
     Ok(pairs)
 }
 

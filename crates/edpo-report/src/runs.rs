@@ -2,7 +2,8 @@
 //!
 //! Each `runs/<hash>/` with a `status.json` in state `completed` contributes one row: the
 //! objective's kind and parameters from `config.json`, the run seed, every number of
-//! `eval.json`, and a `setting` label naming the method's varied hyper-parameters. Runs that
+//! `eval.json`, and a `setting` label naming the method's varied hyper-parameters (and the
+//! LoRA rank of a run that trains adapters). Runs that
 //! are not completed, or were written by another config version, are listed as skipped; a
 //! malformed file is an error naming it.
 
@@ -151,7 +152,11 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
         let objective = &config["objective"];
         let k = objective["kind"].as_str().unwrap_or("unknown").to_string();
         let seed = config["run"]["seed"].as_u64().unwrap_or(0);
-        let label = setting_label(objective);
+        let label = match config["lora"]["r"].as_u64() {
+            // LoRA and full fine-tuning of one objective are different settings.
+            Some(r) => format!("{} · LoRA r={r}", setting_label(objective)),
+            None => setting_label(objective),
+        };
         let row = method.len();
         let mut numbers: BTreeMap<String, f64> = BTreeMap::new();
         if let Some(map) = eval.as_object() {

@@ -206,6 +206,16 @@ impl RawConfig {
     pub fn resolve(self) -> Result<RunConfig> {
         let task = self.task.resolve()?;
         let default = task.default_shape();
+        if let crate::task::TaskConfig::Sentiment(t) = &task {
+            let written = self.model.n_embd.is_some()
+                || self.model.n_layer.is_some()
+                || self.model.n_head.is_some();
+            check(
+                t.reference.is_none() || !written,
+                "model",
+                "the shape of a model the task pre-trains; `task.reference` is a pretrained model, which has its own",
+            )?;
+        }
         let model = ModelShape {
             n_embd: self.model.n_embd.unwrap_or(default.n_embd),
             n_layer: self.model.n_layer.unwrap_or(default.n_layer),

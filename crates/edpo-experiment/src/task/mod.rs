@@ -207,7 +207,7 @@ impl TaskConfig {
     pub fn stage_keys(&self, shape: &ModelShape) -> Vec<(&'static str, serde_json::Value)> {
         match self {
             TaskConfig::Synthetic(t) => synthetic::stage_keys(t, shape).into(),
-            TaskConfig::Sentiment(t) => sentiment::stage_keys(t, shape).into(),
+            TaskConfig::Sentiment(t) => sentiment::stage_keys(t, shape),
         }
     }
 

@@ -15,14 +15,24 @@
 //!    Bradley–Terry draw. Held-out pairs and the test prompts every reported number uses
 //!    come from the test split; the validation prompts that settings are chosen on come from
 //!    the validation split.
+//!
+//! With `reference:` set to a pretrained model (a GGUF file, a Hugging Face directory or
+//! `hf:ORG/NAME[@REV]`), stages 2 and 4 are replaced by that model (converted once to the
+//! Hugging Face layout, its own tokenizer kept; `reference_sha256` pins a file's contents), and
+//! the prompts can be given as a chat message: `prompt_format` writes the user's message
+//! around the prefix (`{prefix}`), `chat_template` (`model`: the checkpoint's own, or
+//! `chatml`, `llama3`, `smollm2`) renders it with the generation prompt, and the response is
+//! the assistant's turn. The gold reward always reads the prefix followed by the response, so
+//! a chat model is judged on the review it continues, not on the template around it.
 
 use super::ModelShape;
 use super::{check_pairs, gpt2_config, write_pairs, Judge, TaskData};
 use crate::check::check;
 use crate::pairs::sample_pairs;
 use crate::stages::StageCache;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use edpo_data::bpe::{train_bpe, EOS};
+use edpo_data::chat::{ChatTemplate, Message};
 use edpo_data::rng::SplitMix64;
 use edpo_data::snippets::{self, Snippet};
 use edpo_data::PairTokenizer;
@@ -32,7 +42,9 @@ use edpo_model::CausalLm;
 use edpo_train::{AdamWConfig, SftTrainer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The sentiment task's section as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +65,10 @@ pub struct RawSentiment {
     pretrain_steps: Option<usize>,
     gold_buckets: Option<usize>,
     seed: Option<u64>,
+    reference: Option<String>,
+    reference_sha256: Option<String>,
+    chat_template: Option<String>,
+    prompt_format: Option<String>,
 }
 
 /// The resolved sentiment task.
@@ -88,6 +104,27 @@ pub struct SentimentTask {
     pub gold_buckets: usize,
     /// Seed of the tokenizer, reference and pairs.
     pub seed: u64,
+    /// A pretrained reference (GGUF file, Hugging Face directory, `hf:ORG/NAME[@REV]`) in
+    /// place of the GPT-2 the task pre-trains; `None`: pre-train one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Expected SHA-256 of the pretrained reference file (checked when it is converted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_sha256: Option<String>,
+    /// The chat template the prompts are rendered with: `model` (the reference's own) or a
+    /// name ([`edpo_data::chat::ChatTemplate::named`]); `None`: plain text prompts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// The prompt text around the review prefix (`{prefix}`).
+    #[serde(skip_serializing_if = "is_plain_format")]
+    pub prompt_format: String,
+}
+
+/// The prompt format that is the prefix alone.
+const PLAIN_FORMAT: &str = "{prefix}";
+
+fn is_plain_format(f: &str) -> bool {
+    f == PLAIN_FORMAT
 }
 
 /// The snippets shipped in `datasets/` and their recorded checksum.
@@ -128,7 +165,39 @@ impl RawSentiment {
             pretrain_steps: self.pretrain_steps.unwrap_or(1200),
             gold_buckets: self.gold_buckets.unwrap_or(1 << 16),
             seed: self.seed.unwrap_or(0),
+            reference: self.reference,
+            reference_sha256: self.reference_sha256.map(|d| d.to_ascii_lowercase()),
+            chat_template: self.chat_template,
+            prompt_format: self.prompt_format.unwrap_or_else(|| PLAIN_FORMAT.into()),
         };
+        check(
+            task.prompt_format.contains("{prefix}"),
+            "task.prompt_format",
+            "must contain `{prefix}`, where the review's first words go",
+        )?;
+        check(
+            task.reference_sha256.is_none() || task.reference.is_some(),
+            "task.reference_sha256",
+            "given without `task.reference`",
+        )?;
+        if let Some(d) = &task.reference_sha256 {
+            check(
+                d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit()),
+                "task.reference_sha256",
+                "must be 64 hexadecimal digits",
+            )?;
+        }
+        if let Some(name) = &task.chat_template {
+            if name == "model" {
+                check(
+                    task.reference.is_some(),
+                    "task.chat_template",
+                    "`model` needs a pretrained `task.reference` (the task's own GPT-2 has no template)",
+                )?;
+            } else if let Err(e) = edpo_data::chat::ChatTemplate::named(name) {
+                check(false, "task.chat_template", format!("{e}; or `model`"))?;
+            }
+        }
         check(
             task.vocab_size >= 300,
             "task.vocab_size",
@@ -164,17 +233,39 @@ pub struct TextJudge {
     tokenizer: PairTokenizer,
     gold: GoldModel,
     lexicon: Lexicon,
+    /// The review prefix of every prompt rendered from one (chat prompts), by its ids; a
+    /// plain prompt is its own prefix and is decoded with the response.
+    prefixes: Mutex<HashMap<Vec<u32>, String>>,
 }
 
 impl TextJudge {
     fn text(&self, prompt: &[u32], response: &[u32]) -> String {
+        let eos = self.tokenizer.eos_id();
+        let known = self
+            .prefixes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(prompt).cloned());
+        if let Some(prefix) = known {
+            let ids: Vec<u32> = response.iter().copied().filter(|&t| t != eos).collect();
+            let response = self.tokenizer.decode(&ids).unwrap_or_default();
+            return format!("{prefix} {}", response.trim_start());
+        }
         let ids: Vec<u32> = prompt
             .iter()
             .chain(response)
             .copied()
-            .filter(|&t| t != self.tokenizer.eos_id())
+            .filter(|&t| t != eos)
             .collect();
         self.tokenizer.decode(&ids).unwrap_or_default()
+    }
+
+    fn remember(&self, ids: &[u32], prefix: &str) -> Result<()> {
+        self.prefixes
+            .lock()
+            .map_err(|_| anyhow!("judge lock poisoned"))?
+            .insert(ids.to_vec(), prefix.to_string());
+        Ok(())
     }
 }
 
@@ -187,6 +278,33 @@ impl Judge for TextJudge {
         Some(self.lexicon.score(&self.text(prompt, response)))
     }
 }
+
+/// How prompts are written: the plain prefix, or a user message in a chat template.
+struct PromptWriter {
+    format: String,
+    template: Option<ChatTemplate>,
+}
+
+impl PromptWriter {
+    /// The prompt text for a review prefix; `None` when it is the prefix itself.
+    fn render(&self, prefix: &str) -> Result<Option<String>> {
+        let text = self.format.replace("{prefix}", prefix);
+        Ok(match &self.template {
+            None if text == prefix => None,
+            None => Some(text),
+            Some(t) => Some(t.render(
+                &[Message {
+                    role: "user".into(),
+                    content: text,
+                }],
+                true,
+            )?),
+        })
+    }
+}
+
+/// File of a pairs stage that maps rendered prompts back to their review prefixes.
+const PROMPT_TEXTS: &str = "prompt_texts.jsonl";
 
 fn load_tokenizer(dir: &Path) -> Result<PairTokenizer> {
     let path = dir.join("tokenizer.json");
@@ -294,36 +412,104 @@ fn prompt_of(text: &str, words: usize) -> String {
     text.split(' ').take(words).collect::<Vec<_>>().join(" ")
 }
 
-/// The sentiment task's stage keys, in build order: snippets, tokenizer, gold, reference, pairs.
+/// The sentiment task's stage keys, in build order: snippets, tokenizer, gold, reference, pairs
+/// (with a pretrained reference: snippets, gold, reference, pairs).
 pub fn stage_keys(
     task: &SentimentTask,
     shape: &ModelShape,
-) -> [(&'static str, serde_json::Value); 5] {
+) -> Vec<(&'static str, serde_json::Value)> {
     let snippets_key = json!({"stage": "snippets", "data": task.data, "sha256": task.sha256, "split": "sha256-80-10-10"});
     let tokenizer_key =
         json!({"stage": "tokenizer", "snippets": snippets_key, "vocab_size": task.vocab_size});
     let gold_key = json!({"stage": "gold", "snippets": snippets_key, "buckets": task.gold_buckets});
-    let reference_key = json!({"stage": "sentiment-reference", "tokenizer": tokenizer_key, "model": shape,
-        "pretrain_steps": task.pretrain_steps, "seed": task.seed, "context": CONTEXT});
-    let pairs_key = json!({"stage": "sentiment-pairs", "reference": reference_key, "gold": gold_key,
+    let reference_key = match &task.reference {
+        None => json!({"stage": "sentiment-reference", "tokenizer": tokenizer_key, "model": shape,
+            "pretrain_steps": task.pretrain_steps, "seed": task.seed, "context": CONTEXT}),
+        Some(source) => json!({"stage": "pretrained-reference", "source": source,
+            "sha256": task.reference_sha256}),
+    };
+    let mut pairs_key = json!({"stage": "sentiment-pairs", "reference": reference_key, "gold": gold_key,
         "prompt_words": [task.prompt_words_min, task.prompt_words_max], "response_tokens": task.response_tokens,
         "train_pairs": task.train_pairs, "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts,
         "val_prompts": task.val_prompts, "held_out_split": "test", "bt_temperature": task.bt_temperature});
-    [
-        ("snippets", snippets_key),
-        ("tokenizer", tokenizer_key),
-        ("gold", gold_key),
-        ("reference", reference_key),
-        ("pairs", pairs_key),
-    ]
+    // Keys a plain task has not, so its stage names stay what they were.
+    if let Some(template) = &task.chat_template {
+        pairs_key["chat_template"] = json!(template);
+    }
+    if !is_plain_format(&task.prompt_format) {
+        pairs_key["prompt_format"] = json!(task.prompt_format);
+    }
+    match task.reference {
+        None => vec![
+            ("snippets", snippets_key),
+            ("tokenizer", tokenizer_key),
+            ("gold", gold_key),
+            ("reference", reference_key),
+            ("pairs", pairs_key),
+        ],
+        Some(_) => vec![
+            ("snippets", snippets_key),
+            ("gold", gold_key),
+            ("reference", reference_key),
+            ("pairs", pairs_key),
+        ],
+    }
+}
+
+/// Converts a pretrained reference into the Hugging Face layout (checking its digest first).
+fn convert_reference(task: &SentimentTask, source: &str, dir: &Path) -> Result<()> {
+    let path = Path::new(source);
+    if let Some(expected) = &task.reference_sha256 {
+        let bytes = std::fs::read(path).with_context(|| {
+            format!("key `task.reference`: cannot read {source} to check its SHA-256")
+        })?;
+        let found = snippets::sha256_hex(&bytes);
+        if &found != expected {
+            bail!("key `task.reference_sha256`: {source} has SHA-256 {found}, expected {expected}");
+        }
+    }
+    let model = CausalLm::load(path, &crate::device(), false)
+        .with_context(|| format!("key `task.reference`: cannot load {source}"))?;
+    model.save(dir)?;
+    std::fs::write(
+        dir.join("source.json"),
+        serde_json::to_string_pretty(&json!({"source": source, "sha256": task.reference_sha256}))?,
+    )?;
+    Ok(())
+}
+
+/// The tokenizer of a converted pretrained reference, with the EOS of its `config.json`, and
+/// the model's context length.
+fn pretrained_tokenizer(dir: &Path) -> Result<(PairTokenizer, usize)> {
+    let path = dir.join("config.json");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: malformed", path.display()))?;
+    let eos = match &config["eos_token_id"] {
+        serde_json::Value::Array(list) => list.first().and_then(serde_json::Value::as_u64),
+        v => v.as_u64(),
+    }
+    .ok_or_else(|| anyhow!("{}: key `eos_token_id` missing", path.display()))?;
+    let context = config["max_position_embeddings"]
+        .as_u64()
+        .or_else(|| config["n_positions"].as_u64())
+        .ok_or_else(|| anyhow!("{}: no `max_position_embeddings`", path.display()))?;
+    let eos = u32::try_from(eos).map_err(|_| anyhow!("{}: bad `eos_token_id`", path.display()))?;
+    Ok((
+        PairTokenizer::from_file(&dir.join("tokenizer.json"), eos)?,
+        context as usize,
+    ))
 }
 
 /// The sentiment task's stages.
 pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> Result<TaskData> {
     let data_path = PathBuf::from(&task.data);
-    let [(_, snippets_key), (_, tokenizer_key), (_, gold_key), (_, reference_key), (_, pairs_key)] =
-        stage_keys(task, shape);
-    let (snippets_dir, _) = cache.get_or_build("snippets", &snippets_key, |dir| {
+    let keys: std::collections::BTreeMap<&str, serde_json::Value> =
+        stage_keys(task, shape).into_iter().collect();
+    let key = |name: &str| keys.get(name).cloned().unwrap_or_default();
+    let (snippets_dir, _) = cache.get_or_build("snippets", &key("snippets"), |dir| {
         let (df, summary) = snippets::read(&data_path, task.sha256.as_deref())?;
         snippets::write_splits(&df, dir)?;
         std::fs::write(
@@ -341,17 +527,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     let validation = snippets::read_split(&snippets_dir, "validation")?;
     let test = snippets::read_split(&snippets_dir, "test")?;
 
-    let (tokenizer_dir, _) = cache.get_or_build("tokenizer", &tokenizer_key, |dir| {
-        train_bpe(
-            train.iter().map(|s| s.text.as_str()),
-            task.vocab_size,
-            &dir.join("tokenizer.json"),
-        )?;
-        Ok(())
-    })?;
-    let tokenizer = load_tokenizer(&tokenizer_dir)?;
-
-    let (gold_dir, _) = cache.get_or_build("gold", &gold_key, |dir| {
+    let (gold_dir, _) = cache.get_or_build("gold", &key("gold"), |dir| {
         let (model, report) = fit_gold(&train, &validation, &test, task.gold_buckets);
         tracing::info!("gold model: {report}");
         std::fs::write(dir.join("gold.json"), serde_json::to_string(&model)?)?;
@@ -369,19 +545,64 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     .with_context(|| format!("{}: malformed", gold_path.display()))?;
     let lexicon = Lexicon::from_file(Path::new(&task.lexicon)).map_err(|e| anyhow!(e))?;
 
-    let (reference_dir, _) = cache.get_or_build("reference", &reference_key, |dir| {
-        std::fs::copy(
-            tokenizer_dir.join("tokenizer.json"),
-            dir.join("tokenizer.json"),
-        )?;
-        pretrain(task, shape, &tokenizer, &train, dir)
-    })?;
+    let (reference_dir, tokenizer, context) = match &task.reference {
+        None => {
+            let (tokenizer_dir, _) = cache.get_or_build("tokenizer", &key("tokenizer"), |dir| {
+                train_bpe(
+                    train.iter().map(|s| s.text.as_str()),
+                    task.vocab_size,
+                    &dir.join("tokenizer.json"),
+                )?;
+                Ok(())
+            })?;
+            let tokenizer = load_tokenizer(&tokenizer_dir)?;
+            let (reference_dir, _) = cache.get_or_build("reference", &key("reference"), |dir| {
+                std::fs::copy(
+                    tokenizer_dir.join("tokenizer.json"),
+                    dir.join("tokenizer.json"),
+                )?;
+                pretrain(task, shape, &tokenizer, &train, dir)
+            })?;
+            (reference_dir, tokenizer, CONTEXT)
+        }
+        Some(source) => {
+            let (reference_dir, _) = cache.get_or_build("reference", &key("reference"), |dir| {
+                convert_reference(task, source, dir)
+            })?;
+            let (tokenizer, context) = pretrained_tokenizer(&reference_dir)?;
+            (reference_dir, tokenizer, context)
+        }
+    };
+    let writer = PromptWriter {
+        format: task.prompt_format.clone(),
+        template: match task.chat_template.as_deref() {
+            None => None,
+            Some("model") => {
+                let path = reference_dir.join("tokenizer_config.json");
+                let template = if path.exists() {
+                    ChatTemplate::from_tokenizer_config(&path)?
+                } else {
+                    None
+                };
+                Some(template.ok_or_else(|| {
+                    anyhow!(
+                        "key `task.chat_template`: `model`, but {} carries no chat template",
+                        task.reference.as_deref().unwrap_or("the reference")
+                    )
+                })?)
+            }
+            Some(name) => Some(ChatTemplate::named(name)?),
+        },
+    };
+    // A template that fails fails here, once, with its message.
+    writer.render("A sample prefix")?;
 
     let eos = tokenizer.eos_id();
     let judge = TextJudge {
         tokenizer,
         gold,
         lexicon,
+        prefixes: Mutex::new(HashMap::new()),
     };
     let settings = SamplingSettings {
         temperature: 1.0,
@@ -390,19 +611,28 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         max_new_tokens: task.response_tokens,
         eos,
     };
-    let (pairs_dir, _) = cache.get_or_build("pairs", &pairs_key, |dir| {
+    let (pairs_dir, _) = cache.get_or_build("pairs", &key("pairs"), |dir| {
         let reference = CausalLm::load(&reference_dir, &crate::device(), false)?;
         let span = (task.prompt_words_max - task.prompt_words_min + 1) as u64;
         let prompts_from = |split: &[Snippet], seed: u64| {
             let mut rng = SplitMix64(seed);
-            let tok = &judge.tokenizer;
+            let judge = &judge;
+            let writer = &writer;
             let split = split.to_vec();
             move || -> Vec<u32> {
                 loop {
                     let s = &split[(rng.next_u64() % split.len() as u64) as usize];
                     let words = task.prompt_words_min + (rng.next_u64() % span) as usize;
-                    if let Ok(ids) = tok.encode(&prompt_of(&s.text, words)) {
-                        if !ids.is_empty() && ids.len() + task.response_tokens <= CONTEXT {
+                    let prefix = prompt_of(&s.text, words);
+                    let Ok(rendered) = writer.render(&prefix) else {
+                        continue;
+                    };
+                    let text = rendered.as_deref().unwrap_or(&prefix);
+                    if let Ok(ids) = judge.tokenizer.encode(text) {
+                        if !ids.is_empty()
+                            && ids.len() + task.response_tokens <= context
+                            && (rendered.is_none() || judge.remember(&ids, &prefix).is_ok())
+                        {
                             return ids;
                         }
                     }
@@ -432,15 +662,41 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         )?;
         let prompts: Vec<Vec<u32>> = (0..task.eval_prompts).map(|_| held_prompts()).collect();
         let val: Vec<Vec<u32>> = (0..task.val_prompts).map(|_| val_prompts()).collect();
-        write_pairs(dir, &train_pairs, &held_out, &prompts, &val)
+        write_pairs(dir, &train_pairs, &held_out, &prompts, &val)?;
+        let texts: std::collections::BTreeMap<Vec<u32>, String> = judge
+            .prefixes
+            .lock()
+            .map_err(|_| anyhow!("judge lock poisoned"))?
+            .clone()
+            .into_iter()
+            .collect();
+        if !texts.is_empty() {
+            let rows: Vec<serde_json::Value> = texts
+                .into_iter()
+                .map(|(ids, prefix)| json!({"prompt_input_ids": ids, "prefix": prefix}))
+                .collect();
+            super::write_jsonl(&dir.join(PROMPT_TEXTS), &rows)?;
+        }
+        Ok(())
     })?;
+    let texts_path = pairs_dir.join(PROMPT_TEXTS);
+    if texts_path.exists() {
+        #[derive(Deserialize)]
+        struct Row {
+            prompt_input_ids: Vec<u32>,
+            prefix: String,
+        }
+        for row in super::read_jsonl::<Row>(&texts_path)? {
+            judge.remember(&row.prompt_input_ids, &row.prefix)?;
+        }
+    }
     TaskData::from_pairs_stage(
         Box::new(judge),
         eos,
         reference_dir,
         &pairs_dir,
         task.response_tokens,
-        pairs_key,
+        key("pairs"),
     )
 }
 
@@ -473,5 +729,94 @@ mod tests {
             "held-out correlation {test} is below the 0.55 floor"
         );
         Ok(())
+    }
+
+    fn raw(yaml: &str) -> Result<SentimentTask> {
+        let raw: RawSentiment = serde_yaml::from_str(yaml)?;
+        raw.resolve()
+    }
+
+    /// A pretrained reference (the tiny Llama GGUF fixture, which carries ChatML) with its
+    /// own template: prompts are the rendered user message, the judge reads prefix + response,
+    /// a second preparation reads the same stages back and judges the same way.
+    #[test]
+    fn a_pretrained_reference_with_its_chat_template() -> Result<()> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let gguf = root.join("testdata/gguf/tiny-llama-f32.gguf");
+        let digest = snippets::sha256_hex(&std::fs::read(&gguf)?);
+        let data = root.join(SNIPPETS_PATH);
+        let lexicon = root.join(LEXICON_PATH);
+        let task = raw(&format!(
+            "{{data: {data:?}, lexicon: {lexicon:?}, reference: {gguf:?}, reference_sha256: {digest},
+              chat_template: model, prompt_format: 'Continue: {{prefix}}', response_tokens: 4,
+              train_pairs: 6, eval_pairs: 2, eval_prompts: 3, val_prompts: 2, gold_buckets: 256}}",
+            data = data.display().to_string(),
+            lexicon = lexicon.display().to_string(),
+            gguf = gguf.display().to_string(),
+        ))?;
+        let names: Vec<&str> = stage_keys(&task, &DEFAULT_SHAPE)
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(names, ["snippets", "gold", "reference", "pairs"]);
+        let dir = std::env::temp_dir().join(format!("edpo-pretrained-{}", std::process::id()));
+        let cache = StageCache::new(&dir);
+        let data = prepare(&task, &DEFAULT_SHAPE, &cache)?;
+        assert!(data.reference_dir.join("tokenizer_config.json").exists());
+        let (tokenizer, _) = pretrained_tokenizer(&data.reference_dir)?;
+        assert_eq!(data.train.len(), 6);
+        for pair in &data.train {
+            let text = tokenizer.decode(&pair.prompt_input_ids)?;
+            assert!(text.contains("Continue: "), "{text:?}");
+            assert!(
+                text.contains("user") && text.contains("assistant"),
+                "{text:?}"
+            );
+            // The judge scores the prefix followed by the response, not the template.
+            // (Read back from JSON lines, the stored reward may differ in the last bit.)
+            let judged = data
+                .judge
+                .gold(&pair.prompt_input_ids, &pair.chosen_input_ids);
+            assert!(
+                (judged - pair.chosen_reward).abs() < 1e-12,
+                "{judged} vs {}",
+                pair.chosen_reward
+            );
+        }
+        let again = prepare(&task, &DEFAULT_SHAPE, &cache)?;
+        for p in data.eval_prompts.iter().chain(&data.val_prompts) {
+            let r = [tokenizer.eos_id()];
+            assert_eq!(again.judge.gold(p, &r), data.judge.gold(p, &r));
+            // Every test and validation prompt is known by its prefix after a cache read.
+            let stage = cache_entry(&dir, "pairs");
+            let rows: Vec<serde_json::Value> = super::super::read_jsonl(&stage.join(PROMPT_TEXTS))?;
+            assert!(rows.iter().any(|r| r["prompt_input_ids"] == json!(p)));
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
+
+    fn cache_entry(dir: &Path, name: &str) -> PathBuf {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(name))
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn pretrained_keys_are_checked() {
+        let err = |yaml: &str| raw(yaml).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err("{chat_template: model}").contains("task.chat_template"));
+        assert!(err("{chat_template: nonesuch}").contains("task.chat_template"));
+        assert!(err("{reference_sha256: abc}").contains("task.reference_sha256"));
+        assert!(err("{reference: x.gguf, reference_sha256: abc}").contains("64 hexadecimal"));
+        assert!(err("{prompt_format: 'no slot'}").contains("task.prompt_format"));
+        assert!(raw("{reference: x.gguf, chat_template: chatml}").is_ok());
     }
 }
