@@ -257,6 +257,12 @@ pub fn run(
     if !decisions.is_empty() {
         dir.write_file(edpo_rundir::DECISIONS, &decisions.to_json())?;
     }
+    if cfg.lora.is_some() {
+        // The trained adapters (small), loadable by PEFT or merged with `edpo convert --adapter`.
+        trainer
+            .policy
+            .save_adapter(&dir.path.join(edpo_rundir::ADAPTER))?;
+    }
     eval.insert("steps".into(), json!(steps));
     eval.insert(
         "training_reference_forward_passes".into(),

@@ -235,4 +235,50 @@ impl CausalLm {
         })?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
     }
+
+    /// The adapters merged into the base: every targeted weight becomes
+    /// `W + scale·B·A` (transposed for GPT-2's input-major weights), as PEFT's
+    /// `merge_and_unload` gives, in a plain frozen model that saves as a full Hugging Face
+    /// directory; an error for a model without adapters.
+    pub fn merged(&self) -> Result<Self> {
+        let cfg = self
+            .lora
+            .as_ref()
+            .ok_or_else(|| Error::Input("the model has no LoRA adapters to merge".into()))?;
+        let input_major = matches!(self.config, crate::ModelConfig::Gpt2(_));
+        let by_name: HashMap<&str, &Tensor> = self
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), &p.tensor))
+            .collect();
+        let mut tensors = HashMap::new();
+        for p in &self.params {
+            if p.name.contains(".lora_A.") || p.name.contains(".lora_B.") {
+                continue;
+            }
+            let module = p.name.strip_suffix(".weight").unwrap_or(&p.name);
+            let a = by_name.get(format!("{module}.lora_A.weight").as_str());
+            let b = by_name.get(format!("{module}.lora_B.weight").as_str());
+            let tensor = match (a, b) {
+                (Some(a), Some(b)) => {
+                    let delta = (b.matmul(a)? * cfg.scale())?;
+                    let delta = if input_major { delta.t()? } else { delta };
+                    (&p.tensor + delta.to_dtype(p.tensor.dtype())?)?
+                }
+                _ => p.tensor.clone(),
+            };
+            tensors.insert(p.name.clone(), tensor);
+        }
+        let mut ckpt = checkpoint::Checkpoint::from_tensors(tensors, "merged adapters".into());
+        let mut model = Self::from_checkpoint_with(
+            self.config.clone(),
+            self.raw_config.clone(),
+            &mut ckpt,
+            &self.device,
+            &|_| false,
+        )?;
+        model.source_dir = self.source_dir.clone();
+        model.made_files = self.made_files.clone();
+        Ok(model)
+    }
 }

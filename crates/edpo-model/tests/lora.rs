@@ -2,7 +2,8 @@
 //! loads onto our base and gives PEFT's sequence log-probs (golden tolerance, 1e-4 relative)
 //! and the norm of PEFT's gradient on every adapter matrix (1e-3 relative); the base is frozen
 //! (no variable) and is the very tensors of the model the adapters were put on; fresh adapters
-//! leave the model unchanged; a saved adapter loads back unchanged; bad adapters are errors.
+//! leave the model unchanged; a saved adapter loads back unchanged; merged into the base and saved
+//! as a full directory, the adapters still give PEFT's log-probs; bad adapters are errors.
 
 mod common;
 
@@ -73,6 +74,23 @@ fn a_peft_adapter_gives_pefts_log_probs_and_gradients() -> TestResult {
         found
     );
     std::fs::remove_dir_all(&dir)?;
+    // Merged into the base, saved as a full directory and loaded back: PEFT's log-probs too.
+    let merged = model.merged()?;
+    assert!(merged.lora().is_none());
+    let full = std::env::temp_dir().join(format!("edpo-lora-merged-{}", std::process::id()));
+    merged.save(&full)?;
+    let merged = CausalLm::load(&full, &Device::Cpu, false)?;
+    let again = sequence_logps(&merged, &golden_sequences()?)?.to_vec1::<f32>()?;
+    for (m, w) in again.iter().zip(golden["logps"].as_array().ok_or("logps")?) {
+        let w = w.as_f64().ok_or("logp")?;
+        let rel = (f64::from(*m) - w).abs() / w.abs();
+        assert!(rel < 1e-4, "merged log-prob {m} vs PEFT {w} ({rel:e})");
+    }
+    assert!(
+        base.merged().is_err(),
+        "a model without adapters has nothing to merge"
+    );
+    std::fs::remove_dir_all(&full)?;
     Ok(())
 }
 

@@ -37,6 +37,8 @@ pub const METRICS: &str = "metrics.jsonl";
 pub const EVAL: &str = "eval.json";
 /// ε-DPO's step decisions.
 pub const DECISIONS: &str = "decisions.json";
+/// A LoRA run's trained adapters (a PEFT adapter directory).
+pub const ADAPTER: &str = "adapter";
 /// The run's state.
 pub const STATUS: &str = "status.json";
 

@@ -78,8 +78,8 @@ enum Command {
     Score(score::ScoreArgs),
     /// Time a fixed DPO / ε-DPO training workload; prints JSON with pairs/s.
     Bench(bench::BenchArgs),
-    /// Load a model (a Hugging Face directory or a GGUF file) and write it in the Hugging Face
-    /// layout.
+    /// Load a model (a Hugging Face directory, a GGUF file or `hf:ORG/NAME`), merge a LoRA
+    /// adapter into it if one is given, and write it in the Hugging Face layout.
     Convert {
         /// Source: a directory (config.json + safetensors) or a `.gguf` file (llama, qwen2).
         #[arg(long)]
@@ -87,6 +87,9 @@ enum Command {
         /// Destination directory.
         #[arg(long)]
         out: PathBuf,
+        /// A PEFT LoRA adapter directory to merge into the model before writing it.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
 }
 
@@ -143,8 +146,15 @@ fn run(cli: Cli) -> Result<()> {
             let shards = args.shards.unwrap_or(args.threads);
             with_threads(args.threads, shards, || bench::run(&args, shards))?
         }
-        Command::Convert { model, out } => {
-            let m = edpo_model::CausalLm::load(&model, &edpo_experiment::device(), false)?;
+        Command::Convert {
+            model,
+            out,
+            adapter,
+        } => {
+            let mut m = edpo_model::CausalLm::load(&model, &edpo_experiment::device(), false)?;
+            if let Some(adapter) = adapter {
+                m = m.load_adapter(&adapter)?.merged()?;
+            }
             m.save(&out)?;
             eprintln!("wrote {}", out.display());
             Ok(())
