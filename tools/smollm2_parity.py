@@ -8,6 +8,11 @@ the token ids of every text with both tokenizers. Prints the table and the large
 differences. Needs torch, transformers and gguf; the file from `tools/fetch_smollm2.sh`:
 
     python3 tools/smollm2_parity.py --edpo target/release/edpo
+
+With `--adapter DIR` (a PEFT LoRA directory, e.g. the `adapter/` a LoRA run writes), edpo
+merges the adapter into the model (`edpo convert --adapter`) and `transformers` loads the same
+adapter with PEFT (`PeftModel.from_pretrained`): a check that PEFT reads the adapters edpo saves
+and that the merge is PEFT's.
 """
 import argparse
 import json
@@ -36,12 +41,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=str(ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--edpo", default=str(ROOT / "target/release/edpo"))
+    ap.add_argument("--adapter", help="a PEFT LoRA adapter directory written by edpo")
     args = ap.parse_args()
     gguf = pathlib.Path(args.gguf)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         hf = tmp / "hf"
-        subprocess.run([args.edpo, "convert", "--model", str(gguf), "--out", str(hf)], check=True)
+        merge = ["--adapter", args.adapter] if args.adapter else []
+        subprocess.run([args.edpo, "convert", "--model", str(gguf), "--out", str(hf), *merge], check=True)
         data = tmp / "pairs.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
         out = subprocess.run(
@@ -56,6 +63,10 @@ def main():
     eos = 2  # config eos_token_id, appended by edpo's convention
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
     model.eval()
     torch.set_grad_enabled(False)
 
