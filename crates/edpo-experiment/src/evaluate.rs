@@ -59,6 +59,8 @@ impl<'a> Evaluator<'a> {
     /// Every evaluation number of `policy`: on the test prompts and held-out pairs, and the
     /// `val_*` numbers on the validation prompts.
     pub fn evaluate(&self, policy: &CausalLm) -> Result<Map<String, Value>> {
+        // No autograd history: evaluation never differentiates.
+        let policy = &policy.detached();
         let (data, settings, seed) = (self.data, &self.settings, self.seed);
         let prompts = &data.eval_prompts;
         let started = std::time::Instant::now();

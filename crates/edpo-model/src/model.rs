@@ -189,6 +189,37 @@ impl CausalLm {
         Self::from_checkpoint(config, raw_config, &mut ckpt, device, trainable)
     }
 
+    /// The same model over the very same tensors, with no autograd history: what evaluation
+    /// and sampling run, so that a trainable model's forward passes keep no activations alive
+    /// for a backward pass that never comes (with every parameter a variable, a SmolLM2
+    /// evaluation held gigabytes per batch). Same numbers, no copy.
+    pub fn detached(&self) -> Self {
+        let params: Vec<Param> = self
+            .params
+            .iter()
+            .map(|p| Param {
+                name: p.name.clone(),
+                tensor: p.tensor.detach(),
+                var: None,
+                decay: p.decay,
+            })
+            .collect();
+        let tensors = params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.clone()))
+            .collect();
+        let arch = arch::of(&self.config).build(&Weights {
+            tensors,
+            lora_scale: self.lora.as_ref().map_or(0.0, crate::nn::LoraConfig::scale),
+            frozen: self.lora.is_some(),
+        });
+        Self {
+            arch,
+            params,
+            ..self.clone()
+        }
+    }
+
     /// A frozen deep copy (the usual way to make the reference from the initial policy).
     pub fn frozen_copy(&self) -> Result<Self> {
         let mut tensors = HashMap::new();

@@ -222,7 +222,10 @@ pub fn attention_bias_rows(
 }
 
 /// Keys and values of the positions one layer has already seen, `(B, KV, T_past, hd)` each,
-/// for incremental decoding. Nothing here is differentiated: decoding is inference only.
+/// for incremental decoding. Nothing here is differentiated: decoding is inference only, so the
+/// stored tensors are detached. Without that, a trainable model's keys and values carried their
+/// autograd history, and every decoding step kept the previous steps' activations alive
+/// (memory grew by gigabytes over a SmolLM2 evaluation and was killed at 24 GiB).
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
     k: Option<Tensor>,
@@ -236,6 +239,7 @@ impl LayerKv {
             (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             _ => (k, v),
         };
+        let (k, v) = (k.detach(), v.detach());
         self.k = Some(k.clone());
         self.v = Some(v.clone());
         Ok((k, v))
