@@ -3,9 +3,15 @@
 Two DPO and two ε-DPO settings with two seeds each, plus a failed run, an unfinished run and
 a completed run of the older config version 1. ε = 0.05 has the best test win rate but not
 the best validation win rate, so a report that chose on test numbers would pick it.
+
+Every completed run has per-prompt paired numbers (`per_prompt.jsonl`, 64 prompts, at steps 4
+and 8) whose means are the run's numbers exactly: a prompt effect shared by all runs of a seed
+(which pairing cancels) plus a run's own noise, small for win rate and KL (so a paired test
+separates the best from the runner-up) and large for the reward gain (so it does not).
 Run from the repository root: python3 tools/make_report_fixture.py
 """
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -21,7 +27,22 @@ def objective(kind, **params):
     return {"kind": kind, **params, "sft_weight": 0.0, "reference_logps": "online"}
 
 
-def run(name, obj, seed, win, kl, val, state="completed", version=2):
+PROMPTS = 64
+
+
+def per_prompt(mean, seed, shared, own, salt):
+    """64 values with mean exactly `mean`: ± a seed-shared prompt effect ± a run's own noise."""
+    rng = random.Random(salt)
+    out = []
+    for p in range(PROMPTS):
+        s = shared * (1 if (p * 7 + seed) % 2 == 0 else -1) * (1 + (p % 4)) / 2.5
+        o = own * rng.choice([-1, 1])
+        out.append(mean + s + o)
+    m = sum(out) / PROMPTS
+    return [v - m + mean for v in out]
+
+
+def run(name, obj, seed, win, kl, val, state="completed", version=3):
     d = ROOT / "runs" / name
     write(d / "status.json", {"state": state})
     cfg = {"objective": obj, "run": {"seed": seed}}
@@ -31,8 +52,18 @@ def run(name, obj, seed, win, kl, val, state="completed", version=2):
     if state != "completed":
         return
     write(d / "eval.json", {"win_rate": win, "kl": kl, "gold_reward": win - 0.5,
+                            "reward_diff": win - 0.5,
                             "preference_accuracy": 0.6, "mean_length": 20.0 + seed,
                             "val_win_rate": val})
+    salt = name
+    pp = []
+    for step in (4, 8):
+        frac = step / 8
+        pp.append({"step": step,
+                   "win": per_prompt(0.5 + (win - 0.5) * frac, seed, 0.2, 0.01, salt),
+                   "reward_diff": per_prompt((win - 0.5) * frac, seed, 0.2, 1.0, salt),
+                   "kl": per_prompt(kl * frac, seed, 0.5, 0.05, salt)})
+    (d / "per_prompt.jsonl").write_text("".join(json.dumps(l) + "\n" for l in pp))
     eps = obj["kind"] == "epsilon_dpo"
     lines = []
     for step in range(8):
@@ -46,7 +77,8 @@ def run(name, obj, seed, win, kl, val, state="completed", version=2):
             frac = (step + 1) / 8
             lines.append({"step": step + 1, "eval/kl": kl * frac,
                           "eval/win_rate": 0.5 + (win - 0.5) * frac,
-                          "eval/gold_reward": (win - 0.5) * frac})
+                          "eval/gold_reward": (win - 0.5) * frac,
+                          "eval/val_win_rate": 0.5 + (val - 0.5) * frac})
     (d / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     if eps:
         edges = [k / 10 for k in range(11)]

@@ -64,3 +64,19 @@ pub fn sequence_kl(
         entropy,
     })
 }
+
+/// Log-probability of each response under `model` (sum over its tokens, EOS included), in
+/// f64 from the model's logits.
+pub fn sequence_logp(model: &CausalLm, sequences: &[(&[u32], &[u32])]) -> Result<Vec<f64>> {
+    let batch = SequenceBatch::new(sequences, 0)?;
+    let q = response_logits(model, &batch)?
+        .detach()
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+    let mut out = vec![0.0; batch.batch];
+    for (i, row) in q.iter().enumerate() {
+        let t = batch.targets[i] as usize;
+        out[batch.sequence_of[i]] += log_softmax(row)[t];
+    }
+    Ok(out)
+}

@@ -14,7 +14,7 @@ pub mod kl;
 pub mod sampling;
 pub mod stats;
 
-pub use kl::{sequence_kl, SequenceKl};
+pub use kl::{sequence_kl, sequence_logp, SequenceKl};
 pub use sampling::{sample, sample_uncached, SamplingSettings};
 pub use stats::{mean_and_stderr, win_rate, WinRate};
 

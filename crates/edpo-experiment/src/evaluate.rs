@@ -2,6 +2,14 @@
 //! test prompts (every reported number) and on the validation prompts (`val_*`, what
 //! settings are chosen by), exact and sampled sequence KL, entropy, length, held-out
 //! preference accuracy, the win rate against held-out chosen responses, and the second judge.
+//!
+//! The evaluation is paired: every prompt is sampled `eval.samples` times, and sample `j` of
+//! prompt `i` of the policy and of the reference draw from the same random stream (common
+//! random numbers; the sampler inverts the CDF in token-id order, so a policy that has not
+//! moved draws exactly the reference's sample). Win rates, reward differences and KL are
+//! averaged over a prompt's samples first, and their standard errors come from the
+//! per-prompt paired differences, which [`Evaluation::per_prompt`] keeps for the report's
+//! comparisons across runs.
 
 use crate::config::RunConfig;
 use crate::task::TaskData;
@@ -10,8 +18,20 @@ use edpo_data::TokenizedPair;
 use edpo_eval::{mean_and_stderr, sample, sequence_kl, win_rate, SamplingSettings};
 use edpo_model::CausalLm;
 use edpo_objectives::PairLogps;
+use edpo_rundir::PerPrompt;
 use edpo_train::score_pairs;
 use serde_json::{json, Map, Value};
+
+/// One evaluation: the summary numbers (the `eval/…` line and `eval.json`) and the paired
+/// numbers of each test prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// The summary numbers.
+    pub summary: Map<String, Value>,
+    /// Per test prompt: win, reward difference and KL, each a mean over the prompt's samples
+    /// (`step` is left for the caller).
+    pub per_prompt: PerPrompt,
+}
 
 /// Evaluation of one run's policy, again and again over training, against the original
 /// reference. The reference's samples and their rewards do not change during a run, so they
@@ -21,9 +41,42 @@ pub struct Evaluator<'a> {
     data: &'a TaskData,
     settings: SamplingSettings,
     seed: u64,
-    /// Reference samples and gold rewards on the test prompts, then on the validation prompts.
+    samples: usize,
+    /// The test prompts, each repeated `samples` times, and the validation prompts likewise.
+    test: Vec<Vec<u32>>,
+    val: Vec<Vec<u32>>,
+    /// Reference samples and gold rewards on `test`, and the gold rewards on `val`.
     reference_test: (Vec<Vec<u32>>, Vec<f64>),
     reference_val: Vec<f64>,
+}
+
+/// Each prompt repeated `k` times in a row: prompt `i`'s sample `j` is sequence `i·k + j`,
+/// so its random stream is fixed by `(i, j)` whatever model samples it.
+fn repeated(prompts: &[Vec<u32>], k: usize) -> Vec<Vec<u32>> {
+    prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), k))
+        .collect()
+}
+
+/// Means of consecutive groups of `k` values: per-prompt means over its samples.
+fn per_prompt_means(values: &[f64], k: usize) -> Vec<f64> {
+    values
+        .chunks(k.max(1))
+        .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+        .collect()
+}
+
+/// 1 for a win, ½ for a tie, 0 for a loss, sample by sample.
+fn wins(ours: &[f64], theirs: &[f64]) -> Vec<f64> {
+    ours.iter()
+        .zip(theirs)
+        .map(|(a, b)| match a.partial_cmp(b) {
+            Some(std::cmp::Ordering::Greater) => 1.0,
+            Some(std::cmp::Ordering::Equal) => 0.5,
+            _ => 0.0,
+        })
+        .collect()
 }
 
 impl<'a> Evaluator<'a> {
@@ -37,11 +90,14 @@ impl<'a> Evaluator<'a> {
             eos: data.eos,
         };
         let seed = 0xE7A1 ^ cfg.run.seed.wrapping_mul(0x9E37_79B9);
+        let samples = cfg.eval.samples.max(1);
+        let test = repeated(&data.eval_prompts, samples);
+        let val = repeated(&data.val_prompts, samples);
         let started = std::time::Instant::now();
-        let theirs = sample(reference, &data.eval_prompts, &settings, seed ^ 0xFFFF)?;
-        let r_theirs = gold(data, &data.eval_prompts, &theirs);
-        let theirs_val = sample(reference, &data.val_prompts, &settings, seed ^ 0x7A1)?;
-        let reference_val = gold(data, &data.val_prompts, &theirs_val);
+        let theirs = sample(reference, &test, &settings, seed)?;
+        let r_theirs = gold(data, &test, &theirs);
+        let theirs_val = sample(reference, &val, &settings, seed ^ 0x7A2)?;
+        let reference_val = gold(data, &val, &theirs_val);
         tracing::info!(
             seconds = started.elapsed().as_secs_f64(),
             "sampled the reference on the test and validation prompts"
@@ -51,24 +107,34 @@ impl<'a> Evaluator<'a> {
             data,
             settings,
             seed,
+            samples,
+            test,
+            val,
             reference_test: (theirs, r_theirs),
             reference_val,
         })
     }
 
+    /// The sampling settings of the evaluation.
+    pub fn settings(&self) -> &SamplingSettings {
+        &self.settings
+    }
+
     /// Every evaluation number of `policy`: on the test prompts and held-out pairs, and the
     /// `val_*` numbers on the validation prompts.
-    pub fn evaluate(&self, policy: &CausalLm) -> Result<Map<String, Value>> {
+    pub fn evaluate(&self, policy: &CausalLm) -> Result<Evaluation> {
         // No autograd history: evaluation never differentiates.
         let policy = &policy.detached();
-        let (data, settings, seed) = (self.data, &self.settings, self.seed);
-        let prompts = &data.eval_prompts;
+        let (data, settings, seed, k) = (self.data, &self.settings, self.seed, self.samples);
+        let prompts = &self.test;
         let started = std::time::Instant::now();
         let ours = sample(policy, prompts, settings, seed)?;
         let sampled = started.elapsed().as_secs_f64();
         let (theirs, r_theirs) = &self.reference_test;
         let r_ours = gold(data, prompts, &ours);
-        let win = win_rate(&r_ours, r_theirs, 0.0);
+        let win_p = per_prompt_means(&wins(&r_ours, r_theirs), k);
+        let diff: Vec<f64> = r_ours.iter().zip(r_theirs).map(|(a, b)| a - b).collect();
+        let diff_p = per_prompt_means(&diff, k);
         let seqs: Vec<(&[u32], &[u32])> = prompts
             .iter()
             .zip(&ours)
@@ -76,9 +142,12 @@ impl<'a> Evaluator<'a> {
             .collect();
         let kl = sequence_kl(policy, self.reference, &seqs)?;
         let kl_done = started.elapsed().as_secs_f64();
-        let (kl_mean, kl_se) = mean_and_stderr(&kl.exact);
-        let (kls_mean, kls_se) = mean_and_stderr(&kl.sampled);
-        let (reward_mean, reward_se) = mean_and_stderr(&r_ours);
+        let kl_p = per_prompt_means(&kl.exact, k);
+        let (win_mean, win_se) = mean_and_stderr(&win_p);
+        let (diff_mean, diff_se) = mean_and_stderr(&diff_p);
+        let (kl_mean, kl_se) = mean_and_stderr(&kl_p);
+        let (kls_mean, kls_se) = mean_and_stderr(&per_prompt_means(&kl.sampled, k));
+        let (reward_mean, reward_se) = mean_and_stderr(&per_prompt_means(&r_ours, k));
         let lengths: Vec<f64> = ours.iter().map(|r| r.len() as f64).collect();
         let entropy: Vec<f64> = kl
             .entropy
@@ -110,16 +179,25 @@ impl<'a> Evaluator<'a> {
             .map(|i| f64::from(u8::from(logps.delta(i) > 0.0)))
             .collect();
         let (accuracy, accuracy_se) = mean_and_stderr(&correct);
-        // Validation: the numbers a setting is chosen by.
-        let ours_val = sample(policy, &data.val_prompts, settings, seed ^ 0x7A2)?;
-        let r_val = gold(data, &data.val_prompts, &ours_val);
-        let win_val = win_rate(&r_val, &self.reference_val, 0.0);
+        // Validation: the numbers a setting is chosen by, paired like the test numbers.
+        let ours_val = sample(policy, &self.val, settings, seed ^ 0x7A2)?;
+        let r_val = gold(data, &self.val, &ours_val);
+        let (win_val, win_val_se) =
+            mean_and_stderr(&per_prompt_means(&wins(&r_val, &self.reference_val), k));
+        let diff_val: Vec<f64> = r_val
+            .iter()
+            .zip(&self.reference_val)
+            .map(|(a, b)| a - b)
+            .collect();
+        let (diff_val_mean, diff_val_se) = mean_and_stderr(&per_prompt_means(&diff_val, k));
         let mut out = Map::new();
-        for (k, v) in [
-            ("win_rate", win.rate),
-            ("win_rate_se", win.stderr),
-            ("win_rate_lo", win.lo),
-            ("win_rate_hi", win.hi),
+        for (key, v) in [
+            ("win_rate", win_mean),
+            ("win_rate_se", win_se),
+            ("win_rate_lo", win_mean - 1.96 * win_se),
+            ("win_rate_hi", win_mean + 1.96 * win_se),
+            ("reward_diff", diff_mean),
+            ("reward_diff_se", diff_se),
             ("gold_reward", reward_mean),
             ("gold_reward_se", reward_se),
             ("reference_gold_reward", mean_and_stderr(r_theirs).0),
@@ -133,11 +211,14 @@ impl<'a> Evaluator<'a> {
             ("entropy_per_token", mean_and_stderr(&entropy).0),
             ("win_rate_vs_chosen", win_chosen.rate),
             ("win_rate_vs_chosen_se", win_chosen.stderr),
-            ("val_win_rate", win_val.rate),
-            ("val_win_rate_se", win_val.stderr),
+            ("val_win_rate", win_val),
+            ("val_win_rate_se", win_val_se),
+            ("val_reward_diff", diff_val_mean),
+            ("val_reward_diff_se", diff_val_se),
             ("val_gold_reward", mean_and_stderr(&r_val).0),
+            ("label_noise", data.label_noise()),
         ] {
-            out.insert(k.to_string(), json!(v));
+            out.insert(key.to_string(), json!(v));
         }
         if let Some((a, b)) = second {
             let w = win_rate(&a, &b, 0.0);
@@ -145,16 +226,26 @@ impl<'a> Evaluator<'a> {
             out.insert("second_judge_win_rate_se".into(), json!(w.stderr));
             out.insert("second_judge_score".into(), json!(mean_and_stderr(&a).0));
         }
-        out.insert("n_prompts".into(), json!(prompts.len()));
+        out.insert("n_prompts".into(), json!(data.eval_prompts.len()));
         out.insert("n_val_prompts".into(), json!(data.val_prompts.len()));
+        out.insert("samples_per_prompt".into(), json!(k));
         out.insert("n_pairs".into(), json!(held.len()));
+        out.insert("n_train_pairs".into(), json!(data.train.len()));
         tracing::info!(
             sampling = sampled,
             kl = kl_done - sampled,
             total = started.elapsed().as_secs_f64(),
             "evaluated (seconds)"
         );
-        Ok(out)
+        Ok(Evaluation {
+            summary: out,
+            per_prompt: PerPrompt {
+                step: 0,
+                win: win_p,
+                reward_diff: diff_p,
+                kl: kl_p,
+            },
+        })
     }
 }
 
@@ -207,9 +298,19 @@ mod tests {
     fn the_reference_against_itself_has_zero_kl_and_a_moved_policy_does_not() -> Result<()> {
         let (reference, data, cfg) = (model(1), data(), config());
         let evaluator = Evaluator::new(&reference, &data, &cfg)?;
-        let same = evaluator.evaluate(&reference)?;
+        let same_eval = evaluator.evaluate(&reference)?;
+        let same = same_eval.summary.clone();
         let get = |m: &Map<String, Value>, k: &str| m[k].as_f64().unwrap_or(f64::NAN);
         assert!(get(&same, "kl").abs() < 1e-9, "{same:?}");
+        // Common random numbers: the reference against itself draws the same samples, so it
+        // wins exactly half of every prompt and gains exactly nothing, prompt by prompt.
+        assert_eq!(same_eval.per_prompt.win, vec![0.5; 12]);
+        assert_eq!(same_eval.per_prompt.reward_diff, vec![0.0; 12]);
+        assert_eq!(get(&same, "win_rate"), 0.5);
+        assert_eq!(get(&same, "win_rate_se"), 0.0);
+        assert_eq!(get(&same, "reward_diff"), 0.0);
+        assert_eq!(get(&same, "val_win_rate"), 0.5);
+        assert_eq!(get(&same, "val_reward_diff"), 0.0);
         for key in [
             "win_rate",
             "win_rate_se",
@@ -224,9 +325,10 @@ mod tests {
         assert_eq!(same["n_prompts"], 12);
         assert_eq!(same["n_val_prompts"], 6);
         assert_eq!(same["n_pairs"], 4);
+        assert_eq!(same["samples_per_prompt"], 4);
         // The same evaluation twice gives the same numbers (seeded sampling).
-        assert_eq!(evaluator.evaluate(&reference)?, same);
-        let moved = evaluator.evaluate(&model(2))?;
+        assert_eq!(evaluator.evaluate(&reference)?, same_eval);
+        let moved = evaluator.evaluate(&model(2))?.summary;
         assert!(get(&moved, "kl") > 1e-3, "{moved:?}");
         Ok(())
     }

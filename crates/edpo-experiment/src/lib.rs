@@ -11,12 +11,15 @@
 //! - [`stages`]: the stage cache (built in a private directory, renamed into place);
 //! - [`runner`]: one run from config to run directory (the training loop, periodic
 //!   evaluation, the final evaluation), resume, and task data shared between runs;
-//! - [`evaluate`]: a policy's evaluation against the original reference.
+//! - [`evaluate`]: a policy's evaluation against the original reference, paired with it on
+//!   common random numbers;
+//! - [`best_of_n`]: the best-of-n yardstick from the reference (a cached stage);
 //!
 //! The run directory's files are defined once, in `edpo-rundir`, which the report crate reads.
 //! This crate knows no command line and no YAML files (the binary parses them into a
 //! [`config::RawConfig`]); errors are `anyhow` chains with context for a person to read.
 
+pub mod best_of_n;
 pub mod check;
 pub mod config;
 pub mod evaluate;

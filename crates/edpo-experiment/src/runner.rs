@@ -7,7 +7,7 @@
 //! run that reads them.
 
 use crate::config::{ReferenceLogps, RunConfig};
-use crate::evaluate::Evaluator;
+use crate::evaluate::{Evaluation, Evaluator};
 use crate::stages::StageCache;
 use crate::task::TaskData;
 use anyhow::{anyhow, Result};
@@ -186,7 +186,8 @@ pub fn run(
     progress.set_length(steps as u64);
     for step in 0..steps {
         if cfg.eval.every > 0 && step > 0 && step % cfg.eval.every == 0 {
-            log_eval(dir, step, evaluator.evaluate(&trainer.policy)?)?;
+            let evaluation = evaluator.evaluate(&trainer.policy)?;
+            log_eval(dir, step, evaluation)?;
         }
         // A fresh seeded shuffle at the start of every epoch.
         if order.len() < per_step {
@@ -249,10 +250,15 @@ pub fn run(
     }
     let reference_forwards = trainer.reference.forward_count() - reference_forwards_before;
     // Always judged against the original reference, which TR-DPO's updates have moved away from.
-    let mut eval = evaluator.evaluate(&trainer.policy)?;
+    let evaluation = evaluator.evaluate(&trainer.policy)?;
+    let mut eval = evaluation.summary.clone();
     if cfg.eval.every > 0 {
         // The trajectory ends at the final evaluation.
-        log_eval(dir, steps, eval.clone())?;
+        log_eval(dir, steps, evaluation)?;
+    } else {
+        let mut per_prompt = evaluation.per_prompt;
+        per_prompt.step = steps;
+        dir.log_per_prompt(&per_prompt)?;
     }
     if !decisions.is_empty() {
         dir.write_file(edpo_rundir::DECISIONS, &decisions.to_json())?;
@@ -262,6 +268,20 @@ pub fn run(
         trainer
             .policy
             .save_adapter(&dir.path.join(edpo_rundir::ADAPTER))?;
+    }
+    if cfg.eval.best_of_n {
+        for b in crate::best_of_n::best_of_n(data, cache, evaluator.settings())? {
+            for (k, v) in [
+                ("win_rate", b.win_rate),
+                ("win_rate_se", b.win_rate_se),
+                ("reward_gain", b.reward_gain),
+                ("reward_gain_se", b.reward_gain_se),
+                ("kl_bound", b.kl_bound),
+                ("kl_estimate", b.kl_estimate),
+            ] {
+                eval.insert(format!("best_of_n/{}/{k}", b.n), json!(v));
+            }
+        }
     }
     eval.insert("steps".into(), json!(steps));
     eval.insert(
@@ -276,12 +296,16 @@ pub fn run(
     Ok(Value::Object(eval))
 }
 
-/// One line of evaluation numbers over training, keys prefixed `eval/`.
-fn log_eval(dir: &mut RunDir, step: usize, record: Map<String, Value>) -> Result<()> {
+/// One line of evaluation numbers over training, keys prefixed `eval/`, and its per-prompt
+/// line.
+fn log_eval(dir: &mut RunDir, step: usize, evaluation: Evaluation) -> Result<()> {
     let mut line = Map::new();
     line.insert("step".into(), json!(step));
-    for (k, v) in record {
+    for (k, v) in evaluation.summary {
         line.insert(format!("eval/{k}"), v);
     }
-    Ok(dir.log(&Value::Object(line))?)
+    dir.log(&Value::Object(line))?;
+    let mut per_prompt = evaluation.per_prompt;
+    per_prompt.step = step;
+    Ok(dir.log_per_prompt(&per_prompt)?)
 }

@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 /// The metrics aggregated, as named in `eval.json`.
 pub const METRICS: &[&str] = &[
     "win_rate",
+    "reward_diff",
     "gold_reward",
     "kl",
     "kl_sampled",
+    "label_noise",
     "preference_accuracy",
     "win_rate_vs_chosen",
     "second_judge_win_rate",

@@ -18,6 +18,7 @@
 
 pub mod aggregate;
 pub mod figures;
+pub mod paired;
 pub mod runs;
 pub mod tables;
 
@@ -102,7 +103,16 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
     let summary = aggregate::by_setting(&loaded.runs)?;
     let mut files = Vec::new();
     let mut svgs: Vec<(String, String, String)> = Vec::new();
-    for fig in figures::all(&loaded, &summary)? {
+    let paired = paired::Paired::new(&loaded.traces);
+    let frontiers: Vec<paired::Frontier> = match &paired {
+        Some(p) => {
+            let order: Vec<String> = summary.iter().map(|s| s.method.clone()).collect();
+            p.methods(&order).iter().map(|m| p.frontier(m)).collect()
+        }
+        None => Vec::new(),
+    };
+    let bon = best_of_n(&loaded);
+    for fig in figures::all(&loaded, &summary, &frontiers, &bon)? {
         let svg_path = out.join("figures").join(format!("{}.svg", fig.name));
         write(&svg_path, fig.svg.as_bytes())?;
         let png_path = out.join("figures").join(format!("{}.png", fig.name));
@@ -111,17 +121,100 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
         svgs.push((fig.name.clone(), fig.title.clone(), fig.svg));
     }
     let main = tables::main_table(&summary)?;
-    let best = tables::best_per_method(&summary)?;
-    for (name, table) in [("results", &main), ("best_per_method", &best)] {
+    let best = tables::best_per_method(&summary, paired.as_ref())?;
+    let mut written = vec![("results", main.clone()), ("best_per_method", best.clone())];
+    let chosen_by = tables::selection_metric(&summary);
+    let mut sections = vec![design_section(&loaded, &summary)];
+    sections.extend(memorisation_section(&loaded, &summary));
+    if let Some(p) = &paired {
+        if let Some(t) = tables::matched_kl_table(p, &frontiers) {
+            written.push(("matched_kl", t.clone()));
+            sections.push(tables::Section {
+                heading: "Methods at matched KL, along their frontiers over checkpoints".into(),
+                paragraphs: vec![format!(
+                    "Every evaluation checkpoint of every setting is a point (KL, win rate); each method's frontier \
+                     is chosen on the validation prompts among its points and the reference (KL 0, win rate ½), and its \
+                     test numbers are interpolated along it at each KL, prompt by prompt and seed by seed. Intervals: \
+                     95% paired bootstrap over seeds and prompts ({} resamples), conditional on the chosen frontiers. \
+                     MDE: the smallest true win-rate difference to DPO a two-sided 5% test detects with 80% power \
+                     (2.80 × the bootstrap standard error).",
+                    paired::RESAMPLES
+                )],
+                table: Some(t),
+                after: frontier_points(&frontiers),
+            });
+        }
+        if let Some(t) = tables::versus_baseline_table(p, &summary) {
+            written.push(("versus_dpo", t.clone()));
+            sections.push(tables::Section {
+                heading: "Each method's chosen setting against DPO's".into(),
+                paragraphs: vec![format!(
+                    "Settings chosen by {}; final evaluations, differences paired by seed and prompt \
+                     (95% paired bootstrap over seeds and prompts; MDE as above). A difference whose interval \
+                     covers 0 is not a finding; with an MDE this small, it bounds how large a real difference can be.",
+                    tables::chosen_by_text(chosen_by)
+                )],
+                table: Some(t),
+                after: Vec::new(),
+            });
+        }
+    }
+    sections.extend(confusion_section(&loaded, &summary));
+    if !bon.is_empty() {
+        let t = tables::Table {
+            headers: ["n", "win rate", "reward gain", "KL bound", "KL estimate"]
+                .map(String::from)
+                .to_vec(),
+            rows: bon
+                .iter()
+                .map(|b| {
+                    vec![
+                        format!("{}", b.n),
+                        format!("{:.3} ± {:.3}", b.win_rate, 1.96 * b.win_rate_se),
+                        format!("{:.3} ± {:.3}", b.reward_gain, 1.96 * b.reward_gain_se),
+                        format!("{:.3}", b.kl_bound),
+                        format!("{:.3}", b.kl_estimate),
+                    ]
+                })
+                .collect(),
+            bold: Vec::new(),
+        };
+        written.push(("best_of_n", t.clone()));
+        sections.push(tables::Section {
+            heading: "Best-of-n from the reference (the yardstick on the frontier figure)".into(),
+            paragraphs: vec![
+                "For each test prompt, n responses from π_ref and the gold-best kept; estimated without bias from \
+                 more samples per prompt than the largest n (every n-subset at once). Win rate against one more \
+                 reference sample (ties ½; n/(n+1) for distinct rewards); intervals ± 1.96 standard errors over \
+                 prompts. KL bound: log n − (n−1)/n; KL estimate: Beirami et al. (arXiv 2401.01879, §4) from \
+                 the reference probability of the chosen response, which the figure uses."
+                    .into(),
+            ],
+            table: Some(t),
+            after: Vec::new(),
+        });
+    }
+    sections.push(tables::Section {
+        heading: "Each method at its best setting".into(),
+        paragraphs: vec![format!("Chosen by {}.", tables::chosen_by_text(chosen_by))],
+        table: Some(best),
+        after: Vec::new(),
+    });
+    sections.push(tables::Section {
+        heading: "All settings".into(),
+        paragraphs: Vec::new(),
+        table: Some(main.clone()),
+        after: vec![tables::NOTE.to_string()],
+    });
+    for (name, table) in &written {
         let csv = out.join("tables").join(format!("{name}.csv"));
         write(&csv, table.to_csv().as_bytes())?;
         let tex = out.join("tables").join(format!("{name}.tex"));
         write(&tex, table.to_latex().as_bytes())?;
         files.extend([csv, tex]);
     }
-    let chosen_by = tables::selection_metric(&summary);
-    let md = tables::report_markdown(sweep_dir, &loaded, &main, &best, chosen_by, &svgs);
-    let html = tables::report_html(sweep_dir, &loaded, &main, &best, chosen_by, &svgs);
+    let md = tables::report_markdown(sweep_dir, &loaded, &sections, &svgs);
+    let html = tables::report_html(sweep_dir, &loaded, &sections, &svgs);
     write(&out.join("report.md"), md.as_bytes())?;
     write(&out.join("report.html"), html.as_bytes())?;
     files.extend([out.join("report.md"), out.join("report.html")]);
@@ -131,4 +224,301 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
         table_markdown: main.to_markdown(),
         files,
     })
+}
+
+/// The first value of a numeric column of the runs table.
+fn first_number(loaded: &runs::Sweep, column: &str) -> Option<f64> {
+    loaded
+        .runs
+        .column(column)
+        .ok()?
+        .as_materialized_series()
+        .f64()
+        .ok()?
+        .iter()
+        .flatten()
+        .next()
+}
+
+/// What the runs share: seeds, training pairs and their label noise, test and validation
+/// prompts, samples per prompt, and the pairing.
+fn design_section(loaded: &runs::Sweep, summary: &[aggregate::SettingSummary]) -> tables::Section {
+    let seeds = summary.iter().map(|s| s.n).max().unwrap_or(0);
+    let mut parts = vec![format!(
+        "{} settings of {} methods, up to {seeds} seeds each",
+        summary.len(),
+        {
+            let mut m: Vec<&str> = summary.iter().map(|s| s.method.as_str()).collect();
+            m.dedup();
+            m.len()
+        }
+    )];
+    if let Some(n) = first_number(loaded, "n_train_pairs") {
+        parts.push(format!("{n:.0} training pairs per run"));
+    }
+    if let Some(noise) = first_number(loaded, "label_noise") {
+        parts.push(format!(
+            "label noise {:.1}% (training labels that contradict the gold ordering)",
+            100.0 * noise
+        ));
+    }
+    if let Some(n) = first_number(loaded, "n_prompts") {
+        let k = first_number(loaded, "samples_per_prompt").unwrap_or(1.0);
+        parts.push(format!(
+            "{n:.0} test prompts × {k:.0} samples, each policy sample paired with the reference's sample from the same random stream"
+        ));
+    }
+    if let Some(n) = first_number(loaded, "n_val_prompts") {
+        parts.push(format!(
+            "{n:.0} validation prompts, on which settings are chosen"
+        ));
+    }
+    tables::Section {
+        heading: "Design".into(),
+        paragraphs: vec![format!(
+            "{}. Runs of the same seed share the data order, the evaluation prompts and the sampling streams, \
+             so methods are compared prompt by prompt.",
+            parts.join("; ")
+        )],
+        table: None,
+        after: Vec::new(),
+    }
+}
+
+/// Training-batch against held-out preference accuracy per setting: a gap above
+/// [`MEMORISATION_GAP`] is called out.
+fn memorisation_section(
+    loaded: &runs::Sweep,
+    summary: &[aggregate::SettingSummary],
+) -> Option<tables::Section> {
+    let mut rows = Vec::new();
+    let mut flagged = Vec::new();
+    for s in summary {
+        let traces: Vec<&runs::Trace> = loaded
+            .traces
+            .iter()
+            .filter(|t| t.method == s.method && t.setting == s.setting)
+            .collect();
+        let mut train = Vec::new();
+        for t in &traces {
+            let acc: Vec<f64> = t
+                .lines
+                .iter()
+                .filter_map(|l| l.get("rewards/accuracies").copied())
+                .collect();
+            let tail = &acc[acc.len() - acc.len() / 4..];
+            if !tail.is_empty() && acc.len() >= 4 {
+                train.push(tail.iter().sum::<f64>() / tail.len() as f64);
+            }
+        }
+        let (Some(held), false) = (s.get("preference_accuracy"), train.is_empty()) else {
+            continue;
+        };
+        let t = train.iter().sum::<f64>() / train.len() as f64;
+        let gap = t - held.mean;
+        if gap > MEMORISATION_GAP {
+            flagged.push(format!("{} {} ({gap:+.3})", s.method, s.setting));
+        }
+        rows.push(vec![
+            s.method.clone(),
+            s.setting.clone(),
+            format!("{t:.3}"),
+            format!("{:.3}", held.mean),
+            format!("{gap:+.3}"),
+        ]);
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    let verdict = if flagged.is_empty() {
+        format!(
+            "No setting's training-batch accuracy exceeds its held-out accuracy by more than {MEMORISATION_GAP}: \
+             no sign of memorisation."
+        )
+    } else {
+        format!(
+            "Memorisation: training-batch accuracy exceeds held-out accuracy by more than {MEMORISATION_GAP} in {}. \
+             Numbers from these runs reflect pairs seen more than once.",
+            flagged.join(", ")
+        )
+    };
+    Some(tables::Section {
+        heading: "Memorisation check".into(),
+        paragraphs: vec![
+            "Preference accuracy on the training batches (the last quarter of steps, before each step's update) \
+             against the held-out pairs at the end (means over seeds). In one pass over fresh pairs every \
+             training batch is unseen when it is scored, so the two agree unless pairs repeat."
+                .into(),
+            verdict,
+        ],
+        table: Some(tables::Table {
+            headers: ["method", "setting", "train-batch acc.", "held-out acc.", "gap"]
+                .map(String::from)
+                .to_vec(),
+            rows,
+            bold: Vec::new(),
+        }),
+        after: Vec::new(),
+    })
+}
+
+/// A gap between training-batch and held-out preference accuracy above which the report
+/// calls memorisation out.
+pub const MEMORISATION_GAP: f64 = 0.05;
+
+/// Each frontier's points, as text.
+fn frontier_points(frontiers: &[paired::Frontier]) -> Vec<String> {
+    frontiers
+        .iter()
+        .map(|f| {
+            let pts: Vec<String> = f
+                .frontier
+                .iter()
+                .map(|&i| {
+                    let c = &f.checkpoints[i];
+                    match &c.setting {
+                        None => "π_ref".to_string(),
+                        Some(s) => format!(
+                            "{s} step {} (KL {:.2}, test win {:.3})",
+                            c.step, c.kl, c.win
+                        ),
+                    }
+                })
+                .collect();
+            format!(
+                "{} frontier ({} of {} checkpoints): {}.",
+                f.method,
+                f.frontier.len(),
+                f.checkpoints.len() - 1,
+                pts.join(" → ")
+            )
+        })
+        .collect()
+}
+
+/// ε-DPO's decisions on mislabelled pairs (true preference probability of the chosen response
+/// below ½: the Bradley–Terry draw contradicted the gold ordering) against correctly labelled
+/// ones, per setting over all seeds, with the 95% interval of the difference of shares (normal
+/// approximation for two proportions).
+fn confusion_section(
+    loaded: &runs::Sweep,
+    summary: &[aggregate::SettingSummary],
+) -> Option<tables::Section> {
+    let mut rows = Vec::new();
+    for s in summary.iter().filter(|s| s.kind == "epsilon_dpo") {
+        // [mislabelled, correct] × [relaxed, kept, strengthened]
+        let mut counts = [[0u64; 3]; 2];
+        for d in loaded
+            .traces
+            .iter()
+            .filter(|t| t.method == s.method && t.setting == s.setting)
+            .filter_map(|t| t.decisions.as_ref())
+        {
+            for k in 0..d.bins() {
+                // Bins never straddle ½ when their edges include it; one that does counts as
+                // correctly labelled only if its lower edge is at least ½.
+                let side = usize::from(d.p_true_edges[k] >= 0.5);
+                counts[side][0] += d.relaxed[k];
+                counts[side][1] += d.kept[k];
+                counts[side][2] += d.strengthened[k];
+            }
+        }
+        let n = [counts[0].iter().sum::<u64>(), counts[1].iter().sum::<u64>()];
+        if n[0] == 0 || n[1] == 0 {
+            continue;
+        }
+        let share = |side: usize, what: usize| counts[side][what] as f64 / n[side] as f64;
+        let diff = |what: usize| {
+            let (a, b) = (share(0, what), share(1, what));
+            let se = (a * (1.0 - a) / n[0] as f64 + b * (1.0 - b) / n[1] as f64).sqrt();
+            let d = a - b;
+            format!("{d:+.3} [{:+.3}, {:+.3}]", d - 1.96 * se, d + 1.96 * se)
+        };
+        rows.push(vec![
+            s.setting.clone(),
+            format!("{}", n[0]),
+            format!("{}", n[1]),
+            format!("{:.3} / {:.3}", share(0, 0), share(1, 0)),
+            diff(0),
+            format!("{:.3} / {:.3}", share(0, 2), share(1, 2)),
+            diff(2),
+        ]);
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    Some(tables::Section {
+        heading: "Do ε-DPO's step decisions track label confusion?".into(),
+        paragraphs: vec![
+            "Each decision is counted at the step that scored the pair (in a one-pass run, its only visit), over all \
+             seeds. Mislabelled: the pair's true preference probability for its chosen response is below ½ (the \
+             label contradicts the gold ordering). If the decisions tracked confusion, mislabelled pairs would be \
+             stepped +1 (β relaxed) less often and −1 more often than correctly labelled ones. Differences with 95% \
+             intervals (two proportions, normal approximation; pairs within a run are treated as independent)."
+                .into(),
+        ],
+        table: Some(tables::Table {
+            headers: [
+                "ε-DPO setting",
+                "mislabelled decisions",
+                "correct decisions",
+                "+1 share (mislabelled / correct)",
+                "Δ +1 share",
+                "−1 share (mislabelled / correct)",
+                "Δ −1 share",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows,
+            bold: Vec::new(),
+        }),
+        after: Vec::new(),
+    })
+}
+
+/// One n of the best-of-n yardstick, as the runs' `eval.json` carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BestOfN {
+    /// n.
+    pub n: usize,
+    /// Win rate against the reference.
+    pub win_rate: f64,
+    /// Its standard error over prompts.
+    pub win_rate_se: f64,
+    /// Gold-reward gain over the reference.
+    pub reward_gain: f64,
+    /// Its standard error over prompts.
+    pub reward_gain_se: f64,
+    /// log n − (n−1)/n.
+    pub kl_bound: f64,
+    /// The tighter estimator.
+    pub kl_estimate: f64,
+}
+
+/// The best-of-n yardstick of the sweep (the same for every run of a task), from the first
+/// run that has it.
+fn best_of_n(loaded: &runs::Sweep) -> Vec<BestOfN> {
+    let mut out = Vec::new();
+    for k in 0..16 {
+        let n = 1usize << k;
+        let get = |what: &str| first_number(loaded, &format!("best_of_n/{n}/{what}"));
+        let (Some(win_rate), Some(reward_gain), Some(kl_bound), Some(kl_estimate)) = (
+            get("win_rate"),
+            get("reward_gain"),
+            get("kl_bound"),
+            get("kl_estimate"),
+        ) else {
+            continue;
+        };
+        out.push(BestOfN {
+            n,
+            win_rate,
+            win_rate_se: get("win_rate_se").unwrap_or(f64::NAN),
+            reward_gain,
+            reward_gain_se: get("reward_gain_se").unwrap_or(f64::NAN),
+            kl_bound,
+            kl_estimate,
+        });
+    }
+    out
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use edpo_rundir::{Decisions, CONFIG_VERSION};
+pub use edpo_rundir::{Decisions, PerPrompt, CONFIG_VERSION};
 
 /// One run's metrics over training (the lines of `metrics.jsonl`).
 #[derive(Debug, Clone)]
@@ -29,6 +29,25 @@ pub struct Trace {
     pub lines: Vec<BTreeMap<String, f64>>,
     /// ε-DPO's decisions by true preference probability, when the run wrote them.
     pub decisions: Option<Decisions>,
+    /// Per-prompt paired numbers of every evaluation (`per_prompt.jsonl`), when written.
+    pub per_prompt: Vec<PerPrompt>,
+    /// The final evaluation's validation win rate.
+    pub final_val_win: Option<f64>,
+}
+
+impl Trace {
+    /// The validation win rate of the evaluation after `step`: from its `eval/` line, or
+    /// from `eval.json` for the final one.
+    pub fn val_win_at(&self, step: usize) -> Option<f64> {
+        self.lines
+            .iter()
+            .find(|l| l.get("step") == Some(&(step as f64)) && l.contains_key("eval/val_win_rate"))
+            .and_then(|l| l.get("eval/val_win_rate").copied())
+            .or_else(|| {
+                let last = self.per_prompt.iter().map(|p| p.step).max()?;
+                (last == step).then_some(self.final_val_win).flatten()
+            })
+    }
 }
 
 /// A loaded sweep.
@@ -206,12 +225,26 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
         } else {
             None
         };
+        let per_prompt_path = dir.join(edpo_rundir::PER_PROMPT);
+        let per_prompt = if per_prompt_path.exists() {
+            PerPrompt::read_all(&per_prompt_path).map_err(|e| match e {
+                edpo_rundir::Error::Malformed { path, message } => Error::File { path, message },
+                other => Error::File {
+                    path: per_prompt_path.clone(),
+                    message: other.to_string(),
+                },
+            })?
+        } else {
+            Vec::new()
+        };
         traces.push(Trace {
             method: method_label(&k),
             setting: label.clone(),
             seed,
             lines,
             decisions,
+            per_prompt,
+            final_val_win: eval["val_win_rate"].as_f64(),
         });
         method.push(method_label(&k));
         kind.push(k);

@@ -1,6 +1,7 @@
 //! Tables in Markdown, HTML, LaTeX (`booktabs`) and CSV, and the report pages.
 
 use crate::aggregate::{Estimate, SettingSummary};
+use crate::paired::{mde80, Frontier, Interval, Metric, Paired};
 use crate::runs::Sweep;
 use crate::Result;
 use std::path::Path;
@@ -41,6 +42,7 @@ fn latex_escape(s: &str) -> String {
         .replace('γ', "$\\gamma$")
         .replace('ℓ', "$\\ell$")
         .replace('₀', "$_0$")
+        .replace('Δ', "$\\Delta$")
 }
 
 fn html_escape(s: &str) -> String {
@@ -163,23 +165,36 @@ fn cell(e: Option<Estimate>, digits: usize) -> String {
     }
 }
 
-/// Which way a column is better, for the bold best value.
+/// Which way a column is better, and the per-prompt metric a paired test of it compares,
+/// for the bold best value; columns without a paired test are never bold.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Better {
-    Higher,
-    Lower,
+    Higher(Metric),
+    Lower(Metric),
     Neither,
 }
 
 /// The reported columns: key in `eval.json`, header, digits, which way is better.
-const COLUMNS: [(&str, &str, usize, Better); 8] = [
-    ("win_rate", "win rate", 3, Better::Higher),
-    ("gold_reward", "gold reward", 3, Better::Higher),
-    ("kl", "KL", 3, Better::Lower),
-    ("preference_accuracy", "pref. acc.", 3, Better::Higher),
+const COLUMNS: [(&str, &str, usize, Better); 10] = [
+    ("win_rate", "win rate", 3, Better::Higher(Metric::Win)),
+    (
+        "reward_diff",
+        "reward gain",
+        3,
+        Better::Higher(Metric::RewardGain),
+    ),
+    (
+        "gold_reward",
+        "gold reward",
+        3,
+        Better::Higher(Metric::RewardGain),
+    ),
+    ("kl", "KL", 3, Better::Lower(Metric::Kl)),
+    ("kl_sampled", "KL (sampled)", 3, Better::Neither),
+    ("preference_accuracy", "pref. acc.", 3, Better::Neither),
     ("mean_length", "length", 1, Better::Neither),
-    ("win_rate_vs_chosen", "win vs chosen", 3, Better::Higher),
-    ("second_judge_win_rate", "lexicon win", 3, Better::Higher),
+    ("win_rate_vs_chosen", "win vs chosen", 3, Better::Neither),
+    ("second_judge_win_rate", "lexicon win", 3, Better::Neither),
     ("val_win_rate", "val. win rate", 3, Better::Neither),
 ];
 
@@ -219,36 +234,54 @@ fn headers(columns: &[Column]) -> Vec<String> {
     h
 }
 
-/// The best mean of each column among `rows` (ties all bold), as `(row, column)` cells.
-fn best_cells(rows: &[&SettingSummary], columns: &[Column]) -> Vec<(usize, usize)> {
+/// The cells of the best mean of each testable column among `rows`, kept only where a paired
+/// test separates the best from the runner-up: the 95% interval of their difference (paired
+/// bootstrap over seeds and prompts of the final evaluations) excludes 0. Values that print
+/// the same are never separated.
+fn best_cells(
+    rows: &[&SettingSummary],
+    columns: &[Column],
+    paired: Option<&Paired<'_>>,
+) -> Vec<(usize, usize)> {
     let mut bold = Vec::new();
+    let Some(paired) = paired else {
+        return bold;
+    };
     if rows.len() < 2 {
         return bold;
     }
     for (c, (key, _, digits, better)) in columns.iter().enumerate() {
-        let sign = match better {
-            Better::Higher => 1.0,
-            Better::Lower => -1.0,
+        let (sign, metric) = match better {
+            Better::Higher(m) => (1.0, *m),
+            Better::Lower(m) => (-1.0, *m),
             Better::Neither => continue,
         };
-        // Compared as printed, so values that print the same are equally best.
         let shown = |s: &SettingSummary| {
             s.get(key).map(|e| {
                 let scale = 10f64.powi(*digits as i32);
                 sign * (e.mean * scale).round()
             })
         };
-        let Some(best) = rows
+        let mut ranked: Vec<(usize, f64)> = rows
             .iter()
-            .filter_map(|s| shown(s))
-            .max_by(|a, b| a.total_cmp(b))
-        else {
+            .enumerate()
+            .filter_map(|(r, s)| shown(s).map(|v| (r, v)))
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let [(best, vb), (second, vs), ..] = ranked[..] else {
             continue;
         };
-        for (r, s) in rows.iter().enumerate() {
-            if shown(s) == Some(best) {
-                bold.push((r, 3 + c));
-            }
+        if vb == vs {
+            continue;
+        }
+        let (a, b) = (rows[best], rows[second]);
+        let test = paired.diff_final(
+            (a.method.as_str(), a.setting.as_str()),
+            (b.method.as_str(), b.setting.as_str()),
+            metric,
+        );
+        if test.is_some_and(|t| t.excludes_zero()) {
+            bold.push((best, 3 + c));
         }
     }
     bold
@@ -265,9 +298,20 @@ pub fn main_table(summary: &[SettingSummary]) -> Result<Table> {
 }
 
 /// Each method at its best setting, chosen by [`selection_metric`] (the ε-DPO paper compares
-/// methods at their best settings); the best value of each column among the methods in bold.
-pub fn best_per_method(summary: &[SettingSummary]) -> Result<Table> {
+/// methods at their best settings); the best value of a column among the methods in bold
+/// where a paired test separates it from the runner-up ([`best_cells`]).
+pub fn best_per_method(summary: &[SettingSummary], paired: Option<&Paired<'_>>) -> Result<Table> {
+    let chosen = chosen_settings(summary);
     let columns = present_columns(summary);
+    Ok(Table {
+        headers: headers(&columns),
+        rows: chosen.iter().map(|s| row(s, &columns)).collect(),
+        bold: best_cells(&chosen, &columns, paired),
+    })
+}
+
+/// Each method's setting with the best [`selection_metric`], in the summary's method order.
+pub fn chosen_settings(summary: &[SettingSummary]) -> Vec<&SettingSummary> {
     let metric = selection_metric(summary);
     let mut methods: Vec<&str> = Vec::new();
     for s in summary {
@@ -275,7 +319,7 @@ pub fn best_per_method(summary: &[SettingSummary]) -> Result<Table> {
             methods.push(&s.method);
         }
     }
-    let chosen: Vec<&SettingSummary> = methods
+    methods
         .iter()
         .filter_map(|m| {
             summary.iter().filter(|s| s.method == *m).max_by(|a, b| {
@@ -284,24 +328,146 @@ pub fn best_per_method(summary: &[SettingSummary]) -> Result<Table> {
                 w(a).total_cmp(&w(b))
             })
         })
+        .collect()
+}
+
+/// `mean [lo, hi]` of an interval.
+fn interval_cell(i: Option<Interval>, digits: usize) -> String {
+    match i {
+        None => "–".into(),
+        Some(i) => format!(
+            "{:+.*} [{:+.*}, {:+.*}]",
+            digits, i.mean, digits, i.lo, digits, i.hi
+        ),
+    }
+}
+
+/// The method every other is compared with: DPO.
+pub const BASELINE_METHOD: &str = "DPO";
+
+/// KL values at which methods are compared along their frontiers: quarters of the smallest
+/// largest-KL any compared method's frontier reaches, rounded down to 0.05 nats.
+pub fn matched_kls(frontiers: &[Frontier]) -> Vec<f64> {
+    let top = frontiers
+        .iter()
+        .map(Frontier::max_kl)
+        .fold(f64::INFINITY, f64::min);
+    if !top.is_finite() || top <= 0.0 {
+        return Vec::new();
+    }
+    let mut out: Vec<f64> = [0.25, 0.5, 0.75, 1.0]
+        .iter()
+        .map(|q| (q * top * 20.0).floor() / 20.0)
+        .filter(|k| *k > 0.0)
         .collect();
-    Ok(Table {
-        headers: headers(&columns),
-        rows: chosen.iter().map(|s| row(s, &columns)).collect(),
-        bold: best_cells(&chosen, &columns),
+    out.dedup();
+    out
+}
+
+/// Each method's win rate and reward gain at fixed KL along its frontier, and its difference
+/// to DPO's at the same KL, paired by seed and prompt, with the minimum detectable difference
+/// of the win-rate comparison at 80% power.
+pub fn matched_kl_table(paired: &Paired<'_>, frontiers: &[Frontier]) -> Option<Table> {
+    let baseline = frontiers.iter().find(|f| f.method == BASELINE_METHOD);
+    let kls = matched_kls(frontiers);
+    if kls.is_empty() {
+        return None;
+    }
+    let mut rows = Vec::new();
+    for &kl in &kls {
+        for f in frontiers {
+            let win = paired.at_kl(f, kl, Metric::Win);
+            let gain = paired.at_kl(f, kl, Metric::RewardGain);
+            let (dwin, dgain) = match baseline {
+                Some(b) if b.method != f.method => (
+                    paired.diff_at_kl(f, b, kl, Metric::Win),
+                    paired.diff_at_kl(f, b, kl, Metric::RewardGain),
+                ),
+                _ => (None, None),
+            };
+            rows.push(vec![
+                format!("{kl:.2}"),
+                f.method.clone(),
+                interval_cell(win, 3).replace('+', ""),
+                interval_cell(gain, 3),
+                interval_cell(dwin, 3),
+                interval_cell(dgain, 3),
+                dwin.map(|d| format!("{:.3}", mde80(d.se)))
+                    .unwrap_or_else(|| "–".into()),
+            ]);
+        }
+    }
+    Some(Table {
+        headers: [
+            "KL",
+            "method",
+            "win rate",
+            "reward gain",
+            "Δ win vs DPO",
+            "Δ reward gain vs DPO",
+            "MDE (Δ win)",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+        bold: Vec::new(),
     })
 }
 
-const NOTE: &str = "Mean over seeds ± half-width of the 95% interval (Student's t over seeds; none with one seed). \
-Win rate: share of held-out prompts where the policy's sample has a higher gold reward than the reference's (ties ½). \
-KL: exact sequence KL(π‖π_ref) summed over sampled responses. Pref. acc.: share of held-out pairs whose implicit reward \
+/// Each method's chosen setting against DPO's chosen setting, final evaluations paired by
+/// seed and prompt.
+pub fn versus_baseline_table(paired: &Paired<'_>, summary: &[SettingSummary]) -> Option<Table> {
+    let chosen = chosen_settings(summary);
+    let base = chosen.iter().find(|s| s.method == BASELINE_METHOD)?;
+    let b = (base.method.as_str(), base.setting.as_str());
+    let rows: Vec<Vec<String>> = chosen
+        .iter()
+        .filter(|s| s.method != BASELINE_METHOD)
+        .map(|s| {
+            let a = (s.method.as_str(), s.setting.as_str());
+            let dwin = paired.diff_final(a, b, Metric::Win);
+            vec![
+                s.method.clone(),
+                s.setting.clone(),
+                interval_cell(dwin, 3),
+                interval_cell(paired.diff_final(a, b, Metric::RewardGain), 3),
+                interval_cell(paired.diff_final(a, b, Metric::Kl), 3),
+                dwin.map(|d| format!("{:.3}", mde80(d.se)))
+                    .unwrap_or_else(|| "–".into()),
+            ]
+        })
+        .collect();
+    (!rows.is_empty()).then(|| Table {
+        headers: [
+            "method",
+            "setting",
+            "Δ win vs DPO",
+            "Δ reward gain vs DPO",
+            "Δ KL vs DPO",
+            "MDE (Δ win)",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+        bold: Vec::new(),
+    })
+}
+
+/// What the columns of the settings tables mean.
+pub const NOTE: &str = "Mean over seeds ± half-width of the 95% interval (Student's t over seeds; none with one seed). \
+Win rate: share of test-prompt samples whose gold reward beats the reference's sample drawn from the same random stream (ties ½), \
+averaged per prompt first. Reward gain: mean gold reward of the policy's samples minus the reference's, paired the same way. \
+KL: exact sequence KL(π‖π_ref) along the policy's samples (sum over tokens of the full-vocabulary KL); KL (sampled): \
+the log-ratio estimator along the same samples. Pref. acc.: share of held-out pairs whose implicit reward \
 margin favours the chosen response. Win vs chosen: policy sample against the chosen response of held-out pairs. \
 Lexicon win: win rate under the second, lexicon-based judge. Length: mean response tokens, EOS included. \
 Val. win rate: win rate on the validation prompts, by which each method's best setting is chosen; every other number \
-is measured on the test prompts. Bold: the best value of a column among the methods at their best settings \
-(highest, or lowest for KL).";
+is measured on the test prompts. Bold: the best value of a column among the methods at their chosen settings, only where a \
+paired bootstrap over seeds and prompts puts the 95% interval of its difference to the runner-up away from 0; \
+columns without per-prompt pairing (accuracy, length, judges) are never bold.";
 
-fn chosen_by_text(metric: &str) -> &'static str {
+/// Describes how a method's best setting was chosen.
+pub fn chosen_by_text(metric: &str) -> &'static str {
     if metric == "val_win_rate" {
         "mean win rate on the validation prompts (the table's numbers are on the test prompts)"
     } else {
@@ -309,13 +475,24 @@ fn chosen_by_text(metric: &str) -> &'static str {
     }
 }
 
-/// `report.md`: tables inline, figures as links to their SVG files.
+/// One section of a report page: a heading, paragraphs, and optionally a table with a note.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Section {
+    /// The heading.
+    pub heading: String,
+    /// Paragraphs before the table (Markdown inline syntax: backticks only).
+    pub paragraphs: Vec<String>,
+    /// The table.
+    pub table: Option<Table>,
+    /// Paragraphs after the table.
+    pub after: Vec<String>,
+}
+
+/// `report.md`: sections in order, figures as links to their SVG files.
 pub fn report_markdown(
     sweep_dir: &Path,
     sweep: &Sweep,
-    main: &Table,
-    best: &Table,
-    chosen_by: &str,
+    sections: &[Section],
     figures: &[(String, String, String)],
 ) -> String {
     let mut out = format!(
@@ -331,14 +508,21 @@ pub fn report_markdown(
             sweep.skipped.join("; ")
         ));
     }
-    out.push_str(&format!(
-        ".\n\n## Each method at its best setting\n\nChosen by {}.\n\n",
-        chosen_by_text(chosen_by)
-    ));
-    out.push_str(&best.to_markdown());
-    out.push_str("\n## All settings\n\n");
-    out.push_str(&main.to_markdown());
-    out.push_str(&format!("\n{NOTE}\n\n## Figures\n\n"));
+    out.push_str(".\n\n");
+    for s in sections {
+        out.push_str(&format!("## {}\n\n", s.heading));
+        for p in &s.paragraphs {
+            out.push_str(&format!("{p}\n\n"));
+        }
+        if let Some(t) = &s.table {
+            out.push_str(&t.to_markdown());
+            out.push('\n');
+        }
+        for p in &s.after {
+            out.push_str(&format!("{p}\n\n"));
+        }
+    }
+    out.push_str("## Figures\n\n");
     for (name, title, _) in figures {
         out.push_str(&format!(
             "### {title}\n\n![{title}](figures/{name}.svg)\n\n"
@@ -351,25 +535,36 @@ pub fn report_markdown(
 pub fn report_html(
     sweep_dir: &Path,
     sweep: &Sweep,
-    main: &Table,
-    best: &Table,
-    chosen_by: &str,
+    sections: &[Section],
     figures: &[(String, String, String)],
 ) -> String {
     let mut out = String::from("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>edpo report</title>\n<style>body{font-family:sans-serif;max-width:1300px;margin:2em auto;}table{border-collapse:collapse;margin:1em 0;}th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right;}th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left;}figure{margin:2em 0;}</style></head><body>\n");
     out.push_str(&format!(
-        "<h1>Report: {}</h1>\n<p>{} completed runs.</p>\n",
+        "<h1>Report: {}</h1>\n<p>{} completed runs",
         html_escape(&sweep_dir.display().to_string()),
         sweep.runs.height()
     ));
-    out.push_str(&format!(
-        "<h2>Each method at its best setting</h2>\n<p>Chosen by {}.</p>\n",
-        html_escape(chosen_by_text(chosen_by))
-    ));
-    out.push_str(&best.to_html());
-    out.push_str("<h2>All settings</h2>\n");
-    out.push_str(&main.to_html());
-    out.push_str(&format!("<p>{}</p>\n<h2>Figures</h2>\n", html_escape(NOTE)));
+    if !sweep.skipped.is_empty() {
+        out.push_str(&html_escape(&format!(
+            "; {} not reported ({})",
+            sweep.skipped.len(),
+            sweep.skipped.join("; ")
+        )));
+    }
+    out.push_str(".</p>\n");
+    for s in sections {
+        out.push_str(&format!("<h2>{}</h2>\n", html_escape(&s.heading)));
+        for p in &s.paragraphs {
+            out.push_str(&format!("<p>{}</p>\n", html_escape(p)));
+        }
+        if let Some(t) = &s.table {
+            out.push_str(&t.to_html());
+        }
+        for p in &s.after {
+            out.push_str(&format!("<p>{}</p>\n", html_escape(p)));
+        }
+    }
+    out.push_str("<h2>Figures</h2>\n");
     for (_, title, svg) in figures {
         let body = svg.find("<svg").map(|i| &svg[i..]).unwrap_or(svg);
         out.push_str(&format!(
@@ -404,5 +599,93 @@ mod tests {
         assert!(t.to_markdown().contains("| **0.6 ± 0.1** |"));
         assert!(t.to_html().contains("<td><b>0.6 ± 0.1</b></td>"));
         assert!(t.to_csv().contains(",0.6 ± 0.1\n"));
+    }
+
+    fn summary(method: &str, win: f64) -> SettingSummary {
+        SettingSummary {
+            method: method.into(),
+            kind: method.to_lowercase(),
+            setting: "β=0.1".into(),
+            n: 4,
+            params: Default::default(),
+            metrics: [(
+                "win_rate".to_string(),
+                Estimate {
+                    mean: win,
+                    ci: 0.01,
+                },
+            )]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    fn trace(method: &str, seed: u64, win: Vec<f64>) -> crate::runs::Trace {
+        let n = win.len();
+        crate::runs::Trace {
+            method: method.into(),
+            setting: "β=0.1".into(),
+            seed,
+            lines: Vec::new(),
+            decisions: None,
+            per_prompt: vec![edpo_rundir::PerPrompt {
+                step: 10,
+                win,
+                reward_diff: vec![0.0; n],
+                kl: vec![1.0; n],
+            }],
+            final_val_win: None,
+        }
+    }
+
+    #[test]
+    fn the_best_value_is_bold_only_where_a_paired_test_separates_it() {
+        // Prompt-level noise shared by both methods (the paired design cancels it), and a
+        // method-specific wobble of ±0.05 around a gap of `gap`.
+        let runs = |gap: f64| -> Vec<crate::runs::Trace> {
+            let mut out = Vec::new();
+            for seed in 0..4u64 {
+                let base: Vec<f64> = (0..256)
+                    .map(|p| ((p * 37 + seed as usize * 11) % 100) as f64 / 100.0)
+                    .collect();
+                let wobble = |p: usize, k: usize| {
+                    if (p * 7 + k + seed as usize) % 2 == 0 {
+                        0.05
+                    } else {
+                        -0.05
+                    }
+                };
+                out.push(trace(
+                    "A",
+                    seed,
+                    base.iter()
+                        .enumerate()
+                        .map(|(p, b)| b + gap + wobble(p, 1))
+                        .collect(),
+                ));
+                out.push(trace(
+                    "B",
+                    seed,
+                    base.iter()
+                        .enumerate()
+                        .map(|(p, b)| b + wobble(p, 2))
+                        .collect(),
+                ));
+            }
+            out
+        };
+        let columns: Vec<Column> = COLUMNS[..1].to_vec();
+        let rows = [summary("A", 0.61), summary("B", 0.60)];
+        let refs: Vec<&SettingSummary> = rows.iter().collect();
+        // A gap far inside the noise: no bold, although A's mean is higher.
+        let noise = runs(0.001);
+        let paired = Paired::new(&noise).expect("paired");
+        assert!(best_cells(&refs, &columns, Some(&paired)).is_empty());
+        // A clear gap: A is bold.
+        let clear = runs(0.05);
+        let paired = Paired::new(&clear).expect("paired");
+        assert_eq!(best_cells(&refs, &columns, Some(&paired)), vec![(0, 3)]);
+        // No paired data: nothing is bold.
+        assert!(best_cells(&refs, &columns, None).is_empty());
     }
 }

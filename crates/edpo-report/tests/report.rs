@@ -2,7 +2,8 @@
 //! `tools/make_report_fixture.py`): two DPO and two ε-DPO settings with two seeds each, a failed
 //! run, an unfinished run and a run of an older config version. Checks the tables' numbers
 //! against the fixture, the best setting chosen on validation rather than test numbers, the bold
-//! best values, every figure written as a PNG and an SVG with drawn content, and the skipped
+//! best values only where a paired test separates them, the paired comparisons at matched KL and
+//! between chosen settings, the memorisation check, every figure written as a PNG and an SVG with drawn content, and the skipped
 //! runs listed.
 
 use std::path::PathBuf;
@@ -11,7 +12,8 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixture")
 }
 
-const FIGURES: [&str; 6] = [
+const FIGURES: [&str; 7] = [
+    "frontiers",
     "frontier",
     "epsilon_ablation",
     "trajectories",
@@ -53,11 +55,31 @@ fn report_from_the_fixture_sweep() -> Result<(), Box<dyn std::error::Error>> {
         "{best}"
     );
     assert!(!best.contains("ε=0.05"), "{best}");
-    // Bold: ε-DPO's win rate (0.700 > 0.650) and DPO's KL (2.500 < 2.600).
+    // Bold: ε-DPO's win rate (0.700 > 0.650, +0.05 on both seeds), which the paired test
+    // separates; not DPO's lower KL (2.500 < 2.600, but −0.5 on one seed and +0.3 on the
+    // other) nor ε-DPO's higher reward gain (0.200 > 0.150, lost in its per-prompt noise).
     let md = std::fs::read_to_string(out.join("report.md"))?;
     assert!(md.contains("**0.700 ± 0.635**"), "{md}");
-    assert!(md.contains("**2.500 ± 6.353**"), "{md}");
+    assert!(!md.contains("**2.500 ± 6.353**"), "{md}");
     assert!(!md.contains("**0.650 ± 0.635**"), "{md}");
+    assert!(!md.contains("**0.200"), "{md}");
+    assert!(
+        md.contains("| ε-DPO | ε=0.01, β=0.1 | 2 | **0.700 ± 0.635** | 0.200"),
+        "{md}"
+    );
+    // Paired comparisons: ε-DPO's chosen setting against DPO's, +0.050 in win rate.
+    let versus = std::fs::read_to_string(out.join("tables/versus_dpo.csv"))?;
+    let row = versus
+        .lines()
+        .find(|l| l.starts_with("ε-DPO"))
+        .ok_or("versus row")?;
+    assert!(row.contains("+0.050 ["), "{versus}");
+    // Matched KL: both methods' frontiers reach 0.25 of the smaller one's largest KL.
+    let matched = std::fs::read_to_string(out.join("tables/matched_kl.csv"))?;
+    assert!(matched.lines().count() >= 3, "{matched}");
+    assert!(md.contains("## Methods at matched KL"), "{md}");
+    assert!(md.contains("## Memorisation check"), "{md}");
+    assert!(md.contains("2 seeds each"), "{md}");
     assert!(md.contains("Chosen by mean win rate on the validation prompts"));
     let tex = std::fs::read_to_string(out.join("tables/best_per_method.tex"))?;
     assert!(tex.contains("\\toprule") && tex.contains("\\bottomrule"));

@@ -8,6 +8,8 @@
 //! - [`EVAL`]: the final evaluation;
 //! - [`DECISIONS`]: ε-DPO's step decisions by bins of the pairs' true preference probability
 //!   ([`Decisions`]);
+//! - [`PER_PROMPT`]: at every evaluation, each test prompt's paired numbers against the
+//!   reference ([`PerPrompt`]), what the report's paired comparisons resample;
 //! - [`STATUS`]: running / completed / failed, with the error chain and timings ([`Status`]).
 //!
 //! Every file is written whole to a temporary sibling and renamed into place
@@ -23,9 +25,10 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The version of resolved configs and of the run files they produce. 2: validation prompts
-/// apart from the test prompts, `decisions.json`, evaluation lines over training. A run
-/// without the key in its `config.json` is version 1.
-pub const CONFIG_VERSION: u32 = 2;
+/// apart from the test prompts, `decisions.json`, evaluation lines over training. 3: paired
+/// evaluation (policy and reference on common random numbers, several samples per prompt)
+/// and `per_prompt.jsonl`. A run without the key in its `config.json` is version 1.
+pub const CONFIG_VERSION: u32 = 3;
 
 /// The resolved config as YAML.
 pub const CONFIG_YAML: &str = "config.yaml";
@@ -37,6 +40,8 @@ pub const METRICS: &str = "metrics.jsonl";
 pub const EVAL: &str = "eval.json";
 /// ε-DPO's step decisions.
 pub const DECISIONS: &str = "decisions.json";
+/// Per-prompt paired evaluation numbers, one line per evaluation.
+pub const PER_PROMPT: &str = "per_prompt.jsonl";
 /// A LoRA run's trained adapters (a PEFT adapter directory).
 pub const ADAPTER: &str = "adapter";
 /// The run's state.
@@ -158,6 +163,7 @@ pub struct RunDir {
     /// Its path.
     pub path: PathBuf,
     metrics: String,
+    per_prompt: String,
     status: Status,
 }
 
@@ -179,7 +185,7 @@ impl RunDir {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        for stale in [METRICS, EVAL] {
+        for stale in [METRICS, EVAL, PER_PROMPT] {
             let p = path.join(stale);
             if p.exists() {
                 std::fs::remove_file(&p).map_err(|source| Error::Dir {
@@ -194,6 +200,7 @@ impl RunDir {
         let mut dir = Self {
             path: path.to_path_buf(),
             metrics: String::new(),
+            per_prompt: String::new(),
             status: Status {
                 state: RunState::Running,
                 hash: hash.to_string(),
@@ -218,6 +225,13 @@ impl RunDir {
         self.metrics.push_str(&serde_json::to_string(record)?);
         self.metrics.push('\n');
         write_atomic(&self.path.join(METRICS), self.metrics.as_bytes())
+    }
+
+    /// Appends one evaluation's per-prompt numbers to [`PER_PROMPT`] (rewritten atomically).
+    pub fn log_per_prompt(&mut self, record: &PerPrompt) -> Result<()> {
+        self.per_prompt.push_str(&serde_json::to_string(record)?);
+        self.per_prompt.push('\n');
+        write_atomic(&self.path.join(PER_PROMPT), self.per_prompt.as_bytes())
     }
 
     /// Writes another JSON file of the run (atomically).
@@ -254,6 +268,57 @@ impl RunDir {
         self.status.wall_s = Some(now - self.status.started_unix);
         self.status.error = error;
         self.write_status()
+    }
+}
+
+/// One evaluation's paired numbers on the test prompts (a line of [`PER_PROMPT`]): for
+/// prompt `i`, the means over its samples `j` of the policy's win against the reference's
+/// sample drawn from the same random stream (1, ½ on a tie, 0), of the gold-reward
+/// difference policy − reference, and of the exact sequence KL(π‖π_ref) of the policy's
+/// sample. Prompts are in the task's test-prompt order, the same for every run of a task, so
+/// runs of the same seed are paired prompt by prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PerPrompt {
+    /// The optimizer step evaluated after.
+    pub step: usize,
+    /// Win against the reference, per prompt.
+    pub win: Vec<f64>,
+    /// Gold reward of the policy minus the reference's, per prompt.
+    pub reward_diff: Vec<f64>,
+    /// Exact sequence KL, per prompt.
+    pub kl: Vec<f64>,
+}
+
+impl PerPrompt {
+    /// Reads [`PER_PROMPT`]; a malformed line, or lines of different prompt counts, is an
+    /// error naming the file and line.
+    pub fn read_all(path: &Path) -> Result<Vec<Self>> {
+        let malformed = |message: String| Error::Malformed {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| malformed(e.to_string()))?;
+        let mut out: Vec<Self> = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let rec: Self = serde_json::from_str(line)
+                .map_err(|e| malformed(format!("line {}: {e}", i + 1)))?;
+            let n = rec.win.len();
+            if rec.reward_diff.len() != n
+                || rec.kl.len() != n
+                || out.first().is_some_and(|f| f.win.len() != n)
+            {
+                return Err(malformed(format!(
+                    "line {}: per-prompt arrays of different lengths",
+                    i + 1
+                )));
+            }
+            out.push(rec);
+        }
+        Ok(out)
     }
 }
 
@@ -423,5 +488,36 @@ mod tests {
             Some(RunState::Completed)
         );
         assert!(dir.join(EVAL).is_file());
+    }
+
+    #[test]
+    fn per_prompt_lines_round_trip_and_unequal_lengths_are_named() {
+        let dir = std::env::temp_dir().join(format!("edpo-rundir-pp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut run = RunDir::start(&dir, "abc", "a: 1\n", "{}").expect("start");
+        let a = PerPrompt {
+            step: 4,
+            win: vec![1.0, 0.5],
+            reward_diff: vec![0.25, 0.0],
+            kl: vec![0.1, 0.2],
+        };
+        let b = PerPrompt {
+            step: 8,
+            ..a.clone()
+        };
+        run.log_per_prompt(&a).expect("log");
+        run.log_per_prompt(&b).expect("log");
+        let path = dir.join(PER_PROMPT);
+        assert_eq!(PerPrompt::read_all(&path).expect("read"), vec![a, b]);
+        std::fs::write(
+            &path,
+            "{\"step\":1,\"win\":[1],\"reward_diff\":[0],\"kl\":[0]}\n{\"step\":2,\"win\":[1,0],\"reward_diff\":[0,0],\"kl\":[0,0]}\n",
+        )
+        .expect("write");
+        let err = PerPrompt::read_all(&path).expect_err("lengths").to_string();
+        assert!(
+            err.contains("per_prompt.jsonl") && err.contains("line 2"),
+            "{err}"
+        );
     }
 }

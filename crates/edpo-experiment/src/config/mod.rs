@@ -157,6 +157,12 @@ pub struct EvalConfig {
     pub top_k: usize,
     /// Top-p.
     pub top_p: f64,
+    /// Samples per test and validation prompt, each paired with a reference sample drawn
+    /// from the same random stream.
+    pub samples: usize,
+    /// Draw the best-of-n yardstick from the reference (a cached stage; its numbers go into
+    /// `eval.json` as `best_of_n/<n>/…`).
+    pub best_of_n: bool,
 }
 
 /// The resolved run settings.

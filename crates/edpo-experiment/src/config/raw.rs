@@ -62,6 +62,8 @@ pub struct RawEval {
     temperature: Option<f64>,
     top_k: Option<usize>,
     top_p: Option<f64>,
+    samples: Option<usize>,
+    best_of_n: Option<bool>,
 }
 
 /// The run section as written.
@@ -299,7 +301,10 @@ impl RawConfig {
             temperature: e.temperature.unwrap_or(1.0),
             top_k: e.top_k.unwrap_or(0),
             top_p: e.top_p.unwrap_or(1.0),
+            samples: e.samples.unwrap_or(4),
+            best_of_n: e.best_of_n.unwrap_or(false),
         };
+        check(eval.samples >= 1, "eval.samples", "must be at least 1")?;
         check(
             eval.temperature >= 0.0,
             "eval.temperature",

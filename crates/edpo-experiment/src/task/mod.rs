@@ -90,6 +90,20 @@ pub struct TaskData {
 }
 
 impl TaskData {
+    /// The share of training labels that contradict the gold ordering (the chosen response's
+    /// gold reward below the rejected one's): the label noise the Bradley–Terry draw put in.
+    pub fn label_noise(&self) -> f64 {
+        if self.train.is_empty() {
+            return 0.0;
+        }
+        let wrong = self
+            .train
+            .iter()
+            .filter(|p| p.chosen_reward < p.rejected_reward)
+            .count();
+        wrong as f64 / self.train.len() as f64
+    }
+
     /// Reads the pairs stage `pairs_dir` (as [`write_pairs`] left it) into a task's data.
     pub fn from_pairs_stage(
         judge: Box<dyn Judge>,

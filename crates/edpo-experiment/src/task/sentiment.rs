@@ -42,7 +42,7 @@ use edpo_model::CausalLm;
 use edpo_train::{AdamWConfig, SftTrainer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -431,7 +431,7 @@ pub fn stage_keys(
     let mut pairs_key = json!({"stage": "sentiment-pairs", "reference": reference_key, "gold": gold_key,
         "prompt_words": [task.prompt_words_min, task.prompt_words_max], "response_tokens": task.response_tokens,
         "train_pairs": task.train_pairs, "eval_pairs": task.eval_pairs, "eval_prompts": task.eval_prompts,
-        "val_prompts": task.val_prompts, "held_out_split": "test", "bt_temperature": task.bt_temperature});
+        "val_prompts": task.val_prompts, "held_out_split": "test", "eval_prompts_drawn": "without-replacement-excluding-train", "bt_temperature": task.bt_temperature});
     // Keys a plain task has not, so its stage names stay what they were.
     if let Some(template) = &task.chat_template {
         pairs_key["chat_template"] = json!(template);
@@ -640,8 +640,6 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             }
         };
         let mut train_prompts = prompts_from(&train, task.seed ^ 0x4444);
-        let mut held_prompts = prompts_from(&test, task.seed ^ 0x5555);
-        let mut val_prompts = prompts_from(&validation, task.seed ^ 0x6666);
         let train_pairs = sample_pairs(
             &reference,
             &judge,
@@ -651,6 +649,85 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             task.train_pairs,
             task.seed ^ 0x1111,
         )?;
+        // Validation and test prompts: drawn without replacement, one per snippet, none equal
+        // to a training prompt (nor a test prompt to a validation prompt).
+        let distinct = |split: &[Snippet],
+                        name: &str,
+                        key: &str,
+                        n: usize,
+                        seed: u64,
+                        exclude: &HashSet<Vec<u32>>|
+         -> Result<Vec<Vec<u32>>> {
+            let mut rng = SplitMix64(seed);
+            let mut order: Vec<usize> = (0..split.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            let mut chosen: Vec<Vec<u32>> = Vec::with_capacity(n);
+            let mut seen: HashSet<Vec<u32>> = HashSet::new();
+            for &i in &order {
+                if chosen.len() == n {
+                    break;
+                }
+                let first = task.prompt_words_min + (rng.next_u64() % span) as usize;
+                // A prefix equal to one already taken is lengthened word by word, up to the
+                // longest prefix allowed; a snippet that never becomes distinct is passed over.
+                for words in first..=task.prompt_words_max {
+                    let prefix = prompt_of(&split[i].text, words);
+                    let Ok(rendered) = writer.render(&prefix) else {
+                        break;
+                    };
+                    let text = rendered.as_deref().unwrap_or(&prefix);
+                    let Ok(ids) = judge.tokenizer.encode(text) else {
+                        break;
+                    };
+                    if ids.is_empty() || ids.len() + task.response_tokens > context {
+                        break;
+                    }
+                    if exclude.contains(&ids) || seen.contains(&ids) {
+                        continue;
+                    }
+                    if rendered.is_some() {
+                        judge.remember(&ids, &prefix)?;
+                    }
+                    seen.insert(ids.clone());
+                    chosen.push(ids);
+                    break;
+                }
+            }
+            if chosen.len() < n {
+                bail!(
+                    "key `task.{key}`: {n} prompts asked, but the {name} split gives only {} \
+                     distinct prompts that equal no training prompt",
+                    chosen.len()
+                );
+            }
+            Ok(chosen)
+        };
+        let mut exclude: HashSet<Vec<u32>> = train_pairs
+            .iter()
+            .map(|p| p.prompt_input_ids.clone())
+            .collect();
+        let val = distinct(
+            &validation,
+            "validation",
+            "val_prompts",
+            task.val_prompts,
+            task.seed ^ 0x6666,
+            &exclude,
+        )?;
+        exclude.extend(val.iter().cloned());
+        let prompts = distinct(
+            &test,
+            "test",
+            "eval_prompts",
+            task.eval_prompts,
+            task.seed ^ 0x5555,
+            &exclude,
+        )?;
+        // Held-out pairs: on the test prompts, in turn (a prompt may carry several pairs).
+        let mut next_test = prompts.iter().cycle().cloned();
+        let mut held_prompts = move || next_test.next().unwrap_or_default();
         let held_out = sample_pairs(
             &reference,
             &judge,
@@ -660,8 +737,6 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             task.eval_pairs,
             task.seed ^ 0x2222,
         )?;
-        let prompts: Vec<Vec<u32>> = (0..task.eval_prompts).map(|_| held_prompts()).collect();
-        let val: Vec<Vec<u32>> = (0..task.val_prompts).map(|_| val_prompts()).collect();
         write_pairs(dir, &train_pairs, &held_out, &prompts, &val)?;
         let texts: std::collections::BTreeMap<Vec<u32>, String> = judge
             .prefixes

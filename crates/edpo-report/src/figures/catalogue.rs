@@ -4,15 +4,17 @@
 use super::draw::PALETTE;
 use super::{Figure, Panel, Point, Series};
 use crate::aggregate::SettingSummary;
+use crate::paired::Frontier;
 use crate::runs::{Decisions, Sweep};
 use std::collections::BTreeMap;
 
 fn short_setting(s: &SettingSummary) -> String {
     if s.kind == "epsilon_dpo" {
-        s.params
-            .get("epsilon")
-            .map(|e| format!("ε={e}"))
-            .unwrap_or_else(|| s.setting.clone())
+        match (s.params.get("epsilon"), s.params.get("beta")) {
+            (Some(e), Some(b)) => format!("ε={e}, β₀={b}"),
+            (Some(e), None) => format!("ε={e}"),
+            _ => s.setting.clone(),
+        }
     } else if let Some(b) = s.params.get("beta") {
         format!("β={b}")
     } else {
@@ -102,6 +104,95 @@ pub(super) fn frontier(summary: &[SettingSummary]) -> Option<Figure> {
             hlines: vec![],
             log_x,
         }],
+        svg: String::new(),
+    })
+}
+
+/// Every evaluation checkpoint of every method (means over seeds, test prompts) and each
+/// method's frontier chosen on the validation prompts, win rate and reward gain against KL.
+pub(super) fn checkpoint_frontiers(
+    frontiers: &[Frontier],
+    best_of_n: &[crate::BestOfN],
+) -> Option<Figure> {
+    if frontiers.iter().all(|f| f.checkpoints.len() < 2) {
+        return None;
+    }
+    // Best-of-n is drawn up to a little past the methods' largest KL, so it does not stretch
+    // the axis.
+    let top = frontiers
+        .iter()
+        .flat_map(|f| f.checkpoints.iter().map(|c| c.kl))
+        .fold(0f64, f64::max);
+    let panel = |y: fn(&crate::paired::Checkpoint) -> f64,
+                 bon: fn(&crate::BestOfN) -> (f64, f64),
+                 y_label: &str| {
+        let mut series = Vec::new();
+        let bon_points: Vec<Point> = best_of_n
+            .iter()
+            .filter(|b| b.kl_estimate <= 1.5 * top)
+            .map(|b| {
+                let (v, se) = bon(b);
+                Point {
+                    x: b.kl_estimate,
+                    y: v,
+                    x_err: f64::NAN,
+                    y_err: 1.96 * se,
+                    text: Some(format!("n={}", b.n)),
+                }
+            })
+            .collect();
+        if !bon_points.is_empty() {
+            series.push(Series {
+                label: "best-of-n from π_ref".into(),
+                color: PALETTE.len() - 1,
+                points: bon_points,
+                line: true,
+            });
+        }
+        for (c, f) in frontiers.iter().enumerate() {
+            let point = |ck: &crate::paired::Checkpoint| Point {
+                x: ck.kl,
+                y: y(ck),
+                x_err: f64::NAN,
+                y_err: f64::NAN,
+                text: None,
+            };
+            series.push(Series {
+                label: format!("{} frontier", f.method),
+                color: c,
+                points: f
+                    .frontier
+                    .iter()
+                    .map(|&i| point(&f.checkpoints[i]))
+                    .collect(),
+                line: true,
+            });
+            series.push(Series {
+                label: format!("{} checkpoints", f.method),
+                color: c,
+                points: f.checkpoints.iter().skip(1).map(point).collect(),
+                line: false,
+            });
+        }
+        Panel {
+            x_label: "KL(π‖π_ref), nats (exact, mean over prompts and seeds)".into(),
+            y_label: y_label.into(),
+            series,
+            hlines: vec![],
+            log_x: false,
+        }
+    };
+    Some(Figure {
+        name: "frontiers".into(),
+        title: "Every evaluation checkpoint and each method's frontier (chosen on validation prompts; test numbers, mean over seeds)".into(),
+        panels: vec![
+            panel(|c| c.win, |b| (b.win_rate, b.win_rate_se), "win rate vs π_ref"),
+            panel(
+                |c| c.reward_gain,
+                |b| (b.reward_gain, b.reward_gain_se),
+                "gold reward gain over π_ref",
+            ),
+        ],
         svg: String::new(),
     })
 }
@@ -298,11 +389,13 @@ pub(super) fn margins_accuracy(sweep: &Sweep, summary: &[SettingSummary]) -> Opt
         name: "margins_accuracy".into(),
         title: format!(
             "Implicit reward margin and preference accuracy on training batches \
-             (mean over seeds, moving average over {SMOOTH} steps)"
+             (mean over seeds, moving average over {SMOOTH} steps), and preference accuracy on \
+             the held-out pairs at each evaluation: a training curve above the held-out one is memorisation"
         ),
         panels: vec![
             panel("rewards/margins", "reward margin r(chosen) − r(rejected)"),
-            panel("rewards/accuracies", "share of pairs with margin > 0"),
+            panel("rewards/accuracies", "training-batch accuracy (margin > 0)"),
+            trace_panel(sweep, &shown, "eval/preference_accuracy", "held-out accuracy", 1),
         ],
         svg: String::new(),
     })

@@ -1,6 +1,9 @@
 //! Figures as data ([`Figure`]: panels of series of points with error bars) rendered by one
 //! plotters routine to SVG (inline in the HTML report) and PNG.
 //!
+//! - `frontiers`: every evaluation checkpoint (KL, win rate) and (KL, reward gain) of every
+//!   method, each method's frontier chosen on the validation prompts, and best-of-n from the
+//!   reference as the yardstick.
 //! - `frontier`: final KL(π‖π_ref) against win rate for every method and setting, error bars
 //!   over seeds both ways, points labelled with their β / ε, each method's points joined in
 //!   order of KL.
@@ -86,8 +89,14 @@ pub struct Figure {
 }
 
 /// Every figure the sweep has data for, rendered to SVG.
-pub fn all(sweep: &Sweep, summary: &[SettingSummary]) -> Result<Vec<Figure>> {
+pub fn all(
+    sweep: &Sweep,
+    summary: &[SettingSummary],
+    frontiers: &[crate::paired::Frontier],
+    best_of_n: &[crate::BestOfN],
+) -> Result<Vec<Figure>> {
     [
+        catalogue::checkpoint_frontiers(frontiers, best_of_n),
         catalogue::frontier(summary),
         catalogue::epsilon_ablation(summary),
         catalogue::trajectories(sweep, summary),
