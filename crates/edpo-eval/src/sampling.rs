@@ -95,11 +95,16 @@ fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Sequences decoded together: the key/value cache of a batch this size stays in the CPU's
+/// caches, where one of thousands of sequences is copied through memory at every step.
+const DECODE_BATCH: usize = 256;
+
 /// Samples one response per prompt; sequence `i` uses the stream seeded by `seed` and `i`.
 ///
 /// The prompts run once, right-padded, through the model with a key/value cache; after that
 /// each step feeds only the newest token of every unfinished sequence, and finished
-/// sequences leave the batch.
+/// sequences leave the batch. Prompts are decoded in batches of [`DECODE_BATCH`]; a
+/// sequence's stream is fixed by its index in `prompts`, whatever batch it falls in.
 pub fn sample(
     model: &CausalLm,
     prompts: &[Vec<u32>],
@@ -107,8 +112,30 @@ pub fn sample(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     let (mut rngs, mut responses) = start(prompts, seed)?;
+    let mut out: Vec<Vec<u32>> = Vec::with_capacity(prompts.len());
+    for (c, chunk) in prompts.chunks(DECODE_BATCH).enumerate() {
+        let at = c * DECODE_BATCH;
+        out.extend(sample_batch(
+            model,
+            chunk,
+            settings,
+            &mut rngs[at..at + chunk.len()],
+            &mut responses[at..at + chunk.len()],
+        )?);
+    }
+    Ok(out)
+}
+
+/// [`sample`] on one batch with its streams.
+fn sample_batch(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    settings: &SamplingSettings,
+    rngs: &mut [SplitMix64],
+    responses: &mut [Vec<u32>],
+) -> Result<Vec<Vec<u32>>> {
     if prompts.is_empty() || settings.max_new_tokens == 0 {
-        return Ok(responses);
+        return Ok(responses.to_vec());
     }
     let b = prompts.len();
     let (ids, mask, t) = right_padded(prompts.iter().map(Vec::as_slice));
@@ -149,7 +176,7 @@ pub fn sample(
         let hidden = model.hidden_cached(&next, &ones, 1, &mut cache)?;
         last = hidden.reshape((active.len(), d))?;
     }
-    Ok(responses)
+    Ok(responses.to_vec())
 }
 
 /// Right-padded ids (padding 0) and mask of a batch of sequences, and the padded length.

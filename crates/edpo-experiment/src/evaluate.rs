@@ -93,15 +93,35 @@ impl<'a> Evaluator<'a> {
         let samples = cfg.eval.samples.max(1);
         let test = repeated(&data.eval_prompts, samples);
         let val = repeated(&data.val_prompts, samples);
-        let started = std::time::Instant::now();
-        let theirs = sample(reference, &test, &settings, seed)?;
-        let r_theirs = gold(data, &test, &theirs);
-        let theirs_val = sample(reference, &val, &settings, seed ^ 0x7A2)?;
-        let reference_val = gold(data, &val, &theirs_val);
-        tracing::info!(
-            seconds = started.elapsed().as_secs_f64(),
-            "sampled the reference on the test and validation prompts"
-        );
+        // The reference's samples depend on the stream and the settings only: runs of one seed
+        // in one process draw them once (the first run to ask; the others wait for it).
+        let key = format!("{seed}/{samples}/{settings:?}");
+        let cell = data
+            .reference_draws
+            .lock()
+            .map_err(|_| anyhow::anyhow!("reference draws lock poisoned"))?
+            .entry(key)
+            .or_default()
+            .clone();
+        let drawn = match cell.get() {
+            Some(d) => d,
+            None => {
+                let started = std::time::Instant::now();
+                let theirs = sample(reference, &test, &settings, seed)?;
+                let r_theirs = gold(data, &test, &theirs);
+                let theirs_val = sample(reference, &val, &settings, seed ^ 0x7A2)?;
+                let reference_val = gold(data, &val, &theirs_val);
+                tracing::info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    "sampled the reference on the test and validation prompts"
+                );
+                // Another run may have filled it meanwhile; the values are the same.
+                let _ = cell.set((theirs, r_theirs, reference_val));
+                cell.get()
+                    .ok_or_else(|| anyhow::anyhow!("reference draws missing"))?
+            }
+        };
+        let (theirs, r_theirs, reference_val) = drawn.clone();
         Ok(Self {
             reference,
             data,
@@ -285,6 +305,7 @@ mod tests {
             val_prompts: prompts[..6].to_vec(),
             response_tokens: 6,
             pairs_key: json!({}),
+            reference_draws: Default::default(),
         }
     }
 

@@ -345,19 +345,34 @@ fn interval_cell(i: Option<Interval>, digits: usize) -> String {
 /// The method every other is compared with: DPO.
 pub const BASELINE_METHOD: &str = "DPO";
 
-/// KL values at which methods are compared along their frontiers: quarters of the smallest
-/// largest-KL any compared method's frontier reaches, rounded down to 0.05 nats.
+/// KL values at which methods are compared along their frontiers: four evenly spaced values
+/// over the range every compared frontier covers with checkpoints of its own (from the largest
+/// first-checkpoint KL to the smallest last-checkpoint KL), so that no value is interpolated
+/// between the reference and a method's first checkpoint when the others have points there;
+/// rounded to 0.05 nats. One value when the ranges do not overlap: the smallest largest KL.
 pub fn matched_kls(frontiers: &[Frontier]) -> Vec<f64> {
-    let top = frontiers
+    let first = |f: &Frontier| {
+        f.frontier
+            .iter()
+            .map(|&i| &f.checkpoints[i])
+            .find(|c| c.setting.is_some())
+            .map(|c| c.kl)
+    };
+    let hi = frontiers
         .iter()
         .map(Frontier::max_kl)
         .fold(f64::INFINITY, f64::min);
-    if !top.is_finite() || top <= 0.0 {
+    let lo = frontiers.iter().filter_map(first).fold(0f64, f64::max);
+    if !hi.is_finite() || hi <= 0.0 {
         return Vec::new();
     }
-    let mut out: Vec<f64> = [0.25, 0.5, 0.75, 1.0]
+    let round = |k: f64| (k * 20.0).round() / 20.0;
+    if lo >= hi {
+        return vec![(hi * 20.0).floor() / 20.0];
+    }
+    let mut out: Vec<f64> = [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0]
         .iter()
-        .map(|q| (q * top * 20.0).floor() / 20.0)
+        .map(|q| round(lo + q * (hi - lo)).clamp(lo, hi))
         .filter(|k| *k > 0.0)
         .collect();
     out.dedup();

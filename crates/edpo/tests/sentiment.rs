@@ -57,6 +57,10 @@ fn pipeline_runs_on_the_shipped_data_and_the_reference_matches_itself() {
     let same = train(&out, &["--set", "optim.lr=0"]);
     assert_eq!(same["kl"], 0.0, "KL of the reference to itself: {same}");
     assert_eq!(same["kl_sampled"], 0.0);
+    // Common random numbers: the reference against itself wins exactly half and gains nothing.
+    assert_eq!(same["win_rate"], 0.5, "{same}");
+    assert_eq!(same["reward_diff"], 0.0, "{same}");
+    assert_eq!(same["val_win_rate"], 0.5, "{same}");
     let (lo, hi) = (
         same["win_rate_lo"].as_f64().expect("lo"),
         same["win_rate_hi"].as_f64().expect("hi"),

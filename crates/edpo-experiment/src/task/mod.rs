@@ -87,7 +87,19 @@ pub struct TaskData {
     pub response_tokens: usize,
     /// What the pairs stage depends on (reference, data, tokenizer), for stages built on it.
     pub pairs_key: serde_json::Value,
+    /// The reference's evaluation samples, drawn once per sampling stream and shared by every
+    /// run of this process that evaluates on the same stream (runs of one seed).
+    pub reference_draws: ReferenceDraws,
 }
+
+/// The reference's samples and gold rewards on the (repeated) test and validation prompts,
+/// by a key naming the stream and settings.
+pub type ReferenceDraws = std::sync::Mutex<
+    std::collections::HashMap<String, std::sync::Arc<std::sync::OnceLock<DrawnReference>>>,
+>;
+
+/// One stream's reference samples: test samples, their gold rewards, validation rewards.
+pub type DrawnReference = (Vec<Vec<u32>>, Vec<f64>, Vec<f64>);
 
 impl TaskData {
     /// The share of training labels that contradict the gold ordering (the chosen response's
@@ -123,6 +135,7 @@ impl TaskData {
             val_prompts: read_jsonl(&pairs_dir.join("val_prompts.jsonl"))?,
             response_tokens,
             pairs_key,
+            reference_draws: Default::default(),
         })
     }
 
