@@ -703,4 +703,40 @@ mod tests {
         // No paired data: nothing is bold.
         assert!(best_cells(&refs, &columns, None).is_empty());
     }
+
+    fn frontier(method: &str, kls: &[f64]) -> Frontier {
+        let mut checkpoints = vec![crate::paired::Checkpoint {
+            setting: None,
+            step: 0,
+            kl: 0.0,
+            val_win: 0.5,
+            win: 0.5,
+            reward_gain: 0.0,
+        }];
+        for (i, &kl) in kls.iter().enumerate() {
+            checkpoints.push(crate::paired::Checkpoint {
+                setting: Some(format!("s{i}")),
+                step: 10,
+                kl,
+                val_win: 0.6 + 0.01 * i as f64,
+                win: 0.6,
+                reward_gain: 0.1,
+            });
+        }
+        Frontier {
+            method: method.into(),
+            frontier: (0..checkpoints.len()).collect(),
+            checkpoints,
+        }
+    }
+
+    #[test]
+    fn matched_kls_stay_where_every_frontier_has_checkpoints() {
+        // A covers 2…8 nats, B 3…6: compared at 3, 4, 5 and 6.
+        let kls = matched_kls(&[frontier("A", &[2.0, 5.0, 8.0]), frontier("B", &[3.0, 6.0])]);
+        assert_eq!(kls, vec![3.0, 4.0, 5.0, 6.0]);
+        // No overlap: only the smaller largest KL.
+        assert_eq!(matched_kls(&[frontier("A", &[1.0, 2.0]), frontier("B", &[4.0])]), vec![2.0]);
+        assert!(matched_kls(&[frontier("A", &[])]).is_empty());
+    }
 }
