@@ -86,7 +86,7 @@ pub fn sequence_kl(
             .flatten_all()?
             .to_vec1::<f32>()?;
         let rows = batch.targets.len();
-        let vocab = if rows == 0 { 0 } else { p.len() / rows };
+        let vocab = p.len().checked_div(rows).unwrap_or(0);
         let mut exact = vec![0.0; batch.batch];
         let mut sampled = vec![0.0; batch.batch];
         let mut entropy = vec![0.0; batch.batch];

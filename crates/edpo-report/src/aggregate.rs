@@ -11,6 +11,7 @@ pub const METRICS: &[&str] = &[
     "reward_diff",
     "gold_reward",
     "kl",
+    "kl_se",
     "kl_sampled",
     "label_noise",
     "preference_accuracy",

@@ -175,7 +175,7 @@ enum Better {
 }
 
 /// The reported columns: key in `eval.json`, header, digits, which way is better.
-const COLUMNS: [(&str, &str, usize, Better); 10] = [
+const COLUMNS: [(&str, &str, usize, Better); 11] = [
     ("win_rate", "win rate", 3, Better::Higher(Metric::Win)),
     (
         "reward_diff",
@@ -190,6 +190,7 @@ const COLUMNS: [(&str, &str, usize, Better); 10] = [
         Better::Higher(Metric::RewardGain),
     ),
     ("kl", "KL", 3, Better::Lower(Metric::Kl)),
+    ("kl_se", "KL s.e. (run)", 3, Better::Neither),
     ("kl_sampled", "KL (sampled)", 3, Better::Neither),
     ("preference_accuracy", "pref. acc.", 3, Better::Neither),
     ("mean_length", "length", 1, Better::Neither),
@@ -472,8 +473,8 @@ pub fn versus_baseline_table(paired: &Paired<'_>, summary: &[SettingSummary]) ->
 pub const NOTE: &str = "Mean over seeds ± half-width of the 95% interval (Student's t over seeds; none with one seed). \
 Win rate: share of test-prompt samples whose gold reward beats the reference's sample drawn from the same random stream (ties ½), \
 averaged per prompt first. Reward gain: mean gold reward of the policy's samples minus the reference's, paired the same way. \
-KL: exact sequence KL(π‖π_ref) along the policy's samples (sum over tokens of the full-vocabulary KL); KL (sampled): \
-the log-ratio estimator along the same samples. Pref. acc.: share of held-out pairs whose implicit reward \
+KL: exact sequence KL(π‖π_ref) along the policy's samples (sum over tokens of the full-vocabulary KL); KL s.e. (run): \
+a run's standard error of its KL over prompts, mean over seeds; KL (sampled): the log-ratio estimator along the same samples. Pref. acc.: share of held-out pairs whose implicit reward \
 margin favours the chosen response. Win vs chosen: policy sample against the chosen response of held-out pairs. \
 Lexicon win: win rate under the second, lexicon-based judge. Length: mean response tokens, EOS included. \
 Val. win rate: win rate on the validation prompts, by which each method's best setting is chosen; every other number \
@@ -736,7 +737,10 @@ mod tests {
         let kls = matched_kls(&[frontier("A", &[2.0, 5.0, 8.0]), frontier("B", &[3.0, 6.0])]);
         assert_eq!(kls, vec![3.0, 4.0, 5.0, 6.0]);
         // No overlap: only the smaller largest KL.
-        assert_eq!(matched_kls(&[frontier("A", &[1.0, 2.0]), frontier("B", &[4.0])]), vec![2.0]);
+        assert_eq!(
+            matched_kls(&[frontier("A", &[1.0, 2.0]), frontier("B", &[4.0])]),
+            vec![2.0]
+        );
         assert!(matched_kls(&[frontier("A", &[])]).is_empty());
     }
 }
