@@ -307,6 +307,6 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         out["workload"] = json!(args.workload);
         out["lora_rank"] = json!(args.lora);
     }
-    println!("{}", serde_json::to_string(&out)?);
+    say!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

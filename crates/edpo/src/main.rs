@@ -3,6 +3,19 @@
 //! crates: `train` and `sweep` over `edpo-experiment`, `report` over `edpo-report`, `score`
 //! and `bench` over the model, trainer and objectives.
 
+/// Prints a line to standard output. A reader that closed the pipe (`edpo sweep … --dry-run |
+/// head`) ends the process quietly with success, as Unix tools do, instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod bench;
 mod config;
 mod grid;
@@ -169,7 +182,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config::load(&config, &sets)?;
             if print_stages {
                 for entry in cfg.stage_entries()? {
-                    println!("{entry}");
+                    say!("{entry}");
                 }
                 return Ok(());
             }
@@ -191,7 +204,7 @@ fn run(cli: Cli) -> Result<()> {
                 Outcome::Failed(m) => bail!("run failed ({}): {m}", dir.display()),
             }
             bar.finish_and_clear();
-            println!("{}", std::fs::read_to_string(dir.join("eval.json"))?);
+            say!("{}", std::fs::read_to_string(dir.join("eval.json"))?);
             Ok(())
         }
         Command::Sweep {
@@ -205,16 +218,16 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let planned = grid::expand(&grid, &sets)?;
             if dry_run {
-                println!("{:>4}  {:<12}  overrides", "run", "hash");
+                say!("{:>4}  {:<12}  overrides", "run", "hash");
                 for r in &planned.runs {
-                    println!(
+                    say!(
                         "{:>4}  {:<12}  {}",
                         r.index,
                         r.hash,
                         grid::describe(&r.overrides)
                     );
                 }
-                println!(
+                say!(
                     "{} runs; output would go to {}",
                     planned.runs.len(),
                     out.join(&planned.name).display()
@@ -245,15 +258,15 @@ fn report_dir(sweep: &std::path::Path) -> PathBuf {
 }
 
 fn print_report(summary: &edpo_report::ReportSummary, out: &std::path::Path) {
-    println!("\n{}", summary.table_markdown);
-    println!(
+    say!("\n{}", summary.table_markdown);
+    say!(
         "report of {} runs: {} and {}",
         summary.runs,
         out.join("report.md").display(),
         out.join("report.html").display()
     );
     for s in &summary.skipped {
-        println!("  not reported: {s}");
+        say!("  not reported: {s}");
     }
 }
 
@@ -263,9 +276,14 @@ fn summarise(
     root: &std::path::Path,
     outcomes: &[(usize, Outcome)],
 ) -> Result<()> {
-    println!(
+    say!(
         "{:>4}  {:<12}  {:<9}  {:>8}  {:>8}  {:>8}  overrides",
-        "run", "hash", "status", "win", "kl", "acc"
+        "run",
+        "hash",
+        "status",
+        "win",
+        "kl",
+        "acc"
     );
     let mut failed = Vec::new();
     for (index, outcome) in outcomes {
@@ -288,7 +306,7 @@ fn summarise(
                 "failed"
             }
         };
-        println!(
+        say!(
             "{:>4}  {:<12}  {:<9}  {:>8}  {:>8}  {:>8}  {}",
             index,
             r.hash,
@@ -299,7 +317,7 @@ fn summarise(
             grid::describe(&r.overrides)
         );
     }
-    println!("results: {}", root.display());
+    say!("results: {}", root.display());
     if !failed.is_empty() {
         bail!(
             "{} of {} runs failed:\n  {}",

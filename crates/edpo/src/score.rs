@@ -130,6 +130,6 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         "epsilon_dpo_loss": eps_out.loss(),
         "next_beta": state.beta(),
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    say!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

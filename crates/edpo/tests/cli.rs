@@ -179,3 +179,22 @@ fn malformed_jsonl_row() {
     std::fs::write(&data, "\n").expect("write");
     expect_error(&g.join("gpt2/policy"), &data, &["pairs.jsonl", "no pairs"]);
 }
+
+/// `edpo sweep GRID --dry-run | head -1`: a reader that closes the pipe ends the command
+/// quietly with success, not with a panic.
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edpo"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .args(["sweep", "experiments/label-noise.yaml", "--dry-run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Close the read end before the command writes its 80 lines.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?} {stderr}", out.status);
+}
