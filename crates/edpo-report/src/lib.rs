@@ -386,10 +386,10 @@ fn frontier_points(frontiers: &[paired::Frontier]) -> Vec<String> {
                 })
                 .collect();
             format!(
-                "{} frontier ({} of {} checkpoints): {}.",
+                "{} frontier ({} of its {} checkpoints, after the reference): {}.",
                 f.method,
-                f.frontier.len(),
-                f.checkpoints.len() - 1,
+                f.frontier.len().saturating_sub(1),
+                f.checkpoints.len().saturating_sub(1),
                 pts.join(" → ")
             )
         })
