@@ -388,14 +388,25 @@ pub(super) fn margins_accuracy(sweep: &Sweep, summary: &[SettingSummary]) -> Opt
     Some(Figure {
         name: "margins_accuracy".into(),
         title: format!(
-            "Implicit reward margin and preference accuracy on training batches \
-             (mean over seeds, moving average over {SMOOTH} steps), and preference accuracy on \
-             the held-out pairs at each evaluation: a training curve above the held-out one is memorisation"
+            "Reward margins and preference accuracy, training batches (lines, moving average over \
+             {SMOOTH} steps) against held-out pairs (markers); mean over seeds"
         ),
         panels: vec![
             panel("rewards/margins", "reward margin r(chosen) − r(rejected)"),
-            panel("rewards/accuracies", "training-batch accuracy (margin > 0)"),
-            trace_panel(sweep, &shown, "eval/preference_accuracy", "held-out accuracy", 1),
+            {
+                // Training batches (lines) and held-out pairs (markers, same colour) on one axis.
+                let mut p = panel(
+                    "rewards/accuracies",
+                    "accuracy (margin > 0): training batches, held-out pairs",
+                );
+                let held = trace_panel(sweep, &shown, "eval/preference_accuracy", "", 1);
+                for mut s in held.series {
+                    s.label = format!("{} (held-out)", s.label);
+                    s.line = false;
+                    p.series.push(s);
+                }
+                p
+            },
         ],
         svg: String::new(),
     })
