@@ -17,7 +17,6 @@ use crate::task::TaskData;
 use anyhow::{bail, Context, Result};
 use edpo_eval::{mean_and_stderr, sample, sequence_logp, SamplingSettings};
 use edpo_model::CausalLm;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Reference samples per test prompt (more than [`MAX_N`], so that the best of `MAX_N` can be
@@ -97,24 +96,7 @@ pub fn win_of_best(sorted: &[f64], n: usize) -> f64 {
     total / m as f64
 }
 
-/// One n of the best-of-n curve.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BestOfN {
-    /// n.
-    pub n: usize,
-    /// Win rate against the reference (mean over prompts) and its standard error.
-    pub win_rate: f64,
-    /// Standard error over prompts.
-    pub win_rate_se: f64,
-    /// Gold-reward gain over the reference, mean over prompts.
-    pub reward_gain: f64,
-    /// Standard error over prompts.
-    pub reward_gain_se: f64,
-    /// log n − (n−1)/n.
-    pub kl_bound: f64,
-    /// Beirami et al.'s estimator, mean over prompts.
-    pub kl_estimate: f64,
-}
+pub use edpo_rundir::BestOfN;
 
 /// The n values: powers of two up to [`MAX_N`].
 pub fn ns() -> Vec<usize> {

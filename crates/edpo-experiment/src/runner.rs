@@ -271,15 +271,8 @@ pub fn run(
     }
     if cfg.eval.best_of_n {
         for b in crate::best_of_n::best_of_n(data, cache, evaluator.settings())? {
-            for (k, v) in [
-                ("win_rate", b.win_rate),
-                ("win_rate_se", b.win_rate_se),
-                ("reward_gain", b.reward_gain),
-                ("reward_gain_se", b.reward_gain_se),
-                ("kl_bound", b.kl_bound),
-                ("kl_estimate", b.kl_estimate),
-            ] {
-                eval.insert(format!("best_of_n/{}/{k}", b.n), json!(v));
+            for (k, v) in b.eval_keys() {
+                eval.insert(k, json!(v));
             }
         }
     }

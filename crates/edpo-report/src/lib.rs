@@ -476,49 +476,12 @@ fn confusion_section(
     })
 }
 
-/// One n of the best-of-n yardstick, as the runs' `eval.json` carries it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BestOfN {
-    /// n.
-    pub n: usize,
-    /// Win rate against the reference.
-    pub win_rate: f64,
-    /// Its standard error over prompts.
-    pub win_rate_se: f64,
-    /// Gold-reward gain over the reference.
-    pub reward_gain: f64,
-    /// Its standard error over prompts.
-    pub reward_gain_se: f64,
-    /// log n − (n−1)/n.
-    pub kl_bound: f64,
-    /// The tighter estimator.
-    pub kl_estimate: f64,
-}
+pub use edpo_rundir::BestOfN;
 
 /// The best-of-n yardstick of the sweep (the same for every run of a task), from the first
 /// run that has it.
 fn best_of_n(loaded: &runs::Sweep) -> Vec<BestOfN> {
-    let mut out = Vec::new();
-    for k in 0..16 {
-        let n = 1usize << k;
-        let get = |what: &str| first_number(loaded, &format!("best_of_n/{n}/{what}"));
-        let (Some(win_rate), Some(reward_gain), Some(kl_bound), Some(kl_estimate)) = (
-            get("win_rate"),
-            get("reward_gain"),
-            get("kl_bound"),
-            get("kl_estimate"),
-        ) else {
-            continue;
-        };
-        out.push(BestOfN {
-            n,
-            win_rate,
-            win_rate_se: get("win_rate_se").unwrap_or(f64::NAN),
-            reward_gain,
-            reward_gain_se: get("reward_gain_se").unwrap_or(f64::NAN),
-            kl_bound,
-            kl_estimate,
-        });
-    }
-    out
+    (0..16)
+        .filter_map(|k| BestOfN::from_eval(1 << k, |key| first_number(loaded, key)))
+        .collect()
 }

@@ -277,10 +277,8 @@ impl<'a> Paired<'a> {
         let t = self
             .runs
             .get(&(method.to_string(), setting.to_string(), seed))?;
-        t.per_prompt
-            .iter()
-            .max_by_key(|p| p.step)
-            .map(|p| metric.of(p))
+        let last = t.per_prompt.iter().map(|p| p.step).max()?;
+        self.values_at(method, setting, seed, last, metric)
     }
 
     /// Per-prompt values of one run at `step`.

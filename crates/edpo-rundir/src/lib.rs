@@ -5,7 +5,7 @@
 //! - [`CONFIG_YAML`]: the resolved config; [`CONFIG_JSON`]: the same as JSON, with
 //!   `config_version` ([`CONFIG_VERSION`]);
 //! - [`METRICS`]: one JSON object per logged step, evaluation lines (`eval/…` keys) included;
-//! - [`EVAL`]: the final evaluation;
+//! - [`EVAL`]: the final evaluation (with the best-of-n yardstick as [`BestOfN`] keys);
 //! - [`DECISIONS`]: ε-DPO's step decisions by bins of the pairs' true preference probability
 //!   ([`Decisions`]);
 //! - [`PER_PROMPT`]: at every evaluation, each test prompt's paired numbers against the
@@ -322,6 +322,57 @@ impl PerPrompt {
     }
 }
 
+/// One n of the best-of-n yardstick from the reference. `eval.json` carries it as the keys
+/// `best_of_n/<n>/<field>` ([`BestOfN::eval_keys`], read back by [`BestOfN::from_eval`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestOfN {
+    /// n.
+    pub n: usize,
+    /// Win rate against the reference (mean over prompts).
+    pub win_rate: f64,
+    /// Its standard error over prompts.
+    pub win_rate_se: f64,
+    /// Gold-reward gain over the reference, mean over prompts.
+    pub reward_gain: f64,
+    /// Its standard error over prompts.
+    pub reward_gain_se: f64,
+    /// log n − (n−1)/n.
+    pub kl_bound: f64,
+    /// Beirami et al.'s estimator, mean over prompts.
+    pub kl_estimate: f64,
+}
+
+impl BestOfN {
+    /// The `eval.json` keys and values of this n.
+    pub fn eval_keys(&self) -> Vec<(String, f64)> {
+        [
+            ("win_rate", self.win_rate),
+            ("win_rate_se", self.win_rate_se),
+            ("reward_gain", self.reward_gain),
+            ("reward_gain_se", self.reward_gain_se),
+            ("kl_bound", self.kl_bound),
+            ("kl_estimate", self.kl_estimate),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("best_of_n/{}/{k}", self.n), v))
+        .collect()
+    }
+
+    /// This n read back through `get` (an `eval.json` key to its number), if present.
+    pub fn from_eval(n: usize, get: impl Fn(&str) -> Option<f64>) -> Option<Self> {
+        let field = |k: &str| get(&format!("best_of_n/{n}/{k}"));
+        Some(Self {
+            n,
+            win_rate: field("win_rate")?,
+            win_rate_se: field("win_rate_se").unwrap_or(f64::NAN),
+            reward_gain: field("reward_gain")?,
+            reward_gain_se: field("reward_gain_se").unwrap_or(f64::NAN),
+            kl_bound: field("kl_bound")?,
+            kl_estimate: field("kl_estimate")?,
+        })
+    }
+}
+
 /// Number of true-preference-probability bins the writer uses in `decisions.json`.
 pub const P_TRUE_BINS: usize = 10;
 
@@ -519,5 +570,22 @@ mod tests {
             err.contains("per_prompt.jsonl") && err.contains("line 2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn best_of_n_round_trips_through_eval_keys() {
+        let b = BestOfN {
+            n: 8,
+            win_rate: 0.9,
+            win_rate_se: 0.01,
+            reward_gain: 1.0,
+            reward_gain_se: 0.02,
+            kl_bound: 1.2,
+            kl_estimate: 1.1,
+        };
+        let keys: std::collections::HashMap<String, f64> = b.eval_keys().into_iter().collect();
+        assert_eq!(keys["best_of_n/8/kl_estimate"], 1.1);
+        assert_eq!(BestOfN::from_eval(8, |k| keys.get(k).copied()), Some(b));
+        assert_eq!(BestOfN::from_eval(4, |k| keys.get(k).copied()), None);
     }
 }
