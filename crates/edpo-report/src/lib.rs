@@ -134,7 +134,7 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
                 paragraphs: vec![format!(
                     "Every evaluation checkpoint of every setting is a point (KL, win rate); each method's frontier \
                      is chosen on the validation prompts among its points and the reference (KL 0, win rate ½), and its \
-                     test numbers are interpolated along it at each KL, prompt by prompt and seed by seed. Intervals: \
+                     test numbers are interpolated along it at each KL, prompt by prompt and seed by seed, never between the reference and a method's first checkpoint (a method with no checkpoint at or below a KL shows –). Intervals: \
                      95% paired bootstrap over seeds and prompts ({} resamples), conditional on the chosen frontiers. \
                      MDE: the smallest true win-rate difference to DPO a two-sided 5% test detects with 80% power \
                      (2.80 × the bootstrap standard error).",

@@ -14,7 +14,7 @@
 //! checkpoint beats on both lower KL and higher validation win rate. Values at a fixed KL are
 //! interpolated linearly along it between the two neighbouring frontier points, prompt by
 //! prompt and seed by seed, from the test numbers; a KL beyond a frontier's last point is not
-//! extrapolated. The interval conditions on the chosen frontier.
+//! extrapolated, and one below its first checkpoint is not interpolated from the reference. The interval conditions on the chosen frontier.
 
 use crate::runs::Trace;
 use std::collections::BTreeMap;
@@ -416,6 +416,11 @@ impl<'a> Paired<'a> {
     fn along(&self, f: &Frontier, kl: f64, seeds: &[u64], metric: Metric) -> Option<Vec<Vec<f64>>> {
         let (a, b, t) = interpolate(&f.kls(), kl)?;
         let (ia, ib) = (f.frontier[a], f.frontier[b]);
+        // Never between the reference and the first checkpoint: that straight line is not a
+        // policy the method trained, and would stand in for one where it has no checkpoint.
+        if f.checkpoints[ia].setting.is_none() && t < 1.0 {
+            return None;
+        }
         let mut out = Vec::with_capacity(seeds.len());
         for &seed in seeds {
             let va = self.checkpoint_values(f, ia, seed, metric);

@@ -350,7 +350,8 @@ pub const BASELINE_METHOD: &str = "DPO";
 /// over the range every compared frontier covers with checkpoints of its own (from the largest
 /// first-checkpoint KL to the smallest last-checkpoint KL), so that no value is interpolated
 /// between the reference and a method's first checkpoint when the others have points there;
-/// rounded to 0.05 nats. One value when the ranges do not overlap: the smallest largest KL.
+/// rounded to 0.05 nats. When the ranges do not overlap, DPO's range (methods that have no
+/// checkpoint there show no value).
 pub fn matched_kls(frontiers: &[Frontier]) -> Vec<f64> {
     let first = |f: &Frontier| {
         f.frontier
@@ -368,9 +369,19 @@ pub fn matched_kls(frontiers: &[Frontier]) -> Vec<f64> {
         return Vec::new();
     }
     let round = |k: f64| (k * 20.0).round() / 20.0;
-    if lo >= hi {
-        return vec![(hi * 20.0).floor() / 20.0];
-    }
+    let (lo, hi) = if lo < hi {
+        (lo, hi)
+    } else {
+        // The frontiers do not overlap: DPO's own range, where the other methods show only
+        // if they reach it.
+        match frontiers.iter().find(|f| f.method == BASELINE_METHOD) {
+            Some(b) => match first(b) {
+                Some(first) if first < b.max_kl() => (first, b.max_kl()),
+                _ => return vec![(hi * 20.0).floor() / 20.0],
+            },
+            None => return vec![(hi * 20.0).floor() / 20.0],
+        }
+    };
     let mut out: Vec<f64> = [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0]
         .iter()
         .map(|q| round(lo + q * (hi - lo)).clamp(lo, hi))
