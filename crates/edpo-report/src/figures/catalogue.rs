@@ -202,7 +202,18 @@ pub(super) fn epsilon_ablation(summary: &[SettingSummary]) -> Option<Figure> {
         .iter()
         .filter(|s| s.kind == "epsilon_dpo" && s.params.contains_key("epsilon"))
         .collect();
-    if eps.is_empty() {
+    // An ablation needs ε to vary, and nothing else: settings that differ in another
+    // parameter (the initial β) would stack at one ε and read as noise.
+    let mut values: Vec<u64> = eps.iter().map(|s| s.params["epsilon"].to_bits()).collect();
+    values.sort_unstable();
+    values.dedup();
+    let others_fixed = eps.iter().all(|s| {
+        s.params
+            .iter()
+            .filter(|(k, _)| k.as_str() != "epsilon")
+            .all(|(k, v)| eps[0].params.get(k) == Some(v))
+    });
+    if values.len() < 2 || !others_fixed {
         return None;
     }
     let dpo: Vec<&SettingSummary> = summary.iter().filter(|s| s.kind == "dpo").collect();
