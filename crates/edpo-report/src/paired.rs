@@ -545,4 +545,33 @@ mod tests {
         assert!(paired_bootstrap(&[vec![1.0], vec![1.0, 2.0]], 10, 1).is_none());
         assert!((mde80(0.01) - 0.028).abs() < 1e-3);
     }
+
+    #[test]
+    fn values_are_never_interpolated_from_the_reference() {
+        let trace = |seed: u64| Trace {
+            method: "A".into(),
+            setting: "β=0.1".into(),
+            seed,
+            lines: Vec::new(),
+            decisions: None,
+            per_prompt: vec![edpo_rundir::PerPrompt {
+                step: 10,
+                win: vec![0.7, 0.5],
+                reward_diff: vec![0.2, 0.0],
+                kl: vec![2.0, 2.0],
+            }],
+            final_val_win: Some(0.6),
+        };
+        let traces = [trace(0), trace(1)];
+        let paired = Paired::new(&traces).expect("paired");
+        let f = paired.frontier("A");
+        assert_eq!(f.kls(), vec![0.0, 2.0]);
+        // At the checkpoint: its numbers; below it: nothing, not a line from π_ref.
+        let at = paired
+            .at_kl(&f, 2.0, Metric::Win)
+            .expect("at the checkpoint");
+        assert!((at.mean - 0.6).abs() < 1e-12);
+        assert!(paired.at_kl(&f, 1.0, Metric::Win).is_none());
+        assert!(paired.at_kl(&f, 2.5, Metric::Win).is_none());
+    }
 }
