@@ -237,6 +237,21 @@ impl Frontier {
     }
 }
 
+impl Checkpoint {
+    /// The reference itself: KL 0, win rate ½, reward gain 0 (exact under common random
+    /// numbers).
+    pub fn reference() -> Self {
+        Self {
+            setting: None,
+            step: 0,
+            kl: 0.0,
+            val_win: 0.5,
+            win: 0.5,
+            reward_gain: 0.0,
+        }
+    }
+}
+
 impl<'a> Paired<'a> {
     /// Indexes the traces that carry per-prompt evaluations; `None` when none does.
     pub fn new(traces: &'a [Trace]) -> Option<Self> {
@@ -327,14 +342,7 @@ impl<'a> Paired<'a> {
         let settings = self.settings_of(method);
         let pairs: Vec<(&str, &str)> = settings.iter().map(|s| (method, s.as_str())).collect();
         let seeds = self.common_seeds(&pairs);
-        let mut checkpoints = vec![Checkpoint {
-            setting: None,
-            step: 0,
-            kl: 0.0,
-            val_win: 0.5,
-            win: 0.5,
-            reward_gain: 0.0,
-        }];
+        let mut checkpoints = vec![Checkpoint::reference()];
         for setting in &settings {
             let Some(first) = seeds
                 .first()

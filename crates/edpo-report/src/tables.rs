@@ -717,14 +717,7 @@ mod tests {
     }
 
     fn frontier(method: &str, kls: &[f64]) -> Frontier {
-        let mut checkpoints = vec![crate::paired::Checkpoint {
-            setting: None,
-            step: 0,
-            kl: 0.0,
-            val_win: 0.5,
-            win: 0.5,
-            reward_gain: 0.0,
-        }];
+        let mut checkpoints = vec![crate::paired::Checkpoint::reference()];
         for (i, &kl) in kls.iter().enumerate() {
             checkpoints.push(crate::paired::Checkpoint {
                 setting: Some(format!("s{i}")),
