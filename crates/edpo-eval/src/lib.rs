@@ -16,7 +16,7 @@ pub mod stats;
 
 pub use kl::{sequence_kl, sequence_logp, SequenceKl};
 pub use sampling::{sample, sample_uncached, SamplingSettings};
-pub use stats::{mean_and_stderr, win_rate, WinRate};
+pub use stats::{mean_and_stderr, win_rate, win_scores, WinRate};
 
 /// Everything that can go wrong while evaluating.
 #[derive(Debug, thiserror::Error)]

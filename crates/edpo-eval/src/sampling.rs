@@ -112,30 +112,29 @@ pub fn sample(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     let (mut rngs, mut responses) = start(prompts, seed)?;
-    let mut out: Vec<Vec<u32>> = Vec::with_capacity(prompts.len());
     for (c, chunk) in prompts.chunks(DECODE_BATCH).enumerate() {
         let at = c * DECODE_BATCH;
-        out.extend(sample_batch(
+        sample_batch(
             model,
             chunk,
             settings,
             &mut rngs[at..at + chunk.len()],
             &mut responses[at..at + chunk.len()],
-        )?);
+        )?;
     }
-    Ok(out)
+    Ok(responses)
 }
 
-/// [`sample`] on one batch with its streams.
+/// [`sample`] on one batch with its streams, appending to its responses.
 fn sample_batch(
     model: &CausalLm,
     prompts: &[Vec<u32>],
     settings: &SamplingSettings,
     rngs: &mut [SplitMix64],
     responses: &mut [Vec<u32>],
-) -> Result<Vec<Vec<u32>>> {
+) -> Result<()> {
     if prompts.is_empty() || settings.max_new_tokens == 0 {
-        return Ok(responses.to_vec());
+        return Ok(());
     }
     let b = prompts.len();
     let (ids, mask, t) = right_padded(prompts.iter().map(Vec::as_slice));
@@ -176,7 +175,7 @@ fn sample_batch(
         let hidden = model.hidden_cached(&next, &ones, 1, &mut cache)?;
         last = hidden.reshape((active.len(), d))?;
     }
-    Ok(responses.to_vec())
+    Ok(())
 }
 
 /// Right-padded ids (padding 0) and mask of a batch of sequences, and the padded length.

@@ -15,10 +15,10 @@ pub struct WinRate {
     pub n: usize,
 }
 
-/// Compares `a[i]` with `b[i]`: a win scores 1, a tie ½ (|a − b| ≤ `tie`), a loss 0.
-pub fn win_rate(a: &[f64], b: &[f64], tie: f64) -> WinRate {
-    let scores: Vec<f64> = a
-        .iter()
+/// The score of each comparison of `a[i]` with `b[i]`: a win 1, a tie ½ (|a − b| ≤ `tie`),
+/// a loss 0.
+pub fn win_scores(a: &[f64], b: &[f64], tie: f64) -> Vec<f64> {
+    a.iter()
         .zip(b)
         .map(|(x, y)| {
             if (x - y).abs() <= tie {
@@ -29,7 +29,12 @@ pub fn win_rate(a: &[f64], b: &[f64], tie: f64) -> WinRate {
                 0.0
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Compares `a[i]` with `b[i]` ([`win_scores`]) and summarises the scores.
+pub fn win_rate(a: &[f64], b: &[f64], tie: f64) -> WinRate {
+    let scores = win_scores(a, b, tie);
     let (rate, stderr) = mean_and_stderr(&scores);
     WinRate {
         rate,

@@ -149,11 +149,6 @@ pub fn best_of_n(
 ) -> Result<Vec<BestOfN>> {
     let key = json!({"stage": "best-of-n", "pairs": data.pairs_key, "samples": SAMPLES,
         "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p});
-    // One build per process, whichever run asks first; the others wait and read it.
-    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = BUILDING
-        .lock()
-        .map_err(|_| anyhow::anyhow!("best-of-n lock poisoned"))?;
     let (dir, built) = cache.get_or_build("best-of-n", &key, |dir| {
         let reference = CausalLm::load(&data.reference_dir, &crate::device(), false)?;
         let prompts: Vec<Vec<u32>> = data

@@ -15,7 +15,7 @@ use crate::config::RunConfig;
 use crate::task::TaskData;
 use anyhow::Result;
 use edpo_data::TokenizedPair;
-use edpo_eval::{mean_and_stderr, sample, sequence_kl, win_rate, SamplingSettings};
+use edpo_eval::{mean_and_stderr, sample, sequence_kl, win_rate, win_scores, SamplingSettings};
 use edpo_model::CausalLm;
 use edpo_objectives::PairLogps;
 use edpo_rundir::PerPrompt;
@@ -64,18 +64,6 @@ fn per_prompt_means(values: &[f64], k: usize) -> Vec<f64> {
     values
         .chunks(k.max(1))
         .map(|c| c.iter().sum::<f64>() / c.len() as f64)
-        .collect()
-}
-
-/// 1 for a win, ½ for a tie, 0 for a loss, sample by sample.
-fn wins(ours: &[f64], theirs: &[f64]) -> Vec<f64> {
-    ours.iter()
-        .zip(theirs)
-        .map(|(a, b)| match a.partial_cmp(b) {
-            Some(std::cmp::Ordering::Greater) => 1.0,
-            Some(std::cmp::Ordering::Equal) => 0.5,
-            _ => 0.0,
-        })
         .collect()
 }
 
@@ -152,7 +140,7 @@ impl<'a> Evaluator<'a> {
         let sampled = started.elapsed().as_secs_f64();
         let (theirs, r_theirs) = &self.reference_test;
         let r_ours = gold(data, prompts, &ours);
-        let win_p = per_prompt_means(&wins(&r_ours, r_theirs), k);
+        let win_p = per_prompt_means(&win_scores(&r_ours, r_theirs, 0.0), k);
         let diff: Vec<f64> = r_ours.iter().zip(r_theirs).map(|(a, b)| a - b).collect();
         let diff_p = per_prompt_means(&diff, k);
         let seqs: Vec<(&[u32], &[u32])> = prompts
@@ -202,8 +190,10 @@ impl<'a> Evaluator<'a> {
         // Validation: the numbers a setting is chosen by, paired like the test numbers.
         let ours_val = sample(policy, &self.val, settings, seed ^ 0x7A2)?;
         let r_val = gold(data, &self.val, &ours_val);
-        let (win_val, win_val_se) =
-            mean_and_stderr(&per_prompt_means(&wins(&r_val, &self.reference_val), k));
+        let (win_val, win_val_se) = mean_and_stderr(&per_prompt_means(
+            &win_scores(&r_val, &self.reference_val, 0.0),
+            k,
+        ));
         let diff_val: Vec<f64> = r_val
             .iter()
             .zip(&self.reference_val)

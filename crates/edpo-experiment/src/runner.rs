@@ -192,9 +192,7 @@ pub fn run(
         // A fresh seeded shuffle at the start of every epoch.
         if order.len() < per_step {
             let mut idx: Vec<usize> = (0..data.train.len()).collect();
-            for i in (1..idx.len()).rev() {
-                idx.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
+            rng.shuffle(&mut idx);
             order = idx;
         }
         let taken: Vec<usize> = order.drain(..per_step).collect();

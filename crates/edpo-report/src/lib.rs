@@ -121,14 +121,13 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
         svgs.push((fig.name.clone(), fig.title.clone(), fig.svg));
     }
     let main = tables::main_table(&summary)?;
+    let table_markdown = main.to_markdown();
     let best = tables::best_per_method(&summary, paired.as_ref())?;
-    let mut written = vec![("results", main.clone()), ("best_per_method", best.clone())];
     let chosen_by = tables::selection_metric(&summary);
     let mut sections = vec![design_section(&loaded, &summary)];
     sections.extend(memorisation_section(&loaded, &summary));
     if let Some(p) = &paired {
         if let Some(t) = tables::matched_kl_table(p, &frontiers) {
-            written.push(("matched_kl", t.clone()));
             sections.push(tables::Section {
                 heading: "Methods at matched KL, along their frontiers over checkpoints".into(),
                 paragraphs: vec![format!(
@@ -140,12 +139,11 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
                      (2.80 × the bootstrap standard error).",
                     paired::RESAMPLES
                 )],
-                table: Some(t),
+                table: Some(("matched_kl", t)),
                 after: frontier_points(&frontiers),
             });
         }
         if let Some(t) = tables::versus_baseline_table(p, &summary) {
-            written.push(("versus_dpo", t.clone()));
             sections.push(tables::Section {
                 heading: "Each method's chosen setting against DPO's".into(),
                 paragraphs: vec![format!(
@@ -154,7 +152,7 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
                      covers 0 is not a finding; with an MDE this small, it bounds how large a real difference can be.",
                     tables::chosen_by_text(chosen_by)
                 )],
-                table: Some(t),
+                table: Some(("versus_dpo", t)),
                 after: Vec::new(),
             });
         }
@@ -179,7 +177,6 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
                 .collect(),
             bold: Vec::new(),
         };
-        written.push(("best_of_n", t.clone()));
         sections.push(tables::Section {
             heading: "Best-of-n from the reference (the yardstick on the frontier figure)".into(),
             paragraphs: vec![
@@ -190,23 +187,23 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
                  the reference probability of the chosen response, which the figure uses."
                     .into(),
             ],
-            table: Some(t),
+            table: Some(("best_of_n", t)),
             after: Vec::new(),
         });
     }
     sections.push(tables::Section {
         heading: "Each method at its best setting".into(),
         paragraphs: vec![format!("Chosen by {}.", tables::chosen_by_text(chosen_by))],
-        table: Some(best),
+        table: Some(("best_per_method", best)),
         after: Vec::new(),
     });
     sections.push(tables::Section {
         heading: "All settings".into(),
         paragraphs: Vec::new(),
-        table: Some(main.clone()),
+        table: Some(("results", main)),
         after: vec![tables::NOTE.to_string()],
     });
-    for (name, table) in &written {
+    for (name, table) in sections.iter().filter_map(|s| s.table.as_ref()) {
         let csv = out.join("tables").join(format!("{name}.csv"));
         write(&csv, table.to_csv().as_bytes())?;
         let tex = out.join("tables").join(format!("{name}.tex"));
@@ -221,23 +218,38 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
     Ok(ReportSummary {
         runs: loaded.runs.height(),
         skipped: loaded.skipped.clone(),
-        table_markdown: main.to_markdown(),
+        table_markdown,
         files,
     })
 }
 
-/// The first value of a numeric column of the runs table.
-fn first_number(loaded: &runs::Sweep, column: &str) -> Option<f64> {
-    loaded
+/// The smallest and largest value of a numeric column of the runs table.
+fn number_range(loaded: &runs::Sweep, column: &str) -> Option<(f64, f64)> {
+    let series = loaded
         .runs
         .column(column)
         .ok()?
         .as_materialized_series()
-        .f64()
-        .ok()?
-        .iter()
-        .flatten()
-        .next()
+        .clone();
+    let values: Vec<f64> = series.f64().ok()?.iter().flatten().collect();
+    let lo = values.iter().copied().reduce(f64::min)?;
+    let hi = values.iter().copied().reduce(f64::max)?;
+    Some((lo, hi))
+}
+
+/// A number every run shares (the smallest, should they differ).
+fn shared_number(loaded: &runs::Sweep, column: &str) -> Option<f64> {
+    number_range(loaded, column).map(|(lo, _)| lo)
+}
+
+/// A value every run shares, or the range the runs span (`lo–hi`), each through `show`.
+fn shown_range(loaded: &runs::Sweep, column: &str, show: impl Fn(f64) -> String) -> Option<String> {
+    let (lo, hi) = number_range(loaded, column)?;
+    Some(if lo == hi {
+        show(lo)
+    } else {
+        format!("{}–{}", show(lo), show(hi))
+    })
 }
 
 /// What the runs share: seeds, training pairs and their label noise, test and validation
@@ -253,24 +265,24 @@ fn design_section(loaded: &runs::Sweep, summary: &[aggregate::SettingSummary]) -
             m.len()
         }
     )];
-    if let Some(n) = first_number(loaded, "n_train_pairs") {
-        parts.push(format!("{n:.0} training pairs per run"));
+    let count = |x: f64| format!("{x:.0}");
+    if let Some(n) = shown_range(loaded, "n_train_pairs", count) {
+        parts.push(format!("{n} training pairs per run"));
     }
-    if let Some(noise) = first_number(loaded, "label_noise") {
+    if let Some(noise) = shown_range(loaded, "label_noise", |x| format!("{:.1}%", 100.0 * x)) {
         parts.push(format!(
-            "label noise {:.1}% (training labels that contradict the gold ordering)",
-            100.0 * noise
+            "label noise {noise} (training labels that contradict the gold ordering)"
         ));
     }
-    if let Some(n) = first_number(loaded, "n_prompts") {
-        let k = first_number(loaded, "samples_per_prompt").unwrap_or(1.0);
+    if let Some(n) = shown_range(loaded, "n_prompts", count) {
+        let k = shown_range(loaded, "samples_per_prompt", count).unwrap_or_else(|| "1".into());
         parts.push(format!(
-            "{n:.0} test prompts × {k:.0} samples, each policy sample paired with the reference's sample from the same random stream"
+            "{n} test prompts × {k} samples, each policy sample paired with the reference's sample from the same random stream"
         ));
     }
-    if let Some(n) = first_number(loaded, "n_val_prompts") {
+    if let Some(n) = shown_range(loaded, "n_val_prompts", count) {
         parts.push(format!(
-            "{n:.0} validation prompts, on which settings are chosen"
+            "{n} validation prompts, on which settings are chosen"
         ));
     }
     tables::Section {
@@ -351,13 +363,13 @@ fn memorisation_section(
                 .into(),
             verdict,
         ],
-        table: Some(tables::Table {
+        table: Some(("memorisation", tables::Table {
             headers: ["method", "setting", "train-batch acc.", "held-out acc.", "gap"]
                 .map(String::from)
                 .to_vec(),
             rows,
             bold: Vec::new(),
-        }),
+        })),
         after: Vec::new(),
     })
 }
@@ -457,7 +469,7 @@ fn confusion_section(
              intervals (two proportions, normal approximation; pairs within a run are treated as independent)."
                 .into(),
         ],
-        table: Some(tables::Table {
+        table: Some(("confusion", tables::Table {
             headers: [
                 "ε-DPO setting",
                 "mislabelled decisions",
@@ -471,7 +483,7 @@ fn confusion_section(
             .to_vec(),
             rows,
             bold: Vec::new(),
-        }),
+        })),
         after: Vec::new(),
     })
 }
@@ -482,6 +494,6 @@ pub use edpo_rundir::BestOfN;
 /// run that has it.
 fn best_of_n(loaded: &runs::Sweep) -> Vec<BestOfN> {
     (0..16)
-        .filter_map(|k| BestOfN::from_eval(1 << k, |key| first_number(loaded, key)))
+        .filter_map(|k| BestOfN::from_eval(1 << k, |key| shared_number(loaded, key)))
         .collect()
 }

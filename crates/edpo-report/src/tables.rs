@@ -509,8 +509,8 @@ pub struct Section {
     pub heading: String,
     /// Paragraphs before the table (Markdown inline syntax: backticks only).
     pub paragraphs: Vec<String>,
-    /// The table.
-    pub table: Option<Table>,
+    /// The table, with the file stem it is also written under (`tables/<stem>.csv` and `.tex`).
+    pub table: Option<(&'static str, Table)>,
     /// Paragraphs after the table.
     pub after: Vec<String>,
 }
@@ -541,7 +541,7 @@ pub fn report_markdown(
         for p in &s.paragraphs {
             out.push_str(&format!("{p}\n\n"));
         }
-        if let Some(t) = &s.table {
+        if let Some((_, t)) = &s.table {
             out.push_str(&t.to_markdown());
             out.push('\n');
         }
@@ -584,7 +584,7 @@ pub fn report_html(
         for p in &s.paragraphs {
             out.push_str(&format!("<p>{}</p>\n", html_escape(p)));
         }
-        if let Some(t) = &s.table {
+        if let Some((_, t)) = &s.table {
             out.push_str(&t.to_html());
         }
         for p in &s.after {

@@ -614,25 +614,29 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     let (pairs_dir, _) = cache.get_or_build("pairs", &key("pairs"), |dir| {
         let reference = CausalLm::load(&reference_dir, &crate::device(), false)?;
         let span = (task.prompt_words_max - task.prompt_words_min + 1) as u64;
+        // A prefix as prompt ids (rendered through the template, if any; `true` when it was),
+        // or `None` when it cannot be one: the template fails, it tokenises to nothing, or it
+        // leaves no room for a response.
+        let candidate = |prefix: &str| -> Option<(Vec<u32>, bool)> {
+            let rendered = writer.render(prefix).ok()?;
+            let ids = judge
+                .tokenizer
+                .encode(rendered.as_deref().unwrap_or(prefix))
+                .ok()?;
+            (!ids.is_empty() && ids.len() + task.response_tokens <= context)
+                .then_some((ids, rendered.is_some()))
+        };
         let prompts_from = |split: &[Snippet], seed: u64| {
             let mut rng = SplitMix64(seed);
-            let judge = &judge;
-            let writer = &writer;
+            let (judge, candidate) = (&judge, &candidate);
             let split = split.to_vec();
             move || -> Vec<u32> {
                 loop {
                     let s = &split[(rng.next_u64() % split.len() as u64) as usize];
                     let words = task.prompt_words_min + (rng.next_u64() % span) as usize;
                     let prefix = prompt_of(&s.text, words);
-                    let Ok(rendered) = writer.render(&prefix) else {
-                        continue;
-                    };
-                    let text = rendered.as_deref().unwrap_or(&prefix);
-                    if let Ok(ids) = judge.tokenizer.encode(text) {
-                        if !ids.is_empty()
-                            && ids.len() + task.response_tokens <= context
-                            && (rendered.is_none() || judge.remember(&ids, &prefix).is_ok())
-                        {
+                    if let Some((ids, templated)) = candidate(&prefix) {
+                        if !templated || judge.remember(&ids, &prefix).is_ok() {
                             return ids;
                         }
                     }
@@ -660,9 +664,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
          -> Result<Vec<Vec<u32>>> {
             let mut rng = SplitMix64(seed);
             let mut order: Vec<usize> = (0..split.len()).collect();
-            for i in (1..order.len()).rev() {
-                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
+            rng.shuffle(&mut order);
             let mut chosen: Vec<Vec<u32>> = Vec::with_capacity(n);
             let mut seen: HashSet<Vec<u32>> = HashSet::new();
             for &i in &order {
@@ -674,20 +676,13 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
                 // longest prefix allowed; a snippet that never becomes distinct is passed over.
                 for words in first..=task.prompt_words_max {
                     let prefix = prompt_of(&split[i].text, words);
-                    let Ok(rendered) = writer.render(&prefix) else {
+                    let Some((ids, templated)) = candidate(&prefix) else {
                         break;
                     };
-                    let text = rendered.as_deref().unwrap_or(&prefix);
-                    let Ok(ids) = judge.tokenizer.encode(text) else {
-                        break;
-                    };
-                    if ids.is_empty() || ids.len() + task.response_tokens > context {
-                        break;
-                    }
                     if exclude.contains(&ids) || seen.contains(&ids) {
                         continue;
                     }
-                    if rendered.is_some() {
+                    if templated {
                         judge.remember(&ids, &prefix)?;
                     }
                     seen.insert(ids.clone());
