@@ -20,7 +20,29 @@ use edpo_train::{AdamWConfig, Schedule, Trainer, TrainerConfig};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The flag that asks every run of this process to stop: set by the binary's SIGTERM / SIGINT
+/// handler (a Slurm time limit, a preemption, `scancel`, Ctrl-C). A run checks it before every
+/// optimizer step and before its final evaluation, and stops with an error, so its status
+/// says `failed` with why and its lock is released; the next launch runs it again.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone()
+}
+
+/// An error if a stop was asked for, naming how far the run got.
+fn check_stop(step: usize) -> Result<()> {
+    if stop_flag().load(Ordering::Relaxed) {
+        return Err(anyhow!(
+            "stopped by a signal after {step} optimizer steps (SIGTERM: a Slurm time limit, \
+             preemption or scancel; SIGINT: Ctrl-C); the next launch runs it again from the start"
+        ));
+    }
+    Ok(())
+}
 
 /// Number of optimizer steps a config takes over `n_pairs` training pairs (the last partial
 /// batch of an epoch is dropped).
@@ -38,6 +60,9 @@ pub enum Outcome {
     Completed,
     /// Stopped by an error (message).
     Failed(String),
+    /// Not run: another live process holds the run's lock (set by the launchers, which take
+    /// it around [`run_one`]; the owner, described).
+    Busy(String),
 }
 
 /// Whether `dir` holds a completed run of exactly `config`: `status.json` in state
@@ -185,6 +210,7 @@ pub fn run(
     let per_step = o.batch_size * o.grad_accum;
     progress.set_length(steps as u64);
     for step in 0..steps {
+        check_stop(step)?;
         if cfg.eval.every > 0 && step > 0 && step % cfg.eval.every == 0 {
             let evaluation = evaluator.evaluate(&trainer.policy)?;
             log_eval(dir, step, evaluation)?;
@@ -246,6 +272,7 @@ pub fn run(
         }
         progress.inc(1);
     }
+    check_stop(steps)?;
     let reference_forwards = trainer.reference.forward_count() - reference_forwards_before;
     // Always judged against the original reference, which TR-DPO's updates have moved away from.
     let evaluation = evaluator.evaluate(&trainer.policy)?;

@@ -12,12 +12,21 @@
 //!   reference ([`PerPrompt`]), what the report's paired comparisons resample;
 //! - [`STATUS`]: running / completed / failed, with the error chain and timings ([`Status`]).
 //!
+//! A sweep directory's files are in [`sweep`]; the lock that keeps two processes out of one
+//! run directory is [`lock`].
+//!
 //! Every file is written whole to a temporary sibling and renamed into place
 //! ([`write_atomic`]), so a run killed at any moment leaves each file either absent or
 //! complete as of its last write.
 //!
 //! Architecture invariant: depends on `serde` and `serde_json` only; no model, no YAML, no
 //! polars, so that the reader of run directories needs nothing of the writer.
+
+pub mod lock;
+pub mod sweep;
+
+pub use lock::{read_lock, Acquired, LockOwner, RunLock};
+pub use sweep::{PlannedEntry, SweepManifest};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};

@@ -61,6 +61,9 @@ pub struct PlannedRun {
     pub index: usize,
     /// The overrides that make this run, in the order applied.
     pub overrides: Vec<(String, Value)>,
+    /// The config tree before resolution (base, overrides and `--set`s applied): what a
+    /// launcher's task resolves again to run this grid point (`plan/<hash>.yaml`).
+    pub tree: Value,
     /// The resolved config.
     pub config: RunConfig,
     /// Its identity.
@@ -216,7 +219,7 @@ pub fn expand(grid_path: &Path, sets: &[String]) -> Result<Sweep> {
             let index = runs.len();
             let described = describe(&overrides);
             let config = resolve_tree(
-                tree,
+                tree.clone(),
                 &format!("{} run {index} ({described})", grid_path.display()),
             )?;
             let hash = config.hash()?;
@@ -231,6 +234,7 @@ pub fn expand(grid_path: &Path, sets: &[String]) -> Result<Sweep> {
             runs.push(PlannedRun {
                 index,
                 overrides,
+                tree,
                 config,
                 hash,
             });

@@ -20,11 +20,13 @@ mod bench;
 mod config;
 mod grid;
 mod score;
+mod slurm;
+mod status;
 mod sweep;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use edpo_experiment::runner::{run_one, Outcome, SharedTasks};
+use edpo_experiment::runner::{Outcome, SharedTasks};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,29 +57,9 @@ enum Command {
         #[arg(long)]
         print_stages: bool,
     },
-    /// Expand a grid and run it, skipping completed runs; `OUT/<sweep name>/`.
-    Sweep {
-        /// The grid file (YAML).
-        grid: PathBuf,
-        /// Runs in parallel.
-        #[arg(long, default_value_t = 2)]
-        jobs: usize,
-        /// Threads inside each run.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Print the table of runs and stop.
-        #[arg(long)]
-        dry_run: bool,
-        /// Override a key in every run (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Output root.
-        #[arg(long, default_value = "runs")]
-        out: PathBuf,
-        /// Where the report goes (default: `reports/<sweep name>`).
-        #[arg(long)]
-        report_out: Option<PathBuf>,
-    },
+    /// Expand a grid and run it, skipping completed runs; `OUT/<sweep name>/`. With
+    /// `--launcher slurm`, hand it to Slurm as one job array instead.
+    Sweep(Box<SweepArgs>),
     /// Build the report of a sweep: figures, tables, report.md and report.html.
     Report {
         /// The sweep directory (`runs/<sweep name>`).
@@ -104,6 +86,91 @@ enum Command {
         #[arg(long)]
         adapter: Option<PathBuf>,
     },
+}
+
+/// Where a sweep's runs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Launcher {
+    /// On this machine, `--jobs` runs at a time.
+    Local,
+    /// On a Slurm cluster, as one job array (`sbatch`).
+    Slurm,
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct SweepArgs {
+    #[command(subcommand)]
+    action: Option<SweepAction>,
+    /// The grid file (YAML).
+    #[arg(required = true)]
+    grid: Option<PathBuf>,
+    /// Runs in parallel (local launcher).
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Threads inside each run (local launcher; a Slurm task uses its `--cpus-per-task`).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print the table of runs (with `--launcher slurm`, the job script) and stop.
+    #[arg(long)]
+    dry_run: bool,
+    /// Override a key in every run (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Output root.
+    #[arg(long, default_value = "runs")]
+    out: PathBuf,
+    /// Where the report goes (default: `reports/<sweep name>`; local launcher).
+    #[arg(long)]
+    report_out: Option<PathBuf>,
+    /// Where the runs run.
+    #[arg(long, value_enum, default_value_t = Launcher::Local)]
+    launcher: Launcher,
+    #[command(flatten)]
+    slurm: slurm::SlurmArgs,
+}
+
+#[derive(Subcommand)]
+enum SweepAction {
+    /// Where every planned run of a sweep is: pending, running, completed or failed, with its
+    /// Slurm task's state when it was submitted to Slurm.
+    Status {
+        /// The sweep directory (`runs/<sweep name>`).
+        sweep: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run grid point INDEX of a planned sweep directory (what a Slurm array task runs).
+    Task {
+        /// The sweep directory.
+        sweep: PathBuf,
+        /// The grid index.
+        #[arg(long)]
+        index: usize,
+        /// Threads for the run.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Build the shared stages of a planned sweep directory (the Slurm launcher's stage job).
+    Stages {
+        /// The sweep directory.
+        sweep: PathBuf,
+        /// Threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+/// SIGTERM (Slurm's time limit, preemption, `scancel`) and SIGINT (Ctrl-C) ask the runs of
+/// this process to stop cleanly (`runner::stop_flag`); a second signal ends it at once.
+fn handle_signals() -> Result<()> {
+    let stop = edpo_experiment::runner::stop_flag();
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    Ok(())
 }
 
 /// candle sizes its thread pool from the environment when the pool starts, so this must run
@@ -134,6 +201,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Err(e) = handle_signals() {
+        eprintln!("warning: signals are not handled: {e}");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -195,61 +265,114 @@ fn run(cli: Cli) -> Result<()> {
             let shared = SharedTasks::new(&out.join("cache"));
             let bar = indicatif::ProgressBar::new(0);
             let outcome = with_threads(cfg.run.threads, cfg.run.shards, || {
-                let data = shared.get(&cfg)?;
-                run_one(&cfg, &dir, &data, shared.cache(), &bar)
+                sweep::run_locked(&cfg, &dir, &shared, &bar)
             })??;
             match outcome {
                 Outcome::Skipped => eprintln!("already completed: {}", dir.display()),
                 Outcome::Completed => eprintln!("completed: {}", dir.display()),
+                Outcome::Busy(owner) => bail!("{} is being run by {owner}", dir.display()),
                 Outcome::Failed(m) => bail!("run failed ({}): {m}", dir.display()),
             }
             bar.finish_and_clear();
             say!("{}", std::fs::read_to_string(dir.join("eval.json"))?);
             Ok(())
         }
-        Command::Sweep {
-            grid,
-            jobs,
-            threads,
-            dry_run,
-            sets,
-            out,
-            report_out,
-        } => {
-            let planned = grid::expand(&grid, &sets)?;
-            if dry_run {
-                say!("{:>4}  {:<12}  overrides", "run", "hash");
-                for r in &planned.runs {
-                    say!(
-                        "{:>4}  {:<12}  {}",
-                        r.index,
-                        r.hash,
-                        grid::describe(&r.overrides)
-                    );
-                }
-                say!(
-                    "{} runs; output would go to {}",
-                    planned.runs.len(),
-                    out.join(&planned.name).display()
-                );
-                return Ok(());
-            }
-            if jobs == 0 {
-                bail!("--jobs must be at least 1");
-            }
-            set_threads(threads);
-            let outcomes = sweep::run_sweep(&planned, &out, jobs)?;
-            let root = out.join(&planned.name);
-            let report_out = report_out.unwrap_or_else(|| report_dir(&root));
-            let reported = edpo_report::build_report(&root, &report_out);
-            let summary = summarise(&planned, &root, &outcomes);
-            match reported {
-                Ok(r) => print_report(&r, &report_out),
-                Err(e) => eprintln!("no report: {e}"),
-            }
-            summary
-        }
+        Command::Sweep(args) => sweep_command(*args),
     }
+}
+
+fn sweep_command(args: SweepArgs) -> Result<()> {
+    match args.action {
+        Some(SweepAction::Status { sweep, json }) => return status::print(&sweep, json),
+        Some(SweepAction::Task {
+            sweep,
+            index,
+            threads,
+        }) => return sweep_task(&sweep, index, threads),
+        Some(SweepAction::Stages { sweep, threads }) => {
+            let manifest = edpo_rundir::SweepManifest::read(&sweep)?;
+            let configs = (0..manifest.runs.len())
+                .map(|i| sweep::planned_config(&sweep, manifest.runs[i].index).map(|p| p.2))
+                .collect::<Result<Vec<_>>>()?;
+            let shared = SharedTasks::new(&manifest.cache);
+            with_threads(threads, 1, || sweep::build_stages(&shared, &configs))??;
+            eprintln!("stages built for {} runs", configs.len());
+            return Ok(());
+        }
+        None => {}
+    }
+    let grid = args
+        .grid
+        .expect("clap requires the grid without a subcommand");
+    let planned = grid::expand(&grid, &args.sets)?;
+    if args.launcher == Launcher::Slurm {
+        return slurm::launch(&planned, &args.out, &args.slurm, args.dry_run);
+    }
+    if args.slurm.is_set() {
+        bail!("--partition, --time, --cpus-per-task, --mem, --gres, --max-parallel, --sbatch-arg, --stages-job and --log-dir apply to --launcher slurm");
+    }
+    if args.dry_run {
+        say!("{:>4}  {:<12}  overrides", "run", "hash");
+        for r in &planned.runs {
+            say!(
+                "{:>4}  {:<12}  {}",
+                r.index,
+                r.hash,
+                grid::describe(&r.overrides)
+            );
+        }
+        say!(
+            "{} runs; output would go to {}",
+            planned.runs.len(),
+            args.out.join(&planned.name).display()
+        );
+        return Ok(());
+    }
+    if args.jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    set_threads(args.threads);
+    let outcomes = sweep::run_local(&planned, &args.out, args.jobs)?;
+    let root = args.out.join(&planned.name);
+    let report_out = args.report_out.unwrap_or_else(|| report_dir(&root));
+    let reported = edpo_report::build_report(&root, &report_out);
+    let summary = summarise(&planned, &root, &outcomes);
+    match reported {
+        Ok(r) => print_report(&r, &report_out),
+        Err(e) => eprintln!("no report: {e}"),
+    }
+    summary
+}
+
+/// One grid point of a planned sweep directory, run under its lock: a Slurm array task. Fails
+/// unless the run is completed.
+fn sweep_task(root: &std::path::Path, index: usize, threads: usize) -> Result<()> {
+    let (manifest, entry, cfg) = sweep::planned_config(root, index)?;
+    let dir = edpo_rundir::sweep::run_dir(root, &entry.hash);
+    let shared = SharedTasks::new(&manifest.cache);
+    let bar = indicatif::ProgressBar::hidden();
+    eprintln!(
+        "run {index} ({}) in {} on {}{}: {}",
+        entry.hash,
+        dir.display(),
+        sweep::host_name(),
+        slurm::this_task()
+            .map(|t| format!(", Slurm task {t}"))
+            .unwrap_or_default(),
+        entry.overrides
+    );
+    let outcome = with_threads(threads, cfg.run.shards, || {
+        sweep::run_locked(&cfg, &dir, &shared, &bar)
+    })?
+    .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
+    sweep::log_outcome(index, &entry.hash, &outcome);
+    match outcome {
+        Outcome::Skipped => eprintln!("run {index}: already completed"),
+        Outcome::Completed => eprintln!("run {index}: completed"),
+        Outcome::Busy(owner) => bail!("run {index} is being run by {owner}; not run twice"),
+        Outcome::Failed(m) => bail!("run {index} ({}) failed: {m}", entry.hash),
+    }
+    Ok(())
 }
 
 /// Where the report of a sweep directory goes: `reports/<sweep name>`.
@@ -288,10 +411,11 @@ fn summarise(
     let mut failed = Vec::new();
     for (index, outcome) in outcomes {
         let r = &planned.runs[*index];
-        let eval: Option<serde_json::Value> =
-            std::fs::read_to_string(sweep::run_dir(root, &r.hash).join(edpo_rundir::EVAL))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok());
+        let eval: Option<serde_json::Value> = std::fs::read_to_string(
+            edpo_rundir::sweep::run_dir(root, &r.hash).join(edpo_rundir::EVAL),
+        )
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
         let get = |k: &str| {
             eval.as_ref()
                 .and_then(|e| e[k].as_f64())
@@ -301,6 +425,13 @@ fn summarise(
         let status = match outcome {
             Outcome::Skipped => "skipped",
             Outcome::Completed => "completed",
+            Outcome::Busy(owner) => {
+                failed.push(format!(
+                    "run {index} ({}): left to {owner}, which holds it",
+                    r.hash
+                ));
+                "busy"
+            }
             Outcome::Failed(m) => {
                 failed.push(format!("run {index} ({}): {m}", r.hash));
                 "failed"
@@ -320,7 +451,7 @@ fn summarise(
     say!("results: {}", root.display());
     if !failed.is_empty() {
         bail!(
-            "{} of {} runs failed:\n  {}",
+            "{} of {} runs did not complete:\n  {}",
             failed.len(),
             outcomes.len(),
             failed.join("\n  ")

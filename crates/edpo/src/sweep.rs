@@ -1,44 +1,177 @@
-//! The launcher: runs planned runs in parallel (rayon, `--jobs`), skipping completed ones,
-//! and reports failures at the end.
+//! Sweeps: what every launcher shares (the sweep directory's manifest and planned configs,
+//! the shared stages built once, one run under its lock, one grid point run from the sweep
+//! directory alone) and the local launcher, which runs planned runs in parallel (rayon,
+//! `--jobs`), skipping completed ones, and reports failures at the end. The Slurm launcher is
+//! in [`crate::slurm`].
 //!
 //! Resume rule ([`edpo_experiment::runner::is_complete`]): a run whose directory holds
 //! `status.json` with state `completed` and the same config hash, and a `config.yaml` equal to
 //! the resolved config, is skipped; any other run (absent, failed, or killed while running)
-//! starts again from scratch.
+//! starts again from scratch. A run is written by one process at a time, whichever launcher
+//! started it: each takes the run directory's lock ([`edpo_rundir::lock`]) first.
 
+use crate::config::{read_yaml, resolve_tree};
 use crate::grid::{describe, Sweep};
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
 use edpo_experiment::config::ReferenceLogps;
 use edpo_experiment::runner::{run_one, Outcome, SharedTasks};
-use edpo_rundir::write_atomic;
+use edpo_experiment::RunConfig;
+use edpo_rundir::sweep::{plan_path, run_dir, PLAN, RUNS};
+use edpo_rundir::{write_atomic, Acquired, LockOwner, PlannedEntry, RunLock, SweepManifest};
 use rayon::prelude::*;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 
-/// Runs a whole sweep under `out/<name>/`. Returns the outcomes in run order.
-pub fn run_sweep(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, Outcome)>> {
+/// Writes the sweep directory's manifest and planned configs under `out/<name>/`; returns
+/// the sweep directory.
+pub fn prepare(sweep: &Sweep, out: &Path) -> Result<PathBuf> {
     let root = out.join(&sweep.name);
-    std::fs::create_dir_all(root.join("runs"))?;
-    let plan: Vec<_> = sweep
-        .runs
-        .iter()
-        .map(|r| json!({"index": r.index, "hash": r.hash, "overrides": describe(&r.overrides)}))
-        .collect();
-    let manifest = json!({"name": sweep.name, "grid": sweep.grid_path, "runs": plan});
-    write_atomic(
-        &root.join("sweep.yaml"),
-        serde_yaml::to_string(&manifest)?.as_bytes(),
-    )?;
-    let shared = SharedTasks::new(&out.join("cache"));
-    // Build every shared stage before any run starts, outside the run pool: stage builders may
-    // use rayon themselves (polars does), and a pool thread waiting on them could steal another
-    // run that then waits on the same stage.
+    for dir in [RUNS, PLAN] {
+        std::fs::create_dir_all(root.join(dir))
+            .with_context(|| format!("cannot create {}", root.join(dir).display()))?;
+    }
     for r in &sweep.runs {
-        let data = shared.get(&r.config)?;
-        if r.config.objective.reference_logps == ReferenceLogps::Cached {
+        write_atomic(
+            &plan_path(&root, &r.hash),
+            serde_yaml::to_string(&r.tree)?.as_bytes(),
+        )?;
+    }
+    let manifest = SweepManifest {
+        name: sweep.name.clone(),
+        grid: sweep.grid_path.clone(),
+        cache: absolute(&out.join("cache"))?,
+        runs: sweep
+            .runs
+            .iter()
+            .map(|r| PlannedEntry {
+                index: r.index,
+                hash: r.hash.clone(),
+                overrides: describe(&r.overrides),
+            })
+            .collect(),
+    };
+    manifest.write(&root)?;
+    Ok(root)
+}
+
+/// `path` made absolute against the working directory (it need not exist).
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
+}
+
+/// Builds every shared stage the configs read, before any run starts and outside any run
+/// pool: stage builders may use rayon themselves (polars does), and a pool thread waiting on
+/// them could steal another run that then waits on the same stage.
+pub fn build_stages<'a>(
+    shared: &SharedTasks,
+    configs: impl IntoIterator<Item = &'a RunConfig>,
+) -> Result<()> {
+    for config in configs {
+        let data = shared.get(config)?;
+        if config.objective.reference_logps == ReferenceLogps::Cached {
             data.cached_reference_logps(shared.cache())?;
         }
     }
+    Ok(())
+}
+
+/// This machine's host name (as `hostname -s` prints it, which is what Slurm calls a node).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().split('.').next().unwrap_or_default().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// Whether process `pid` of this host is alive (a zombie is not).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Whether a run lock's holder is gone: no heartbeat for [`edpo_rundir::lock::STALE_AFTER`];
+/// its Slurm job is no longer active; or it ran on this host and its process has exited.
+pub fn lock_is_stale(owner: &LockOwner, age_s: f64) -> bool {
+    if age_s > edpo_rundir::lock::STALE_AFTER.as_secs_f64() {
+        return true;
+    }
+    if let Some(job) = &owner.slurm_job {
+        if crate::slurm::job_active(job) == Some(false) {
+            return true;
+        }
+    }
+    owner.host == host_name() && !process_alive(owner.pid)
+}
+
+/// This process as a lock owner (with its Slurm job when it is a Slurm task).
+pub fn this_owner() -> LockOwner {
+    LockOwner::this_process(&host_name(), crate::slurm::this_task())
+}
+
+/// Runs `config` in `dir` under the run's lock: a run held by a live process is left to it.
+pub fn run_locked(
+    config: &RunConfig,
+    dir: &Path,
+    shared: &SharedTasks,
+    progress: &indicatif::ProgressBar,
+) -> Result<Outcome> {
+    if edpo_experiment::runner::stop_flag().load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(Outcome::Failed("not started: stopped by a signal".into()));
+    }
+    let _lock = match RunLock::acquire(dir, &this_owner(), lock_is_stale)? {
+        Acquired::Held(lock) => lock,
+        Acquired::Busy(owner) => return Ok(Outcome::Busy(owner.describe())),
+    };
+    let data = shared.get(config)?;
+    run_one(config, dir, &data, shared.cache(), progress)
+}
+
+/// The planned config of grid point `index` of the sweep in `root`, resolved again and
+/// checked against its planned hash.
+pub fn planned_config(
+    root: &Path,
+    index: usize,
+) -> Result<(SweepManifest, PlannedEntry, RunConfig)> {
+    let manifest = SweepManifest::read(root)?;
+    let entry = manifest.run(index).cloned().ok_or_else(|| {
+        anyhow!(
+            "{}: the sweep has no run {index} (it plans runs 0 to {})",
+            root.join(edpo_rundir::sweep::MANIFEST).display(),
+            manifest.runs.len().saturating_sub(1)
+        )
+    })?;
+    let path = plan_path(root, &entry.hash);
+    let config = resolve_tree(read_yaml(&path)?, &path.display().to_string())?;
+    let hash = config.hash()?;
+    if hash != entry.hash {
+        bail!(
+            "{}: resolves to config {hash}, but run {index} was planned as {}: this edpo \
+             resolves configs differently from the one that planned the sweep; plan it again \
+             with `edpo sweep {}`",
+            path.display(),
+            entry.hash,
+            manifest.grid.display()
+        );
+    }
+    Ok((manifest, entry, config))
+}
+
+/// Runs a whole sweep under `out/<name>/` on this machine. Returns the outcomes in run order.
+pub fn run_local(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, Outcome)>> {
+    let root = prepare(sweep, out)?;
+    let shared = SharedTasks::new(&out.join("cache"));
+    build_stages(&shared, sweep.runs.iter().map(|r| &r.config))?;
     let bar = indicatif::ProgressBar::new(sweep.runs.len() as u64).with_message(sweep.name.clone());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs.max(1))
@@ -50,21 +183,9 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, O
             .map(|r| {
                 let dir = run_dir(&root, &r.hash);
                 let quiet = indicatif::ProgressBar::hidden();
-                let outcome = shared
-                    .get(&r.config)
-                    .and_then(|data| run_one(&r.config, &dir, &data, shared.cache(), &quiet))
+                let outcome = run_locked(&r.config, &dir, &shared, &quiet)
                     .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
-                match &outcome {
-                    Outcome::Skipped => {
-                        tracing::info!(run = r.index, hash = %r.hash, "skipped: already completed")
-                    }
-                    Outcome::Completed => {
-                        tracing::info!(run = r.index, hash = %r.hash, "completed")
-                    }
-                    Outcome::Failed(m) => {
-                        tracing::error!(run = r.index, hash = %r.hash, error = %m, "failed")
-                    }
-                }
+                log_outcome(r.index, &r.hash, &outcome);
                 bar.inc(1);
                 (r.index, outcome)
             })
@@ -74,7 +195,12 @@ pub fn run_sweep(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, O
     Ok(outcomes)
 }
 
-/// The directory of a run.
-pub fn run_dir(sweep_root: &Path, hash: &str) -> PathBuf {
-    sweep_root.join("runs").join(hash)
+/// Logs what happened to one run.
+pub fn log_outcome(index: usize, hash: &str, outcome: &Outcome) {
+    match outcome {
+        Outcome::Skipped => tracing::info!(run = index, hash, "skipped: already completed"),
+        Outcome::Completed => tracing::info!(run = index, hash, "completed"),
+        Outcome::Busy(owner) => tracing::warn!(run = index, hash, owner, "left to its holder"),
+        Outcome::Failed(m) => tracing::error!(run = index, hash, error = %m, "failed"),
+    }
 }

@@ -36,11 +36,11 @@ fn sweep(dir: &Path, grid: &str) -> Vec<serde_json::Value> {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let manifest: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join("g/sweep.yaml")).expect("manifest"))
-            .expect("yaml");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("g/sweep.json")).expect("manifest"))
+            .expect("json");
     manifest["runs"]
-        .as_sequence()
+        .as_array()
         .expect("runs")
         .iter()
         .map(|r| {
