@@ -33,6 +33,16 @@ pub fn stop_flag() -> Arc<AtomicBool> {
         .clone()
 }
 
+/// Fault injection for the launchers' tests: `EDPO_FAULT_STEP_DELAY_MS=N` sleeps N ms before
+/// every optimizer step, so that a run lasts long enough to be cancelled or to reach a Slurm
+/// time limit whatever the machine's speed. It changes no number.
+fn fault_step_delay() -> Option<std::time::Duration> {
+    std::env::var("EDPO_FAULT_STEP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
 /// An error if a stop was asked for, naming how far the run got.
 fn check_stop(step: usize) -> Result<()> {
     if stop_flag().load(Ordering::Relaxed) {
@@ -209,7 +219,11 @@ pub fn run(
     let mut rng = SplitMix64(cfg.run.seed ^ 0xDA7A);
     let per_step = o.batch_size * o.grad_accum;
     progress.set_length(steps as u64);
+    let delay = fault_step_delay();
     for step in 0..steps {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         check_stop(step)?;
         if cfg.eval.every > 0 && step > 0 && step % cfg.eval.every == 0 {
             let evaluation = evaluator.evaluate(&trainer.policy)?;
@@ -239,7 +253,7 @@ pub fn run(
         for (&i, &x) in taken.iter().zip(&report.pair_steps) {
             decisions.add(data.train[i].p_true, x);
         }
-        dir.set_steps_done(step + 1);
+        dir.set_steps_done(step + 1)?;
         if step % cfg.run.log_every == 0 || step + 1 == steps {
             let mut line = Map::new();
             line.insert("step".into(), json!(report.step));

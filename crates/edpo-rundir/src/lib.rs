@@ -174,6 +174,7 @@ pub struct RunDir {
     metrics: String,
     per_prompt: String,
     status: Status,
+    status_written: f64,
 }
 
 impl RunDir {
@@ -219,12 +220,14 @@ impl RunDir {
                 steps_done: 0,
                 error: Vec::new(),
             },
+            status_written: 0.0,
         };
         dir.write_status()?;
         Ok(dir)
     }
 
     fn write_status(&mut self) -> Result<()> {
+        self.status_written = now_unix();
         let json = serde_json::to_string_pretty(&self.status)?;
         write_atomic(&self.path.join(STATUS), json.as_bytes())
     }
@@ -251,9 +254,15 @@ impl RunDir {
         )
     }
 
-    /// Records progress.
-    pub fn set_steps_done(&mut self, steps: usize) {
+    /// Records progress; `status.json` is rewritten with it at most once a second, so that a
+    /// reader (`edpo sweep status`) sees how far a running run is.
+    pub fn set_steps_done(&mut self, steps: usize) -> Result<()> {
         self.status.steps_done = steps;
+        let now = now_unix();
+        if now - self.status_written >= 1.0 {
+            self.write_status()?;
+        }
+        Ok(())
     }
 
     /// Writes `eval.json` and marks the run completed.
@@ -532,7 +541,7 @@ mod tests {
         let mut run = RunDir::start(&dir, "abc", "a: 1\n", "{\"a\": 1}").expect("start");
         assert_eq!(read_status(&dir).map(|s| s.state), Some(RunState::Running));
         run.log(&json!({"step": 0})).expect("log");
-        run.set_steps_done(1);
+        run.set_steps_done(1).unwrap();
         run.fail(vec!["outer".into(), "inner".into()])
             .expect("fail");
         let status = read_status(&dir).expect("status");
