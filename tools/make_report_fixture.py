@@ -1,7 +1,8 @@
 """Writes the small sweep directory the report test reads (crates/edpo-report/tests/fixture).
 
 Two DPO and two ε-DPO settings with two seeds each, plus a failed run, an unfinished run and
-a completed run of the older config version 1. ε = 0.05 has the best test win rate but not
+a completed run of the older config version 1, and a manifest (`sweep.json`) that plans one
+more run, not started (pending). ε = 0.05 has the best test win rate but not
 the best validation win rate, so a report that chose on test numbers would pick it.
 
 Every completed run has per-prompt paired numbers (`per_prompt.jsonl`, 64 prompts, at steps 4
@@ -105,6 +106,13 @@ def main() -> None:
     run("e0", eps(0.05), 2, 0.5, 9.0, 0.5, state="failed")
     run("f0", eps(0.05), 3, 0.5, 9.0, 0.5, state="running")
     run("g0", dpo(0.1), 2, 0.99, 0.1, 0.99, version=None)
+    names = sorted(p.name for p in (ROOT / "runs").iterdir()) + ["h0"]
+    write(ROOT / "sweep.json", {
+        "name": "fixture",
+        "grid": "grid.yaml",
+        "cache": "cache",
+        "runs": [{"index": i, "hash": n, "overrides": ""} for i, n in enumerate(names)],
+    })
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 //! objective's kind and parameters from `config.json`, the run seed, every number of
 //! `eval.json`, and a `setting` label naming the method's varied hyper-parameters (and the
 //! LoRA rank of a run that trains adapters). Runs that
-//! are not completed, or were written by another config version, are listed as skipped; a
+//! are not completed (planned in the sweep's manifest and not started: pending), or were
+//! written by another config version, are listed as skipped; a
 //! malformed file is an error naming it.
 
 use crate::{Error, Result};
@@ -140,6 +141,15 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut traces = Vec::new();
     let mut skipped = Vec::new();
+    // Planned runs (the sweep's manifest) that have not started: a report rendered while a
+    // sweep runs (on Slurm, say) names what it does not include yet.
+    if let Ok(manifest) = edpo_rundir::SweepManifest::read(sweep_dir) {
+        for entry in &manifest.runs {
+            if !runs_dir.join(&entry.hash).is_dir() {
+                skipped.push(format!("{}: pending (run {})", entry.hash, entry.index));
+            }
+        }
+    }
     for dir in dirs {
         let name = dir
             .file_name()

@@ -1,6 +1,6 @@
 //! A report rendered from the committed fixture sweep (`tests/fixture`, written by
 //! `tools/make_report_fixture.py`): two DPO and two ε-DPO settings with two seeds each, a failed
-//! run, an unfinished run and a run of an older config version. Checks the tables' numbers
+//! run, an unfinished run, a run of an older config version and a planned run not started. Checks the tables' numbers
 //! against the fixture, the best setting chosen on validation rather than test numbers, the bold
 //! best values only where a paired test separates them, the paired comparisons at matched KL and
 //! between chosen settings, the memorisation check, every figure written as a PNG and an SVG with drawn content, and the skipped
@@ -29,8 +29,9 @@ fn report_from_the_fixture_sweep() -> Result<(), Box<dyn std::error::Error>> {
     let summary = edpo_report::build_report(&fixture(), &out)?;
     assert_eq!(summary.runs, 8);
     let skipped = summary.skipped.join("\n");
-    assert_eq!(summary.skipped.len(), 3, "{skipped}");
+    assert_eq!(summary.skipped.len(), 4, "{skipped}");
     assert!(skipped.contains("e0: failed") && skipped.contains("f0: running"));
+    assert!(skipped.contains("h0: pending (run 11)"), "{skipped}");
     assert!(skipped.contains("g0: config version 1"), "{skipped}");
 
     // DPO β=0.1: win rates 0.60 and 0.70 → mean 0.650, interval t(1)·s/√2 = 12.706·0.0707/1.414 = 0.635.

@@ -198,3 +198,144 @@ fn a_closed_output_pipe_is_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?} {stderr}", out.status);
 }
+
+/// Runs `edpo` in the repository root with `PATH` emptied (so no Slurm command is found).
+fn edpo_without_slurm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edpo"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .args(args)
+        .env("PATH", "")
+        .output()
+        .expect("run edpo");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The Slurm launcher's errors on a machine without Slurm, and its dry run (the job script),
+/// which needs none; the sweep subcommands name the directory, file or index that is wrong.
+#[test]
+fn the_slurm_launcher_without_slurm_and_bad_sweep_directories() {
+    let dir = scratch("slurm-less");
+    let out = dir.to_str().expect("utf-8");
+    let (ok, _, err) = edpo_without_slurm(&[
+        "sweep",
+        "experiments/smoke.yaml",
+        "--launcher",
+        "slurm",
+        "--out",
+        out,
+    ]);
+    assert!(
+        !ok && err.contains("sbatch") && err.contains("--launcher local"),
+        "{err}"
+    );
+    assert!(!dir.join("smoke").exists(), "nothing written without Slurm");
+
+    let (ok, script, err) = edpo_without_slurm(&[
+        "sweep",
+        "experiments/smoke.yaml",
+        "--launcher",
+        "slurm",
+        "--dry-run",
+        "--out",
+        out,
+        "--time",
+        "00:30:00",
+        "--max-parallel",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        script.starts_with("#!/bin/bash\n#SBATCH --array=0-5%2\n"),
+        "{script}"
+    );
+    assert!(script.contains("#SBATCH --time=00:30:00"), "{script}");
+    assert!(
+        script.contains("sweep task") && script.contains("6 of 6 runs to submit"),
+        "{script}"
+    );
+
+    let (ok, _, err) = edpo_without_slurm(&[
+        "sweep",
+        "experiments/smoke.yaml",
+        "--partition",
+        "gpu",
+        "--out",
+        out,
+    ]);
+    assert!(!ok && err.contains("apply to --launcher slurm"), "{err}");
+
+    let (ok, _, err) = edpo_without_slurm(&["sweep", "status", out]);
+    assert!(
+        !ok && err.contains("sweep.json") && err.contains("sweep directory"),
+        "{err}"
+    );
+
+    // A planned sweep (run locally) and a task index it does not have.
+    let (ok, _, err) = edpo_without_slurm(&[
+        "sweep",
+        "experiments/smoke.yaml",
+        "--out",
+        out,
+        "--report-out",
+        dir.join("report").to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{err}");
+    let sweep = dir.join("smoke");
+    let (ok, _, err) = edpo_without_slurm(&[
+        "sweep",
+        "task",
+        sweep.to_str().expect("utf-8"),
+        "--index",
+        "6",
+    ]);
+    assert!(
+        !ok && err.contains("has no run 6") && err.contains("0 to 5"),
+        "{err}"
+    );
+    let (ok, table, err) = edpo_without_slurm(&["sweep", "status", sweep.to_str().expect("utf-8")]);
+    assert!(
+        ok && table.contains("6 runs: 6 completed, 0 running, 0 pending, 0 failed"),
+        "{table}{err}"
+    );
+    // A task of a completed run leaves it alone and succeeds.
+    let (ok, _, err) = edpo_without_slurm(&[
+        "sweep",
+        "task",
+        sweep.to_str().expect("utf-8"),
+        "--index",
+        "2",
+    ]);
+    assert!(ok && err.contains("already completed"), "{err}");
+    // A planned config edited after planning is refused, naming it.
+    let plan = std::fs::read_dir(sweep.join("plan"))
+        .expect("plan")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("seed: 0")))
+        .expect("a plan of seed 0");
+    let text = std::fs::read_to_string(&plan).expect("plan file");
+    std::fs::write(&plan, text.replace("seed: 0", "seed: 9")).expect("edit");
+    let refused: Vec<String> = (0..6)
+        .map(|i| {
+            edpo_without_slurm(&[
+                "sweep",
+                "task",
+                sweep.to_str().expect("utf-8"),
+                "--index",
+                &i.to_string(),
+            ])
+            .2
+        })
+        .filter(|e| e.contains("was planned as"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].contains(plan.to_str().expect("utf-8")),
+        "{}",
+        refused[0]
+    );
+}

@@ -72,7 +72,12 @@ fn ok(o: &Output) -> String {
 }
 
 fn status(sweep: &Path) -> Vec<Value> {
-    let o = edpo(&["sweep", "status", sweep.to_str().unwrap(), "--json"]);
+    let o = edpo(&[
+        "sweep",
+        "status",
+        sweep.to_str().expect("utf-8 path"),
+        "--json",
+    ]);
     let text = ok(&o);
     serde_json::from_str::<Vec<Value>>(&String::from_utf8_lossy(&o.stdout))
         .unwrap_or_else(|e| panic!("status JSON: {e}\n{text}"))
@@ -106,7 +111,16 @@ fn sacct(jobs: &[String]) -> BTreeMap<String, String> {
 /// `squeue`'s state of every task of `jobs` the controller still holds.
 fn squeue(jobs: &[String]) -> BTreeMap<String, String> {
     let o = Command::new("squeue")
-        .args(["-h", "-r", "-t", "all", "-o", "%i|%T", "-j", &jobs.join(",")])
+        .args([
+            "-h",
+            "-r",
+            "-t",
+            "all",
+            "-o",
+            "%i|%T",
+            "-j",
+            &jobs.join(","),
+        ])
         .output()
         .expect("squeue");
     String::from_utf8_lossy(&o.stdout)
@@ -146,7 +160,7 @@ fn check_against_sacct(sweep: &Path, jobs: &[String]) -> usize {
         if a != b || !settled(&live_before) || !settled(&live_after) {
             continue;
         }
-        let state = run["state"].as_str().unwrap();
+        let state = run["state"].as_str().expect("a string field");
         assert!(
             agrees(a, state),
             "run {} is `{state}` ({}) but sacct says {job} is {a}",
@@ -173,14 +187,14 @@ fn submissions(sweep: &Path) -> Vec<Value> {
     std::fs::read_to_string(sweep.join("slurm/submissions.jsonl"))
         .unwrap_or_default()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).expect("a submission line"))
         .collect()
 }
 
 fn job_ids(sweep: &Path) -> Vec<String> {
     submissions(sweep)
         .iter()
-        .map(|s| s["job_id"].as_str().unwrap().to_string())
+        .map(|s| s["job_id"].as_str().expect("a string field").to_string())
         .collect()
 }
 
@@ -195,7 +209,10 @@ const RUN_FILES: [&str; 5] = [
 /// Every run file of every run in `a` equals the same file in `b` (or both lack it).
 fn same_run_files(a: &Path, b: &Path) -> usize {
     let mut compared = 0;
-    for entry in std::fs::read_dir(a.join("runs")).unwrap().flatten() {
+    for entry in std::fs::read_dir(a.join("runs"))
+        .expect("runs directory")
+        .flatten()
+    {
         let hash = entry.file_name();
         for f in RUN_FILES {
             let (x, y) = (
@@ -226,9 +243,9 @@ fn the_smoke_grid_through_slurm_equals_the_local_launcher_byte_for_byte() {
         "sweep",
         "experiments/smoke.yaml",
         "--out",
-        local.to_str().unwrap(),
+        local.to_str().expect("utf-8 path"),
         "--report-out",
-        dir.join("report").to_str().unwrap(),
+        dir.join("report").to_str().expect("utf-8 path"),
     ]));
     // A cold cache: the stages are built by the first job, which the array depends on.
     let text = ok(&edpo(&[
@@ -240,7 +257,7 @@ fn the_smoke_grid_through_slurm_equals_the_local_launcher_byte_for_byte() {
         "--max-parallel",
         "2",
         "--out",
-        cluster.to_str().unwrap(),
+        cluster.to_str().expect("utf-8 path"),
     ]));
     assert!(text.contains("submitted stage job"), "{text}");
     let sweep = cluster.join("smoke");
@@ -253,7 +270,7 @@ fn the_smoke_grid_through_slurm_equals_the_local_launcher_byte_for_byte() {
     assert!(
         all.iter().all(|r| r["state"] == "completed"),
         "{}",
-        serde_json::to_string_pretty(&all).unwrap()
+        serde_json::to_string_pretty(&all).unwrap_or_default()
     );
     wait_until("sacct to record the array", Duration::from_secs(60), || {
         sacct(&job_ids(&sweep))
@@ -266,7 +283,7 @@ fn the_smoke_grid_through_slurm_equals_the_local_launcher_byte_for_byte() {
     assert_eq!(same_run_files(&local.join("smoke"), &sweep), 6);
     assert!(
         std::fs::read_dir(sweep.join("slurm"))
-            .unwrap()
+            .expect("slurm directory")
             .flatten()
             .any(|e| e.file_name().to_string_lossy().ends_with("-stages.out")),
         "the stage job's log is beside the task logs"
@@ -278,7 +295,7 @@ fn the_smoke_grid_through_slurm_equals_the_local_launcher_byte_for_byte() {
         "--launcher",
         "slurm",
         "--out",
-        cluster.to_str().unwrap(),
+        cluster.to_str().expect("utf-8 path"),
     ]));
     assert!(again.contains("nothing to submit"), "{again}");
     assert_eq!(submissions(&sweep).len(), 1);
@@ -305,16 +322,20 @@ fn cancelled_and_timed_out_tasks_are_retried_and_nothing_runs_twice() {
     let dir = scratch("slurm", "kills");
     let grid = dir.join("grid.yaml");
     let base = root().join("experiments/sentiment.yaml");
-    std::fs::write(&grid, GRID.replace("BASE", base.to_str().unwrap())).unwrap();
+    std::fs::write(
+        &grid,
+        GRID.replace("BASE", base.to_str().expect("utf-8 path")),
+    )
+    .expect("grid file");
     let (local, cluster) = (dir.join("local"), dir.join("cluster"));
-    let grid = grid.to_str().unwrap();
+    let grid = grid.to_str().expect("utf-8 path");
     ok(&edpo(&[
         "sweep",
         grid,
         "--out",
-        local.to_str().unwrap(),
+        local.to_str().expect("utf-8 path"),
         "--report-out",
-        dir.join("report").to_str().unwrap(),
+        dir.join("report").to_str().expect("utf-8 path"),
     ]));
     let submit = |extra: &[&str], env: &[(&str, &str)]| {
         let mut args = vec![
@@ -323,7 +344,7 @@ fn cancelled_and_timed_out_tasks_are_retried_and_nothing_runs_twice() {
             "--launcher",
             "slurm",
             "--out",
-            cluster.to_str().unwrap(),
+            cluster.to_str().expect("utf-8 path"),
         ];
         args.extend_from_slice(extra);
         ok(&edpo_env(&args, env))
@@ -345,7 +366,13 @@ fn cancelled_and_timed_out_tasks_are_retried_and_nothing_runs_twice() {
     wait_until("run 0 to take steps", Duration::from_secs(120), || {
         steps(0) >= 3
     });
-    let twice = edpo(&["sweep", "task", sweep.to_str().unwrap(), "--index", "0"]);
+    let twice = edpo(&[
+        "sweep",
+        "task",
+        sweep.to_str().expect("utf-8 path"),
+        "--index",
+        "0",
+    ]);
     assert!(!twice.status.success());
     let err = String::from_utf8_lossy(&twice.stderr);
     assert!(
@@ -357,7 +384,7 @@ fn cancelled_and_timed_out_tasks_are_retried_and_nothing_runs_twice() {
     let o = Command::new("scancel")
         .arg(format!("{job}_0"))
         .output()
-        .unwrap();
+        .expect("scancel");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_until("run 0 to fail", Duration::from_secs(60), || {
         status(&sweep)[0]["state"] == "failed"
@@ -366,7 +393,7 @@ fn cancelled_and_timed_out_tasks_are_retried_and_nothing_runs_twice() {
     assert!(
         run0["detail"]
             .as_str()
-            .unwrap()
+            .expect("detail")
             .contains("stopped by a signal"),
         "{run0}"
     );
@@ -390,13 +417,13 @@ fn cancelled_and_timed_out_tasks_are_retried_and_nothing_runs_twice() {
     let after_first = status(&sweep);
     let states: Vec<&str> = after_first
         .iter()
-        .map(|r| r["state"].as_str().unwrap())
+        .map(|r| r["state"].as_str().expect("a string field"))
         .collect();
     assert_eq!(states, ["failed", "failed", "completed", "completed"]);
     assert!(
         after_first[1]["detail"]
             .as_str()
-            .unwrap()
+            .expect("detail")
             .contains("TIMEOUT"),
         "{}",
         after_first[1]
@@ -404,8 +431,8 @@ fn cancelled_and_timed_out_tasks_are_retried_and_nothing_runs_twice() {
     let kept: Vec<Vec<u8>> = [2, 3]
         .iter()
         .map(|&i| {
-            let hash = after_first[i]["hash"].as_str().unwrap();
-            std::fs::read(sweep.join("runs").join(hash).join("status.json")).unwrap()
+            let hash = after_first[i]["hash"].as_str().expect("a string field");
+            std::fs::read(sweep.join("runs").join(hash).join("status.json")).expect("status.json")
         })
         .collect();
 
@@ -421,9 +448,9 @@ fn cancelled_and_timed_out_tasks_are_retried_and_nothing_runs_twice() {
         || status(&sweep).iter().all(|r| r["state"] == "completed"),
     );
     for (k, &i) in [2, 3].iter().enumerate() {
-        let hash = after_first[i]["hash"].as_str().unwrap();
+        let hash = after_first[i]["hash"].as_str().expect("a string field");
         assert_eq!(
-            std::fs::read(sweep.join("runs").join(hash).join("status.json")).unwrap(),
+            std::fs::read(sweep.join("runs").join(hash).join("status.json")).expect("status.json"),
             kept[k],
             "completed run {i} was run again"
         );
