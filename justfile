@@ -15,6 +15,27 @@ sweep grid="experiments/default.yaml" jobs="2":
 train config="experiments/synthetic.yaml" *args="":
     cargo run --release -p edpo -- train {{config}} {{args}}
 
+# Hand a grid to Slurm as one job array, e.g. `just sweep-slurm experiments/default.yaml --time 01:00:00`.
+[group('experiments')]
+sweep-slurm grid="experiments/default.yaml" *args="":
+    cargo build --release -p edpo
+    target/release/edpo sweep {{grid}} --launcher slurm {{args}}
+
+# Where every run of a sweep is (pending / running / completed / failed).
+[group('experiments')]
+status sweep="runs/default":
+    cargo run --release -p edpo -- sweep status {{sweep}}
+
+# Start a single-node Slurm on this machine (root; what the Slurm tests run against).
+[group('dev')]
+slurm-up:
+    tools/slurm/cluster.sh start
+
+# Stop it.
+[group('dev')]
+slurm-down:
+    tools/slurm/cluster.sh stop
+
 # Show the runs a grid expands to, without running them.
 [group('experiments')]
 plan grid="experiments/synthetic-ablation.yaml":
