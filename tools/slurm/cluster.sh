@@ -45,7 +45,7 @@ configure() {
     cat >"$conf" <<EOF
 # Written by tools/slurm/cluster.sh: one node, this machine.
 ClusterName=edpo
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 AuthType=auth/munge
 SlurmUser=root
 SlurmdUser=root
@@ -73,7 +73,7 @@ KillWait=10
 # Finished jobs stay visible to squeue / scontrol for this long.
 MinJobAge=600
 MaxArraySize=10001
-NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     cat >"$state/slurmdbd.conf" <<EOF

@@ -451,7 +451,7 @@ fn summarise(
     say!("results: {}", root.display());
     if !failed.is_empty() {
         bail!(
-            "{} of {} runs did not complete:\n  {}",
+            "{} of {} runs failed:\n  {}",
             failed.len(),
             outcomes.len(),
             failed.join("\n  ")
