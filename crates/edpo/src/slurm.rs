@@ -471,6 +471,15 @@ pub fn launch(sweep: &Sweep, out: &Path, args: &SlurmArgs, dry_run: bool) -> Res
             todo.push(r.index);
         }
     }
+    if dry_run && todo.is_empty() {
+        say!(
+            "# nothing to submit: {done} of {} runs completed, {} queued or running; sweep directory {}",
+            sweep.runs.len(),
+            active.len(),
+            root.display()
+        );
+        return Ok(());
+    }
     if dry_run {
         say!(
             "{}",
