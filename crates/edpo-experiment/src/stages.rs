@@ -154,15 +154,25 @@ impl StageCache {
             .root
             .join(format!(".tmp-{name}-{}", std::process::id()));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("cannot clear {}", tmp.display()))?;
         }
-        std::fs::create_dir_all(&tmp)?;
-        build(&tmp).with_context(|| format!("building stage `{name}`"))?;
-        std::fs::write(
-            tmp.join(MANIFEST),
-            serde_json::to_string_pretty(&manifest(&tmp)?)?,
-        )?;
-        std::fs::write(tmp.join(COMPLETE), serde_json::to_string_pretty(key)?)?;
+        let built = (|| -> Result<()> {
+            std::fs::create_dir_all(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            build(&tmp)?;
+            let manifest_path = tmp.join(MANIFEST);
+            std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest(&tmp)?)?)
+                .with_context(|| format!("cannot write {}", manifest_path.display()))?;
+            let complete = tmp.join(COMPLETE);
+            std::fs::write(&complete, serde_json::to_string_pretty(key)?)
+                .with_context(|| format!("cannot write {}", complete.display()))
+        })();
+        if let Err(e) = built {
+            // A build that failed (a full disk, say) leaves nothing behind to take up space.
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("building stage `{name}` in {}", tmp.display())));
+        }
         if dir.exists() && !dir.join(COMPLETE).exists() {
             // Left by a process killed mid-rename on a filesystem without atomic directory
             // replacement; it was never complete.

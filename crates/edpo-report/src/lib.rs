@@ -68,9 +68,12 @@ pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
         })?;
     }
     let tmp = path.with_extension("tmp-report");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::File {
-        path: tmp.clone(),
-        message: e.to_string(),
+    std::fs::write(&tmp, bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::File {
+            path: tmp.clone(),
+            message: e.to_string(),
+        }
     })?;
     std::fs::rename(&tmp, path).map_err(|e| Error::File {
         path: path.to_path_buf(),

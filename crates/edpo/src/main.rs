@@ -339,7 +339,15 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
     let summary = summarise(&planned, &root, &outcomes);
     match reported {
         Ok(r) => print_report(&r, &report_out),
-        Err(e) => eprintln!("no report: {e}"),
+        Err(e) => {
+            // The runs are safe in their directories; the report can be rebuilt alone.
+            summary?;
+            bail!(
+                "the runs are complete but the report could not be written: {e}; once fixed, \
+                 `edpo report {}` writes it",
+                root.display()
+            );
+        }
     }
     summary
 }

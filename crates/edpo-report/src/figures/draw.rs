@@ -260,7 +260,8 @@ pub(super) fn finish(mut fig: Figure) -> Result<Figure> {
     Ok(fig)
 }
 
-/// Writes the figure as PNG.
+/// Writes the figure as PNG: drawn into a temporary sibling and renamed into place, so a
+/// failure (a full disk) leaves no half-written image; the error names the file.
 pub fn render_png(fig: &Figure, path: &Path) -> Result<()> {
     register_font()?;
     if let Some(parent) = path.parent() {
@@ -269,9 +270,19 @@ pub fn render_png(fig: &Figure, path: &Path) -> Result<()> {
             message: e.to_string(),
         })?;
     }
-    let root = BitMapBackend::new(path, size(fig)).into_drawing_area();
-    draw(root, fig).map_err(|message| Error::Figure {
-        name: fig.name.clone(),
-        message,
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("figure");
+    // The extension tells plotters the image format.
+    let tmp = path.with_file_name(format!(".{stem}.tmp-report.png"));
+    let drawn = draw(
+        BitMapBackend::new(&tmp, size(fig)).into_drawing_area(),
+        fig,
+    );
+    let done = drawn.and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    done.map_err(|message| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::File {
+            path: path.to_path_buf(),
+            message: format!("figure `{}`: {message}", fig.name),
+        }
     })
 }
