@@ -241,7 +241,7 @@ def concurrent(t: Trials, ref: Path, n: int):
         "two `edpo sweep` processes started together on one sweep directory",
         n, 0, corrupt,
         f"{computed_twice} runs computed twice; {ok}/{n} sweeps complete and byte-identical (the second process leaves held runs to the first and says so)",
-        "`engine::two_sweeps_on_one_directory_never_compute_a_run_twice`",
+        "`reliability::two_sweeps_on_one_directory_never_compute_a_run_twice`",
     )
 
 
@@ -260,7 +260,7 @@ def shared_cache(t: Trials, ref: Path, n: int):
     t.row(
         "two grids started together on one stage cache",
         n, 0, corrupt, f"{ok}/{n}: both complete, the smoke grid byte-identical (a stage both build is built twice, one copy kept)",
-        "`engine::two_sweeps_on_one_directory_never_compute_a_run_twice`",
+        "`reliability::two_sweeps_on_one_directory_never_compute_a_run_twice`",
     )
 
 
@@ -326,7 +326,7 @@ def determinism(t: Trials):
     t.row(
         "one grid (smoke, width 128, 2 layers) at --jobs 1/2 × --threads 1/2",
         4, 0, 0, f"{same}/3 byte-identical to --jobs 1 --threads 1",
-        "`engine::same_config_and_seed_give_identical_metrics`, `engine::jobs_and_threads_do_not_change_a_number`",
+        "`engine::same_config_and_seed_give_identical_metrics`, `reliability::jobs_and_threads_do_not_change_a_number`",
     )
 
 
@@ -401,7 +401,7 @@ def corrupted_inputs(t: Trials, flips: int, seed: int):
         "corrupted inputs: truncations and bit flips of every committed model (config, safetensors, tokenizer), GGUF, pairs and experiment file",
         cases, "-", "-",
         f"{panics} panics; {rejected} rejected, {unnamed} of them without naming the file",
-        "`cli::corrupted_fixtures_never_panic`",
+        "`reliability::corrupted_fixtures_never_panic`",
     )
 
 

@@ -162,8 +162,11 @@ impl StageCache {
                 .with_context(|| format!("cannot create {}", tmp.display()))?;
             build(&tmp)?;
             let manifest_path = tmp.join(MANIFEST);
-            std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest(&tmp)?)?)
-                .with_context(|| format!("cannot write {}", manifest_path.display()))?;
+            std::fs::write(
+                &manifest_path,
+                serde_json::to_string_pretty(&manifest(&tmp)?)?,
+            )
+            .with_context(|| format!("cannot write {}", manifest_path.display()))?;
             let complete = tmp.join(COMPLETE);
             std::fs::write(&complete, serde_json::to_string_pretty(key)?)
                 .with_context(|| format!("cannot write {}", complete.display()))

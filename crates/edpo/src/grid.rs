@@ -18,7 +18,7 @@
 //! `sweep` decides how).
 
 use crate::config::{apply_set, get_path, read_yaml, resolve_tree, set_path};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use edpo_experiment::RunConfig;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
@@ -148,7 +148,8 @@ pub fn expand(grid_path: &Path, sets: &[String]) -> Result<Sweep> {
         serde_yaml::from_value(tree).map_err(|e| anyhow!("{}: {e}", grid_path.display()))?;
     let dir = grid_path.parent().unwrap_or(Path::new("."));
     let base_path = dir.join(&raw.base);
-    let base = read_yaml(&base_path)?;
+    let base = read_yaml(&base_path)
+        .with_context(|| format!("{}: its `base` config", grid_path.display()))?;
     let name = raw.name.clone().unwrap_or_else(|| {
         grid_path
             .file_stem()

@@ -270,13 +270,13 @@ pub fn render_png(fig: &Figure, path: &Path) -> Result<()> {
             message: e.to_string(),
         })?;
     }
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("figure");
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("figure");
     // The extension tells plotters the image format.
     let tmp = path.with_file_name(format!(".{stem}.tmp-report.png"));
-    let drawn = draw(
-        BitMapBackend::new(&tmp, size(fig)).into_drawing_area(),
-        fig,
-    );
+    let drawn = draw(BitMapBackend::new(&tmp, size(fig)).into_drawing_area(), fig);
     let done = drawn.and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
     done.map_err(|message| {
         let _ = std::fs::remove_file(&tmp);

@@ -1,0 +1,268 @@
+//! A few trials of each fault `tools/reliability.py` measures at length (the README's
+//! Reliability table): two sweeps on one directory, thread and job counts, and corrupted
+//! copies of the committed fixtures fed to the commands that read them. Crashes, damaged
+//! stages and diverging runs are in `engine.rs`; Slurm's kills in `slurm.rs`.
+
+mod common;
+
+use common::{edpo, root, scratch};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const RUN_FILES: [&str; 5] = [
+    "config.yaml",
+    "metrics.jsonl",
+    "eval.json",
+    "per_prompt.jsonl",
+    "decisions.json",
+];
+
+fn sweep_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "sweep".into(),
+        "experiments/smoke.yaml".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "--report-out".into(),
+        out.join("report").display().to_string(),
+    ];
+    a.extend(extra.iter().map(|s| (*s).to_string()));
+    a
+}
+
+/// Every run file of the sweep root `a` equals `b`'s; the number of runs compared.
+fn same_runs(a: &Path, b: &Path) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(a.join("runs")).expect("runs").flatten() {
+        for f in RUN_FILES {
+            let x = entry.path().join(f);
+            let y = b.join("runs").join(entry.file_name()).join(f);
+            assert_eq!(
+                std::fs::read(&x).ok(),
+                std::fs::read(&y).ok(),
+                "{} differs from {}",
+                y.display(),
+                x.display()
+            );
+        }
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn two_sweeps_on_one_directory_never_compute_a_run_twice() {
+    let dir = scratch("reliability", "concurrent");
+    let reference = dir.join("reference");
+    let o = edpo(
+        &sweep_args(&reference, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shared = dir.join("shared");
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_edpo"))
+                .args(sweep_args(&shared, &["--jobs", "1"]))
+                .current_dir(root())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait"))
+        .collect();
+    // Which process computed which run, from each one's table.
+    let mut computed: BTreeMap<String, usize> = BTreeMap::new();
+    for o in &outputs {
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 2 && f[0].parse::<usize>().is_ok() && f[2] == "completed" {
+                *computed.entry(f[1].to_string()).or_default() += 1;
+            }
+        }
+        // A process that found runs held by the other says so by name.
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() || err.contains("which holds it"),
+            "{err}"
+        );
+    }
+    assert!(
+        computed.values().all(|&n| n == 1),
+        "a run was computed twice: {computed:?}"
+    );
+    assert_eq!(computed.len(), 6, "{computed:?}");
+    assert_eq!(
+        same_runs(&reference.join("smoke"), &shared.join("smoke")),
+        6
+    );
+}
+
+#[test]
+fn jobs_and_threads_do_not_change_a_number() {
+    let dir = scratch("reliability", "threads");
+    let wider = [
+        "--set",
+        "model.n_embd=64",
+        "--set",
+        "model.n_layer=2",
+        "--set",
+        "model.n_head=4",
+    ];
+    let mut roots = Vec::new();
+    for (jobs, threads) in [("1", "1"), ("2", "2")] {
+        let out = dir.join(format!("j{jobs}-t{threads}"));
+        let mut extra = vec!["--jobs", jobs, "--threads", threads];
+        extra.extend(wider);
+        let o = edpo(
+            &sweep_args(&out, &extra)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        roots.push(out.join("smoke"));
+    }
+    assert_eq!(same_runs(&roots[0], &roots[1]), 6);
+}
+
+/// Truncations and bit flips of the committed fixtures, each fed to the command that reads
+/// it: never a panic, and a rejection names the file (`tools/reliability.py` runs hundreds).
+#[test]
+fn corrupted_fixtures_never_panic() {
+    let dir = scratch("reliability", "corrupt");
+    let golden = root().join("testdata/golden");
+    let mut seed = 0x5EED_u64;
+    let mut cases = 0;
+    let mut check = |cmd: Vec<String>, name: &str, what: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_edpo"))
+            .args(&cmd)
+            .current_dir(root())
+            .output()
+            .expect("run edpo");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !err.contains("panicked") && o.status.code().is_some_and(|c| c != 101),
+            "{name} {what}: {err}"
+        );
+        if !o.status.success() {
+            assert!(
+                err.contains(name),
+                "{name} {what}: the error does not name it: {err}"
+            );
+        }
+        cases += 1;
+    };
+    let mut mutations = |bytes: &[u8]| -> Vec<(String, Vec<u8>)> {
+        // A fixed pseudo-random byte and bit (SplitMix64 steps).
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let i = (z as usize) % bytes.len().max(1);
+        let mut flipped = bytes.to_vec();
+        if let Some(b) = flipped.get_mut(i) {
+            *b ^= 1 << (z >> 61);
+        }
+        vec![
+            (
+                "truncated to half".into(),
+                bytes[..bytes.len() / 2].to_vec(),
+            ),
+            (format!("byte {i} flipped"), flipped),
+        ]
+    };
+    let pairs = golden.join("pairs.jsonl");
+    for arch in ["gpt2", "llama", "qwen2"] {
+        let src = golden.join(arch).join("policy");
+        for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+            for (what, bytes) in mutations(&std::fs::read(src.join(file)).expect("fixture")) {
+                let model = dir.join("model");
+                let _ = std::fs::remove_dir_all(&model);
+                std::fs::create_dir_all(&model).expect("dir");
+                for e in std::fs::read_dir(&src).expect("fixture dir").flatten() {
+                    std::fs::copy(e.path(), model.join(e.file_name())).expect("copy");
+                }
+                std::fs::write(model.join(file), bytes).expect("write");
+                let cmd: Vec<String> = vec![
+                    "score".to_string(),
+                    "--policy".to_string(),
+                    model.display().to_string(),
+                    "--reference".to_string(),
+                    golden.join(arch).join("reference").display().to_string(),
+                    "--data".to_string(),
+                    pairs.display().to_string(),
+                    "--beta".to_string(),
+                    "0.1".to_string(),
+                    "--epsilon".to_string(),
+                    "0.01".to_string(),
+                ];
+                check(cmd, file, &what);
+            }
+        }
+    }
+    for (what, bytes) in mutations(&std::fs::read(&pairs).expect("pairs")) {
+        let data = dir.join("pairs.jsonl");
+        std::fs::write(&data, bytes).expect("write");
+        let cmd: Vec<String> = vec![
+            "score".to_string(),
+            "--policy".to_string(),
+            golden.join("gpt2/policy").display().to_string(),
+            "--reference".to_string(),
+            golden.join("gpt2/reference").display().to_string(),
+            "--data".to_string(),
+            data.display().to_string(),
+            "--beta".to_string(),
+            "0.1".to_string(),
+            "--epsilon".to_string(),
+            "0.01".to_string(),
+        ];
+        check(cmd, "pairs.jsonl", &what);
+    }
+    for name in ["tiny-llama-f32.gguf", "tiny-llama-q4_0.gguf"] {
+        let src = root().join("testdata/gguf").join(name);
+        for (what, bytes) in mutations(&std::fs::read(&src).expect("gguf")) {
+            let file = dir.join(name);
+            std::fs::write(&file, bytes).expect("write");
+            let cmd: Vec<String> = vec![
+                "convert".to_string(),
+                "--model".to_string(),
+                file.display().to_string(),
+                "--out".to_string(),
+                dir.join("converted").display().to_string(),
+            ];
+            check(cmd, name, &what);
+        }
+    }
+    for name in ["sentiment.yaml", "default.yaml"] {
+        let src = root().join("experiments").join(name);
+        for (what, bytes) in mutations(&std::fs::read(&src).expect("experiment")) {
+            let exp = dir.join("experiments");
+            let _ = std::fs::remove_dir_all(&exp);
+            std::fs::create_dir_all(&exp).expect("dir");
+            for e in std::fs::read_dir(root().join("experiments"))
+                .expect("experiments")
+                .flatten()
+            {
+                std::fs::copy(e.path(), exp.join(e.file_name())).expect("copy");
+            }
+            std::fs::write(exp.join(name), bytes).expect("write");
+            let path = exp.join(name).display().to_string();
+            let cmd = if name == "default.yaml" {
+                vec!["sweep".to_string(), path, "--dry-run".into()]
+            } else {
+                vec!["train".to_string(), path, "--print-config".into()]
+            };
+            check(cmd, name, &what);
+        }
+    }
+    assert_eq!(cases, 28);
+}
