@@ -137,18 +137,29 @@ def phase_of(out: Path, name: str):
 
 def crash(t: Trials, ref: Path, n: int, seed: int):
     rng = random.Random(seed)
-    probe = t.fresh("crash-probe")
-    start = time.time()
-    t.sweep(probe)
-    total = time.time() - start
+    # Even trials start from an empty stage cache (kills land in stage building too), odd
+    # ones from a built cache (kills land in the runs and the report).
+    cache = ref.parent / "cache"
+    totals = []
+    for warm in (False, True):
+        probe = t.fresh("crash-probe")
+        if warm:
+            shutil.copytree(cache, probe / "cache")
+        start = time.time()
+        t.sweep(probe)
+        totals.append(time.time() - start)
     lost = corrupt = identical = 0
     phases = {}
     for i in range(n):
         out = t.fresh(f"crash-{i}")
+        warm = i % 2
+        if warm:
+            shutil.copytree(cache, out / "cache")
         args = [t.edpo, "sweep", SMOKE, "--out", str(out), "--report-out", str(out / "report")]
         p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Stratified over the sweep's duration, so every phase is hit.
-        time.sleep((i + rng.random()) / n * total)
+        k, m = i // 2, (n + 1 - warm) // 2
+        time.sleep((k + rng.random()) / m * totals[warm])
         phase = phase_of(out, "smoke")
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -168,7 +179,7 @@ def crash(t: Trials, ref: Path, n: int, seed: int):
             print(f"    differs after resume {i}: {d}", file=sys.stderr)
     where = ", ".join(f"{k} {v}" for k, v in sorted(phases.items()))
     t.row(
-        f"SIGKILL of the smoke sweep at a random moment ({where}), then resume",
+        f"SIGKILL of the smoke sweep at a random moment, half from an empty stage cache (killed in: {where}), then resume",
         n, lost, corrupt,
         f"{identical}/{n} resumed sweeps byte-identical to an uninterrupted one",
         "`engine::killed_sweep_resumes_where_it_stopped`",
@@ -217,7 +228,7 @@ def disk_full(t: Trials, ref_out: Path):
         "disk full: output on a tmpfs that fills during stage building, mid-run and while writing the report; then grown",
         trials, lost, corrupt,
         f"{named}/{trials} failed naming the path and 'No space left'; {finished}/{trials} finished byte-identical after the space was grown",
-        "script only (mounting a tmpfs needs root)",
+        "`reliability::a_full_disk_fails_by_name_and_the_resume_finishes` (as root)",
     )
 
 

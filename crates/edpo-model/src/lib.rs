@@ -108,7 +108,7 @@ pub enum Error {
         name: String,
     },
     /// A tensor has a shape other than the config implies.
-    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?} by the model's config (config.json, or a GGUF file's metadata)")]
     TensorShape {
         /// The checkpoint file.
         path: PathBuf,

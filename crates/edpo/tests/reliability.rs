@@ -266,3 +266,116 @@ fn corrupted_fixtures_never_panic() {
     }
     assert_eq!(cases, 28);
 }
+
+/// The output root on a tmpfs that fills mid-sweep (root only: it mounts one; skipped with a
+/// message otherwise): the sweep fails naming a path and the cause, nothing left looks
+/// complete when it is not, and once the space is grown a resume finishes with run files
+/// byte-identical to a sweep that never ran out.
+#[test]
+fn a_full_disk_fails_by_name_and_the_resume_finishes() {
+    let uid = Command::new("id").arg("-u").output().expect("id");
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        eprintln!("SKIPPED a_full_disk_fails_by_name_and_the_resume_finishes: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = scratch("reliability", "disk");
+    let reference = dir.join("reference");
+    let o = edpo(
+        &sweep_args(&reference, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let used = |d: &Path| -> u64 {
+        let o = Command::new("du")
+            .args(["-s", "-B1"])
+            .arg(d)
+            .output()
+            .expect("du");
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("du output")
+    };
+    // Room for the stages and half the runs.
+    let size = used(&reference.join("cache")) + used(&reference.join("smoke")) / 2;
+    let mnt = dir.join("full");
+    std::fs::create_dir_all(&mnt).expect("mount point");
+    let mount = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={}k", size / 1024),
+            "tmpfs",
+        ])
+        .arg(&mnt)
+        .output()
+        .expect("mount");
+    if !mount.status.success() {
+        eprintln!(
+            "SKIPPED a_full_disk_fails_by_name_and_the_resume_finishes: mount failed: {}",
+            String::from_utf8_lossy(&mount.stderr)
+        );
+        return;
+    }
+    let _unmount = Unmount(mnt.clone());
+    let args = sweep_args(&mnt, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let full = edpo(&args);
+    let err = String::from_utf8_lossy(&full.stderr).into_owned();
+    {
+        assert!(
+            !full.status.success(),
+            "the sweep did not notice the full disk"
+        );
+        assert!(
+            err.contains("No space left") && err.contains(mnt.to_str().expect("utf-8")),
+            "{err}"
+        );
+        // A run whose status says completed has all its files, and they are right.
+        for e in std::fs::read_dir(mnt.join("smoke/runs"))
+            .expect("runs")
+            .flatten()
+        {
+            let status = std::fs::read_to_string(e.path().join("status.json")).unwrap_or_default();
+            if status.contains("\"completed\"") {
+                for f in RUN_FILES {
+                    assert_eq!(
+                        std::fs::read(e.path().join(f)).ok(),
+                        std::fs::read(reference.join("smoke/runs").join(e.file_name()).join(f))
+                            .ok(),
+                        "{f} of a completed run"
+                    );
+                }
+            }
+        }
+        let grown = Command::new("mount")
+            .args([
+                "-o",
+                &format!("remount,size={}k", 4 * used(&reference) / 1024 + 1024),
+            ])
+            .arg(&mnt)
+            .status()
+            .expect("remount");
+        assert!(grown.success());
+        let resumed = edpo(&args);
+        assert!(
+            resumed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&resumed.stderr)
+        );
+        assert_eq!(same_runs(&reference.join("smoke"), &mnt.join("smoke")), 6);
+    }
+}
+
+/// Unmounts a tmpfs when dropped, whatever the checks did (a failed assertion included).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
