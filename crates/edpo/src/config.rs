@@ -113,8 +113,18 @@ pub fn load(path: &Path, sets: &[String]) -> Result<RunConfig> {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     // Parse straight from text first so YAML syntax and schema errors carry line numbers.
     if sets.is_empty() {
-        let raw: RawConfig =
-            serde_yaml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let raw: RawConfig = serde_yaml::from_str(&text).map_err(|e| {
+            // A task-section error leads with its dotted key (`task.train_pairs: …`) and no
+            // position; point at the key's line.
+            let message = e.to_string();
+            let line = message
+                .split_once(": ")
+                .filter(|(key, _)| key.contains('.') && !key.contains(' '))
+                .and_then(|(key, _)| find_line(&text, key))
+                .map(|l| format!(":{l}"))
+                .unwrap_or_default();
+            anyhow!("{}{line}: {message}", path.display())
+        })?;
         return raw.resolve().map_err(|e| {
             // Semantic errors name their key; point at its line too.
             let line = e

@@ -191,9 +191,10 @@ pub struct ModelShape {
     pub n_head: usize,
 }
 
-/// A task section as written: `kind` and that task's own keys.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+/// A task section as written: `kind` and that task's own keys. Deserialised by hand (not as
+/// an internally tagged enum, whose buffering loses where an error is) so that an error
+/// names its key: `task.train_pairs: invalid value: integer -1, expected usize`.
+#[derive(Debug, Clone)]
 pub enum RawTask {
     /// A Markov-chain language with a per-token gold reward (seconds to train).
     Synthetic(synthetic::RawSynthetic),
@@ -209,6 +210,42 @@ pub enum TaskConfig {
     Synthetic(SyntheticTask),
     /// See [`sentiment`].
     Sentiment(SentimentTask),
+}
+
+impl<'de> Deserialize<'de> for RawTask {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut map = serde_yaml::Mapping::deserialize(d)?;
+        let kind = match map.remove("kind") {
+            Some(serde_yaml::Value::String(k)) => k,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "task.kind: expected a task name, found {other:?}"
+                )))
+            }
+            None => return Err(D::Error::missing_field("kind")),
+        };
+        fn section<T: serde::de::DeserializeOwned, E: serde::de::Error>(
+            map: serde_yaml::Mapping,
+        ) -> std::result::Result<T, E> {
+            serde_path_to_error::deserialize(serde_yaml::Value::Mapping(map)).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." {
+                    E::custom(format!("task: {inner}"))
+                } else {
+                    E::custom(format!("task.{path}: {inner}"))
+                }
+            })
+        }
+        match kind.as_str() {
+            "synthetic" => section(map).map(RawTask::Synthetic),
+            "sentiment" => section(map).map(RawTask::Sentiment),
+            other => Err(D::Error::custom(format!(
+                "task.kind: unknown task `{other}`, expected `synthetic` or `sentiment`"
+            ))),
+        }
+    }
 }
 
 impl RawTask {
