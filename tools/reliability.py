@@ -326,6 +326,35 @@ def diverging(t: Trials):
     )
 
 
+def injected(t: Trials, ref: Path):
+    plan = subprocess.run([t.edpo, "sweep", SMOKE, "--dry-run"], capture_output=True, text=True, check=True).stdout
+    hashes = [l.split()[1] for l in plan.splitlines() if l.split() and l.split()[0].isdigit() and len(l.split()[1]) == 12]
+    alone = trials = 0
+    for i, (target, what) in enumerate([("loss", "loss"), ("gradient", "gradient norm"), ("parameter", "parameter")]):
+        victim = hashes[2 * i]
+        out = t.fresh(f"inject-{target}")
+        env = dict(os.environ, EDPO_FAULT_NONFINITE=f"{target}@2@{victim}")
+        p = t.sweep(out, env=env, check=False)
+        st = statuses(out / "smoke")
+        trials += 1
+        others = [h for h in hashes if h != victim]
+        ok = (
+            p.returncode != 0
+            and "1 of 6 runs failed" in p.stderr
+            and st[victim]["state"] == "failed"
+            and f"non-finite {what} at optimizer step 2" in json.dumps(st[victim]["error"])
+            and all(st[h]["state"] == "completed" for h in others)
+            and not [d for d in differing(ref, out / "smoke") if victim not in d]
+        )
+        alone += ok
+    t.row(
+        "a non-finite loss, gradient norm or parameter injected at step 2 of one run of six",
+        trials, 0, 0,
+        f"{alone}/{trials}: that run alone fails with its step and what went non-finite in status.json; the other five byte-identical; the sweep exits non-zero naming it",
+        "`reliability::an_injected_nonfinite_value_fails_its_run_alone`",
+    )
+
+
 def determinism(t: Trials):
     sets = ["--set", "model.n_embd=128", "--set", "model.n_layer=2", "--set", "model.n_head=4"]
     outs = []
@@ -443,6 +472,7 @@ def main():
             damaged_stage(t, ref)
         if want("nan"):
             diverging(t)
+            injected(t, ref)
         if want("determinism"):
             determinism(t)
         if want("corrupt"):

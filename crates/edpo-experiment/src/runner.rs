@@ -10,7 +10,7 @@ use crate::config::{ReferenceLogps, RunConfig};
 use crate::evaluate::{Evaluation, Evaluator};
 use crate::stages::StageCache;
 use crate::task::TaskData;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use edpo_data::rng::SplitMix64;
 use edpo_data::TokenizedPair;
 use edpo_eval::mean_and_stderr;
@@ -41,6 +41,33 @@ fn fault_step_delay() -> Option<std::time::Duration> {
         .ok()
         .and_then(|v| v.parse().ok())
         .map(std::time::Duration::from_millis)
+}
+
+/// Fault injection for the failure path of a diverging run:
+/// `EDPO_FAULT_NONFINITE=TARGET@STEP[@HASH_PREFIX]` makes the loss (`loss`), the gradient
+/// norm (`gradient`) or the parameters (`parameter`) non-finite at optimizer step STEP, in
+/// every run or only in runs whose config hash starts with HASH_PREFIX. A malformed value is
+/// an error naming the variable.
+fn fault_nonfinite(hash: &str) -> Result<Option<edpo_train::trainer::Fault>> {
+    use edpo_train::trainer::{Fault, FaultTarget};
+    let Ok(spec) = std::env::var("EDPO_FAULT_NONFINITE") else {
+        return Ok(None);
+    };
+    let parts: Vec<&str> = spec.split('@').collect();
+    let target = match parts.first().copied() {
+        Some("loss") => FaultTarget::Loss,
+        Some("gradient") => FaultTarget::Gradient,
+        Some("parameter") => FaultTarget::Parameter,
+        _ => bail!("EDPO_FAULT_NONFINITE=`{spec}`: the target is loss, gradient or parameter"),
+    };
+    let step = parts
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("EDPO_FAULT_NONFINITE=`{spec}`: TARGET@STEP[@HASH_PREFIX]"))?;
+    Ok(match parts.get(2) {
+        Some(prefix) if !hash.starts_with(prefix) => None,
+        _ => Some(Fault { target, step }),
+    })
 }
 
 /// An error if a stop was asked for, naming how far the run got.
@@ -207,7 +234,8 @@ pub fn run(
             max_grad_norm: o.max_grad_norm,
         },
     )?
-    .with_shards(cfg.run.shards)?;
+    .with_shards(cfg.run.shards)?
+    .with_fault(fault_nonfinite(&cfg.hash()?)?);
     let precomputed = match cfg.objective.reference_logps {
         ReferenceLogps::Cached => Some(data.cached_reference_logps(cache)?),
         ReferenceLogps::Online => None,

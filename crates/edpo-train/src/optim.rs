@@ -146,18 +146,20 @@ impl AdamW {
     }
 
     /// One update of every trainable parameter with gradients `grads · grad_scale`
-    /// (`grad_scale` carries the clipping factor).
+    /// (`grad_scale` carries the clipping factor). Returns how many parameter values are
+    /// not finite after it (counted as each parameter is updated, without another pass).
     pub fn step(
         &mut self,
         params: &[Param],
         grads: &GradBuffers,
         lr: f64,
         grad_scale: f64,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         self.t += 1;
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let mut nonfinite = 0;
         for (i, p) in params.iter().enumerate() {
             let Some(var) = &p.var else { continue };
             let op = Update {
@@ -174,6 +176,7 @@ impl AdamW {
                 step_size: (lr / bc1) as f32,
                 bc2_sqrt: bc2.sqrt() as f32,
                 eps: c.eps as f32,
+                nonfinite: std::cell::Cell::new(0),
             };
             if var.device().is_cpu() {
                 var.as_tensor().inplace_op1(&op)?;
@@ -185,8 +188,9 @@ impl AdamW {
                 let updated = candle_core::Tensor::from_vec(theta, shape, var.device())?;
                 var.set(&updated)?;
             }
+            nonfinite += op.nonfinite.get();
         }
-        Ok(())
+        Ok(nonfinite)
     }
 }
 
@@ -201,6 +205,8 @@ struct Update<'a> {
     step_size: f32,
     bc2_sqrt: f32,
     eps: f32,
+    /// Values not finite after the update.
+    nonfinite: std::cell::Cell<usize>,
 }
 
 impl InplaceOp1 for Update<'_> {
@@ -241,6 +247,8 @@ impl Update<'_> {
             let denom = v.sqrt() / self.bc2_sqrt + self.eps;
             *p -= self.step_size * *m / denom;
         }
+        self.nonfinite
+            .set(theta.iter().filter(|x| !x.is_finite()).count());
         Ok(())
     }
 }

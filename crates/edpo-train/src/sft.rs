@@ -44,8 +44,14 @@ impl SftTrainer {
         let norm = self.grads.global_norm();
         ensure_finite(norm, "SFT gradient norm", self.step)?;
         let scale = GradBuffers::clip_factor(norm, self.max_grad_norm);
-        self.optimizer
+        let nonfinite = self
+            .optimizer
             .step(model.params(), &self.grads, lr, scale)?;
+        ensure_finite(
+            if nonfinite > 0 { f64::NAN } else { 0.0 },
+            "SFT parameter",
+            self.step,
+        )?;
         self.step += 1;
         Ok(value)
     }

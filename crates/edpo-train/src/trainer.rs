@@ -65,6 +65,28 @@ pub struct Trainer {
     state: State,
     step: usize,
     shards: usize,
+    fault: Option<Fault>,
+}
+
+/// Where an injected fault makes a step non-finite (tests of the failure path only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultTarget {
+    /// The loss.
+    Loss,
+    /// The gradient norm.
+    Gradient,
+    /// The parameters after the update (a NaN gradient scale).
+    Parameter,
+}
+
+/// A non-finite value injected at one optimizer step, so that the failure path of a real
+/// divergence can be tested at a chosen step (see `edpo_experiment::runner`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// What goes non-finite.
+    pub target: FaultTarget,
+    /// At which optimizer step (0-based).
+    pub step: usize,
 }
 
 impl Trainer {
@@ -87,6 +109,7 @@ impl Trainer {
             state,
             step: 0,
             shards: 1,
+            fault: None,
         })
     }
 
@@ -103,6 +126,20 @@ impl Trainer {
         }
         self.shards = shards;
         Ok(self)
+    }
+
+    /// Injects `fault` (tests of the failure path).
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    fn faulted(&self, target: FaultTarget) -> bool {
+        self.fault
+            == Some(Fault {
+                target,
+                step: self.step,
+            })
     }
 
     /// Checks an objective's parameters without building a trainer (for config validation).
@@ -179,7 +216,12 @@ impl Trainer {
             };
             let (scores, graphs) = sharded_forward(&self.policy, request, pairs, self.shards)?;
             let (out, steps) = self.objective(&scores)?;
-            ensure_finite(out.loss(), "loss", self.step)?;
+            let value = if self.faulted(FaultTarget::Loss) {
+                f64::NAN
+            } else {
+                out.loss()
+            };
+            ensure_finite(value, "loss", self.step)?;
             pair_steps.extend(steps);
             if let Some(b) = out.stat("beta/mean") {
                 batch_beta = b;
@@ -210,12 +252,27 @@ impl Trainer {
                 }
             }
         }
-        let grad_norm = self.grads.global_norm();
+        let grad_norm = if self.faulted(FaultTarget::Gradient) {
+            f64::NAN
+        } else {
+            self.grads.global_norm()
+        };
         ensure_finite(grad_norm, "gradient norm", self.step)?;
         let lr = self.config.schedule.lr(self.step);
-        let scale = GradBuffers::clip_factor(grad_norm, self.config.max_grad_norm);
-        self.optimizer
+        let scale = if self.faulted(FaultTarget::Parameter) {
+            f64::NAN
+        } else {
+            GradBuffers::clip_factor(grad_norm, self.config.max_grad_norm)
+        };
+        let nonfinite = self
+            .optimizer
             .step(self.policy.params(), &self.grads, lr, scale)?;
+        if nonfinite > 0 {
+            return Err(Error::NonFinite {
+                what: "parameter",
+                step: self.step,
+            });
+        }
         match &mut self.state {
             State::Epsilon(state) => {
                 let mean_step = state.update();

@@ -379,3 +379,73 @@ impl Drop for Unmount {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// A non-finite loss, gradient norm or parameter injected at optimizer step 2 of one run of
+/// the smoke grid (`EDPO_FAULT_NONFINITE=TARGET@2@HASH`) fails that run alone, with the step
+/// and what went non-finite in its `status.json`; the other five complete byte-identical to
+/// an undisturbed sweep, and the sweep exits non-zero naming the run.
+#[test]
+fn an_injected_nonfinite_value_fails_its_run_alone() {
+    let dir = scratch("reliability", "nonfinite");
+    let reference = dir.join("reference");
+    let o = edpo(
+        &sweep_args(&reference, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan = edpo(&["sweep", "experiments/smoke.yaml", "--dry-run"]);
+    let hashes: Vec<String> = String::from_utf8_lossy(&plan.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 1 && f[0].parse::<usize>().is_ok() && f[1].len() == 12)
+                .then(|| f[1].to_string())
+        })
+        .collect();
+    assert_eq!(hashes.len(), 6);
+    for (i, (target, what)) in [
+        ("loss", "loss"),
+        ("gradient", "gradient norm"),
+        ("parameter", "parameter"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let victim = &hashes[2 * i];
+        let out = dir.join(target);
+        let o = Command::new(env!("CARGO_BIN_EXE_edpo"))
+            .args(sweep_args(&out, &[]))
+            .current_dir(root())
+            .env("EDPO_FAULT_NONFINITE", format!("{target}@2@{victim}"))
+            .output()
+            .expect("run edpo");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{target}: the sweep must fail");
+        assert!(
+            err.contains("1 of 6 runs failed") && err.contains(victim.as_str()),
+            "{err}"
+        );
+        for h in &hashes {
+            let run = out.join("smoke/runs").join(h);
+            let status = std::fs::read_to_string(run.join("status.json")).expect("status");
+            if h == victim {
+                assert!(
+                    status.contains("\"failed\"")
+                        && status.contains(&format!("non-finite {what} at optimizer step 2")),
+                    "{status}"
+                );
+            } else {
+                assert!(status.contains("\"completed\""), "{status}");
+                for f in RUN_FILES {
+                    assert_eq!(
+                        std::fs::read(run.join(f)).ok(),
+                        std::fs::read(reference.join("smoke/runs").join(h).join(f)).ok(),
+                        "{target}: {f} of run {h}"
+                    );
+                }
+            }
+        }
+    }
+}
