@@ -10,11 +10,13 @@
 //!
 //! - [`chat`]: chat templates rendered as `transformers` renders them (from a checkpoint's
 //!   `tokenizer_config.json`, a GGUF file, or by name: ChatML, Llama 3, SmolLM2).
+//! - [`guard`]: a panic inside a third-party parser (a damaged file) as an error.
 //!
 //! This crate depends on no model code; the model crate consumes token ids only.
 
 pub mod bpe;
 pub mod chat;
+pub mod guard;
 pub mod rng;
 pub mod snippets;
 pub mod synthetic;
@@ -137,10 +139,15 @@ pub struct PairTokenizer {
 impl PairTokenizer {
     /// Loads `tokenizer.json`; `eos_id` is the model's EOS token.
     pub fn from_file(path: &Path, eos_id: u32) -> Result<Self> {
-        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            message: format!("cannot load tokenizer: {e}"),
-        })?;
+        let tokenizer = guard::catch(|| tokenizers::Tokenizer::from_file(path))
+            .map_err(|panic| Error::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!("cannot load tokenizer: the file is damaged ({panic})"),
+            })?
+            .map_err(|e| Error::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!("cannot load tokenizer: {e}"),
+            })?;
         Ok(Self {
             tokenizer,
             eos_id,

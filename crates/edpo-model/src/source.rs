@@ -114,10 +114,15 @@ impl Source {
             path: path.to_path_buf(),
             source,
         })?;
-        let content = Content::read(&mut file).map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            message: format!("not a readable GGUF file: {e}"),
-        })?;
+        let content = edpo_data::guard::catch(|| Content::read(&mut file))
+            .map_err(|panic| Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("not a readable GGUF file: damaged ({panic})"),
+            })?
+            .map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("not a readable GGUF file: {e}"),
+            })?;
         let meta = |key: &str| content.metadata.get(key);
         let text = |key: &str| -> Result<String> {
             meta(key)
@@ -192,10 +197,26 @@ impl Source {
                 path: path.to_path_buf(),
                 message: format!("tensor `{name}`: {e}"),
             };
-            let tensor = content
-                .tensor(&mut file, name, device)
-                .and_then(|q| q.dequantize(device))
-                .map_err(read)?;
+            // A damaged header can give dimensions whose product overflows (candle multiplies
+            // them unchecked); refuse those before reading.
+            let dims = content.tensor_infos[name].shape.dims();
+            let elements = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if elements.is_none_or(|n| n == 0) {
+                return Err(Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{name}`: impossible shape {dims:?}"),
+                });
+            }
+            let tensor = edpo_data::guard::catch(|| {
+                content
+                    .tensor(&mut file, name, device)
+                    .and_then(|q| q.dequantize(device))
+            })
+            .map_err(|panic| Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: damaged ({panic})"),
+            })?
+            .map_err(read)?;
             let tensor = match (permuted, hf.rsplit('.').nth(1)) {
                 (true, Some("q_proj")) => unpermute_rotary(&tensor, heads)?,
                 (true, Some("k_proj")) => unpermute_rotary(&tensor, kv_heads)?,
