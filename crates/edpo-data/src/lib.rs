@@ -11,12 +11,17 @@
 //! - [`chat`]: chat templates rendered as `transformers` renders them (from a checkpoint's
 //!   `tokenizer_config.json`, a GGUF file, or by name: ChatML, Llama 3, SmolLM2).
 //! - [`guard`]: a panic inside a third-party parser (a damaged file) as an error.
+//! - [`preferences`]: preference data in the layouts users have (standard, implicit prompt,
+//!   conversational, HH-RLHF, pre-tokenised), from JSON lines, JSON, Parquet or CSV through
+//!   polars, a local path or `hf:ORG/NAME` in the hub cache, with named bad-row rules.
 //!
 //! This crate depends on no model code; the model crate consumes token ids only.
 
 pub mod bpe;
 pub mod chat;
 pub mod guard;
+pub mod hub;
+pub mod preferences;
 pub mod rng;
 pub mod snippets;
 pub mod synthetic;
@@ -53,6 +58,17 @@ pub enum Error {
         /// What went wrong (the template's own message for `raise_exception`).
         message: String,
     },
+    /// A data file could not be read as a table (JSON lines, JSON, Parquet, CSV).
+    #[error("{path}: {message}")]
+    Table {
+        /// The data file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A data source or a reading option is wrong (the message names which).
+    #[error("{0}")]
+    Source(String),
     /// The tokenizer file could not be loaded or could not encode a text.
     #[error("{path}: {message}")]
     Tokenizer {

@@ -269,18 +269,8 @@ fn gpt2_prefixed(mut ckpt: Checkpoint, dir: &Path) -> Result<Checkpoint> {
     ))
 }
 
-/// The Hugging Face hub cache, as `huggingface_hub` finds it: `HF_HUB_CACHE`, else
-/// `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
-pub fn hub_cache_dir() -> Option<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    var("HF_HUB_CACHE")
-        .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache/huggingface/hub")))
-}
+/// The Hugging Face hub cache (defined once, in `edpo-data`).
+pub use edpo_data::hub::cache_dir as hub_cache_dir;
 
 /// The pre-tokenizers of the byte-level BPE vocabularies llama.cpp names
 /// (`tokenizer.ggml.pre`), as `tokenizer.json` writes them.

@@ -18,6 +18,7 @@ macro_rules! say {
 
 mod bench;
 mod config;
+mod data;
 mod grid;
 mod score;
 mod slurm;
@@ -60,6 +61,9 @@ enum Command {
     /// Expand a grid and run it, skipping completed runs; `OUT/<sweep name>/`. With
     /// `--launcher slurm`, hand it to Slurm as one job array instead.
     Sweep(Box<SweepArgs>),
+    /// Preference data: `edpo data inspect SOURCE` prints what the readers make of it.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Build the report of a sweep: figures, tables, report.md and report.html.
     Report {
         /// The sweep directory (`runs/<sweep name>`).
@@ -219,6 +223,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(args) => score::run(&args),
+        Command::Data(command) => data::run(&command),
         Command::Report { sweep, out } => {
             let out = out.unwrap_or_else(|| report_dir(&sweep));
             let summary = edpo_report::build_report(&sweep, &out)?;

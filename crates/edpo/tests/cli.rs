@@ -339,3 +339,53 @@ fn the_slurm_launcher_without_slurm_and_bad_sweep_directories() {
         refused[0]
     );
 }
+
+/// `edpo data inspect`: the UltraFeedback-shaped sample from a hub cache tree by split, and a
+/// bad row as an error naming file, row and rule unless its rule is skipped.
+#[test]
+fn data_inspect_prints_layout_counts_rules_and_an_example() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_edpo"))
+            .current_dir(root)
+            .env("HF_HUB_CACHE", "testdata/preferences/hub")
+            .args(args)
+            .output()
+            .expect("run edpo")
+    };
+    let o = run(&[
+        "data",
+        "inspect",
+        "hf:HuggingFaceH4/ultrafeedback_binarized",
+        "--split",
+        "train_prefs",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for needle in [
+        "layout:   conversational",
+        "rows:     6 read, 6 kept, 0 skipped",
+        "chosen mean 8.500",
+        "<|im_start|>user\\nWrite a tagline for film number 0.<|im_end|>",
+    ] {
+        assert!(out.contains(needle), "`{needle}` not in\n{out}");
+    }
+    let o = run(&["data", "inspect", "testdata/preferences/bad.jsonl"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("bad.jsonl:2: missing-field"),
+        "{err}"
+    );
+    let o = run(&[
+        "data",
+        "inspect",
+        "testdata/preferences/bad.jsonl",
+        "--skip",
+        "all",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("5 read, 1 kept, 4 skipped") && out.contains("identical-responses 1"),
+        "{out}"
+    );
+}
