@@ -103,6 +103,13 @@ BAD_CONVERSATIONAL = [
 
 MIXED = STANDARD[:2] + [CONVERSATIONAL[0]]
 
+# Prompts whose last characters merge with the response's first under byte-level BPE, for the
+# joint tokenisation's prefix check.
+BOUNDARY = [
+    {"prompt": "It was t", "chosen": "he best", "rejected": "ame"},
+    {"prompt": "a", "chosen": "nd so", "rejected": " bit"},
+]
+
 
 def main():
     shutil.rmtree(ROOT, ignore_errors=True)
@@ -117,6 +124,7 @@ def main():
     jsonl("bad.jsonl", BAD)
     jsonl("bad-conversational.jsonl", BAD_CONVERSATIONAL)
     jsonl("mixed.jsonl", MIXED)
+    jsonl("boundary.jsonl", BOUNDARY)
     # UltraFeedback-binarized as the hub cache stores it (offline reading of `hf:` names).
     repo = ROOT / "hub/datasets--HuggingFaceH4--ultrafeedback_binarized"
     rev = "3949bf5f8c17c394422ccfab0c31ea9c20bdeb85"

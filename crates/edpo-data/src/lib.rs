@@ -14,6 +14,8 @@
 //! - [`preferences`]: preference data in the layouts users have (standard, implicit prompt,
 //!   conversational, HH-RLHF, pre-tokenised), from JSON lines, JSON, Parquet or CSV through
 //!   polars, a local path or `hf:ORG/NAME` in the hub cache, with named bad-row rules.
+//! - [`tokenization`]: a record to ids by the `separate` or `joint` convention, chat template
+//!   applied, truncated to a budget.
 //!
 //! This crate depends on no model code; the model crate consumes token ids only.
 
@@ -25,6 +27,7 @@ pub mod preferences;
 pub mod rng;
 pub mod snippets;
 pub mod synthetic;
+pub mod tokenization;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -197,6 +200,16 @@ impl PairTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot decode: {e}"),
+            })
+    }
+
+    /// Decodes ids back to text with special tokens kept (the EOS string, say).
+    pub fn decode_special(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, false)
             .map_err(|e| Error::Tokenizer {
                 path: self.path.clone(),
                 message: format!("cannot decode: {e}"),
