@@ -5,11 +5,15 @@
 //! - [`kl`]: sequence KL(π‖π_ref) along responses, exact (the full-vocabulary KL at every
 //!   response position, summed) and sampled (`Σ_t log π(y_t) − log π_ref(y_t)`).
 //! - [`stats`]: win rates with ties counted ½, means with standard errors, Wilson intervals.
+//! - [`judges`]: a policy's answers to AlpacaEval 2, Arena-Hard-Auto and MT-Bench questions,
+//!   written in each judge's format.
 //!
-//! Depends on `edpo-model` for forward passes; knows nothing of objectives, files or configs.
+//! Depends on `edpo-model` for forward passes; knows nothing of objectives or configs, and of
+//! files only the judges' question and answer formats.
 //! Gold rewards are passed in as functions, so the same code serves every task.
 
 pub mod gold;
+pub mod judges;
 pub mod kl;
 pub mod sampling;
 pub mod stats;
@@ -30,6 +34,12 @@ pub enum Error {
     /// Inconsistent inputs.
     #[error("invalid evaluation input: {0}")]
     Input(String),
+    /// From reading data, tokenising or rendering a chat template.
+    #[error(transparent)]
+    Data(#[from] edpo_data::Error),
+    /// A value could not be serialised.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 /// The crate's result type.

@@ -251,6 +251,14 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c.vocab_size,
         }
     }
+
+    /// The longest sequence the model takes (`n_positions`, `max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_positions,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
 }
 
 impl From<LlamaConfig> for ModelConfig {

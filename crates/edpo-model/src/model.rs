@@ -524,6 +524,17 @@ impl CausalLm {
                 source,
             })?;
         checkpoint::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+        self.write_tokenizer_files(dir)
+    }
+
+    /// Writes the tokenizer files (`tokenizer.json`, `tokenizer_config.json` with its chat
+    /// template, …) of the model's source to `dir`: those a GGUF file made, or those beside a
+    /// Hugging Face checkpoint.
+    pub fn write_tokenizer_files(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         for (name, text) in &self.made_files {
             checkpoint::write_atomic(&dir.join(name), text.as_bytes())?;
         }

@@ -19,6 +19,7 @@ macro_rules! say {
 mod bench;
 mod config;
 mod data;
+mod generate;
 mod grid;
 mod score;
 mod slurm;
@@ -75,6 +76,9 @@ enum Command {
     /// Score preference pairs: log-probs under policy and reference, DPO and ε-DPO losses,
     /// ε-DPO's per-pair steps and β, and the base β after one optimizer step. Prints JSON.
     Score(score::ScoreArgs),
+    /// A model's answers to a public judge's questions (AlpacaEval 2, Arena-Hard-Auto,
+    /// MT-Bench), written in that judge's format.
+    Generate(generate::GenerateArgs),
     /// Time a fixed DPO / ε-DPO training workload; prints JSON with pairs/s.
     Bench(bench::BenchArgs),
     /// Load a model (a Hugging Face directory, a GGUF file or `hf:ORG/NAME`), merge a LoRA
@@ -224,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(args) => score::run(&args),
         Command::Data(command) => data::run(&command),
+        Command::Generate(args) => with_threads(args.threads, 1, || generate::run(&args))?,
         Command::Report { sweep, out } => {
             let out = out.unwrap_or_else(|| report_dir(&sweep));
             let summary = edpo_report::build_report(&sweep, &out)?;

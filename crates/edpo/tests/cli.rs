@@ -389,3 +389,96 @@ fn data_inspect_prints_layout_counts_rules_and_an_example() {
         "{out}"
     );
 }
+
+/// `edpo generate` for each public judge, from the tiny Llama checkpoint and the question
+/// samples of `testdata/judges/`: every field each judge reads, MT-Bench's two turns, and the
+/// same answers from the same seed.
+#[test]
+fn generate_writes_each_judges_answer_format() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let dir = scratch("generate");
+    let run = |benchmark: &str, questions: &str, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_edpo"))
+            .current_dir(root)
+            .args([
+                "generate",
+                "--model",
+                "testdata/golden/llama/policy",
+                "--template",
+                "chatml",
+            ])
+            .args([
+                "--benchmark",
+                benchmark,
+                "--questions",
+                questions,
+                "--name",
+                "tiny-dpo",
+            ])
+            .args(["--max-new-tokens", "6", "--threads", "1", "--out"])
+            .arg(out)
+            .output()
+            .expect("run edpo");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let lines = |path: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .expect("answers")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    };
+    let alpaca = dir.join("alpaca.json");
+    run("alpaca-eval", "testdata/judges/alpaca_eval.json", &alpaca);
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&alpaca).expect("alpaca")).expect("json");
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[0]["instruction"], "Name a film by Akira Kurosawa.");
+    assert_eq!(list[0]["generator"], "tiny-dpo");
+    assert_eq!(list[0]["dataset"], "helpful_base");
+    assert!(list[0]["output"].is_string());
+
+    run(
+        "arena-hard",
+        "testdata/judges/arena_hard_question.jsonl",
+        &dir.join("arena"),
+    );
+    let arena = lines(&dir.join("arena/model_answer/tiny-dpo.jsonl"));
+    assert_eq!(arena.len(), 2);
+    assert_eq!(arena[0]["uid"], "0a1b2c3d");
+    assert_eq!(arena[0]["model"], "tiny-dpo");
+    assert_eq!(arena[0]["messages"][0]["role"], "user");
+    assert_eq!(
+        arena[0]["messages"][0]["content"],
+        "Explain recursion to a child."
+    );
+    assert!(arena[0]["messages"][1]["content"]["answer"].is_string());
+    assert!(arena[0]["metadata"]["token_len"]
+        .as_u64()
+        .is_some_and(|n| n > 0));
+    assert!(arena[0]["ans_id"].is_string() && arena[0]["tstamp"].is_number());
+
+    for out in ["mt1", "mt2"] {
+        run(
+            "mt-bench",
+            "testdata/judges/mt_bench_question.jsonl",
+            &dir.join(out),
+        );
+    }
+    let (a, b) = (
+        lines(&dir.join("mt1/model_answer/tiny-dpo.jsonl")),
+        lines(&dir.join("mt2/model_answer/tiny-dpo.jsonl")),
+    );
+    assert_eq!(a.len(), 3);
+    assert_eq!(a[1]["question_id"], 111);
+    assert_eq!(a[1]["model_id"], "tiny-dpo");
+    assert_eq!(a[1]["choices"][0]["index"], 0);
+    assert_eq!(
+        a[1]["choices"][0]["turns"].as_array().map(Vec::len),
+        Some(2)
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["choices"], y["choices"], "same seed, same answers");
+        assert_eq!(x["answer_id"], y["answer_id"]);
+    }
+}
