@@ -2,7 +2,9 @@
 
 Two DPO and two ε-DPO settings with two seeds each, plus a failed run, an unfinished run and
 a completed run of the older config version 1, and a manifest (`sweep.json`) that plans one
-more run, not started (pending). ε = 0.05 has the best test win rate but not
+more run, not started (pending), and the public judges' results in `judges/` (AlpacaEval's
+leaderboard CSV, Arena-Hard's score table, MT-Bench judgments) for two runs and one model that
+is no run. ε = 0.05 has the best test win rate but not
 the best validation win rate, so a report that chose on test numbers would pick it.
 
 Every completed run has per-prompt paired numbers (`per_prompt.jsonl`, 64 prompts, at steps 4
@@ -107,6 +109,25 @@ def main() -> None:
     run("f0", eps(0.05), 3, 0.5, 9.0, 0.5, state="running")
     run("g0", dpo(0.1), 2, 0.99, 0.1, 0.99, version=None)
     names = sorted(p.name for p in (ROOT / "runs").iterdir()) + ["h0"]
+    judges = ROOT / "judges"
+    shutil.rmtree(judges, ignore_errors=True)
+    judges.mkdir()
+    (judges / "alpaca_eval_leaderboard.csv").write_text(
+        ",length_controlled_winrate,win_rate,standard_error,n_total,avg_length\n"
+        "dpo-a0,20.5,18.25,1.1,805,1500\n"
+        "epsilon-dpo-c0,22.75,19.5,1.2,805,1480\n"
+        "base-model,10.0,8.0,0.9,805,900\n"
+    )
+    (judges / "arena_hard_leaderboard.csv").write_text(
+        'model,score,CI,avg_tokens\n'
+        'dpo-a0,12.3,"(-1.1, +1.4)",500\n'
+        'epsilon-dpo-c0,13.0,"(-1.0, +1.2)",480\n'
+    )
+    judgments = [("dpo-a0", s) for s in (8, 6, 7, -1)] + [("epsilon-dpo-c0", s) for s in (7, 7, 9)]
+    (judges / "mt_bench_judgment.jsonl").write_text("".join(
+        json.dumps({"question_id": 81 + i, "model": m, "judge": ["gpt-4", "single-v1"], "score": s, "turn": 1})
+        + "\n" for i, (m, s) in enumerate(judgments)
+    ))
     write(ROOT / "sweep.json", {
         "name": "fixture",
         "grid": "grid.yaml",

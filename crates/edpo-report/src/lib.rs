@@ -9,6 +9,8 @@
 //!   fractions over training, and step decisions against label confusion, as SVG and PNG
 //!   (plotters; the font is embedded so PNGs render the same everywhere).
 //! - [`tables`]: Markdown, HTML, LaTeX (`booktabs`) and CSV.
+//! - [`judges`]: AlpacaEval 2, Arena-Hard and MT-Bench results from `SWEEP_DIR/judges/`,
+//!   matched to runs: the paper's main table.
 //! - [`build_report`]: all of it into `report.md`, a self-contained `report.html` (figures
 //!   inline as SVG), `figures/` and `tables/`.
 //!
@@ -18,6 +20,7 @@
 
 pub mod aggregate;
 pub mod figures;
+pub mod judges;
 pub mod paired;
 pub mod runs;
 pub mod tables;
@@ -193,6 +196,26 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
             table: Some(("best_of_n", t)),
             after: Vec::new(),
         });
+    }
+    let judges_dir = sweep_dir.join(judges::JUDGES);
+    if judges_dir.is_dir() {
+        let results = judges::read(&judges_dir)?;
+        if !results.is_empty() {
+            sections.push(tables::Section {
+                heading: "The public judges".into(),
+                paragraphs: vec![format!(
+                    "Read from `{}`: AlpacaEval 2's leaderboard (length-controlled and raw win rates against its reference, \
+                     ± 1.96 standard errors as AlpacaEval reports them, and the average length), Arena-Hard's score with its \
+                     95% interval, and MT-Bench's mean judge score over questions and turns (± 1.96 standard errors over \
+                     judgments; unparsed judgments left out and counted). A model whose name contains a run's hash is that \
+                     run, with its method, setting, seed and final KL; the judges' own noise is what these intervals show, \
+                     not the seed-to-seed variation.",
+                    judges_dir.display()
+                )],
+                table: Some(("judges", judges::table(&results, &loaded))),
+                after: Vec::new(),
+            });
+        }
     }
     sections.push(tables::Section {
         heading: "Each method at its best setting".into(),

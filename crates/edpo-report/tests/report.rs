@@ -32,6 +32,28 @@ fn report_from_the_fixture_sweep() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(summary.skipped.len(), 4, "{skipped}");
     assert!(skipped.contains("e0: failed") && skipped.contains("f0: running"));
     assert!(skipped.contains("h0: pending (run 11)"), "{skipped}");
+
+    // The public judges' results, matched to runs a0 and c0 by name; a model that is no run.
+    let judges = std::fs::read_to_string(out.join("tables/judges.csv"))?;
+    let row = |model: &str| {
+        judges
+            .lines()
+            .find(|l| l.starts_with(model))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        row("dpo-a0"),
+        "dpo-a0,DPO,β=0.1,0,20.50,18.25 ± 2.16,1500,\"12.3 (11.2, 13.7)\",\"7.00 ± 1.13 (n=3, 1 unparsed)\",2.000",
+        "{judges}"
+    );
+    assert!(row("epsilon-dpo-c0").contains(",ε-DPO,"), "{judges}");
+    assert!(
+        row("base-model").starts_with("base-model,–,–,–,10.00,8.00 ± 1.76,900,–,–,–"),
+        "{judges}"
+    );
+    let md = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(md.contains("The public judges"));
     assert!(skipped.contains("g0: config version 1"), "{skipped}");
 
     // DPO β=0.1: win rates 0.60 and 0.70 → mean 0.650, interval t(1)·s/√2 = 12.706·0.0707/1.414 = 0.635.
