@@ -103,25 +103,12 @@ impl Layout {
 
     /// Its name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, l)| *l == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("?")
+        name_of(&Self::ALL, self)
     }
 
     /// The layout called `name`.
     pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, l)| *l)
-            .ok_or_else(|| {
-                Error::Source(format!(
-                    "unknown layout `{name}`; known: {}",
-                    Self::ALL.map(|(n, _)| n).join(", ")
-                ))
-            })
+        by_name(&Self::ALL, name, "layout")
     }
 }
 
@@ -155,26 +142,35 @@ impl Rule {
 
     /// Its name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, r)| *r == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("?")
+        name_of(&Self::ALL, self)
     }
 
     /// The rule called `name`.
     pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, r)| *r)
-            .ok_or_else(|| {
-                Error::Source(format!(
-                    "unknown bad-row rule `{name}`; known: {}",
-                    Self::ALL.map(|(n, _)| n).join(", ")
-                ))
-            })
+        by_name(&Self::ALL, name, "bad-row rule")
     }
+}
+
+/// The name of `value` in a table of named values.
+fn name_of<T: PartialEq>(all: &[(&'static str, T)], value: T) -> &'static str {
+    all.iter()
+        .find(|(_, v)| *v == value)
+        .map(|(n, _)| *n)
+        .unwrap_or("?")
+}
+
+/// The value called `name` in a table of named values; an error listing the names otherwise.
+fn by_name<T: Copy>(all: &[(&'static str, T)], name: &str, what: &str) -> Result<T> {
+    all.iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let known: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+            Error::Source(format!(
+                "unknown {what} `{name}`; known: {}",
+                known.join(", ")
+            ))
+        })
 }
 
 /// What to do with rows a rule catches: an error (the default) or a counted skip.

@@ -5,68 +5,21 @@
 
 mod common;
 
-use common::{edpo, root, scratch};
+use common::{edpo, root, same_run_files, scratch, smoke_args, smoke_sweep, RUN_FILES};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
-
-const RUN_FILES: [&str; 5] = [
-    "config.yaml",
-    "metrics.jsonl",
-    "eval.json",
-    "per_prompt.jsonl",
-    "decisions.json",
-];
-
-fn sweep_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "sweep".into(),
-        "experiments/smoke.yaml".into(),
-        "--out".into(),
-        out.display().to_string(),
-        "--report-out".into(),
-        out.join("report").display().to_string(),
-    ];
-    a.extend(extra.iter().map(|s| (*s).to_string()));
-    a
-}
-
-/// Every run file of the sweep root `a` equals `b`'s; the number of runs compared.
-fn same_runs(a: &Path, b: &Path) -> usize {
-    let mut n = 0;
-    for entry in std::fs::read_dir(a.join("runs")).expect("runs").flatten() {
-        for f in RUN_FILES {
-            let x = entry.path().join(f);
-            let y = b.join("runs").join(entry.file_name()).join(f);
-            assert_eq!(
-                std::fs::read(&x).ok(),
-                std::fs::read(&y).ok(),
-                "{} differs from {}",
-                y.display(),
-                x.display()
-            );
-        }
-        n += 1;
-    }
-    n
-}
 
 #[test]
 fn two_sweeps_on_one_directory_never_compute_a_run_twice() {
     let dir = scratch("reliability", "concurrent");
     let reference = dir.join("reference");
-    let o = edpo(
-        &sweep_args(&reference, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    smoke_sweep(&reference, &[]);
     let shared = dir.join("shared");
     let children: Vec<_> = (0..2)
         .map(|_| {
             Command::new(env!("CARGO_BIN_EXE_edpo"))
-                .args(sweep_args(&shared, &["--jobs", "1"]))
+                .args(smoke_args(&shared, &["--jobs", "1"]))
                 .current_dir(root())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -100,7 +53,7 @@ fn two_sweeps_on_one_directory_never_compute_a_run_twice() {
     );
     assert_eq!(computed.len(), 6, "{computed:?}");
     assert_eq!(
-        same_runs(&reference.join("smoke"), &shared.join("smoke")),
+        same_run_files(&reference.join("smoke"), &shared.join("smoke")),
         6
     );
 }
@@ -122,7 +75,7 @@ fn jobs_and_threads_do_not_change_a_number() {
         let mut extra = vec!["--jobs", jobs, "--threads", threads];
         extra.extend(wider);
         let o = edpo(
-            &sweep_args(&out, &extra)
+            &smoke_args(&out, &extra)
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>(),
@@ -130,7 +83,7 @@ fn jobs_and_threads_do_not_change_a_number() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         roots.push(out.join("smoke"));
     }
-    assert_eq!(same_runs(&roots[0], &roots[1]), 6);
+    assert_eq!(same_run_files(&roots[0], &roots[1]), 6);
 }
 
 /// Truncations and bit flips of the committed fixtures, each fed to the command that reads
@@ -280,13 +233,7 @@ fn a_full_disk_fails_by_name_and_the_resume_finishes() {
     }
     let dir = scratch("reliability", "disk");
     let reference = dir.join("reference");
-    let o = edpo(
-        &sweep_args(&reference, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    smoke_sweep(&reference, &[]);
     let used = |d: &Path| -> u64 {
         let o = Command::new("du")
             .args(["-s", "-B1"])
@@ -322,7 +269,7 @@ fn a_full_disk_fails_by_name_and_the_resume_finishes() {
         return;
     }
     let _unmount = Unmount(mnt.clone());
-    let args = sweep_args(&mnt, &[]);
+    let args = smoke_args(&mnt, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let full = edpo(&args);
     let err = String::from_utf8_lossy(&full.stderr).into_owned();
@@ -367,7 +314,10 @@ fn a_full_disk_fails_by_name_and_the_resume_finishes() {
             "{}",
             String::from_utf8_lossy(&resumed.stderr)
         );
-        assert_eq!(same_runs(&reference.join("smoke"), &mnt.join("smoke")), 6);
+        assert_eq!(
+            same_run_files(&reference.join("smoke"), &mnt.join("smoke")),
+            6
+        );
     }
 }
 
@@ -388,13 +338,7 @@ impl Drop for Unmount {
 fn an_injected_nonfinite_value_fails_its_run_alone() {
     let dir = scratch("reliability", "nonfinite");
     let reference = dir.join("reference");
-    let o = edpo(
-        &sweep_args(&reference, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    smoke_sweep(&reference, &[]);
     let plan = edpo(&["sweep", "experiments/smoke.yaml", "--dry-run"]);
     let hashes: Vec<String> = String::from_utf8_lossy(&plan.stdout)
         .lines()
@@ -416,7 +360,7 @@ fn an_injected_nonfinite_value_fails_its_run_alone() {
         let victim = &hashes[2 * i];
         let out = dir.join(target);
         let o = Command::new(env!("CARGO_BIN_EXE_edpo"))
-            .args(sweep_args(&out, &[]))
+            .args(smoke_args(&out, &[]))
             .current_dir(root())
             .env("EDPO_FAULT_NONFINITE", format!("{target}@2@{victim}"))
             .output()

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{edpo, root, scratch};
+use common::{edpo, root, same_run_files, scratch};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -196,40 +196,6 @@ fn job_ids(sweep: &Path) -> Vec<String> {
         .iter()
         .map(|s| s["job_id"].as_str().expect("a string field").to_string())
         .collect()
-}
-
-const RUN_FILES: [&str; 5] = [
-    "config.yaml",
-    "metrics.jsonl",
-    "eval.json",
-    "per_prompt.jsonl",
-    "decisions.json",
-];
-
-/// Every run file of every run in `a` equals the same file in `b` (or both lack it).
-fn same_run_files(a: &Path, b: &Path) -> usize {
-    let mut compared = 0;
-    for entry in std::fs::read_dir(a.join("runs"))
-        .expect("runs directory")
-        .flatten()
-    {
-        let hash = entry.file_name();
-        for f in RUN_FILES {
-            let (x, y) = (
-                a.join("runs").join(&hash).join(f),
-                b.join("runs").join(&hash).join(f),
-            );
-            assert_eq!(
-                std::fs::read(&x).ok(),
-                std::fs::read(&y).ok(),
-                "{} differs from {}",
-                x.display(),
-                y.display()
-            );
-        }
-        compared += 1;
-    }
-    compared
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The repository root (experiments and datasets are addressed from it).
@@ -26,4 +26,56 @@ pub fn scratch(suite: &str, name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch");
     dir
+}
+
+/// The files of a run directory that hold its numbers.
+pub const RUN_FILES: [&str; 5] = [
+    "config.yaml",
+    "metrics.jsonl",
+    "eval.json",
+    "per_prompt.jsonl",
+    "decisions.json",
+];
+
+/// Asserts that every run file of every run under sweep root `a` equals the same file under
+/// `b` (or both lack it); returns the number of runs compared.
+pub fn same_run_files(a: &Path, b: &Path) -> usize {
+    let mut compared = 0;
+    for entry in std::fs::read_dir(a.join("runs")).expect("runs").flatten() {
+        for f in RUN_FILES {
+            let x = entry.path().join(f);
+            let y = b.join("runs").join(entry.file_name()).join(f);
+            assert_eq!(
+                std::fs::read(&x).ok(),
+                std::fs::read(&y).ok(),
+                "{} differs from {}",
+                y.display(),
+                x.display()
+            );
+        }
+        compared += 1;
+    }
+    compared
+}
+
+/// The arguments of `edpo sweep` on the smoke grid under `out` (its report under
+/// `out/report`), then `extra`.
+pub fn smoke_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "sweep".to_string(),
+        "experiments/smoke.yaml".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "--report-out".into(),
+        out.join("report").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_string()));
+    args
+}
+
+/// Runs the smoke grid under `out`, asserting success.
+pub fn smoke_sweep(out: &Path, extra: &[&str]) {
+    let args = smoke_args(out, extra);
+    let o = edpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
