@@ -14,11 +14,14 @@
 //! - [`evaluate`]: a policy's evaluation against the original reference, paired with it on
 //!   common random numbers;
 //! - [`best_of_n`]: the best-of-n yardstick from the reference (a cached stage);
+//! - [`bandit`]: an exactly solvable bandit, where every objective's distance to the
+//!   KL-regularised optimum and to the optimal frontier is exact;
 //!
 //! The run directory's files are defined once, in `edpo-rundir`, which the report crate reads.
 //! This crate knows no command line and no YAML files (the binary parses them into a
 //! [`config::RawConfig`]); errors are `anyhow` chains with context for a person to read.
 
+pub mod bandit;
 pub mod best_of_n;
 pub mod check;
 pub mod config;

@@ -66,7 +66,7 @@ impl SettingSummary {
     }
 }
 
-/// `t_{0.975, df}`.
+/// `t_{0.975, df}`: the table to 30 degrees of freedom, an expansion beyond.
 pub fn t_quantile(df: usize) -> f64 {
     const T: [f64; 30] = [
         12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -76,7 +76,13 @@ pub fn t_quantile(df: usize) -> f64 {
     match df {
         0 => f64::NAN,
         d if d <= 30 => T[d - 1],
-        _ => 1.96,
+        d => {
+            // Cornish–Fisher expansion around the normal quantile: within 1e-4 of the exact
+            // value from 31 degrees of freedom on (2.0395 at 31, 1.9600 in the limit).
+            let (z, n) = (1.959_964_f64, d as f64);
+            z + (z.powi(3) + z) / (4.0 * n)
+                + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * n * n)
+        }
     }
 }
 
@@ -217,5 +223,20 @@ mod tests {
         assert!(s[1].get("win_rate").expect("one seed").ci.is_nan());
         assert_eq!(s[0].params.get("beta"), Some(&0.1));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod t_tests {
+    #[test]
+    fn t_quantiles_beyond_the_table_follow_the_exact_values() {
+        // Exact t_{0.975}: 31 → 2.0395, 40 → 2.0211, 60 → 2.0003, 120 → 1.9799.
+        for (df, exact) in [(31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)] {
+            assert!(
+                (super::t_quantile(df) - exact).abs() < 2e-4,
+                "{df}: {}",
+                super::t_quantile(df)
+            );
+        }
     }
 }

@@ -16,6 +16,7 @@ macro_rules! say {
     }};
 }
 
+mod bandit;
 mod bench;
 mod config;
 mod data;
@@ -79,6 +80,9 @@ enum Command {
     /// A model's answers to a public judge's questions (AlpacaEval 2, Arena-Hard-Auto,
     /// MT-Bench), written in that judge's format.
     Generate(generate::GenerateArgs),
+    /// DPO, IPO and ε-DPO on an exactly solvable bandit over many seeds: distance to the
+    /// KL-regularised optimum and to the optimal frontier.
+    Bandit(bandit::BanditArgs),
     /// Time a fixed DPO / ε-DPO training workload; prints JSON with pairs/s.
     Bench(bench::BenchArgs),
     /// Load a model (a Hugging Face directory, a GGUF file or `hf:ORG/NAME`), merge a LoRA
@@ -228,6 +232,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(args) => score::run(&args),
         Command::Data(command) => data::run(&command),
+        Command::Bandit(args) => bandit::run(&args),
         Command::Generate(args) => with_threads(args.threads, 1, || generate::run(&args))?,
         Command::Report { sweep, out } => {
             let out = out.unwrap_or_else(|| report_dir(&sweep));

@@ -482,3 +482,23 @@ fn generate_writes_each_judges_answer_format() {
         assert_eq!(x["answer_id"], y["answer_id"]);
     }
 }
+
+/// `edpo bandit` on a small problem: both label kinds, every method, the paired differences.
+#[test]
+fn bandit_prints_methods_and_paired_differences() {
+    let o = Command::new(env!("CARGO_BIN_EXE_edpo"))
+        .args(["bandit", "--seeds", "3", "--prompts", "4", "--steps", "20"])
+        .output()
+        .expect("run edpo");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for needle in [
+        "| Bradley–Terry | DPO β=0.5 |",
+        "| deterministic | IPO β=0.5 |",
+        "| deterministic | ε-DPO β₀=0.5, ε=0.05 |",
+        "ε-DPO − DPO, paired by seed",
+        "3 seeds × 4 prompts",
+    ] {
+        assert!(out.contains(needle), "`{needle}` not in\n{out}");
+    }
+}
