@@ -212,6 +212,17 @@ pub fn frontier_gap(problem: &Problem, k: f64, r: f64) -> f64 {
     reward(&optimum(problem, (0.5 * (lo + hi)).exp()), problem) - r
 }
 
+/// The optimal frontier: mean KL to π_ref and mean reward of the optima `π*_b` for each `b`.
+pub fn frontier_curve(problem: &Problem, bs: &[f64]) -> Vec<(f64, f64)> {
+    let refp = reference_probs(problem);
+    bs.iter()
+        .map(|&b| {
+            let pi = optimum(problem, b);
+            (kl(&pi, &refp), reward(&pi, problem))
+        })
+        .collect()
+}
+
 /// What training reached.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {

@@ -6,9 +6,10 @@
 //! paired differences of ε-DPO to DPO.
 
 use anyhow::Result;
-use edpo_experiment::bandit::{problem, train, BanditConfig, Labels, Outcome};
+use edpo_experiment::bandit::{frontier_curve, problem, train, BanditConfig, Labels, Outcome};
 use edpo_objectives::{Method, Objective};
 use edpo_report::aggregate::t_quantile;
+use edpo_report::figures::{render, render_png, Figure, Panel, Point, Series};
 
 /// Arguments of `edpo bandit`.
 #[derive(clap::Args)]
@@ -41,6 +42,9 @@ pub struct BanditArgs {
     /// `--steps` full-batch steps.
     #[arg(long)]
     one_pass_batch: Option<usize>,
+    /// Also write `report.md` and the figure (`bandit.svg`, `bandit.png`) here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 fn mean_ci(xs: &[f64]) -> (f64, f64) {
@@ -56,6 +60,17 @@ fn mean_ci(xs: &[f64]) -> (f64, f64) {
 /// Runs `edpo bandit`.
 pub fn run(args: &BanditArgs) -> Result<()> {
     let started = std::time::Instant::now();
+    let mut text = String::new();
+    macro_rules! out {
+        ($($arg:tt)*) => {{
+            text.push_str(&format!($($arg)*));
+            text.push('\n');
+        }};
+    }
+    let bs: Vec<f64> = (0..60)
+        .map(|i| 10f64.powf(-2.0 + 4.0 * f64::from(i) / 59.0))
+        .collect();
+    let mut panels = Vec::new();
     let mut methods: Vec<(String, Objective)> = vec![
         (
             format!("DPO β={}", args.beta),
@@ -78,10 +93,10 @@ pub fn run(args: &BanditArgs) -> Result<()> {
             },
         ));
     }
-    say!(
+    out!(
         "| labels | method | KL(π‖π_ref) | reward | KL(π‖π*_β) | gap below the frontier | final β |"
     );
-    say!("|---|---|---|---|---|---|---|");
+    out!("|---|---|---|---|---|---|---|");
     let mut paired = Vec::new();
     for (labels, name) in [
         (Labels::BradleyTerry, "Bradley–Terry"),
@@ -98,19 +113,68 @@ pub fn run(args: &BanditArgs) -> Result<()> {
             ..BanditConfig::default()
         };
         let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); methods.len()];
+        let mut curve = vec![(0.0, 0.0); bs.len()];
         for seed in 0..args.seeds {
             let pb = problem(&cfg, seed)?;
+            for (c, (k, r)) in curve.iter_mut().zip(frontier_curve(&pb, &bs)) {
+                c.0 += k / args.seeds as f64;
+                c.1 += r / args.seeds as f64;
+            }
             for (i, (_, objective)) in methods.iter().enumerate() {
                 outcomes[i].push(train(&pb, objective, &cfg, seed)?);
             }
         }
+        let mut series = vec![Series {
+            label: "optimum π*_b, all b".into(),
+            color: 0,
+            points: curve
+                .iter()
+                .filter(|(k, _)| *k > 1e-4)
+                .map(|&(x, y)| Point {
+                    x,
+                    y,
+                    x_err: f64::NAN,
+                    y_err: f64::NAN,
+                    text: None,
+                })
+                .collect(),
+            line: true,
+        }];
+        for (i, (label, _)) in methods.iter().enumerate() {
+            let (x, x_err) = mean_ci(
+                &outcomes[i]
+                    .iter()
+                    .map(|o| o.kl_reference)
+                    .collect::<Vec<_>>(),
+            );
+            let (y, y_err) = mean_ci(&outcomes[i].iter().map(|o| o.reward).collect::<Vec<_>>());
+            series.push(Series {
+                label: label.clone(),
+                color: i + 1,
+                points: vec![Point {
+                    x,
+                    y,
+                    x_err,
+                    y_err,
+                    text: None,
+                }],
+                line: false,
+            });
+        }
+        panels.push(Panel {
+            x_label: format!("KL(π‖π_ref), {name} labels"),
+            y_label: "expected reward".into(),
+            series,
+            hlines: Vec::new(),
+            log_x: true,
+        });
         let cell = |xs: Vec<f64>| {
             let (m, ci) = mean_ci(&xs);
             format!("{m:.4} ± {ci:.4}")
         };
         for (i, (label, _)) in methods.iter().enumerate() {
             let o = &outcomes[i];
-            say!(
+            out!(
                 "| {name} | {label} | {} | {} | {} | {} | {} |",
                 cell(o.iter().map(|x| x.kl_reference).collect()),
                 cell(o.iter().map(|x| x.reward).collect()),
@@ -138,11 +202,11 @@ pub fn run(args: &BanditArgs) -> Result<()> {
             ));
         }
     }
-    say!("\nε-DPO − DPO, paired by seed (mean ± 95% t-interval over seeds):\n");
-    say!("| labels | method | Δ KL(π‖π*_β) | Δ gap below the frontier | Δ KL(π‖π_ref) |");
-    say!("|---|---|---|---|---|");
+    out!("\nε-DPO − DPO, paired by seed (mean ± 95% t-interval over seeds):\n");
+    out!("| labels | method | Δ KL(π‖π*_β) | Δ gap below the frontier | Δ KL(π‖π_ref) |");
+    out!("|---|---|---|---|---|");
     for (labels, label, a, b, c) in &paired {
-        say!(
+        out!(
             "| {labels} | {label} | {:+.4} ± {:.4} | {:+.4} ± {:.4} | {:+.4} ± {:.4} |",
             a.0,
             a.1,
@@ -159,7 +223,7 @@ pub fn run(args: &BanditArgs) -> Result<()> {
             args.steps
         ),
     };
-    say!(
+    out!(
         "\n{} seeds × {} prompts × {} responses, {} pairs per prompt from π_ref; Adam at lr {}, {regime}; {:.1} s",
         args.seeds,
         args.prompts,
@@ -168,5 +232,24 @@ pub fn run(args: &BanditArgs) -> Result<()> {
         args.lr,
         started.elapsed().as_secs_f64()
     );
+    say!("{}", text.trim_end());
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)?;
+        let fig = render(Figure {
+            name: "bandit".into(),
+            title: "Final policies against the optimal reward-vs-KL frontier (each point and the frontier: means over the seeds' problems; bars: 95% t-intervals over seeds)".into(),
+            panels,
+            svg: String::new(),
+        })?;
+        std::fs::write(dir.join("bandit.svg"), &fig.svg)?;
+        render_png(&fig, &dir.join("bandit.png"))?;
+        let md = format!(
+            "# The exactly solvable bandit\n\nCommand: `edpo bandit {}`\n\n![{}](bandit.svg)\n\n{text}",
+            std::env::args().skip(2).collect::<Vec<_>>().join(" "),
+            fig.title
+        );
+        std::fs::write(dir.join("report.md"), md)?;
+        eprintln!("wrote {}", dir.join("report.md").display());
+    }
     Ok(())
 }

@@ -88,6 +88,11 @@ pub struct Figure {
     pub svg: String,
 }
 
+/// Renders a figure built elsewhere (the bandit's) to SVG, as the report's own figures are.
+pub fn render(fig: Figure) -> Result<Figure> {
+    draw::finish(fig)
+}
+
 /// Every figure the sweep has data for, rendered to SVG.
 pub fn all(
     sweep: &Sweep,
