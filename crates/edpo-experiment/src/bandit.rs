@@ -83,13 +83,6 @@ pub struct Problem {
     pub pairs: Vec<(usize, usize, usize)>,
 }
 
-fn normal(rng: &mut SplitMix64) -> f64 {
-    // Box–Muller.
-    let u1 = rng.uniform().max(1e-300);
-    let u2 = rng.uniform();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-}
-
 fn softmax(z: &[f64]) -> Vec<f64> {
     let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
@@ -103,18 +96,6 @@ fn log_softmax(z: &[f64]) -> Vec<f64> {
     z.iter().map(|x| x - lse).collect()
 }
 
-fn sample(probs: &[f64], rng: &mut SplitMix64) -> usize {
-    let u = rng.uniform();
-    let mut acc = 0.0;
-    for (k, p) in probs.iter().enumerate() {
-        acc += p;
-        if u < acc {
-            return k;
-        }
-    }
-    probs.len() - 1
-}
-
 /// Draws a problem: rewards, π_ref and the labelled pairs, from `seed`.
 pub fn problem(cfg: &BanditConfig, seed: u64) -> Result<Problem> {
     if cfg.responses < 2 || cfg.prompts == 0 || cfg.pairs_per_prompt == 0 {
@@ -123,7 +104,7 @@ pub fn problem(cfg: &BanditConfig, seed: u64) -> Result<Problem> {
     let mut rng = SplitMix64(seed ^ 0xBA_4D17);
     let draw = |rng: &mut SplitMix64, scale: f64| -> Vec<Vec<f64>> {
         (0..cfg.prompts)
-            .map(|_| (0..cfg.responses).map(|_| scale * normal(rng)).collect())
+            .map(|_| (0..cfg.responses).map(|_| scale * rng.normal()).collect())
             .collect()
     };
     let rewards = draw(&mut rng, cfg.reward_scale);
@@ -132,10 +113,10 @@ pub fn problem(cfg: &BanditConfig, seed: u64) -> Result<Problem> {
     for p in 0..cfg.prompts {
         let probs = softmax(&reference[p]);
         for _ in 0..cfg.pairs_per_prompt {
-            let a = sample(&probs, &mut rng);
-            let mut b = sample(&probs, &mut rng);
+            let a = rng.categorical(&probs);
+            let mut b = rng.categorical(&probs);
             while b == a {
-                b = sample(&probs, &mut rng);
+                b = rng.categorical(&probs);
             }
             let (ra, rb) = (rewards[p][a], rewards[p][b]);
             let a_wins = match cfg.labels {
@@ -407,7 +388,7 @@ mod tests {
                 .map(|row| {
                     let z: Vec<f64> = row
                         .iter()
-                        .map(|x| x.ln() + 0.3 * normal(&mut rng))
+                        .map(|x| x.ln() + 0.3 * rng.normal())
                         .collect();
                     softmax(&z)
                 })
@@ -426,7 +407,7 @@ mod tests {
         let theta: Vec<Vec<f64>> = pb
             .reference
             .iter()
-            .map(|z| z.iter().map(|x| x + 0.5 * normal(&mut rng)).collect())
+            .map(|z| z.iter().map(|x| x + 0.5 * rng.normal()).collect())
             .collect();
         for objective in [
             Objective::Dpo { beta: 0.3 },
