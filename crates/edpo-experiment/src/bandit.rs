@@ -386,10 +386,7 @@ mod tests {
             let moved: Vec<Vec<f64>> = star
                 .iter()
                 .map(|row| {
-                    let z: Vec<f64> = row
-                        .iter()
-                        .map(|x| x.ln() + 0.3 * rng.normal())
-                        .collect();
+                    let z: Vec<f64> = row.iter().map(|x| x.ln() + 0.3 * rng.normal()).collect();
                     softmax(&z)
                 })
                 .collect();
