@@ -24,6 +24,9 @@ pub const LOCK: &str = ".lock";
 pub const HEARTBEAT: Duration = Duration::from_secs(30);
 /// A lock not refreshed for this long is stale whoever holds it.
 pub const STALE_AFTER: Duration = Duration::from_secs(300);
+/// A lock file without a readable owner this old was left by a process that died between
+/// creating and filling it.
+pub const UNREADABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Who holds a run lock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,7 +119,8 @@ fn io_error<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Er
 impl RunLock {
     /// Takes the lock of run directory `dir` (created if absent) for `owner`. A lock held by
     /// another owner is broken if `is_stale(owner, seconds since its heartbeat)` says its
-    /// holder is gone (an unreadable lock, one being written, is stale after a minute).
+    /// holder is gone. An unreadable lock (being written: that takes milliseconds) is waited
+    /// for, and broken once it is [`UNREADABLE_AFTER`] old.
     pub fn acquire(
         dir: &Path,
         owner: &LockOwner,
@@ -125,19 +129,23 @@ impl RunLock {
         std::fs::create_dir_all(dir).map_err(io_error(dir, "create"))?;
         let path = dir.join(LOCK);
         let text = serde_json::to_string(owner)?;
-        for _ in 0..100 {
+        for _ in 0..300 {
             match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&path)
             {
                 Ok(mut file) => {
-                    file.write_all(text.as_bytes())
+                    if let Err(source) = file
+                        .write_all(text.as_bytes())
                         .and_then(|()| file.sync_all())
-                        .map_err(|source| Error::Write {
-                            path: path.clone(),
-                            source,
-                        })?;
+                    {
+                        // A lock this process created but could not fill (a full disk) would
+                        // read as unowned to everyone else; it goes.
+                        drop(file);
+                        let _ = std::fs::remove_file(&path);
+                        return Err(Error::Write { path, source });
+                    }
                     return Ok(Acquired::Held(Self::held(path, owner.token.clone())));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -148,13 +156,13 @@ impl RunLock {
             };
             let stale = match &found.owner {
                 Some(o) => o.token != owner.token && is_stale(o, found.age_s),
-                None => found.age_s > 60.0,
+                None => found.age_s > UNREADABLE_AFTER.as_secs_f64(),
             };
             if !stale {
                 match found.owner {
                     Some(o) => return Ok(Acquired::Busy(o)),
                     None => {
-                        std::thread::sleep(Duration::from_millis(50));
+                        std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
                 }
@@ -163,7 +171,9 @@ impl RunLock {
         }
         Err(Error::Malformed {
             path,
-            message: "the lock changed hands 100 times while it was being taken".into(),
+            message: "the lock stayed unreadable or changed hands 300 times while it was being \
+                      taken"
+                .into(),
         })
     }
 
@@ -212,8 +222,8 @@ fn break_stale(path: &Path, judged: Option<&LockOwner>) -> Result<()> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             // Another process is breaking it; a breaker that died leaves its file, which
-            // expires after a minute.
-            if read_found(&breaking).is_some_and(|f| f.age_s > 60.0) {
+            // expires.
+            if read_found(&breaking).is_some_and(|f| f.age_s > UNREADABLE_AFTER.as_secs_f64()) {
                 let _ = std::fs::remove_file(&breaking);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -299,6 +309,34 @@ mod tests {
         );
         assert_eq!(read_lock(&dir).unwrap().owner, Some(owner(8)));
         assert!(!dir.join(".lock.breaking").exists());
+    }
+
+    #[test]
+    fn an_old_empty_lock_is_broken_and_a_young_one_waited_for() {
+        let dir = scratch("empty");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = std::fs::File::create(dir.join(LOCK)).unwrap();
+        file.set_modified(SystemTime::now() - UNREADABLE_AFTER - Duration::from_secs(1))
+            .unwrap();
+        drop(file);
+        assert!(matches!(
+            RunLock::acquire(&dir, &owner(3), |_, _| false).unwrap(),
+            Acquired::Held(_)
+        ));
+        // A young empty lock filled a moment later by its writer is then that writer's.
+        let dir = scratch("filling");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::File::create(dir.join(LOCK)).unwrap();
+        let path = dir.join(LOCK);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::write(path, serde_json::to_string(&owner(4)).unwrap()).unwrap();
+        });
+        match RunLock::acquire(&dir, &owner(5), |_, _| false).unwrap() {
+            Acquired::Busy(o) => assert_eq!(o.pid, 4),
+            Acquired::Held(_) => panic!("a lock being written was taken"),
+        }
+        writer.join().unwrap();
     }
 
     #[test]

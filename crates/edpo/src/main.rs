@@ -22,6 +22,7 @@ mod config;
 mod data;
 mod generate;
 mod grid;
+mod holders;
 mod score;
 mod slurm;
 mod status;
@@ -378,8 +379,8 @@ fn sweep_task(root: &std::path::Path, index: usize, threads: usize) -> Result<()
         "run {index} ({}) in {} on {}{}: {}",
         entry.hash,
         dir.display(),
-        sweep::host_name(),
-        slurm::this_task()
+        holders::host_name(),
+        holders::this_task()
             .map(|t| format!(", Slurm task {t}"))
             .unwrap_or_default(),
         entry.overrides

@@ -16,6 +16,7 @@
 //! ([`task_states`]).
 
 use crate::grid::Sweep;
+use crate::holders::{command_path, lock_is_stale, state_active};
 use crate::sweep::{absolute, build_stages, prepare};
 use anyhow::{anyhow, bail, Context, Result};
 use edpo_experiment::runner::{is_complete, SharedTasks};
@@ -110,45 +111,6 @@ impl TaskState {
     }
 }
 
-/// Whether a Slurm job state is one of a job not yet ended.
-pub fn state_active(state: &str) -> bool {
-    matches!(
-        state,
-        "PENDING"
-            | "RUNNING"
-            | "CONFIGURING"
-            | "COMPLETING"
-            | "SUSPENDED"
-            | "REQUEUED"
-            | "REQUEUE_FED"
-            | "REQUEUE_HOLD"
-            | "RESIZING"
-            | "SIGNALING"
-            | "STAGE_OUT"
-            | "RESV_DEL_HOLD"
-            | "SPECIAL_EXIT"
-            | "STOPPED"
-    )
-}
-
-/// The path of Slurm command `name` if it is installed (on `PATH`).
-pub fn command_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The Slurm job of this process when it runs as a Slurm task: `ARRAYJOB_TASK` for an array
-/// task, the job id otherwise.
-pub fn this_task() -> Option<String> {
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
-        (Some(job), Some(task)) => Some(format!("{job}_{task}")),
-        _ => var("SLURM_JOB_ID"),
-    }
-}
-
 /// Runs a Slurm command; its standard output, or an error with its standard error.
 fn slurm(name: &str, args: &[String]) -> Result<String> {
     let out = Command::new(name)
@@ -164,23 +126,6 @@ fn slurm(name: &str, args: &[String]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Whether Slurm job `job` (`JOBID` or `JOBID_TASK`) is still queued or running: `None` when
-/// Slurm cannot be asked (no `squeue`, or it failed for another reason than an unknown job).
-pub fn job_active(job: &str) -> Option<bool> {
-    command_path("squeue")?;
-    let out = Command::new("squeue")
-        .args(["-h", "-t", "all", "-o", "%T", "-j", job])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        // A job the controller has forgotten has ended.
-        return err.contains("Invalid job id").then_some(false);
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    Some(text.split_whitespace().any(state_active))
 }
 
 /// Indices as a Slurm array spec: `0-3,7,9-12`.
@@ -464,7 +409,7 @@ pub fn launch(sweep: &Sweep, out: &Path, args: &SlurmArgs, dry_run: bool) -> Res
             active.push(format!("run {} ({}, {})", r.index, s.job, s.state));
         } else if let Some(owner) = read_lock(&dir)
             .and_then(|f| f.owner.map(|o| (o, f.age_s)))
-            .filter(|(o, age)| !crate::sweep::lock_is_stale(o, *age))
+            .filter(|(o, age)| !lock_is_stale(o, *age))
         {
             active.push(format!("run {} (held by {})", r.index, owner.0.describe()));
         } else {

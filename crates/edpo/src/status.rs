@@ -9,8 +9,8 @@
 //! node failure, `kill -9`), is `failed`, with why; anything else is `pending`. A `failed` or
 //! `pending` run is what the next launch runs.
 
+use crate::holders::lock_is_stale;
 use crate::slurm::{task_states, TaskState};
-use crate::sweep::lock_is_stale;
 use anyhow::Result;
 use edpo_rundir::sweep::run_dir;
 use edpo_rundir::{read_lock, read_status, RunState, SweepManifest};

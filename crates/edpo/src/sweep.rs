@@ -12,12 +12,13 @@
 
 use crate::config::{read_yaml, resolve_tree};
 use crate::grid::{describe, Sweep};
+use crate::holders::{lock_is_stale, this_owner};
 use anyhow::{anyhow, bail, Context, Result};
 use edpo_experiment::config::ReferenceLogps;
 use edpo_experiment::runner::{run_one, Outcome, SharedTasks};
 use edpo_experiment::RunConfig;
 use edpo_rundir::sweep::{plan_path, run_dir, PLAN, RUNS};
-use edpo_rundir::{write_atomic, Acquired, LockOwner, PlannedEntry, RunLock, SweepManifest};
+use edpo_rundir::{write_atomic, Acquired, PlannedEntry, RunLock, SweepManifest};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -76,47 +77,6 @@ pub fn build_stages<'a>(
         }
     }
     Ok(())
-}
-
-/// This machine's host name (as `hostname -s` prints it, which is what Slurm calls a node).
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().split('.').next().unwrap_or_default().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into())
-}
-
-/// Whether process `pid` of this host is alive (a zombie is not).
-fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the field after the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
-/// Whether a run lock's holder is gone: no heartbeat for [`edpo_rundir::lock::STALE_AFTER`];
-/// its Slurm job is no longer active; or it ran on this host and its process has exited.
-pub fn lock_is_stale(owner: &LockOwner, age_s: f64) -> bool {
-    if age_s > edpo_rundir::lock::STALE_AFTER.as_secs_f64() {
-        return true;
-    }
-    if let Some(job) = &owner.slurm_job {
-        if crate::slurm::job_active(job) == Some(false) {
-            return true;
-        }
-    }
-    owner.host == host_name() && !process_alive(owner.pid)
-}
-
-/// This process as a lock owner (with its Slurm job when it is a Slurm task).
-pub fn this_owner() -> LockOwner {
-    LockOwner::this_process(&host_name(), crate::slurm::this_task())
 }
 
 /// Runs `config` in `dir` under the run's lock: a run held by a live process is left to it.
