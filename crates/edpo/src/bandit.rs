@@ -1,9 +1,9 @@
-//! `edpo bandit`: DPO, IPO and ε-DPO on the exactly solvable bandit
+//! `edpo bandit`: DPO, IPO, cDPO, rDPO and ε-DPO on the exactly solvable bandit
 //! ([`edpo_experiment::bandit`]), over many seeds in seconds. Every method trains on the same
 //! problems and datasets seed by seed (a paired design); it prints, per label kind and
 //! method, the mean and a 95% Student-t interval over seeds of the final policy's KL to π_ref,
 //! its reward, its KL to the optimum π*_β and its gap below the optimal frontier, and the
-//! paired differences of ε-DPO to DPO.
+//! paired differences of every method to DPO.
 
 use anyhow::Result;
 use edpo_experiment::bandit::{frontier_curve, problem, train, BanditConfig, Labels, Outcome};
@@ -20,6 +20,9 @@ pub struct BanditArgs {
     /// β of DPO, IPO and ε-DPO's initial β.
     #[arg(long, default_value_t = 0.5)]
     beta: f64,
+    /// cDPO's and rDPO's label smoothing ℓ (the assumed share of flipped labels).
+    #[arg(long, default_value_t = 0.1)]
+    label_smoothing: f64,
     /// ε-DPO's ε (repeatable).
     #[arg(long = "epsilon", default_values_t = [0.01, 0.05])]
     epsilons: Vec<f64>,
@@ -81,6 +84,20 @@ pub fn run(args: &BanditArgs) -> Result<()> {
             Objective::Method(Method::Ipo {
                 beta: args.beta,
                 average: false,
+            }),
+        ),
+        (
+            format!("cDPO β={}, ℓ={}", args.beta, args.label_smoothing),
+            Objective::Method(Method::Cdpo {
+                beta: args.beta,
+                label_smoothing: args.label_smoothing,
+            }),
+        ),
+        (
+            format!("rDPO β={}, ℓ={}", args.beta, args.label_smoothing),
+            Objective::Method(Method::Rdpo {
+                beta: args.beta,
+                label_smoothing: args.label_smoothing,
             }),
         ),
     ];
@@ -183,7 +200,7 @@ pub fn run(args: &BanditArgs) -> Result<()> {
                 cell(o.iter().map(|x| x.final_beta).collect()),
             );
         }
-        for (i, (label, _)) in methods.iter().enumerate().skip(2) {
+        for (i, (label, _)) in methods.iter().enumerate().skip(1) {
             let diff = |f: &dyn Fn(&Outcome) -> f64| -> (f64, f64) {
                 mean_ci(
                     &outcomes[i]
@@ -202,7 +219,7 @@ pub fn run(args: &BanditArgs) -> Result<()> {
             ));
         }
     }
-    out!("\nε-DPO − DPO, paired by seed (mean ± 95% t-interval over seeds):\n");
+    out!("\nEach method − DPO, paired by seed (mean ± 95% t-interval over seeds):\n");
     out!("| labels | method | Δ KL(π‖π*_β) | Δ gap below the frontier | Δ KL(π‖π_ref) |");
     out!("|---|---|---|---|---|");
     for (labels, label, a, b, c) in &paired {

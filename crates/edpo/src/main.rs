@@ -81,7 +81,7 @@ enum Command {
     /// A model's answers to a public judge's questions (AlpacaEval 2, Arena-Hard-Auto,
     /// MT-Bench), written in that judge's format.
     Generate(generate::GenerateArgs),
-    /// DPO, IPO and ε-DPO on an exactly solvable bandit over many seeds: distance to the
+    /// DPO, IPO, cDPO, rDPO and ε-DPO on an exactly solvable bandit over many seeds: distance to the
     /// KL-regularised optimum and to the optimal frontier.
     Bandit(bandit::BanditArgs),
     /// Time a fixed DPO / ε-DPO training workload; prints JSON with pairs/s.

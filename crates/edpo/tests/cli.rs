@@ -496,7 +496,8 @@ fn bandit_prints_methods_and_paired_differences() {
         "| Bradley–Terry | DPO β=0.5 |",
         "| deterministic | IPO β=0.5 |",
         "| deterministic | ε-DPO β₀=0.5, ε=0.05 |",
-        "ε-DPO − DPO, paired by seed",
+        "Each method − DPO, paired by seed",
+        "| deterministic | rDPO β=0.5, ℓ=0.1 |",
         "3 seeds × 4 prompts",
     ] {
         assert!(out.contains(needle), "`{needle}` not in\n{out}");
