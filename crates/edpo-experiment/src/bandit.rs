@@ -278,9 +278,10 @@ fn loss_and_gradient(
         }
         _ => bail!("the bandit runs DPO, ε-DPO and the stateless baselines"),
     };
+    let probs: Vec<Vec<f64>> = theta.iter().map(|z| softmax(z)).collect();
     let mut grad: Vec<Vec<f64>> = theta.iter().map(|z| vec![0.0; z.len()]).collect();
     for (i, &(p, w, l)) in pairs.iter().enumerate() {
-        let pi = softmax(&theta[p]);
+        let pi = &probs[p];
         for (k, g) in grad[p].iter_mut().enumerate() {
             let (dw, dl) = (
                 f64::from(u8::from(k == w)) - pi[k],

@@ -234,6 +234,7 @@ impl Update<'_> {
             candle_core::bail!("AdamW: parameter, gradient and moments differ in size");
         }
         let (b1, b2) = (self.beta1, self.beta2);
+        let mut nonfinite = 0usize;
         for (((p, &g), m), v) in theta
             .iter_mut()
             .zip(self.grad)
@@ -246,9 +247,9 @@ impl Update<'_> {
             *v = *v * b2 + g * g * (1.0 - b2);
             let denom = v.sqrt() / self.bc2_sqrt + self.eps;
             *p -= self.step_size * *m / denom;
+            nonfinite += usize::from(!p.is_finite());
         }
-        self.nonfinite
-            .set(theta.iter().filter(|x| !x.is_finite()).count());
+        self.nonfinite.set(nonfinite);
         Ok(())
     }
 }

@@ -307,8 +307,10 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         }) => return sweep_task(&sweep, index, threads),
         Some(SweepAction::Stages { sweep, threads }) => {
             let manifest = edpo_rundir::SweepManifest::read(&sweep)?;
-            let configs = (0..manifest.runs.len())
-                .map(|i| sweep::planned_config(&sweep, manifest.runs[i].index).map(|p| p.2))
+            let configs = manifest
+                .runs
+                .iter()
+                .map(|r| sweep::planned_config(&sweep, &manifest, r.index).map(|p| p.1))
                 .collect::<Result<Vec<_>>>()?;
             let shared = SharedTasks::new(&manifest.cache);
             with_threads(threads, 1, || sweep::build_stages(&shared, &configs))??;
@@ -371,7 +373,8 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
 /// One grid point of a planned sweep directory, run under its lock: a Slurm array task. Fails
 /// unless the run is completed.
 fn sweep_task(root: &std::path::Path, index: usize, threads: usize) -> Result<()> {
-    let (manifest, entry, cfg) = sweep::planned_config(root, index)?;
+    let manifest = edpo_rundir::SweepManifest::read(root)?;
+    let (entry, cfg) = sweep::planned_config(root, &manifest, index)?;
     let dir = edpo_rundir::sweep::run_dir(root, &entry.hash);
     let shared = SharedTasks::new(&manifest.cache);
     let bar = indicatif::ProgressBar::hidden();

@@ -17,7 +17,7 @@
 
 use crate::grid::Sweep;
 use crate::holders::{command_path, lock_is_stale, state_active};
-use crate::sweep::{absolute, build_stages, prepare};
+use crate::sweep::{build_stages, prepare};
 use anyhow::{anyhow, bail, Context, Result};
 use edpo_experiment::runner::{is_complete, SharedTasks};
 use edpo_rundir::sweep::{run_dir, SLURM};
@@ -385,11 +385,11 @@ fn job_id(out: &str) -> Result<String> {
 
 /// Hands the sweep to Slurm (see the module documentation); prints what it submitted.
 pub fn launch(sweep: &Sweep, out: &Path, args: &SlurmArgs, dry_run: bool) -> Result<()> {
-    let root = absolute(&out.join(&sweep.name))?;
+    let root = std::path::absolute(out.join(&sweep.name))?;
     let exe = std::env::current_exe().context("cannot find the edpo executable")?;
     let cwd = std::env::current_dir()?;
     let log_dir = match &args.log_dir {
-        Some(d) => absolute(d)?,
+        Some(d) => std::path::absolute(d)?,
         None => root.join(SLURM),
     };
     // What is still to run: neither completed, nor queued or running under Slurm, nor held by
@@ -444,7 +444,7 @@ pub fn launch(sweep: &Sweep, out: &Path, args: &SlurmArgs, dry_run: bool) -> Res
              cluster's login node, or use `--launcher local` (the default)"
         );
     }
-    let root = prepare(sweep, out).map(|r| absolute(&r))??;
+    let root = std::path::absolute(prepare(sweep, out)?)?;
     std::fs::create_dir_all(root.join(SLURM))?;
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("cannot create {}", log_dir.display()))?;

@@ -39,7 +39,7 @@ pub fn prepare(sweep: &Sweep, out: &Path) -> Result<PathBuf> {
     let manifest = SweepManifest {
         name: sweep.name.clone(),
         grid: sweep.grid_path.clone(),
-        cache: absolute(&out.join("cache"))?,
+        cache: std::path::absolute(out.join("cache"))?,
         runs: sweep
             .runs
             .iter()
@@ -52,15 +52,6 @@ pub fn prepare(sweep: &Sweep, out: &Path) -> Result<PathBuf> {
     };
     manifest.write(&root)?;
     Ok(root)
-}
-
-/// `path` made absolute against the working directory (it need not exist).
-pub fn absolute(path: &Path) -> Result<PathBuf> {
-    Ok(if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()?.join(path)
-    })
 }
 
 /// Builds every shared stage the configs read, before any run starts and outside any run
@@ -97,13 +88,13 @@ pub fn run_locked(
     run_one(config, dir, &data, shared.cache(), progress)
 }
 
-/// The planned config of grid point `index` of the sweep in `root`, resolved again and
-/// checked against its planned hash.
+/// The planned config of grid point `index` of the sweep in `root` (whose manifest is
+/// `manifest`), resolved again and checked against its planned hash.
 pub fn planned_config(
     root: &Path,
+    manifest: &SweepManifest,
     index: usize,
-) -> Result<(SweepManifest, PlannedEntry, RunConfig)> {
-    let manifest = SweepManifest::read(root)?;
+) -> Result<(PlannedEntry, RunConfig)> {
     let entry = manifest.run(index).cloned().ok_or_else(|| {
         anyhow!(
             "{}: the sweep has no run {index} (it plans runs 0 to {})",
@@ -124,7 +115,7 @@ pub fn planned_config(
             manifest.grid.display()
         );
     }
-    Ok((manifest, entry, config))
+    Ok((entry, config))
 }
 
 /// Runs a whole sweep under `out/<name>/` on this machine. Returns the outcomes in run order.
