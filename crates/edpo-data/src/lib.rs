@@ -174,6 +174,11 @@ impl PairTokenizer {
         })
     }
 
+    /// The vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     /// The EOS id appended to responses.
     pub fn eos_id(&self) -> u32 {
         self.eos_id

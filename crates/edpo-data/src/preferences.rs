@@ -72,7 +72,9 @@ pub struct PreferenceRecord {
     pub score_rejected: Option<f64>,
     /// The row's id (`prompt_id` or `id`), when the data has one.
     pub id: Option<String>,
-    /// 1-based row in the source file.
+    /// The file the record came from.
+    pub file: PathBuf,
+    /// 1-based row in that file.
     pub row: usize,
 }
 
@@ -225,7 +227,10 @@ pub fn read_preferences(source: &str, options: &ReadOptions) -> Result<Preferenc
     let mut skipped = BTreeMap::new();
     for (file, row, map) in &rows {
         match record(layout, map, *row) {
-            Ok(r) => records.push(r),
+            Ok(mut r) => {
+                r.file = file.clone();
+                records.push(r)
+            }
             Err((rule, message)) => {
                 if options.bad_rows.skip.contains(&rule) {
                     *skipped.entry(rule).or_insert(0) += 1;
@@ -258,6 +263,12 @@ fn is_data_file(p: &Path) -> bool {
     p.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| DATA_EXTENSIONS.contains(&e))
+}
+
+/// The data files `source` names (see [`read_preferences`]), without reading them: what a
+/// cache key of the data is made from.
+pub fn source_files(source: &str, split: Option<&str>) -> Result<Vec<PathBuf>> {
+    resolve(source, split)
 }
 
 /// The files of `source` (see [`read_preferences`]).
@@ -806,6 +817,7 @@ fn record(layout: Layout, row: &Map<String, Value>, index: usize) -> RowResult<P
         score_chosen: score(row, "score_chosen"),
         score_rejected: score(row, "score_rejected"),
         id,
+        file: PathBuf::new(),
         row: index,
     })
 }

@@ -119,7 +119,7 @@ pub fn tokenize(
     convention: Convention,
     budget: Budget,
 ) -> Result<Tokenized> {
-    let (mut prompt, mut chosen, mut rejected, mismatch) =
+    let (prompt, chosen, rejected, mismatch) =
         match (&record.prompt, &record.chosen, &record.rejected) {
             (Turns::Tokens(p), Turns::Tokens(c), Turns::Tokens(r)) => {
                 (p.clone(), c.clone(), r.clone(), false)
@@ -155,31 +155,189 @@ pub fn tokenize(
                 }
             }
         };
+    let mut pair = TokenizedPair {
+        prompt,
+        chosen,
+        rejected,
+    };
+    let (prompt_truncated, response_truncated) = truncate(&mut pair, budget);
+    Ok(Tokenized {
+        pair,
+        prompt_truncated,
+        response_truncated,
+        prefix_mismatch: mismatch,
+    })
+}
+
+/// Truncates to `budget`: the prompt keeps its last ids, then each response its first ids.
+/// Returns whether the prompt and whether a response lost ids.
+fn truncate(pair: &mut TokenizedPair, budget: Budget) -> (bool, bool) {
     let mut prompt_truncated = false;
     if let Some(m) = budget.max_prompt_length {
-        if prompt.len() > m {
-            prompt.drain(..prompt.len() - m);
+        if pair.prompt.len() > m {
+            pair.prompt.drain(..pair.prompt.len() - m);
             prompt_truncated = true;
         }
     }
     let mut response_truncated = false;
     if let Some(m) = budget.max_length {
-        let room = m.saturating_sub(prompt.len());
-        for side in [&mut chosen, &mut rejected] {
+        let room = m.saturating_sub(pair.prompt.len());
+        for side in [&mut pair.chosen, &mut pair.rejected] {
             if side.len() > room {
                 side.truncate(room);
                 response_truncated = true;
             }
         }
     }
-    Ok(Tokenized {
-        pair: TokenizedPair {
-            prompt,
-            chosen,
-            rejected,
-        },
-        prompt_truncated,
-        response_truncated,
-        prefix_mismatch: mismatch,
-    })
+    (prompt_truncated, response_truncated)
+}
+
+/// What to do with a record whose prompt is over budget: longer than `max_prompt_length`, or
+/// leaving no room for one response token within `max_length`. The rule is named
+/// `prompt-over-budget` wherever it is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverBudget {
+    /// An error naming the file and row (the default: nothing is cut unless asked).
+    Error,
+    /// The record is skipped and counted.
+    Skip,
+    /// The prompt keeps its last ids within the budget, and is counted.
+    Truncate,
+}
+
+impl OverBudget {
+    /// Every outcome, by name.
+    pub const ALL: [(&'static str, OverBudget); 3] = [
+        ("error", OverBudget::Error),
+        ("skip", OverBudget::Skip),
+        ("truncate", OverBudget::Truncate),
+    ];
+
+    /// The outcome called `name`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                Error::Source(format!(
+                    "unknown outcome `{name}` for prompt-over-budget; known: error, skip, truncate"
+                ))
+            })
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, v)| *v == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+}
+
+/// What tokenising a set of records did, rule by rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenizeCounts {
+    /// Records tokenised and kept.
+    pub kept: usize,
+    /// Records whose prompt was over budget (skipped or truncated, as asked).
+    pub prompt_over_budget: usize,
+    /// Records skipped by the prompt-over-budget rule.
+    pub skipped: usize,
+    /// Records whose chosen or rejected response lost ids at its end (`max_length`).
+    pub responses_truncated: usize,
+    /// Joint convention: records whose whole sequence did not start with the prompt's ids.
+    pub prefix_mismatches: usize,
+    /// Records whose two responses became equal ids after truncation (kept; they carry no
+    /// preference signal).
+    pub identical_after_truncation: usize,
+}
+
+impl TokenizeCounts {
+    /// One line per count, for a preparation summary.
+    pub fn summary(&self, over_budget: OverBudget) -> String {
+        format!(
+            "tokenised: {} kept; prompt-over-budget {} ({}; {} skipped); responses truncated {}; \
+             prefix mismatches {}; identical after truncation {}\n",
+            self.kept,
+            self.prompt_over_budget,
+            over_budget.name(),
+            self.skipped,
+            self.responses_truncated,
+            self.prefix_mismatches,
+            self.identical_after_truncation
+        )
+    }
+}
+
+/// Tokenises every record (see [`tokenize`]), applying the prompt-over-budget rule: a prompt
+/// longer than `max_prompt_length`, or one that leaves no room for a response token within
+/// `max_length`, is an error naming its file and row, a counted skip, or a counted truncation
+/// (to `min(max_prompt_length, max_length − 1)` ids, keeping its end), as `over_budget` says.
+/// Returns each kept record's index in `records` with its ids.
+pub fn tokenize_all(
+    records: &[PreferenceRecord],
+    tokenizer: &PairTokenizer,
+    template: Option<&ChatTemplate>,
+    convention: Convention,
+    budget: Budget,
+    over_budget: OverBudget,
+) -> Result<(Vec<(usize, TokenizedPair)>, TokenizeCounts)> {
+    let prompt_budget = match (budget.max_prompt_length, budget.max_length) {
+        (Some(p), Some(m)) => Some(p.min(m.saturating_sub(1))),
+        (Some(p), None) => Some(p),
+        (None, Some(m)) => Some(m.saturating_sub(1)),
+        (None, None) => None,
+    };
+    let located = |r: &PreferenceRecord, message: String| Error::Row {
+        path: r.file.clone(),
+        line: r.row,
+        message,
+    };
+    let mut counts = TokenizeCounts::default();
+    let mut out = Vec::with_capacity(records.len());
+    for (index, record) in records.iter().enumerate() {
+        let whole = tokenize(record, tokenizer, template, convention, Budget::default())
+            .map_err(|e| located(record, e.to_string()))?;
+        let prompt_len = whole.pair.prompt.len();
+        if prompt_budget.is_some_and(|b| prompt_len > b) {
+            counts.prompt_over_budget += 1;
+            match over_budget {
+                OverBudget::Error => {
+                    return Err(located(
+                        record,
+                        format!(
+                            "prompt-over-budget: the prompt has {prompt_len} tokens, the budget {} \
+                             (max_prompt_length {:?}, max_length {:?}); set the rule's outcome \
+                             to `skip` or `truncate` to go on",
+                            prompt_budget.unwrap_or_default(),
+                            budget.max_prompt_length,
+                            budget.max_length
+                        ),
+                    ))
+                }
+                OverBudget::Skip => {
+                    counts.skipped += 1;
+                    continue;
+                }
+                OverBudget::Truncate => {}
+            }
+        }
+        let mut pair = whole.pair;
+        let (_, response_truncated) = truncate(
+            &mut pair,
+            Budget {
+                max_length: budget.max_length,
+                max_prompt_length: prompt_budget,
+            },
+        );
+        counts.kept += 1;
+        counts.responses_truncated += usize::from(response_truncated);
+        counts.prefix_mismatches += usize::from(whole.prefix_mismatch);
+        counts.identical_after_truncation +=
+            usize::from(response_truncated && pair.chosen == pair.rejected);
+        out.push((index, pair));
+    }
+    Ok((out, counts))
 }

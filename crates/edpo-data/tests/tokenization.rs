@@ -78,3 +78,74 @@ fn both_conventions_and_truncation_match_transformers() {
         "the boundary rows merge across the prompt's end"
     );
 }
+
+#[test]
+fn the_prompt_over_budget_rule_errs_skips_or_truncates_and_counts() {
+    use edpo_data::tokenization::{tokenize_all, OverBudget};
+    let path = testdata().join("preferences/standard.jsonl");
+    let read =
+        read_preferences(&path.display().to_string(), &ReadOptions::default()).expect("read");
+    let tokenizer =
+        PairTokenizer::from_file(&testdata().join("golden/gpt2/policy/tokenizer.json"), 0)
+            .expect("tokenizer");
+    let run = |budget: Budget, outcome: OverBudget| {
+        tokenize_all(
+            &read.records,
+            &tokenizer,
+            None,
+            Convention::Separate,
+            budget,
+            outcome,
+        )
+    };
+    let (all, counts) = run(Budget::default(), OverBudget::Error).expect("no budget");
+    assert_eq!(all.len(), read.records.len());
+    assert_eq!(counts.prompt_over_budget, 0);
+    let lengths: Vec<usize> = all.iter().map(|(_, p)| p.prompt.len()).collect();
+    let (shortest, longest) = (
+        *lengths.iter().min().expect("rows"),
+        *lengths.iter().max().expect("rows"),
+    );
+    assert!(shortest < longest, "the sample's prompts differ in length");
+    let budget = Budget {
+        max_length: None,
+        max_prompt_length: Some(shortest),
+    };
+    let over = lengths.iter().filter(|&&n| n > shortest).count();
+    // Error: the first row over budget, named by file and row.
+    let first = lengths
+        .iter()
+        .position(|&n| n > shortest)
+        .expect("one over");
+    let err = run(budget, OverBudget::Error)
+        .expect_err("over budget")
+        .to_string();
+    let row = read.records[first].row;
+    assert!(
+        err.contains(&format!("standard.jsonl:{row}:")) && err.contains("prompt-over-budget"),
+        "{err}"
+    );
+    // Skip: counted, and the kept records are the others, in order.
+    let (kept, counts) = run(budget, OverBudget::Skip).expect("skip");
+    assert_eq!((counts.prompt_over_budget, counts.skipped), (over, over));
+    assert_eq!(kept.len(), read.records.len() - over);
+    assert!(kept.iter().all(|(_, p)| p.prompt.len() <= shortest));
+    // Truncate: every record kept, each prompt keeping its end.
+    let (cut, counts) = run(budget, OverBudget::Truncate).expect("truncate");
+    assert_eq!((counts.prompt_over_budget, counts.skipped), (over, 0));
+    assert_eq!(cut.len(), read.records.len());
+    for ((_, whole), (_, short)) in all.iter().zip(&cut) {
+        assert!(whole.prompt.ends_with(&short.prompt) && short.prompt.len() <= shortest);
+        assert_eq!(whole.chosen, short.chosen);
+    }
+    // A prompt that leaves no room for a response within max_length is over budget too.
+    let tight = Budget {
+        max_length: Some(longest),
+        max_prompt_length: None,
+    };
+    let (_, counts) = run(tight, OverBudget::Skip).expect("tight");
+    assert_eq!(
+        counts.skipped,
+        lengths.iter().filter(|&&n| n >= longest).count()
+    );
+}

@@ -150,6 +150,11 @@ pub fn best_of_n(
     let key = json!({"stage": "best-of-n", "pairs": data.pairs_key, "samples": SAMPLES,
         "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p});
     let (dir, built) = cache.get_or_build("best-of-n", &key, |dir| {
+        let judge = data.judge.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "key `eval.best_of_n`: the task has no gold reward to pick the best of n by"
+            )
+        })?;
         let reference = CausalLm::load(&data.reference_dir, &crate::device(), false)?;
         let prompts: Vec<Vec<u32>> = data
             .eval_prompts
@@ -171,7 +176,7 @@ pub fn best_of_n(
                 rewards.push(
                     group
                         .iter()
-                        .map(|(p, r)| data.judge.gold(p, r))
+                        .map(|(p, r)| judge.gold(p, r))
                         .collect::<Vec<f64>>(),
                 );
                 logps.push(lp[k * SAMPLES..(k + 1) * SAMPLES].to_vec());

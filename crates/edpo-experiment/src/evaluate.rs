@@ -12,7 +12,7 @@
 //! comparisons across runs.
 
 use crate::config::RunConfig;
-use crate::task::TaskData;
+use crate::task::{DrawnReference, Judge, LabelledPair, TaskData};
 use anyhow::Result;
 use edpo_data::TokenizedPair;
 use edpo_eval::{mean_and_stderr, sample, sequence_kl, win_rate, win_scores, SamplingSettings};
@@ -29,13 +29,18 @@ pub struct Evaluation {
     /// The summary numbers.
     pub summary: Map<String, Value>,
     /// Per test prompt: win, reward difference and KL, each a mean over the prompt's samples
-    /// (`step` is left for the caller).
-    pub per_prompt: PerPrompt,
+    /// (`step` is left for the caller); `None` for a task without a gold reward.
+    pub per_prompt: Option<PerPrompt>,
 }
 
 /// Evaluation of one run's policy, again and again over training, against the original
 /// reference. The reference's samples and their rewards do not change during a run, so they
 /// are drawn once.
+///
+/// A task without a gold reward (user data) is evaluated by what needs none: exact and
+/// sampled KL, entropy and length on the test prompts, preference accuracy and the implicit
+/// reward margin on the held-out pairs, and `val_preference_accuracy` on the validation
+/// pairs, which settings are then chosen by.
 pub struct Evaluator<'a> {
     reference: &'a CausalLm,
     data: &'a TaskData,
@@ -45,11 +50,10 @@ pub struct Evaluator<'a> {
     /// The test prompts, each repeated `samples` times, and the validation prompts likewise.
     test: Vec<Vec<u32>>,
     val: Vec<Vec<u32>>,
-    /// Reference samples and gold rewards on `test`, and the gold rewards on `val`.
-    reference_test: (Vec<Vec<u32>>, Vec<f64>),
-    reference_val: Vec<f64>,
+    /// With a gold reward: the reference's samples and gold rewards on `test`, and its gold
+    /// rewards on `val`.
+    drawn: Option<DrawnReference>,
 }
-
 /// Each prompt repeated `k` times in a row: prompt `i`'s sample `j` is sequence `i·k + j`,
 /// so its random stream is fixed by `(i, j)` whatever model samples it.
 fn repeated(prompts: &[Vec<u32>], k: usize) -> Vec<Vec<u32>> {
@@ -67,8 +71,28 @@ fn per_prompt_means(values: &[f64], k: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Preference accuracy (the policy's implicit reward ranks the chosen response first) and
+/// the mean log-ratio margin `Δ = (log π/π_ref)(chosen) − (log π/π_ref)(rejected)`, each
+/// with its standard error over the pairs.
+fn pair_numbers(
+    policy: &CausalLm,
+    reference: &CausalLm,
+    pairs: &[LabelledPair],
+) -> Result<[(f64, f64); 2]> {
+    let held: Vec<TokenizedPair> = pairs.iter().map(|p| p.tokenized()).collect();
+    let scores = score_pairs(policy, reference, &held, None)?;
+    let logps: PairLogps<'_> = scores.logps();
+    let margins: Vec<f64> = (0..logps.len()).map(|i| logps.delta(i)).collect();
+    let correct: Vec<f64> = margins
+        .iter()
+        .map(|&d| f64::from(u8::from(d > 0.0)))
+        .collect();
+    Ok([mean_and_stderr(&correct), mean_and_stderr(&margins)])
+}
+
 impl<'a> Evaluator<'a> {
-    /// Samples the reference once on the test and validation prompts.
+    /// Samples the reference once on the test and validation prompts (with a gold reward; a
+    /// task without one compares no samples).
     pub fn new(reference: &'a CausalLm, data: &'a TaskData, cfg: &RunConfig) -> Result<Self> {
         let settings = SamplingSettings {
             temperature: cfg.eval.temperature,
@@ -81,35 +105,12 @@ impl<'a> Evaluator<'a> {
         let samples = cfg.eval.samples.max(1);
         let test = repeated(&data.eval_prompts, samples);
         let val = repeated(&data.val_prompts, samples);
-        // The reference's samples depend on the stream and the settings only: runs of one seed
-        // in one process draw them once (the first run to ask; the others wait for it).
-        let key = format!("{seed}/{samples}/{settings:?}");
-        let cell = data
-            .reference_draws
-            .lock()
-            .map_err(|_| anyhow::anyhow!("reference draws lock poisoned"))?
-            .entry(key)
-            .or_default()
-            .clone();
-        let drawn = match cell.get() {
-            Some(d) => d,
-            None => {
-                let started = std::time::Instant::now();
-                let theirs = sample(reference, &test, &settings, seed)?;
-                let r_theirs = gold(data, &test, &theirs);
-                let theirs_val = sample(reference, &val, &settings, seed ^ 0x7A2)?;
-                let reference_val = gold(data, &val, &theirs_val);
-                tracing::info!(
-                    seconds = started.elapsed().as_secs_f64(),
-                    "sampled the reference on the test and validation prompts"
-                );
-                // Another run may have filled it meanwhile; the values are the same.
-                let _ = cell.set((theirs, r_theirs, reference_val));
-                cell.get()
-                    .ok_or_else(|| anyhow::anyhow!("reference draws missing"))?
-            }
+        let drawn = match &data.judge {
+            Some(judge) => Some(Self::draw_reference(
+                reference, data, &**judge, &settings, seed, samples, &test, &val,
+            )?),
+            None => None,
         };
-        let (theirs, r_theirs, reference_val) = drawn.clone();
         Ok(Self {
             reference,
             data,
@@ -118,9 +119,49 @@ impl<'a> Evaluator<'a> {
             samples,
             test,
             val,
-            reference_test: (theirs, r_theirs),
-            reference_val,
+            drawn,
         })
+    }
+
+    /// The reference's samples and gold rewards. They depend on the stream and the settings
+    /// only: runs of one seed in one process draw them once (the first run to ask; the
+    /// others wait for it).
+    #[allow(clippy::too_many_arguments)]
+    fn draw_reference(
+        reference: &CausalLm,
+        data: &TaskData,
+        judge: &dyn Judge,
+        settings: &SamplingSettings,
+        seed: u64,
+        samples: usize,
+        test: &[Vec<u32>],
+        val: &[Vec<u32>],
+    ) -> Result<DrawnReference> {
+        let key = format!("{seed}/{samples}/{settings:?}");
+        let cell = data
+            .reference_draws
+            .lock()
+            .map_err(|_| anyhow::anyhow!("reference draws lock poisoned"))?
+            .entry(key)
+            .or_default()
+            .clone();
+        if let Some(d) = cell.get() {
+            return Ok(d.clone());
+        }
+        let started = std::time::Instant::now();
+        let theirs = sample(reference, test, settings, seed)?;
+        let r_theirs = gold(judge, test, &theirs);
+        let theirs_val = sample(reference, val, settings, seed ^ 0x7A2)?;
+        let reference_val = gold(judge, val, &theirs_val);
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "sampled the reference on the test and validation prompts"
+        );
+        // Another run may have filled it meanwhile; the values are the same.
+        let _ = cell.set((theirs, r_theirs, reference_val));
+        cell.get()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("reference draws missing"))
     }
 
     /// The sampling settings of the evaluation.
@@ -129,7 +170,7 @@ impl<'a> Evaluator<'a> {
     }
 
     /// Every evaluation number of `policy`: on the test prompts and held-out pairs, and the
-    /// `val_*` numbers on the validation prompts.
+    /// `val_*` numbers on the validation prompts (or, without a gold reward, pairs).
     pub fn evaluate(&self, policy: &CausalLm) -> Result<Evaluation> {
         // No autograd history: evaluation never differentiates.
         let policy = &policy.detached();
@@ -138,11 +179,6 @@ impl<'a> Evaluator<'a> {
         let started = std::time::Instant::now();
         let ours = sample(policy, prompts, settings, seed)?;
         let sampled = started.elapsed().as_secs_f64();
-        let (theirs, r_theirs) = &self.reference_test;
-        let r_ours = gold(data, prompts, &ours);
-        let win_p = per_prompt_means(&win_scores(&r_ours, r_theirs, 0.0), k);
-        let diff: Vec<f64> = r_ours.iter().zip(r_theirs).map(|(a, b)| a - b).collect();
-        let diff_p = per_prompt_means(&diff, k);
         let seqs: Vec<(&[u32], &[u32])> = prompts
             .iter()
             .zip(&ours)
@@ -151,11 +187,8 @@ impl<'a> Evaluator<'a> {
         let kl = sequence_kl(policy, self.reference, &seqs)?;
         let kl_done = started.elapsed().as_secs_f64();
         let kl_p = per_prompt_means(&kl.exact, k);
-        let (win_mean, win_se) = mean_and_stderr(&win_p);
-        let (diff_mean, diff_se) = mean_and_stderr(&diff_p);
         let (kl_mean, kl_se) = mean_and_stderr(&kl_p);
         let (kls_mean, kls_se) = mean_and_stderr(&per_prompt_means(&kl.sampled, k));
-        let (reward_mean, reward_se) = mean_and_stderr(&per_prompt_means(&r_ours, k));
         let lengths: Vec<f64> = ours.iter().map(|r| r.len() as f64).collect();
         let entropy: Vec<f64> = kl
             .entropy
@@ -163,11 +196,85 @@ impl<'a> Evaluator<'a> {
             .zip(&lengths)
             .map(|(h, n)| h / n.max(1.0))
             .collect();
+        let [(accuracy, accuracy_se), (margin, margin_se)] =
+            pair_numbers(policy, self.reference, &data.eval_pairs)?;
+        let mut out = Map::new();
+        for (key, v) in [
+            ("kl", kl_mean),
+            ("kl_se", kl_se),
+            ("kl_sampled", kls_mean),
+            ("kl_sampled_se", kls_se),
+            ("preference_accuracy", accuracy),
+            ("preference_accuracy_se", accuracy_se),
+            ("logratio_margin", margin),
+            ("logratio_margin_se", margin_se),
+            ("mean_length", mean_and_stderr(&lengths).0),
+            ("entropy_per_token", mean_and_stderr(&entropy).0),
+        ] {
+            out.insert(key.to_string(), json!(v));
+        }
+        let per_prompt = match (&data.judge, &self.drawn) {
+            (Some(judge), Some(drawn)) => {
+                let (win_p, diff_p) = self.judged(policy, &**judge, drawn, &ours, &mut out)?;
+                Some(PerPrompt {
+                    step: 0,
+                    win: win_p,
+                    reward_diff: diff_p,
+                    kl: kl_p,
+                })
+            }
+            _ => {
+                let [(val_accuracy, val_accuracy_se), _] =
+                    pair_numbers(policy, self.reference, &data.val_pairs)?;
+                out.insert("val_preference_accuracy".into(), json!(val_accuracy));
+                out.insert("val_preference_accuracy_se".into(), json!(val_accuracy_se));
+                out.insert("n_val_pairs".into(), json!(data.val_pairs.len()));
+                None
+            }
+        };
+        out.insert("n_prompts".into(), json!(data.eval_prompts.len()));
+        out.insert("samples_per_prompt".into(), json!(k));
+        out.insert("n_pairs".into(), json!(data.eval_pairs.len()));
+        out.insert("n_train_pairs".into(), json!(data.train.len()));
+        tracing::info!(
+            sampling = sampled,
+            kl = kl_done - sampled,
+            total = started.elapsed().as_secs_f64(),
+            "evaluated (seconds)"
+        );
+        Ok(Evaluation {
+            summary: out,
+            per_prompt,
+        })
+    }
+
+    /// The numbers of a gold reward: win rates and reward gains against the reference's
+    /// draws on the test and validation prompts (paired), the second judge, the win rate
+    /// against held-out chosen responses and the label noise. Returns the per-prompt wins and
+    /// reward gains.
+    fn judged(
+        &self,
+        policy: &CausalLm,
+        judge: &dyn Judge,
+        drawn: &DrawnReference,
+        ours: &[Vec<u32>],
+        out: &mut Map<String, Value>,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let (data, settings, seed, k) = (self.data, &self.settings, self.seed, self.samples);
+        let prompts = &self.test;
+        let (theirs, r_theirs, reference_val) = drawn;
+        let r_ours = gold(judge, prompts, ours);
+        let win_p = per_prompt_means(&win_scores(&r_ours, r_theirs, 0.0), k);
+        let diff: Vec<f64> = r_ours.iter().zip(r_theirs).map(|(a, b)| a - b).collect();
+        let diff_p = per_prompt_means(&diff, k);
+        let (win_mean, win_se) = mean_and_stderr(&win_p);
+        let (diff_mean, diff_se) = mean_and_stderr(&diff_p);
+        let (reward_mean, reward_se) = mean_and_stderr(&per_prompt_means(&r_ours, k));
         let second: Option<(Vec<f64>, Vec<f64>)> = prompts
             .iter()
-            .zip(&ours)
+            .zip(ours)
             .zip(theirs)
-            .map(|((p, a), b)| Some((data.judge.second(p, a)?, data.judge.second(p, b)?)))
+            .map(|((p, a), b)| Some((judge.second(p, a)?, judge.second(p, b)?)))
             .collect::<Option<Vec<_>>>()
             .map(|v| v.into_iter().unzip());
         // Win rate against the chosen response of held-out pairs, on their prompts.
@@ -177,30 +284,30 @@ impl<'a> Evaluator<'a> {
             .map(|p| p.prompt_input_ids.clone())
             .collect();
         let on_pairs = sample(policy, &held_prompts, settings, seed ^ 0xC405)?;
-        let r_on_pairs = gold(data, &held_prompts, &on_pairs);
-        let r_chosen: Vec<f64> = data.eval_pairs.iter().map(|p| p.chosen_reward).collect();
-        let win_chosen = win_rate(&r_on_pairs, &r_chosen, 0.0);
-        let held: Vec<TokenizedPair> = data.eval_pairs.iter().map(|p| p.tokenized()).collect();
-        let scores = score_pairs(policy, self.reference, &held, None)?;
-        let logps: PairLogps<'_> = scores.logps();
-        let correct: Vec<f64> = (0..logps.len())
-            .map(|i| f64::from(u8::from(logps.delta(i) > 0.0)))
+        let r_on_pairs = gold(judge, &held_prompts, &on_pairs);
+        let r_chosen: Vec<f64> = data
+            .eval_pairs
+            .iter()
+            .zip(&held_prompts)
+            .map(|(p, prompt)| {
+                p.chosen_reward
+                    .unwrap_or_else(|| judge.gold(prompt, &p.chosen_input_ids))
+            })
             .collect();
-        let (accuracy, accuracy_se) = mean_and_stderr(&correct);
+        let win_chosen = win_rate(&r_on_pairs, &r_chosen, 0.0);
         // Validation: the numbers a setting is chosen by, paired like the test numbers.
         let ours_val = sample(policy, &self.val, settings, seed ^ 0x7A2)?;
-        let r_val = gold(data, &self.val, &ours_val);
+        let r_val = gold(judge, &self.val, &ours_val);
         let (win_val, win_val_se) = mean_and_stderr(&per_prompt_means(
-            &win_scores(&r_val, &self.reference_val, 0.0),
+            &win_scores(&r_val, reference_val, 0.0),
             k,
         ));
         let diff_val: Vec<f64> = r_val
             .iter()
-            .zip(&self.reference_val)
+            .zip(reference_val)
             .map(|(a, b)| a - b)
             .collect();
         let (diff_val_mean, diff_val_se) = mean_and_stderr(&per_prompt_means(&diff_val, k));
-        let mut out = Map::new();
         for (key, v) in [
             ("win_rate", win_mean),
             ("win_rate_se", win_se),
@@ -211,14 +318,6 @@ impl<'a> Evaluator<'a> {
             ("gold_reward", reward_mean),
             ("gold_reward_se", reward_se),
             ("reference_gold_reward", mean_and_stderr(r_theirs).0),
-            ("kl", kl_mean),
-            ("kl_se", kl_se),
-            ("kl_sampled", kls_mean),
-            ("kl_sampled_se", kls_se),
-            ("preference_accuracy", accuracy),
-            ("preference_accuracy_se", accuracy_se),
-            ("mean_length", mean_and_stderr(&lengths).0),
-            ("entropy_per_token", mean_and_stderr(&entropy).0),
             ("win_rate_vs_chosen", win_chosen.rate),
             ("win_rate_vs_chosen_se", win_chosen.stderr),
             ("val_win_rate", win_val),
@@ -226,9 +325,11 @@ impl<'a> Evaluator<'a> {
             ("val_reward_diff", diff_val_mean),
             ("val_reward_diff_se", diff_val_se),
             ("val_gold_reward", mean_and_stderr(&r_val).0),
-            ("label_noise", data.label_noise()),
         ] {
             out.insert(key.to_string(), json!(v));
+        }
+        if let Some(noise) = data.label_noise() {
+            out.insert("label_noise".into(), json!(noise));
         }
         if let Some((a, b)) = second {
             let w = win_rate(&a, &b, 0.0);
@@ -236,35 +337,17 @@ impl<'a> Evaluator<'a> {
             out.insert("second_judge_win_rate_se".into(), json!(w.stderr));
             out.insert("second_judge_score".into(), json!(mean_and_stderr(&a).0));
         }
-        out.insert("n_prompts".into(), json!(data.eval_prompts.len()));
         out.insert("n_val_prompts".into(), json!(data.val_prompts.len()));
-        out.insert("samples_per_prompt".into(), json!(k));
-        out.insert("n_pairs".into(), json!(held.len()));
-        out.insert("n_train_pairs".into(), json!(data.train.len()));
-        tracing::info!(
-            sampling = sampled,
-            kl = kl_done - sampled,
-            total = started.elapsed().as_secs_f64(),
-            "evaluated (seconds)"
-        );
-        Ok(Evaluation {
-            summary: out,
-            per_prompt: PerPrompt {
-                step: 0,
-                win: win_p,
-                reward_diff: diff_p,
-                kl: kl_p,
-            },
-        })
+        Ok((win_p, diff_p))
     }
 }
 
 /// The gold reward of each prompt + response.
-fn gold(data: &TaskData, prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Vec<f64> {
+fn gold(judge: &dyn Judge, prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Vec<f64> {
     prompts
         .iter()
         .zip(responses)
-        .map(|(p, r)| data.judge.gold(p, r))
+        .map(|(p, r)| judge.gold(p, r))
         .collect()
 }
 
@@ -272,7 +355,6 @@ fn gold(data: &TaskData, prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Vec<f6
 mod tests {
     use super::*;
     use crate::config::raw::RawConfig;
-    use crate::task::LabelledPair;
     use crate::testing::{tiny_model as model, CountOnes};
 
     fn data() -> TaskData {
@@ -281,20 +363,22 @@ mod tests {
             prompt_input_ids: vec![i % 5],
             chosen_input_ids: vec![1, 1, 5],
             rejected_input_ids: vec![2, 3, 5],
-            p_true: 0.8,
-            chosen_reward: 2.0,
-            rejected_reward: 0.0,
+            p_true: Some(0.8),
+            chosen_reward: Some(2.0),
+            rejected_reward: Some(0.0),
         };
         TaskData {
-            judge: Box::new(CountOnes),
+            judge: Some(Box::new(CountOnes)),
             eos: 5,
             reference_dir: std::path::PathBuf::from("<unused>"),
             train: (0..4).map(pair).collect(),
             eval_pairs: (0..4).map(pair).collect(),
+            val_pairs: Vec::new(),
             eval_prompts: prompts.clone(),
             val_prompts: prompts[..6].to_vec(),
             response_tokens: 6,
             pairs_key: json!({}),
+            data_summary: None,
             reference_draws: Default::default(),
         }
     }
@@ -315,8 +399,9 @@ mod tests {
         assert!(get(&same, "kl").abs() < 1e-9, "{same:?}");
         // Common random numbers: the reference against itself draws the same samples, so it
         // wins exactly half of every prompt and gains exactly nothing, prompt by prompt.
-        assert_eq!(same_eval.per_prompt.win, vec![0.5; 12]);
-        assert_eq!(same_eval.per_prompt.reward_diff, vec![0.0; 12]);
+        let per_prompt = same_eval.per_prompt.clone().expect("a gold reward");
+        assert_eq!(per_prompt.win, vec![0.5; 12]);
+        assert_eq!(per_prompt.reward_diff, vec![0.0; 12]);
         assert_eq!(get(&same, "win_rate"), 0.5);
         assert_eq!(get(&same, "win_rate_se"), 0.0);
         assert_eq!(get(&same, "reward_diff"), 0.0);
@@ -341,6 +426,29 @@ mod tests {
         assert_eq!(evaluator.evaluate(&reference)?, same_eval);
         let moved = evaluator.evaluate(&model(2))?.summary;
         assert!(get(&moved, "kl") > 1e-3, "{moved:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn without_a_gold_reward_the_evaluation_is_kl_and_preference_accuracy() -> Result<()> {
+        let (reference, mut data, cfg) = (model(1), data(), config());
+        data.judge = None;
+        data.val_pairs = data.eval_pairs[..3].to_vec();
+        let evaluator = Evaluator::new(&reference, &data, &cfg)?;
+        let same = evaluator.evaluate(&reference)?;
+        assert_eq!(same.per_prompt, None, "no paired per-prompt numbers");
+        let get = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_f64);
+        assert_eq!(get(&same.summary, "kl"), Some(0.0));
+        assert_eq!(get(&same.summary, "logratio_margin"), Some(0.0));
+        // The reference ranks no pair: a margin of exactly zero is not a correct ranking.
+        assert_eq!(get(&same.summary, "val_preference_accuracy"), Some(0.0));
+        assert_eq!(same.summary["n_val_pairs"], 3);
+        for key in ["win_rate", "gold_reward", "val_win_rate", "label_noise"] {
+            assert!(!same.summary.contains_key(key), "{key} without a judge");
+        }
+        let moved = evaluator.evaluate(&model(2))?.summary;
+        assert!(get(&moved, "kl").is_some_and(|kl| kl > 1e-3), "{moved:?}");
+        assert!(get(&moved, "logratio_margin").is_some_and(|m| m != 0.0));
         Ok(())
     }
 }

@@ -49,9 +49,9 @@ pub fn sample_pairs(
                 prompt_input_ids: prompt,
                 chosen_input_ids: chosen,
                 rejected_input_ids: rejected,
-                p_true: p,
-                chosen_reward: gc,
-                rejected_reward: gr,
+                p_true: Some(p),
+                chosen_reward: Some(gc),
+                rejected_reward: Some(gr),
             });
         }
         round += 1;
@@ -91,18 +91,20 @@ mod tests {
         assert_eq!(pairs.len(), 40);
         for p in &pairs {
             assert_ne!(p.chosen_input_ids, p.rejected_input_ids);
-            assert_eq!(p.chosen_reward, CountOnes.gold(&[], &p.chosen_input_ids));
-            assert_eq!(
-                p.rejected_reward,
-                CountOnes.gold(&[], &p.rejected_input_ids)
+            let (rc, rr, pt) = (
+                p.chosen_reward.expect("judged"),
+                p.rejected_reward.expect("judged"),
+                p.p_true.expect("labelled"),
             );
+            assert_eq!(rc, CountOnes.gold(&[], &p.chosen_input_ids));
+            assert_eq!(rr, CountOnes.gold(&[], &p.rejected_input_ids));
             // The label's probability is the Bradley–Terry probability of the chosen one.
-            let bt = 1.0 / (1.0 + (-(p.chosen_reward - p.rejected_reward) / 0.5).exp());
-            assert!((p.p_true - bt).abs() < 1e-12, "{} vs {bt}", p.p_true);
+            let bt = 1.0 / (1.0 + (-(rc - rr) / 0.5).exp());
+            assert!((pt - bt).abs() < 1e-12, "{pt} vs {bt}");
         }
         // The label is drawn with the Bradley–Terry probability, so the chosen response's
         // probability averages p² + (1 − p)² ≥ ½ (an inverted label would average 2p(1 − p)).
-        let mean = pairs.iter().map(|p| p.p_true).sum::<f64>() / pairs.len() as f64;
+        let mean = pairs.iter().filter_map(|p| p.p_true).sum::<f64>() / pairs.len() as f64;
         assert!(mean > 0.5, "mean true preference of the chosen {mean}");
         assert!(pairs.iter().any(|p| p.chosen_reward != p.rejected_reward));
         assert_eq!(draw(9), pairs, "same seed, same pairs");

@@ -212,6 +212,15 @@ pub fn run(
     let original_reference = reference.frozen_copy()?;
     let steps = total_steps(cfg, data.train.len());
     let o = &cfg.optim;
+    if data.train.len() < o.batch_size * o.grad_accum {
+        bail!(
+            "the task has {} training pairs, fewer than one optimizer step takes \
+             (optim.batch_size {} × optim.grad_accum {})",
+            data.train.len(),
+            o.batch_size,
+            o.grad_accum
+        );
+    }
     let schedule = Schedule {
         peak_lr: o.lr,
         warmup_steps: (o.warmup_ratio * steps as f64).ceil() as usize,
@@ -241,6 +250,9 @@ pub fn run(
         ReferenceLogps::Online => None,
     };
     let evaluator = Evaluator::new(&original_reference, data, cfg)?;
+    if let Some(summary) = &data.data_summary {
+        dir.write_text(edpo_rundir::DATA_SUMMARY, summary)?;
+    }
     let mut decisions = Decisions::default();
     let reference_forwards_before = trainer.reference.forward_count();
     let mut order: Vec<usize> = Vec::new();
@@ -279,7 +291,9 @@ pub fn run(
             None => trainer.train_step(&micro)?,
         };
         for (&i, &x) in taken.iter().zip(&report.pair_steps) {
-            decisions.add(data.train[i].p_true, x);
+            if let Some(p) = data.train[i].p_true {
+                decisions.add(p, x);
+            }
         }
         dir.set_steps_done(step + 1)?;
         if step % cfg.run.log_every == 0 || step + 1 == steps {
@@ -293,9 +307,11 @@ pub fn run(
             for (k, v) in &report.stats {
                 line.insert((*k).to_string(), json!(v));
             }
-            let p_true: Vec<f64> = taken.iter().map(|&i| data.train[i].p_true).collect();
-            line.insert("data/p_true".into(), json!(mean_and_stderr(&p_true).0));
-            if !report.pair_steps.is_empty() {
+            let p_true: Vec<f64> = taken.iter().filter_map(|&i| data.train[i].p_true).collect();
+            if !p_true.is_empty() {
+                line.insert("data/p_true".into(), json!(mean_and_stderr(&p_true).0));
+            }
+            if !report.pair_steps.is_empty() && !p_true.is_empty() {
                 // ε-DPO's decisions against label confusion: mean true preference probability
                 // of the pairs it relaxed, strengthened and left alone.
                 for (name, s) in [("relaxed", 1i8), ("strengthened", -1), ("kept", 0)] {
@@ -303,7 +319,7 @@ pub fn run(
                         .iter()
                         .zip(&report.pair_steps)
                         .filter(|(_, &x)| x == s)
-                        .map(|(&i, _)| data.train[i].p_true)
+                        .filter_map(|(&i, _)| data.train[i].p_true)
                         .collect();
                     if !p.is_empty() {
                         line.insert(format!("kl/p_true_{name}"), json!(mean_and_stderr(&p).0));
@@ -322,8 +338,7 @@ pub fn run(
     if cfg.eval.every > 0 {
         // The trajectory ends at the final evaluation.
         log_eval(dir, steps, evaluation)?;
-    } else {
-        let mut per_prompt = evaluation.per_prompt;
+    } else if let Some(mut per_prompt) = evaluation.per_prompt {
         per_prompt.step = steps;
         dir.log_per_prompt(&per_prompt)?;
     }
@@ -365,7 +380,9 @@ fn log_eval(dir: &mut RunDir, step: usize, evaluation: Evaluation) -> Result<()>
         line.insert(format!("eval/{k}"), v);
     }
     dir.log(&Value::Object(line))?;
-    let mut per_prompt = evaluation.per_prompt;
-    per_prompt.step = step;
-    Ok(dir.log_per_prompt(&per_prompt)?)
+    if let Some(mut per_prompt) = evaluation.per_prompt {
+        per_prompt.step = step;
+        dir.log_per_prompt(&per_prompt)?;
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ pub const METRICS: &[&str] = &[
     "kl_sampled",
     "label_noise",
     "preference_accuracy",
+    "logratio_margin",
     "win_rate_vs_chosen",
     "second_judge_win_rate",
     "mean_length",
@@ -22,6 +23,7 @@ pub const METRICS: &[&str] = &[
     "final_beta",
     "val_win_rate",
     "val_gold_reward",
+    "val_preference_accuracy",
 ];
 
 /// The order methods are listed in, by label: the objective catalogue's (DPO, ε-DPO, then the

@@ -300,10 +300,26 @@ fn design_section(loaded: &runs::Sweep, summary: &[aggregate::SettingSummary]) -
             "label noise {noise} (training labels that contradict the gold ordering)"
         ));
     }
+    // Runs on user data have no gold reward: no sample is compared with the reference's.
+    let judged = shown_range(loaded, "win_rate", count).is_some();
     if let Some(n) = shown_range(loaded, "n_prompts", count) {
         let k = shown_range(loaded, "samples_per_prompt", count).unwrap_or_else(|| "1".into());
+        parts.push(if judged {
+            format!(
+                "{n} test prompts × {k} samples, each policy sample paired with the reference's sample from the same random stream"
+            )
+        } else {
+            format!(
+                "{n} test prompts × {k} samples for KL, entropy and length (no gold reward: no win rate)"
+            )
+        });
+    }
+    if let Some(n) = shown_range(loaded, "n_pairs", count).filter(|_| !judged) {
+        parts.push(format!("{n} test pairs for preference accuracy"));
+    }
+    if let Some(n) = shown_range(loaded, "n_val_pairs", count) {
         parts.push(format!(
-            "{n} test prompts × {k} samples, each policy sample paired with the reference's sample from the same random stream"
+            "{n} validation pairs, on whose preference accuracy settings are chosen"
         ));
     }
     if let Some(n) = shown_range(loaded, "n_val_prompts", count) {
@@ -313,11 +329,18 @@ fn design_section(loaded: &runs::Sweep, summary: &[aggregate::SettingSummary]) -
     }
     tables::Section {
         heading: "Design".into(),
-        paragraphs: vec![format!(
-            "{}. Runs of the same seed share the data order, the evaluation prompts and the sampling streams, \
-             so methods are compared prompt by prompt.",
-            parts.join("; ")
-        )],
+        paragraphs: vec![if judged {
+            format!(
+                "{}. Runs of the same seed share the data order, the evaluation prompts and the sampling streams, \
+                 so methods are compared prompt by prompt.",
+                parts.join("; ")
+            )
+        } else {
+            format!(
+                "{}. Runs of the same seed share the data order, the test and validation pairs and the sampling streams.",
+                parts.join("; ")
+            )
+        }],
         table: None,
         after: Vec::new(),
     }

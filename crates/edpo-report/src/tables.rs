@@ -175,7 +175,7 @@ enum Better {
 }
 
 /// The reported columns: key in `eval.json`, header, digits, which way is better.
-const COLUMNS: [(&str, &str, usize, Better); 11] = [
+const COLUMNS: [(&str, &str, usize, Better); 13] = [
     ("win_rate", "win rate", 3, Better::Higher(Metric::Win)),
     (
         "reward_diff",
@@ -193,19 +193,30 @@ const COLUMNS: [(&str, &str, usize, Better); 11] = [
     ("kl_se", "KL s.e. (run)", 3, Better::Neither),
     ("kl_sampled", "KL (sampled)", 3, Better::Neither),
     ("preference_accuracy", "pref. acc.", 3, Better::Neither),
+    ("logratio_margin", "log-ratio margin", 3, Better::Neither),
     ("mean_length", "length", 1, Better::Neither),
     ("win_rate_vs_chosen", "win vs chosen", 3, Better::Neither),
     ("second_judge_win_rate", "lexicon win", 3, Better::Neither),
     ("val_win_rate", "val. win rate", 3, Better::Neither),
+    (
+        "val_preference_accuracy",
+        "val. pref. acc.",
+        3,
+        Better::Neither,
+    ),
 ];
 
 type Column = (&'static str, &'static str, usize, Better);
 
 /// The metric a method's best setting is chosen by: the validation win rate when the runs
-/// have one (never the test numbers the table reports), else the reported win rate.
+/// have one (never the test numbers the table reports); for runs without a gold reward (user
+/// data), the validation pairs' preference accuracy; else the reported win rate.
 pub fn selection_metric(summary: &[SettingSummary]) -> &'static str {
-    if summary.iter().any(|s| s.get("val_win_rate").is_some()) {
+    let has = |k: &str| summary.iter().any(|s| s.get(k).is_some());
+    if has("val_win_rate") {
         "val_win_rate"
+    } else if has("val_preference_accuracy") {
+        "val_preference_accuracy"
     } else {
         "win_rate"
     }
@@ -486,10 +497,11 @@ Win rate: share of test-prompt samples whose gold reward beats the reference's s
 averaged per prompt first. Reward gain: mean gold reward of the policy's samples minus the reference's, paired the same way. \
 KL: exact sequence KL(π‖π_ref) along the policy's samples (sum over tokens of the full-vocabulary KL); KL s.e. (run): \
 a run's standard error of its KL over prompts, mean over seeds; KL (sampled): the log-ratio estimator along the same samples. Pref. acc.: share of held-out pairs whose implicit reward \
-margin favours the chosen response. Win vs chosen: policy sample against the chosen response of held-out pairs. \
+margin favours the chosen response; log-ratio margin: their mean (log π/π_ref)(chosen) − (log π/π_ref)(rejected). Win vs chosen: policy sample against the chosen response of held-out pairs. \
 Lexicon win: win rate under the second, lexicon-based judge. Length: mean response tokens, EOS included. \
-Val. win rate: win rate on the validation prompts, by which each method's best setting is chosen; every other number \
-is measured on the test prompts. Bold: the best value of a column among the methods at their chosen settings, only where a \
+Val. win rate: win rate on the validation prompts, by which each method's best setting is chosen (val. pref. acc.: \
+preference accuracy on the validation pairs, by which runs on user data, which have no gold reward, are chosen); every other number \
+is measured on the test prompts and pairs. Bold: the best value of a column among the methods at their chosen settings, only where a \
 paired bootstrap over seeds and prompts puts the 95% interval of its difference to the runner-up away from 0; \
 columns without per-prompt pairing (accuracy, length, judges) are never bold.";
 
@@ -497,6 +509,9 @@ columns without per-prompt pairing (accuracy, length, judges) are never bold.";
 pub fn chosen_by_text(metric: &str) -> &'static str {
     if metric == "val_win_rate" {
         "mean win rate on the validation prompts (the table's numbers are on the test prompts)"
+    } else if metric == "val_preference_accuracy" {
+        "mean preference accuracy on the validation pairs (these runs have no gold reward; the \
+         table's numbers are on the test pairs and prompts)"
     } else {
         "mean win rate on the evaluation prompts (these runs have no validation numbers)"
     }

@@ -55,6 +55,8 @@ pub const PER_PROMPT: &str = "per_prompt.jsonl";
 pub const ADAPTER: &str = "adapter";
 /// The run's state.
 pub const STATUS: &str = "status.json";
+/// What preparing user data read, skipped and truncated (tasks on user data only).
+pub const DATA_SUMMARY: &str = "data_summary.txt";
 
 /// Errors reading or writing a run directory; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +246,11 @@ impl RunDir {
         self.per_prompt.push_str(&serde_json::to_string(record)?);
         self.per_prompt.push('\n');
         write_atomic(&self.path.join(PER_PROMPT), self.per_prompt.as_bytes())
+    }
+
+    /// Writes a text file of the run (atomically).
+    pub fn write_text(&self, name: &str, text: &str) -> Result<()> {
+        write_atomic(&self.path.join(name), text.as_bytes())
     }
 
     /// Writes another JSON file of the run (atomically).

@@ -208,12 +208,17 @@ impl RawConfig {
     pub fn resolve(self) -> Result<RunConfig> {
         let task = self.task.resolve()?;
         let default = task.default_shape();
-        if let crate::task::TaskConfig::Sentiment(t) = &task {
+        let pretrained = match &task {
+            crate::task::TaskConfig::Sentiment(t) => t.reference.is_some(),
+            crate::task::TaskConfig::Preferences(_) => true,
+            crate::task::TaskConfig::Synthetic(_) => false,
+        };
+        {
             let written = self.model.n_embd.is_some()
                 || self.model.n_layer.is_some()
                 || self.model.n_head.is_some();
             check(
-                t.reference.is_none() || !written,
+                !pretrained || !written,
                 "model",
                 "the shape of a model the task pre-trains; `task.reference` is a pretrained model, which has its own",
             )?;

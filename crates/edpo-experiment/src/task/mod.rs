@@ -9,11 +9,17 @@
 //! ([`crate::stages`]).
 //!
 //! - [`synthetic`]: a Markov-chain language with a per-token reward, seconds to build;
-//! - [`sentiment`]: real movie-review snippets with human ratings (the default task).
+//! - [`sentiment`]: real movie-review snippets with human ratings (the default task);
+//! - [`preferences`]: a user's own preference data and pretrained model, with no gold reward
+//!   (the pairs are the data's; [`TaskData::judge`] is `None`).
+//!
+//! [`pretrained`] holds what the tasks that take a pretrained reference share.
 //!
 //! A new task is one module here (its raw and resolved config section, defaults, stage keys
 //! and `prepare`) plus one variant in [`RawTask`] and [`TaskConfig`] and their `match`es.
 
+pub mod preferences;
+pub mod pretrained;
 pub mod sentiment;
 pub mod synthetic;
 
@@ -26,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
+pub use preferences::PreferencesTask;
 pub use sentiment::SentimentTask;
 pub use synthetic::SyntheticTask;
 
@@ -38,12 +45,13 @@ pub struct LabelledPair {
     pub chosen_input_ids: Vec<u32>,
     /// Rejected response ids.
     pub rejected_input_ids: Vec<u32>,
-    /// The true probability that the chosen response is preferred.
-    pub p_true: f64,
-    /// Gold reward of the chosen response.
-    pub chosen_reward: f64,
+    /// The true probability that the chosen response is preferred (`None`: user data, whose
+    /// labels have no known truth).
+    pub p_true: Option<f64>,
+    /// Gold reward of the chosen response (`None`: a task without a gold reward).
+    pub chosen_reward: Option<f64>,
     /// Gold reward of the rejected response.
-    pub rejected_reward: f64,
+    pub rejected_reward: Option<f64>,
 }
 
 impl LabelledPair {
@@ -69,8 +77,9 @@ pub trait Judge: Send + Sync {
 
 /// Everything a run reads.
 pub struct TaskData {
-    /// The gold reward (and second judge).
-    pub judge: Box<dyn Judge>,
+    /// The gold reward (and second judge); `None` for user data, which has none: such a run
+    /// is evaluated by KL and held-out preference accuracy, and judged by the public judges.
+    pub judge: Option<Box<dyn Judge>>,
     /// The EOS token.
     pub eos: u32,
     /// The reference model directory.
@@ -79,6 +88,9 @@ pub struct TaskData {
     pub train: Vec<LabelledPair>,
     /// Held-out pairs.
     pub eval_pairs: Vec<LabelledPair>,
+    /// Validation pairs (user data: settings are chosen by their preference accuracy; empty
+    /// for tasks that choose by the validation prompts' win rate).
+    pub val_pairs: Vec<LabelledPair>,
     /// Test prompts: every reported number is measured on them.
     pub eval_prompts: Vec<Vec<u32>>,
     /// Validation prompts: settings are chosen on them.
@@ -87,6 +99,9 @@ pub struct TaskData {
     pub response_tokens: usize,
     /// What the pairs stage depends on (reference, data, tokenizer), for stages built on it.
     pub pairs_key: serde_json::Value,
+    /// The preparation summary (user data: what was read, skipped and truncated), written
+    /// into every run directory.
+    pub data_summary: Option<String>,
     /// The reference's evaluation samples, drawn once per sampling stream and shared by every
     /// run of this process that evaluates on the same stream (runs of one seed).
     pub reference_draws: ReferenceDraws,
@@ -104,37 +119,56 @@ pub type DrawnReference = (Vec<Vec<u32>>, Vec<f64>, Vec<f64>);
 impl TaskData {
     /// The share of training labels that contradict the gold ordering (the chosen response's
     /// gold reward below the rejected one's): the label noise the Bradley–Terry draw put in.
-    pub fn label_noise(&self) -> f64 {
-        if self.train.is_empty() {
-            return 0.0;
-        }
-        let wrong = self
+    /// `None` where the pairs have no gold rewards.
+    pub fn label_noise(&self) -> Option<f64> {
+        let judged: Vec<(f64, f64)> = self
             .train
             .iter()
-            .filter(|p| p.chosen_reward < p.rejected_reward)
-            .count();
-        wrong as f64 / self.train.len() as f64
+            .map(|p| Some((p.chosen_reward?, p.rejected_reward?)))
+            .collect::<Option<_>>()?;
+        if judged.is_empty() {
+            return Some(0.0);
+        }
+        let wrong = judged.iter().filter(|(c, r)| c < r).count();
+        Some(wrong as f64 / judged.len() as f64)
     }
 
     /// Reads the pairs stage `pairs_dir` (as [`write_pairs`] left it) into a task's data.
     pub fn from_pairs_stage(
-        judge: Box<dyn Judge>,
+        judge: Option<Box<dyn Judge>>,
         eos: u32,
         reference_dir: PathBuf,
         pairs_dir: &Path,
         response_tokens: usize,
         pairs_key: serde_json::Value,
     ) -> Result<Self> {
+        let optional = |name: &str| -> Result<Option<std::path::PathBuf>> {
+            let path = pairs_dir.join(name);
+            Ok(path.exists().then_some(path))
+        };
+        let val_pairs = match optional(VAL_PAIRS)? {
+            Some(p) => read_jsonl(&p)?,
+            None => Vec::new(),
+        };
+        let data_summary = match optional(edpo_rundir::DATA_SUMMARY)? {
+            Some(p) => Some(
+                std::fs::read_to_string(&p)
+                    .with_context(|| format!("cannot read {}", p.display()))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             judge,
             eos,
             reference_dir,
             train: read_jsonl(&pairs_dir.join("train.jsonl"))?,
             eval_pairs: read_jsonl(&pairs_dir.join("eval_pairs.jsonl"))?,
+            val_pairs,
             eval_prompts: read_jsonl(&pairs_dir.join("eval_prompts.jsonl"))?,
             val_prompts: read_jsonl(&pairs_dir.join("val_prompts.jsonl"))?,
             response_tokens,
             pairs_key,
+            data_summary,
             reference_draws: Default::default(),
         })
     }
@@ -175,6 +209,9 @@ impl TaskData {
     }
 }
 
+/// A pairs stage's validation pairs (user data only).
+pub const VAL_PAIRS: &str = "val_pairs.jsonl";
+
 /// The key of the cached reference log-probs of a pairs stage.
 pub fn reference_logps_key(pairs_key: &serde_json::Value) -> serde_json::Value {
     json!({"stage": "reference-logps", "pairs": pairs_key})
@@ -200,6 +237,8 @@ pub enum RawTask {
     Synthetic(synthetic::RawSynthetic),
     /// Controlled sentiment generation on real movie-review snippets with human ratings.
     Sentiment(sentiment::RawSentiment),
+    /// A user's preference data on a pretrained model.
+    Preferences(preferences::RawPreferences),
 }
 
 /// The resolved task.
@@ -210,6 +249,8 @@ pub enum TaskConfig {
     Synthetic(SyntheticTask),
     /// See [`sentiment`].
     Sentiment(SentimentTask),
+    /// See [`preferences`].
+    Preferences(PreferencesTask),
 }
 
 impl<'de> Deserialize<'de> for RawTask {
@@ -241,8 +282,9 @@ impl<'de> Deserialize<'de> for RawTask {
         match kind.as_str() {
             "synthetic" => section(map).map(RawTask::Synthetic),
             "sentiment" => section(map).map(RawTask::Sentiment),
+            "preferences" => section(map).map(RawTask::Preferences),
             other => Err(D::Error::custom(format!(
-                "task.kind: unknown task `{other}`, expected `synthetic` or `sentiment`"
+                "task.kind: unknown task `{other}`, expected `synthetic`, `sentiment` or `preferences`"
             ))),
         }
     }
@@ -254,6 +296,7 @@ impl RawTask {
         Ok(match self {
             RawTask::Synthetic(raw) => TaskConfig::Synthetic(raw.resolve()?),
             RawTask::Sentiment(raw) => TaskConfig::Sentiment(raw.resolve()?),
+            RawTask::Preferences(raw) => TaskConfig::Preferences(raw.resolve()?),
         })
     }
 }
@@ -264,6 +307,7 @@ impl TaskConfig {
         match self {
             TaskConfig::Synthetic(_) => synthetic::DEFAULT_SHAPE,
             TaskConfig::Sentiment(_) => sentiment::DEFAULT_SHAPE,
+            TaskConfig::Preferences(_) => preferences::DEFAULT_SHAPE,
         }
     }
 
@@ -272,6 +316,7 @@ impl TaskConfig {
         match self {
             TaskConfig::Synthetic(t) => synthetic::stage_keys(t, shape).into(),
             TaskConfig::Sentiment(t) => sentiment::stage_keys(t, shape),
+            TaskConfig::Preferences(t) => preferences::stage_keys(t),
         }
     }
 
@@ -280,6 +325,7 @@ impl TaskConfig {
         match self {
             TaskConfig::Synthetic(t) => synthetic::prepare(t, shape, cache),
             TaskConfig::Sentiment(t) => sentiment::prepare(t, shape, cache),
+            TaskConfig::Preferences(t) => preferences::prepare(t, cache),
         }
     }
 }

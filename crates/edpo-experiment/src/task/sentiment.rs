@@ -26,7 +26,7 @@
 //! a chat model is judged on the review it continues, not on the template around it.
 
 use super::ModelShape;
-use super::{check_pairs, gpt2_config, write_pairs, Judge, TaskData};
+use super::{check_pairs, gpt2_config, pretrained, write_pairs, Judge, TaskData};
 use crate::check::check;
 use crate::pairs::sample_pairs;
 use crate::stages::StageCache;
@@ -175,29 +175,11 @@ impl RawSentiment {
             "task.prompt_format",
             "must contain `{prefix}`, where the review's first words go",
         )?;
-        check(
-            task.reference_sha256.is_none() || task.reference.is_some(),
-            "task.reference_sha256",
-            "given without `task.reference`",
+        pretrained::check_keys(
+            task.reference.as_deref(),
+            task.reference_sha256.as_deref(),
+            task.chat_template.as_deref(),
         )?;
-        if let Some(d) = &task.reference_sha256 {
-            check(
-                d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit()),
-                "task.reference_sha256",
-                "must be 64 hexadecimal digits",
-            )?;
-        }
-        if let Some(name) = &task.chat_template {
-            if name == "model" {
-                check(
-                    task.reference.is_some(),
-                    "task.chat_template",
-                    "`model` needs a pretrained `task.reference` (the task's own GPT-2 has no template)",
-                )?;
-            } else if let Err(e) = edpo_data::chat::ChatTemplate::named(name) {
-                check(false, "task.chat_template", format!("{e}; or `model`"))?;
-            }
-        }
         check(
             task.vocab_size >= 300,
             "task.vocab_size",
@@ -425,8 +407,7 @@ pub fn stage_keys(
     let reference_key = match &task.reference {
         None => json!({"stage": "sentiment-reference", "tokenizer": tokenizer_key, "model": shape,
             "pretrain_steps": task.pretrain_steps, "seed": task.seed, "context": CONTEXT}),
-        Some(source) => json!({"stage": "pretrained-reference", "source": source,
-            "sha256": task.reference_sha256}),
+        Some(source) => pretrained::stage_key(source, task.reference_sha256.as_deref()),
     };
     let mut pairs_key = json!({"stage": "sentiment-pairs", "reference": reference_key, "gold": gold_key,
         "prompt_words": [task.prompt_words_min, task.prompt_words_max], "response_tokens": task.response_tokens,
@@ -454,53 +435,6 @@ pub fn stage_keys(
             ("pairs", pairs_key),
         ],
     }
-}
-
-/// Converts a pretrained reference into the Hugging Face layout (checking its digest first).
-fn convert_reference(task: &SentimentTask, source: &str, dir: &Path) -> Result<()> {
-    let path = Path::new(source);
-    if let Some(expected) = &task.reference_sha256 {
-        let bytes = std::fs::read(path).with_context(|| {
-            format!("key `task.reference`: cannot read {source} to check its SHA-256")
-        })?;
-        let found = snippets::sha256_hex(&bytes);
-        if &found != expected {
-            bail!("key `task.reference_sha256`: {source} has SHA-256 {found}, expected {expected}");
-        }
-    }
-    let model = CausalLm::load(path, &crate::device(), false)
-        .with_context(|| format!("key `task.reference`: cannot load {source}"))?;
-    model.save(dir)?;
-    std::fs::write(
-        dir.join("source.json"),
-        serde_json::to_string_pretty(&json!({"source": source, "sha256": task.reference_sha256}))?,
-    )?;
-    Ok(())
-}
-
-/// The tokenizer of a converted pretrained reference, with the EOS of its `config.json`, and
-/// the model's context length.
-fn pretrained_tokenizer(dir: &Path) -> Result<(PairTokenizer, usize)> {
-    let path = dir.join("config.json");
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?,
-    )
-    .with_context(|| format!("{}: malformed", path.display()))?;
-    let eos = match &config["eos_token_id"] {
-        serde_json::Value::Array(list) => list.first().and_then(serde_json::Value::as_u64),
-        v => v.as_u64(),
-    }
-    .ok_or_else(|| anyhow!("{}: key `eos_token_id` missing", path.display()))?;
-    let context = config["max_position_embeddings"]
-        .as_u64()
-        .or_else(|| config["n_positions"].as_u64())
-        .ok_or_else(|| anyhow!("{}: no `max_position_embeddings`", path.display()))?;
-    let eos = u32::try_from(eos).map_err(|_| anyhow!("{}: bad `eos_token_id`", path.display()))?;
-    Ok((
-        PairTokenizer::from_file(&dir.join("tokenizer.json"), eos)?,
-        context as usize,
-    ))
 }
 
 /// The sentiment task's stages.
@@ -567,32 +501,19 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         }
         Some(source) => {
             let (reference_dir, _) = cache.get_or_build("reference", &key("reference"), |dir| {
-                convert_reference(task, source, dir)
+                pretrained::convert(source, task.reference_sha256.as_deref(), dir)
             })?;
-            let (tokenizer, context) = pretrained_tokenizer(&reference_dir)?;
+            let (tokenizer, context) = pretrained::tokenizer(&reference_dir)?;
             (reference_dir, tokenizer, context)
         }
     };
     let writer = PromptWriter {
         format: task.prompt_format.clone(),
-        template: match task.chat_template.as_deref() {
-            None => None,
-            Some("model") => {
-                let path = reference_dir.join("tokenizer_config.json");
-                let template = if path.exists() {
-                    ChatTemplate::from_tokenizer_config(&path)?
-                } else {
-                    None
-                };
-                Some(template.ok_or_else(|| {
-                    anyhow!(
-                        "key `task.chat_template`: `model`, but {} carries no chat template",
-                        task.reference.as_deref().unwrap_or("the reference")
-                    )
-                })?)
-            }
-            Some(name) => Some(ChatTemplate::named(name)?),
-        },
+        template: pretrained::template(
+            task.chat_template.as_deref(),
+            &reference_dir,
+            task.reference.as_deref().unwrap_or("the reference"),
+        )?,
     };
     // A template that fails fails here, once, with its message.
     writer.render("A sample prefix")?;
@@ -761,7 +682,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         }
     }
     TaskData::from_pairs_stage(
-        Box::new(judge),
+        Some(Box::new(judge)),
         eos,
         reference_dir,
         &pairs_dir,
@@ -833,7 +754,7 @@ mod tests {
         let cache = StageCache::new(&dir);
         let data = prepare(&task, &DEFAULT_SHAPE, &cache)?;
         assert!(data.reference_dir.join("tokenizer_config.json").exists());
-        let (tokenizer, _) = pretrained_tokenizer(&data.reference_dir)?;
+        let (tokenizer, _) = pretrained::tokenizer(&data.reference_dir)?;
         assert_eq!(data.train.len(), 6);
         for pair in &data.train {
             let text = tokenizer.decode(&pair.prompt_input_ids)?;
@@ -846,17 +767,20 @@ mod tests {
             // (Read back from JSON lines, the stored reward may differ in the last bit.)
             let judged = data
                 .judge
+                .as_ref()
+                .expect("a gold reward")
                 .gold(&pair.prompt_input_ids, &pair.chosen_input_ids);
-            assert!(
-                (judged - pair.chosen_reward).abs() < 1e-12,
-                "{judged} vs {}",
-                pair.chosen_reward
-            );
+            let stored = pair.chosen_reward.expect("judged");
+            assert!((judged - stored).abs() < 1e-12, "{judged} vs {stored}");
         }
         let again = prepare(&task, &DEFAULT_SHAPE, &cache)?;
         for p in data.eval_prompts.iter().chain(&data.val_prompts) {
             let r = [tokenizer.eos_id()];
-            assert_eq!(again.judge.gold(p, &r), data.judge.gold(p, &r));
+            let (a, b) = (
+                again.judge.as_ref().expect("gold"),
+                data.judge.as_ref().expect("gold"),
+            );
+            assert_eq!(a.gold(p, &r), b.gold(p, &r));
             // Every test and validation prompt is known by its prefix after a cache read.
             let stage = cache_entry(&dir, "pairs");
             let rows: Vec<serde_json::Value> = super::super::read_jsonl(&stage.join(PROMPT_TEXTS))?;

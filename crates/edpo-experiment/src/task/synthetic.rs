@@ -214,7 +214,7 @@ pub fn prepare(task: &SyntheticTask, shape: &ModelShape, cache: &StageCache) -> 
     })?;
     let eos = lang.eos();
     TaskData::from_pairs_stage(
-        Box::new(judge),
+        Some(Box::new(judge)),
         eos,
         reference_dir,
         &pairs_dir,
