@@ -186,9 +186,56 @@ def kto(t, beta, desirable_weight, undesirable_weight):
     return (losses, *reference_rewards(t, beta), beta, {"kl": z0.item()})
 
 
+# --- The related objectives (issue: the wider family) ------------------------------------------
+
+# hdpo (H-DPO, arXiv 2411.07595): α on the policy's log-probability in the implicit reward
+#   r = β·(α·log π − log π_ref): −logσ(αβ·(lw − ll) − β·(rw − rl)); α = 1 is DPO.
+def hdpo(t, beta, alpha):
+    chosen = beta * (alpha * t["lw"] - t["rw"])
+    rejected = beta * (alpha * t["ll"] - t["rl"])
+    losses = -F.logsigmoid(chosen - rejected)
+    return (losses, chosen, rejected, beta, {})
+
+
+# chipo (χPO, arXiv 2407.13399, Algorithm 1): the link φ(z) = z + log z of the ratio z = π/π_ref
+#   in place of log z, i.e. φ = e^u + u of the log-ratio u; −logσ(clip_{2R_max}[β·φ(u_w) − β·φ(u_l)]).
+def chipo(t, beta, r_max):
+    uw, ul = t["lw"] - t["rw"], t["ll"] - t["rl"]
+    chosen = beta * (torch.exp(uw) + uw)
+    rejected = beta * (torch.exp(ul) + ul)
+    losses = -F.logsigmoid(torch.clamp(chosen - rejected, -2 * r_max, 2 * r_max))
+    return (losses, chosen, rejected, beta, {})
+
+
+# sppo_hard (SPPO with hard labels, arXiv 2405.00675; TRL's loss_type="sppo_hard"):
+#   (u_w − 1/(2β))² + (u_l + 1/(2β))², u the summed policy-minus-reference log-ratios.
+def sppo_hard(t, beta):
+    uw, ul = t["lw"] - t["rw"], t["ll"] - t["rl"]
+    losses = (uw - 1 / (2 * beta)) ** 2 + (ul + 1 / (2 * beta)) ** 2
+    return (losses, *reference_rewards(t, beta), beta, {})
+
+
+# repo (RePO, arXiv 2503.07426; junkangwu/RePO scripts/simpo_trainer.py): reference-free,
+#   relu(γ − (lw/|y_w| − ll/|y_l|)), no β.
+def repo(t, gamma):
+    pw, pl = t["lw"] / t["len_w"], t["ll"] / t["len_l"]
+    losses = torch.relu(gamma - (pw - pl))
+    return (losses, pw, pl, None, {})
+
+
+# bpo (BPO, arXiv 2505.19601, the recommended SBA instance, Appendix C.1 Code 1):
+#   R = max(exp(−βΔ), R_min), s = 4: R^(λ+1)/(s(λ+1)) − R^(−λ)/(sλ); λ → 0 would be KLIEP.
+def bpo(t, beta, lam, r_min):
+    ratio = torch.clamp(torch.exp(-beta * margin(t)), min=r_min)
+    s = 4.0
+    losses = ratio ** (lam + 1) / (s * (lam + 1)) - ratio ** (-lam) / (s * lam)
+    return (losses, *reference_rewards(t, beta), beta, {})
+
+
 OBJECTIVES = {
     "dpo": dpo, "cdpo": cdpo, "rdpo": rdpo, "ipo": ipo, "hinge": hinge, "slic": slic,
     "simpo": simpo, "rdpo_len": rdpo_len, "cpo": cpo, "orpo": orpo, "kto": kto,
+    "hdpo": hdpo, "chipo": chipo, "sppo_hard": sppo_hard, "repo": repo, "bpo": bpo,
 }
 
 # JSON parameter names → keyword arguments of the functions above.
@@ -220,6 +267,16 @@ SETTINGS = [
     ("orpo", {"lambda": 2.0}),
     ("kto", {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}),
     ("kto", {"beta": 0.5, "desirable_weight": 1.0, "undesirable_weight": 1.5}),
+    ("hdpo", {"beta": 0.1, "alpha": 0.95}),
+    ("hdpo", {"beta": 0.5, "alpha": 1.2}),
+    ("chipo", {"beta": 0.05, "r_max": 5.0}),
+    ("chipo", {"beta": 0.01, "r_max": 0.5}),
+    ("sppo_hard", {"beta": 0.1}),
+    ("sppo_hard", {"beta": 1.0}),
+    ("repo", {"gamma": 0.4}),
+    ("repo", {"gamma": 1.5}),
+    ("bpo", {"beta": 0.1, "lambda": 1.2, "r_min": 0.01}),
+    ("bpo", {"beta": 0.5, "lambda": -0.5, "r_min": 0.025}),
 ]
 
 REWARD_DEFINITIONS = {
@@ -230,6 +287,11 @@ REWARD_DEFINITIONS = {
     "simpo": "beta*lw/len_w, beta*ll/len_l",
     "cpo": "beta*lw, beta*ll",
     "orpo": "lw/len_w, ll/len_l (reference-free, no beta)",
+    "hdpo": "beta*(alpha*lw-rw), beta*(alpha*ll-rl)",
+    "chipo": "beta*(exp(lw-rw)+(lw-rw)), beta*(exp(ll-rl)+(ll-rl))",
+    "sppo_hard": REF_REWARDS,
+    "repo": "lw/len_w, ll/len_l (reference-free, no beta)",
+    "bpo": REF_REWARDS,
 }
 
 NOTES = {
@@ -247,6 +309,14 @@ NOTES = {
     "cpo": "reference-free; NLL term -lambda*lw on the summed chosen log-prob.",
     "orpo": "NLL term is the per-pair token average -lw/len_w, averaged over pairs (TRL averages over "
             "all chosen tokens of the batch instead); log-odds via log1p(-exp(p̄)).",
+    "hdpo": "alpha scales the policy log-probs only; alpha=1 is DPO.",
+    "chipo": "Algorithm 1 of the paper: the logit is clipped to [-2 r_max, 2 r_max] (zero gradient "
+             "where the clip binds); the experiments' smoothed link exp(clip(alpha*u)) + gamma*u is not used.",
+    "sppo_hard": "TRL's sppo_hard: the sum of the two squares (the official SPPO code averages them, half "
+                 "the value), summed log-probs, targets +-1/(2 beta) (eta = 1/beta).",
+    "repo": "relu gradient is 0 at the kink; no pair sits on it.",
+    "bpo": "SBA instance with s = 4 (DPO's gradient at R = 1); R clamped below at r_min (zero gradient "
+           "where the clamp binds); lambda must not be 0 or -1.",
     "kto": "per-pair loss is half the sum of the desirable and undesirable terms, so the batch mean equals "
            "the mean over the 2N terms; z0 = max(0, mean(kl_logratios)) is detached and logged as 'kl'.",
 }
@@ -327,6 +397,8 @@ def check_kinks(batch):
                 arg = 1 - params["beta"] * margin(t)
             elif method == "slic":
                 arg = params["delta"] - t["lw"] + t["ll"]
+            elif method == "repo":
+                arg = params["gamma"] - (t["lw"] / t["len_w"] - t["ll"] / t["len_l"])
             else:
                 continue
         assert arg.abs().min().item() > 1e-3, f"{batch['name']}: a pair is on the {method} kink"
@@ -345,6 +417,13 @@ def check_closed_forms(case, batch):
         expected = -p["beta"] * (1 - p["beta"] * d > 0) / n
     elif case["method"] == "ipo" and not p["average"]:
         expected = 2 * (d - 1 / (2 * p["beta"])) / n
+    elif case["method"] == "hdpo":
+        z = p["alpha"] * p["beta"] * (lw - ll) - p["beta"] * (rw - rl)
+        expected = -p["alpha"] * p["beta"] * sig(-z) / n
+    elif case["method"] == "bpo":
+        ratio = np.exp(-p["beta"] * d)
+        lam, free = p["lambda"], np.exp(-p["beta"] * d) >= p["r_min"]
+        expected = -(p["beta"] / 4) * (ratio ** (lam + 1) + ratio ** (-lam)) * free / n
     else:
         return
     assert np.allclose(case["grad_lw"], expected, rtol=1e-12, atol=1e-15), case["method"]

@@ -308,6 +308,64 @@ pub const CATALOGUE: &[Entry] = &[
             tau: v.get("tau") as usize,
         },
     },
+    Entry {
+        kind: "hdpo",
+        label: "H-DPO",
+        params: &[real("beta", None), real("alpha", None)],
+        build: |v, _| {
+            Objective::Method(Method::Hdpo {
+                beta: v.get("beta"),
+                alpha: v.get("alpha"),
+            })
+        },
+    },
+    Entry {
+        kind: "chipo",
+        label: "χPO",
+        params: &[real("beta", None), real("r_max", Some(5.0))],
+        build: |v, _| {
+            Objective::Method(Method::Chipo {
+                beta: v.get("beta"),
+                r_max: v.get("r_max"),
+            })
+        },
+    },
+    Entry {
+        kind: "sppo_hard",
+        label: "SPPO",
+        params: &[real("beta", None)],
+        build: |v, _| {
+            Objective::Method(Method::SppoHard {
+                beta: v.get("beta"),
+            })
+        },
+    },
+    Entry {
+        kind: "repo",
+        label: "RePO",
+        params: &[real("gamma", Some(0.4))],
+        build: |v, _| {
+            Objective::Method(Method::Repo {
+                gamma: v.get("gamma"),
+            })
+        },
+    },
+    Entry {
+        kind: "bpo",
+        label: "BPO",
+        params: &[
+            real("beta", None),
+            real("lambda", Some(-0.5)),
+            real("r_min", Some(0.01)),
+        ],
+        build: |v, _| {
+            Objective::Method(Method::Bpo {
+                beta: v.get("beta"),
+                lambda: v.get("lambda"),
+                r_min: v.get("r_min"),
+            })
+        },
+    },
 ];
 
 /// The catalogue entry of `kind`.
@@ -332,6 +390,9 @@ pub fn symbol(name: &str) -> &str {
         "tau" => "τ",
         "gamma_ratio" => "γ/β",
         "label_smoothing" => "ℓ",
+        "gamma" => "γ",
+        "r_max" => "R_max",
+        "r_min" => "R_min",
         other => other,
     }
 }

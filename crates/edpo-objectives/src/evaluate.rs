@@ -4,8 +4,8 @@
 
 use crate::method::non_negative;
 use crate::{
-    batch_stats, check_len, cpo, dpo, hinge, ipo, kto, math, orpo, simpo, Error, Method,
-    ObjectiveOutput, PairLogps,
+    batch_stats, bpo, check_len, chipo, cpo, dpo, hdpo, hinge, ipo, kto, math, orpo, repo, simpo,
+    sppo, Error, Method, ObjectiveOutput, PairLogps,
 };
 
 /// Everything a stateless objective may read for a batch of pairs.
@@ -73,6 +73,15 @@ pub fn evaluate(
         }
         Method::Cpo { beta, lambda } => cpo::cpo(lw, ll, beta, lambda),
         Method::Orpo { lambda } => orpo::orpo(lw, ll, len_w, len_l, lambda),
+        Method::Hdpo { beta, alpha } => hdpo::hdpo(logps, beta, alpha),
+        Method::Chipo { beta, r_max } => chipo::chipo(logps, beta, r_max),
+        Method::SppoHard { beta } => sppo::sppo_hard(logps, beta),
+        Method::Repo { gamma } => repo::repo(lw, ll, len_w, len_l, gamma),
+        Method::Bpo {
+            beta,
+            lambda,
+            r_min,
+        } => bpo::bpo(logps, beta, lambda, r_min),
         Method::Kto {
             beta,
             desirable_weight,
@@ -255,6 +264,26 @@ mod tests {
                 beta: 0.3,
                 desirable_weight: 1.0,
                 undesirable_weight: 1.5,
+            },
+            Method::Hdpo {
+                beta: 0.3,
+                alpha: 0.9,
+            },
+            Method::Chipo {
+                beta: 0.2,
+                r_max: 5.0,
+            },
+            Method::SppoHard { beta: 0.5 },
+            Method::Repo { gamma: 0.4 },
+            Method::Bpo {
+                beta: 0.3,
+                lambda: 1.2,
+                r_min: 0.01,
+            },
+            Method::Bpo {
+                beta: 0.3,
+                lambda: -0.5,
+                r_min: 0.01,
             },
         ]
     }

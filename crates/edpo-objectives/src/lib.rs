@@ -21,7 +21,10 @@
 //!   - with a reference: `dpo`, `cdpo` (conservative DPO), `rdpo` (robust DPO), `ipo`,
 //!     `hinge` (RSO), `rdpo_len` (length-regularised R-DPO), `kto` (paired KTO, which also
 //!     reads the mismatched-pair log-ratios for its KL estimate);
-//!   - reference-free: `slic` (SLiC-HF), `simpo`, `cpo`, `orpo`.
+//!   - reference-free: `slic` (SLiC-HF), `simpo`, `cpo`, `orpo`;
+//!   - the related objectives of the ε-DPO literature: `hdpo` (H-DPO), `chipo` (χPO),
+//!     `sppo_hard` (SPPO with hard labels), `bpo` (BPO's SBA instance), and reference-free
+//!     `repo` (RePO).
 //! - [`BetaDpo`]: β-DPO (Wu et al., 2024), whose batch-level β and data filter carry running
 //!   estimates from batch to batch, so it is a stateful struct rather than a [`Method`].
 //!
@@ -38,18 +41,23 @@
 //! model or a file.
 
 mod beta_dpo;
+mod bpo;
 pub mod catalogue;
+mod chipo;
 mod cpo;
 mod dpo;
 mod epsilon;
 mod evaluate;
+mod hdpo;
 mod hinge;
 mod ipo;
 mod kto;
 pub mod math;
 mod method;
 mod orpo;
+mod repo;
 mod simpo;
+mod sppo;
 mod term;
 
 pub use beta_dpo::{BetaDpo, BetaDpoReport};

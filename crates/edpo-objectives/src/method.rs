@@ -88,6 +88,39 @@ pub enum Method {
         /// `w_u` > 0.
         undesirable_weight: f64,
     },
+    /// H-DPO: `−log σ(αβ·(lw − ll) − β·(rw − rl))` (α = 1: DPO).
+    Hdpo {
+        /// β > 0.
+        beta: f64,
+        /// α > 0, the weight of the policy's log-probability (its entropy).
+        alpha: f64,
+    },
+    /// χPO: `−log σ(clip_{2R_max}(β·(e^{u_w} + u_w) − β·(e^{u_l} + u_l)))`, `u = log π − log π_ref`.
+    Chipo {
+        /// β > 0.
+        beta: f64,
+        /// R_max > 0: the logit is clipped to `[−2R_max, 2R_max]`.
+        r_max: f64,
+    },
+    /// SPPO with hard labels: `(u_w − 1/(2β))² + (u_l + 1/(2β))²`.
+    SppoHard {
+        /// β > 0 (`η = 1/β`).
+        beta: f64,
+    },
+    /// RePO, reference-free: `max(0, γ − (lw/|y_w| − ll/|y_l|))`.
+    Repo {
+        /// The margin γ ≥ 0.
+        gamma: f64,
+    },
+    /// BPO (SBA instance): `R^{λ+1}/(4(λ+1)) − R^{−λ}/(4λ)`, `R = max(e^{−β·Δ}, R_min)`.
+    Bpo {
+        /// β > 0.
+        beta: f64,
+        /// λ > −1, λ ≠ 0.
+        lambda: f64,
+        /// R_min ∈ (0, 1]: the lower clamp of the ratio.
+        r_min: f64,
+    },
 }
 
 impl Method {
@@ -105,20 +138,30 @@ impl Method {
             Self::Cpo { .. } => "cpo",
             Self::Orpo { .. } => "orpo",
             Self::Kto { .. } => "kto",
+            Self::Hdpo { .. } => "hdpo",
+            Self::Chipo { .. } => "chipo",
+            Self::SppoHard { .. } => "sppo_hard",
+            Self::Repo { .. } => "repo",
+            Self::Bpo { .. } => "bpo",
         }
     }
 
     /// Whether the method reads the reference log-probs (false for `slic`, `simpo`, `cpo`,
-    /// `orpo`, which never touch them, so they may be empty).
+    /// `orpo`, `repo`, which never touch them, so they may be empty).
     pub fn needs_reference(&self) -> bool {
         !matches!(
             self,
-            Self::Slic { .. } | Self::Simpo { .. } | Self::Cpo { .. } | Self::Orpo { .. }
+            Self::Slic { .. }
+                | Self::Simpo { .. }
+                | Self::Cpo { .. }
+                | Self::Orpo { .. }
+                | Self::Repo { .. }
         )
     }
 
     /// Whether the method reads the response lengths (`ipo` with `average`, `simpo`,
-    /// `rdpo_len`, `orpo`). A non-zero SFT weight reads the chosen lengths for any method.
+    /// `rdpo_len`, `orpo`, `repo`). A non-zero SFT weight reads the chosen lengths for any
+    /// method.
     pub fn needs_lengths(&self) -> bool {
         matches!(
             self,
@@ -126,6 +169,7 @@ impl Method {
                 | Self::Simpo { .. }
                 | Self::RdpoLen { .. }
                 | Self::Orpo { .. }
+                | Self::Repo { .. }
         )
     }
 
@@ -134,7 +178,7 @@ impl Method {
         matches!(self, Self::Kto { .. })
     }
 
-    /// The method's β, if it has one (all but `slic` and `orpo`).
+    /// The method's β, if it has one (all but `slic`, `orpo` and `repo`).
     pub fn beta(&self) -> Option<f64> {
         match *self {
             Self::Dpo { beta }
@@ -145,13 +189,18 @@ impl Method {
             | Self::Simpo { beta, .. }
             | Self::RdpoLen { beta, .. }
             | Self::Cpo { beta, .. }
-            | Self::Kto { beta, .. } => Some(beta),
-            Self::Slic { .. } | Self::Orpo { .. } => None,
+            | Self::Kto { beta, .. }
+            | Self::Hdpo { beta, .. }
+            | Self::Chipo { beta, .. }
+            | Self::SppoHard { beta }
+            | Self::Bpo { beta, .. } => Some(beta),
+            Self::Slic { .. } | Self::Orpo { .. } | Self::Repo { .. } => None,
         }
     }
 
-    /// Checks every hyper-parameter's range: β > 0, ℓ ∈ [0, 0.5), δ, λ, α, γ_ratio ≥ 0, KTO's
-    /// weights > 0, all finite.
+    /// Checks every hyper-parameter's range: β > 0, ℓ ∈ [0, 0.5), δ, λ, α, γ_ratio, γ ≥ 0,
+    /// KTO's weights > 0, H-DPO's α > 0, χPO's R_max > 0, BPO's λ > −1 and ≠ 0 and
+    /// R_min ∈ (0, 1], all finite.
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(beta) = self.beta() {
             positive("beta", beta)?;
@@ -178,7 +227,29 @@ impl Method {
                 positive("desirable_weight", desirable_weight)?;
                 positive("undesirable_weight", undesirable_weight)
             }
-            Self::Dpo { .. } | Self::Ipo { .. } | Self::Hinge { .. } => Ok(()),
+            Self::Hdpo { alpha, .. } => positive("alpha", alpha),
+            Self::Chipo { r_max, .. } => positive("r_max", r_max),
+            Self::Repo { gamma } => non_negative("gamma", gamma),
+            Self::Bpo { lambda, r_min, .. } => {
+                if !(lambda > -1.0 && lambda != 0.0 && lambda.is_finite()) {
+                    return Err(Error::Parameter {
+                        name: "lambda",
+                        value: lambda,
+                        message: "must be above −1 and not 0",
+                    });
+                }
+                if !(r_min > 0.0 && r_min <= 1.0) {
+                    return Err(Error::Parameter {
+                        name: "r_min",
+                        value: r_min,
+                        message: "must lie in (0, 1]",
+                    });
+                }
+                Ok(())
+            }
+            Self::Dpo { .. } | Self::Ipo { .. } | Self::Hinge { .. } | Self::SppoHard { .. } => {
+                Ok(())
+            }
         }
     }
 }

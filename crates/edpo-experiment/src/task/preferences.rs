@@ -304,6 +304,13 @@ fn read_split(
         over_budget,
     )
     .context("key `task.data`")?;
+    if counts.prefix_mismatches > 0 {
+        tracing::warn!(
+            records = counts.prefix_mismatches,
+            "joint tokenisation: the whole sequence does not start with the prompt's own ids \
+             (a merge across the prompt's end); the response ids are taken after the prompt's length"
+        );
+    }
     let vocab = tokenizer.vocab_size();
     for (i, p) in &pairs {
         let bad = [&p.prompt, &p.chosen, &p.rejected]
