@@ -1,4 +1,5 @@
-//! `edpo bandit`: DPO, IPO, cDPO, rDPO and ε-DPO on the exactly solvable bandit
+//! `edpo bandit`: DPO, IPO, cDPO, rDPO, ε-DPO and the related objectives with a β (H-DPO,
+//! χPO, SPPO, BPO) on the exactly solvable bandit
 //! ([`edpo_experiment::bandit`]), over many seeds in seconds. Every method trains on the same
 //! problems and datasets seed by seed (a paired design); it prints, per label kind and
 //! method, the mean and a 95% Student-t interval over seeds of the final policy's KL to π_ref,
@@ -23,6 +24,12 @@ pub struct BanditArgs {
     /// cDPO's and rDPO's label smoothing ℓ (the assumed share of flipped labels).
     #[arg(long, default_value_t = 0.1)]
     label_smoothing: f64,
+    /// H-DPO's α (the weight of the policy's log-probability; 1 is DPO).
+    #[arg(long, default_value_t = 0.9)]
+    hdpo_alpha: f64,
+    /// BPO's λ (SBA instance; −0.5 gives the loss √R).
+    #[arg(long, default_value_t = -0.5)]
+    bpo_lambda: f64,
     /// ε-DPO's ε (repeatable).
     #[arg(long = "epsilon", default_values_t = [0.01, 0.05])]
     epsilons: Vec<f64>,
@@ -110,6 +117,32 @@ pub fn run(args: &BanditArgs) -> Result<()> {
             },
         ));
     }
+    let beta = args.beta;
+    methods.extend([
+        (
+            format!("H-DPO β={beta}, α={}", args.hdpo_alpha),
+            Objective::Method(Method::Hdpo {
+                beta,
+                alpha: args.hdpo_alpha,
+            }),
+        ),
+        (
+            format!("χPO β={beta}"),
+            Objective::Method(Method::Chipo { beta, r_max: 5.0 }),
+        ),
+        (
+            format!("SPPO β={beta}"),
+            Objective::Method(Method::SppoHard { beta }),
+        ),
+        (
+            format!("BPO β={beta}, λ={}", args.bpo_lambda),
+            Objective::Method(Method::Bpo {
+                beta,
+                lambda: args.bpo_lambda,
+                r_min: 0.01,
+            }),
+        ),
+    ]);
     out!(
         "| labels | method | KL(π‖π_ref) | reward | KL(π‖π*_β) | gap below the frontier | final β |"
     );
