@@ -73,6 +73,12 @@ def make_batch(name, seed, n, shift_w, shift_l, kl_mean):
         len_l=[int(v) for v in rng.integers(3, 41, n)],
         kl_logratios=r3(rng.normal(kl_mean, 1.0, n)),
     )
+    # The responses' scores (ODPO), from a stream of their own so the values above are as they
+    # were: s_w − s_l in (0.05, 1.5), so the log offset is negative for some pairs.
+    srng = np.random.default_rng(seed + 1000)
+    score_w = srng.uniform(0.5, 2.0, n)
+    batch["score_w"] = r3(score_w)
+    batch["score_l"] = r3(score_w - srng.uniform(0.05, 1.5, n))
     if name == "extreme":
         for i, lw_i, ll_i, rw_i, rl_i, len_w_i, len_l_i in EXTREME_PAIRS:
             for key, value in zip(["lw", "ll", "rw", "rl", "len_w", "len_l"],
@@ -84,7 +90,7 @@ def make_batch(name, seed, n, shift_w, shift_l, kl_mean):
 def tensors(batch):
     """The batch as float64 tensors; lw and ll are fresh leaves that require gradients."""
     t = {k: torch.tensor(batch[k], dtype=DTYPE)
-         for k in ["lw", "ll", "rw", "rl", "len_w", "len_l", "kl_logratios"]}
+         for k in ["lw", "ll", "rw", "rl", "len_w", "len_l", "kl_logratios", "score_w", "score_l"]}
     t["lw"].requires_grad_(True)
     t["ll"].requires_grad_(True)
     return t
@@ -188,6 +194,15 @@ def kto(t, beta, desirable_weight, undesirable_weight):
 
 # --- The related objectives (issue: the wider family) ------------------------------------------
 
+# odpo (ODPO, arXiv 2402.10571; rycolab/odpo trainers.py preference_loss):
+#   −logσ(βΔ − Δ_r), Δ_r = α·log(s_w − s_l) (log_offset) or α·(s_w − s_l)
+def odpo(t, beta, alpha, log_offset):
+    gap = t["score_w"] - t["score_l"]
+    offset = alpha * (torch.log(gap) if log_offset else gap)
+    losses = -F.logsigmoid(beta * margin(t) - offset)
+    return (losses, *reference_rewards(t, beta), beta, {})
+
+
 # hdpo (H-DPO, arXiv 2411.07595): α on the policy's log-probability in the implicit reward
 #   r = β·(α·log π − log π_ref): −logσ(αβ·(lw − ll) − β·(rw − rl)); α = 1 is DPO.
 def hdpo(t, beta, alpha):
@@ -235,7 +250,7 @@ def bpo(t, beta, lam, r_min):
 OBJECTIVES = {
     "dpo": dpo, "cdpo": cdpo, "rdpo": rdpo, "ipo": ipo, "hinge": hinge, "slic": slic,
     "simpo": simpo, "rdpo_len": rdpo_len, "cpo": cpo, "orpo": orpo, "kto": kto,
-    "hdpo": hdpo, "chipo": chipo, "sppo_hard": sppo_hard, "repo": repo, "bpo": bpo,
+    "odpo": odpo, "hdpo": hdpo, "chipo": chipo, "sppo_hard": sppo_hard, "repo": repo, "bpo": bpo,
 }
 
 # JSON parameter names → keyword arguments of the functions above.
@@ -267,6 +282,8 @@ SETTINGS = [
     ("orpo", {"lambda": 2.0}),
     ("kto", {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}),
     ("kto", {"beta": 0.5, "desirable_weight": 1.0, "undesirable_weight": 1.5}),
+    ("odpo", {"beta": 0.1, "alpha": 1.0, "log_offset": True}),
+    ("odpo", {"beta": 0.5, "alpha": 0.5, "log_offset": False}),
     ("hdpo", {"beta": 0.1, "alpha": 0.95}),
     ("hdpo", {"beta": 0.5, "alpha": 1.2}),
     ("chipo", {"beta": 0.05, "r_max": 5.0}),
@@ -287,6 +304,7 @@ REWARD_DEFINITIONS = {
     "simpo": "beta*lw/len_w, beta*ll/len_l",
     "cpo": "beta*lw, beta*ll",
     "orpo": "lw/len_w, ll/len_l (reference-free, no beta)",
+    "odpo": REF_REWARDS,
     "hdpo": "beta*(alpha*lw-rw), beta*(alpha*ll-rl)",
     "chipo": "beta*(exp(lw-rw)+(lw-rw)), beta*(exp(ll-rl)+(ll-rl))",
     "sppo_hard": REF_REWARDS,
@@ -309,6 +327,8 @@ NOTES = {
     "cpo": "reference-free; NLL term -lambda*lw on the summed chosen log-prob.",
     "orpo": "NLL term is the per-pair token average -lw/len_w, averaged over pairs (TRL averages over "
             "all chosen tokens of the batch instead); log-odds via log1p(-exp(p̄)).",
+    "odpo": "scores from the batch's score_w, score_l; log_offset=true is the paper's alpha*log(s_w - s_l), "
+            "false the plain difference alpha*(s_w - s_l).",
     "hdpo": "alpha scales the policy log-probs only; alpha=1 is DPO.",
     "chipo": "Algorithm 1 of the paper: the logit is clipped to [-2 r_max, 2 r_max] (zero gradient "
              "where the clip binds); the experiments' smoothed link exp(clip(alpha*u)) + gamma*u is not used.",

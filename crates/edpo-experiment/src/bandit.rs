@@ -299,6 +299,7 @@ fn inputs<'a>(logps: PairLogps<'a>, ones: &'a [usize]) -> PairInputs<'a> {
         chosen_lengths: ones,
         rejected_lengths: ones,
         kl_logratios: None,
+        scores: None,
     }
 }
 

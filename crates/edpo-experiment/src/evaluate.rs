@@ -366,6 +366,7 @@ mod tests {
             p_true: Some(0.8),
             chosen_reward: Some(2.0),
             rejected_reward: Some(0.0),
+            scores: None,
         };
         TaskData {
             judge: Some(Box::new(CountOnes)),

@@ -52,6 +52,7 @@ pub fn sample_pairs(
                 p_true: Some(p),
                 chosen_reward: Some(gc),
                 rejected_reward: Some(gr),
+                scores: None,
             });
         }
         round += 1;

@@ -60,6 +60,8 @@ pub struct Needs {
     /// Policy-minus-reference log-ratios on mismatched prompt/response pairs (KTO's KL
     /// estimate).
     pub kl_logratios: bool,
+    /// Each pair's response scores (ODPO's offset): from the data, not the model.
+    pub scores: bool,
     /// The reference is moved towards the policy during training (TR-DPO).
     pub reference_updates: bool,
 }
@@ -309,6 +311,26 @@ pub const CATALOGUE: &[Entry] = &[
         },
     },
     Entry {
+        kind: "odpo",
+        label: "ODPO",
+        params: &[
+            real("beta", None),
+            real("alpha", Some(1.0)),
+            Param {
+                name: "log_offset",
+                kind: ParamType::Flag,
+                default: Some(1.0),
+            },
+        ],
+        build: |v, _| {
+            Objective::Method(Method::Odpo {
+                beta: v.get("beta"),
+                alpha: v.get("alpha"),
+                log_offset: v.get("log_offset") != 0.0,
+            })
+        },
+    },
+    Entry {
         kind: "hdpo",
         label: "H-DPO",
         params: &[real("beta", None), real("alpha", None)],
@@ -440,6 +462,7 @@ impl Objective {
                 precomputed_reference: m.needs_reference(),
                 lengths: m.needs_lengths(),
                 kl_logratios: m.needs_kl_logratios(),
+                scores: m.needs_scores(),
                 ..Needs::default()
             },
         }

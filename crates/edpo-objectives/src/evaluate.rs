@@ -4,8 +4,8 @@
 
 use crate::method::non_negative;
 use crate::{
-    batch_stats, bpo, check_len, chipo, cpo, dpo, hdpo, hinge, ipo, kto, math, orpo, repo, simpo,
-    sppo, Error, Method, ObjectiveOutput, PairLogps,
+    batch_stats, bpo, check_len, chipo, cpo, dpo, hdpo, hinge, ipo, kto, math, odpo, orpo, repo,
+    simpo, sppo, Error, Method, ObjectiveOutput, PairLogps,
 };
 
 /// Everything a stateless objective may read for a batch of pairs.
@@ -26,6 +26,18 @@ pub struct PairInputs<'a> {
     /// KTO's policy-minus-reference log-ratios of mismatched prompt/completion pairs (any
     /// number of them; their clamped mean is the KL estimate `z₀`).
     pub kl_logratios: Option<&'a [f64]>,
+    /// The responses' scores (a reward model's, a rating), read by ODPO
+    /// ([`Method::needs_scores`]) only.
+    pub scores: Option<ResponseScores<'a>>,
+}
+
+/// Each pair's two responses' scores.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseScores<'a> {
+    /// `s_w`: the chosen response's score, per pair.
+    pub chosen: &'a [f64],
+    /// `s_l`: the rejected response's score, per pair.
+    pub rejected: &'a [f64],
 }
 
 /// Evaluates `method` on a batch: `L = mean_i [ℓ_i + λ_sft·(−lw_i/|y_w,i|)]`, with `ℓ_i` the
@@ -73,6 +85,18 @@ pub fn evaluate(
         }
         Method::Cpo { beta, lambda } => cpo::cpo(lw, ll, beta, lambda),
         Method::Orpo { lambda } => orpo::orpo(lw, ll, len_w, len_l, lambda),
+        Method::Odpo {
+            beta,
+            alpha,
+            log_offset,
+        } => {
+            // check_inputs has made sure the scores are there.
+            let s = inputs.scores.unwrap_or(ResponseScores {
+                chosen: &[],
+                rejected: &[],
+            });
+            odpo::odpo(logps, s.chosen, s.rejected, beta, alpha, log_offset)
+        }
         Method::Hdpo { beta, alpha } => hdpo::hdpo(logps, beta, alpha),
         Method::Chipo { beta, r_max } => chipo::chipo(logps, beta, r_max),
         Method::SppoHard { beta } => sppo::sppo_hard(logps, beta),
@@ -207,6 +231,38 @@ fn check_inputs(method: &Method, inputs: &PairInputs<'_>, sft_weight: f64) -> Re
     if let Method::Orpo { .. } = method {
         orpo::check_log_probs(logps, inputs.chosen_lengths, inputs.rejected_lengths)?;
     }
+    if method.needs_scores() {
+        let s = inputs.scores.ok_or(Error::Missing {
+            name: "scores",
+            method: method.name(),
+        })?;
+        check_len("chosen_scores", s.chosen, n)?;
+        check_len("rejected_scores", s.rejected, n)?;
+        for (name, side) in [("chosen_scores", s.chosen), ("rejected_scores", s.rejected)] {
+            if let Some(index) = side.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Input {
+                    name,
+                    index,
+                    value: side[index],
+                    message: "a score must be finite",
+                });
+            }
+        }
+        if let Method::Odpo {
+            log_offset: true, ..
+        } = method
+        {
+            if let Some(index) = (0..n).find(|&i| s.chosen[i] <= s.rejected[i]) {
+                return Err(Error::Input {
+                    name: "chosen_scores",
+                    index,
+                    value: s.chosen[index] - s.rejected[index],
+                    message: "ODPO's log offset needs the chosen response's score above the \
+                              rejected one's (log_offset: false takes the plain difference)",
+                });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -299,6 +355,7 @@ mod tests {
             chosen_lengths: &LEN_W,
             rejected_lengths: &LEN_L,
             kl_logratios: Some(&KL),
+            scores: None,
         };
         evaluate(method, &inputs, sft_weight).unwrap().loss()
     }
@@ -319,6 +376,7 @@ mod tests {
                     chosen_lengths: &LEN_W,
                     rejected_lengths: &LEN_L,
                     kl_logratios: Some(&KL),
+                    scores: None,
                 };
                 let out = evaluate(&method, &inputs, sft_weight).unwrap();
                 for i in 0..LW.len() {
@@ -358,6 +416,7 @@ mod tests {
                 chosen_lengths: if method.needs_lengths() { &LEN_W } else { &[] },
                 rejected_lengths: if method.needs_lengths() { &LEN_L } else { &[] },
                 kl_logratios: Some(&KL),
+                scores: None,
             };
             let result = evaluate(&method, &inputs, 0.0);
             if method.needs_reference() {
@@ -386,6 +445,7 @@ mod tests {
             chosen_lengths: &[],
             rejected_lengths: &[],
             kl_logratios: None,
+            scores: None,
         };
         assert_eq!(
             evaluate(&kto, &inputs, 0.0),
@@ -432,6 +492,7 @@ mod tests {
             chosen_lengths: &LEN_W,
             rejected_lengths: &LEN_L,
             kl_logratios: None,
+            scores: None,
         };
         let out = evaluate(&Method::Orpo { lambda: 0.1 }, &inputs, 0.0).unwrap();
         assert!(out.betas.is_empty());
@@ -447,5 +508,58 @@ mod tests {
         .unwrap();
         assert_eq!(out.betas, vec![2.0; 3]);
         assert_eq!(out.stat("beta/mean"), Some(2.0));
+    }
+
+    #[test]
+    fn odpo_reads_scores_and_its_log_offset_needs_ordered_ones() {
+        let logps = PairLogps {
+            policy_chosen: &LW,
+            policy_rejected: &LL,
+            reference_chosen: &RW,
+            reference_rejected: &RL,
+        };
+        let odpo = |log_offset| Method::Odpo {
+            beta: 0.1,
+            alpha: 1.0,
+            log_offset,
+        };
+        let inputs = |chosen: &'static [f64], rejected: &'static [f64]| PairInputs {
+            logps,
+            chosen_lengths: &LEN_W,
+            rejected_lengths: &LEN_L,
+            kl_logratios: None,
+            scores: Some(ResponseScores { chosen, rejected }),
+        };
+        let none = PairInputs {
+            scores: None,
+            ..inputs(&[], &[])
+        };
+        assert_eq!(
+            evaluate(&odpo(true), &none, 0.0),
+            Err(Error::Missing {
+                name: "scores",
+                method: "odpo"
+            })
+        );
+        let unordered = inputs(&[2.0, 1.0, 3.0], &[1.0, 1.5, 0.5]);
+        assert!(matches!(
+            evaluate(&odpo(true), &unordered, 0.0),
+            Err(Error::Input {
+                name: "chosen_scores",
+                index: 1,
+                ..
+            })
+        ));
+        // The plain difference takes any order; a zero offset is DPO.
+        assert!(evaluate(&odpo(false), &unordered, 0.0).is_ok());
+        let zero = Method::Odpo {
+            beta: 0.1,
+            alpha: 0.0,
+            log_offset: false,
+        };
+        let dpo = evaluate(&Method::Dpo { beta: 0.1 }, &none, 0.0).expect("dpo");
+        let same = evaluate(&zero, &unordered, 0.0).expect("odpo");
+        assert_eq!(same.losses, dpo.losses);
+        assert_eq!(same.grad_policy_chosen, dpo.grad_policy_chosen);
     }
 }

@@ -22,7 +22,8 @@
 //!     `hinge` (RSO), `rdpo_len` (length-regularised R-DPO), `kto` (paired KTO, which also
 //!     reads the mismatched-pair log-ratios for its KL estimate);
 //!   - reference-free: `slic` (SLiC-HF), `simpo`, `cpo`, `orpo`;
-//!   - the related objectives of the ε-DPO literature: `hdpo` (H-DPO), `chipo` (χPO),
+//!   - the related objectives of the ε-DPO literature: `odpo` (ODPO, which also reads the
+//!     responses' scores), `hdpo` (H-DPO), `chipo` (χPO),
 //!     `sppo_hard` (SPPO with hard labels), `bpo` (BPO's SBA instance), and reference-free
 //!     `repo` (RePO).
 //! - [`BetaDpo`]: β-DPO (Wu et al., 2024), whose batch-level β and data filter carry running
@@ -54,6 +55,7 @@ mod ipo;
 mod kto;
 pub mod math;
 mod method;
+mod odpo;
 mod orpo;
 mod repo;
 mod simpo;
@@ -64,7 +66,7 @@ pub use beta_dpo::{BetaDpo, BetaDpoReport};
 pub use catalogue::{Needs, Objective, CATALOGUE};
 pub use dpo::dpo;
 pub use epsilon::{epsilon_dpo, step_decision, EpsilonBeta, PerturbedRatios};
-pub use evaluate::{add_sft, evaluate, PairInputs};
+pub use evaluate::{add_sft, evaluate, PairInputs, ResponseScores};
 pub use method::Method;
 
 /// Sequence log-probs of a batch of pairs; every slice has one entry per pair.

@@ -88,6 +88,16 @@ pub enum Method {
         /// `w_u` > 0.
         undesirable_weight: f64,
     },
+    /// ODPO: `−log σ(β·Δ − Δ_r)`, `Δ_r = α·log(s_w − s_l)` or `α·(s_w − s_l)` from the two
+    /// responses' scores.
+    Odpo {
+        /// β > 0.
+        beta: f64,
+        /// α ≥ 0, the offset's scale.
+        alpha: f64,
+        /// `Δ_r = α·log(s_w − s_l)` (the paper's; needs `s_w > s_l`) rather than `α·(s_w − s_l)`.
+        log_offset: bool,
+    },
     /// H-DPO: `−log σ(αβ·(lw − ll) − β·(rw − rl))` (α = 1: DPO).
     Hdpo {
         /// β > 0.
@@ -138,6 +148,7 @@ impl Method {
             Self::Cpo { .. } => "cpo",
             Self::Orpo { .. } => "orpo",
             Self::Kto { .. } => "kto",
+            Self::Odpo { .. } => "odpo",
             Self::Hdpo { .. } => "hdpo",
             Self::Chipo { .. } => "chipo",
             Self::SppoHard { .. } => "sppo_hard",
@@ -173,6 +184,11 @@ impl Method {
         )
     }
 
+    /// Whether the method reads the responses' scores (`odpo`, for its offset).
+    pub fn needs_scores(&self) -> bool {
+        matches!(self, Self::Odpo { .. })
+    }
+
     /// Whether the method reads the mismatched-pair log-ratios (`kto`, for its KL estimate).
     pub fn needs_kl_logratios(&self) -> bool {
         matches!(self, Self::Kto { .. })
@@ -190,6 +206,7 @@ impl Method {
             | Self::RdpoLen { beta, .. }
             | Self::Cpo { beta, .. }
             | Self::Kto { beta, .. }
+            | Self::Odpo { beta, .. }
             | Self::Hdpo { beta, .. }
             | Self::Chipo { beta, .. }
             | Self::SppoHard { beta }
@@ -227,6 +244,7 @@ impl Method {
                 positive("desirable_weight", desirable_weight)?;
                 positive("undesirable_weight", undesirable_weight)
             }
+            Self::Odpo { alpha, .. } => non_negative("alpha", alpha),
             Self::Hdpo { alpha, .. } => positive("alpha", alpha),
             Self::Chipo { r_max, .. } => positive("r_max", r_max),
             Self::Repo { gamma } => non_negative("gamma", gamma),

@@ -16,7 +16,7 @@
 //! extreme batch's tiny losses and gradients elsewhere (down to ~1e-133) are held to the
 //! relative bound alone by `losses_are_relatively_exact_on_the_extreme_batch`.
 
-use edpo_objectives::{evaluate, BetaDpo, Method, PairInputs, PairLogps};
+use edpo_objectives::{evaluate, BetaDpo, Method, PairInputs, PairLogps, ResponseScores};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
@@ -64,6 +64,8 @@ struct Batch {
     len_w: Vec<usize>,
     len_l: Vec<usize>,
     kl_logratios: Vec<f64>,
+    score_w: Vec<f64>,
+    score_l: Vec<f64>,
 }
 
 impl Batch {
@@ -77,6 +79,8 @@ impl Batch {
             len_w: counts(&v["len_w"]),
             len_l: counts(&v["len_l"]),
             kl_logratios: floats(&v["kl_logratios"]),
+            score_w: floats(&v["score_w"]),
+            score_l: floats(&v["score_l"]),
         }
     }
 
@@ -104,6 +108,10 @@ impl Batch {
             kl_logratios: method
                 .needs_kl_logratios()
                 .then_some(&self.kl_logratios[..]),
+            scores: method.needs_scores().then_some(ResponseScores {
+                chosen: &self.score_w,
+                rejected: &self.score_l,
+            }),
         }
     }
 }
@@ -185,6 +193,16 @@ fn method(name: &str, params: &Value) -> Method {
                 undesirable_weight: p("undesirable_weight"),
             },
             &["beta", "desirable_weight", "undesirable_weight"],
+        ),
+        "odpo" => (
+            Method::Odpo {
+                beta: p("beta"),
+                alpha: p("alpha"),
+                log_offset: params["log_offset"]
+                    .as_bool()
+                    .unwrap_or_else(|| panic!("odpo's `log_offset` is not a bool")),
+            },
+            &["alpha", "beta", "log_offset"],
         ),
         "hdpo" => (
             Method::Hdpo {
@@ -362,6 +380,7 @@ fn every_case_matches_pytorch() {
         "cpo",
         "orpo",
         "kto",
+        "odpo",
         "hdpo",
         "chipo",
         "sppo_hard",

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use edpo_data::TokenizedPair;
 use edpo_model::logprobs::{mixed_sequence_logps, response_logits, sum_per_sequence, token_logps};
 use edpo_model::{CausalLm, SequenceBatch};
-use edpo_objectives::{Objective, PairInputs, PairLogps, PerturbedRatios};
+use edpo_objectives::{Objective, PairInputs, PairLogps, PerturbedRatios, ResponseScores};
 
 /// Everything the objectives need about one micro-batch, plus the ε-DPO ratios.
 #[derive(Debug, Clone)]
@@ -31,6 +31,9 @@ pub struct PairScores {
     /// KTO's policy-minus-reference log-ratios on mismatched pairs (prompt `i`, the chosen
     /// response of pair `i + 1`), when requested.
     pub kl_logratios: Option<Vec<f64>>,
+    /// The responses' scores `(s_w, s_l)` per pair, from the data (ODPO's offset), when the
+    /// caller gave them.
+    pub response_scores: Option<(Vec<f64>, Vec<f64>)>,
 }
 
 impl PairScores {
@@ -44,13 +47,21 @@ impl PairScores {
         }
     }
 
-    /// Borrowed view with lengths and KL log-ratios.
+    /// Borrowed view of the response scores, when there are some.
+    fn response_scores(&self) -> Option<ResponseScores<'_>> {
+        self.response_scores
+            .as_ref()
+            .map(|(chosen, rejected)| ResponseScores { chosen, rejected })
+    }
+
+    /// Borrowed view with lengths, KL log-ratios and response scores.
     pub fn inputs(&self) -> PairInputs<'_> {
         PairInputs {
             logps: self.logps(),
             chosen_lengths: &self.chosen_lengths,
             rejected_lengths: &self.rejected_lengths,
             kl_logratios: self.kl_logratios.as_deref(),
+            scores: self.response_scores(),
         }
     }
 }
@@ -177,6 +188,7 @@ fn forward(
             rejected_lengths: batch.response_lengths[n..].to_vec(),
             ratios,
             kl_logratios: None,
+            response_scores: None,
         },
         policy_logps,
     })
@@ -237,6 +249,7 @@ pub(crate) fn sharded_forward(
             None => None,
             Some(reference) => Some(mismatched_logratios(policy, reference, pairs)?),
         },
+        response_scores: None,
     };
     let mut graphs = Vec::with_capacity(parts.len());
     for (range, part) in ranges.into_iter().zip(parts) {

@@ -185,6 +185,17 @@ impl Trainer {
         micro_batches: &[Vec<TokenizedPair>],
         precomputed: Option<&[Vec<[f64; 2]>]>,
     ) -> Result<StepReport> {
+        self.train_step_with(micro_batches, precomputed, None)
+    }
+
+    /// As [`Trainer::train_step_with_reference`], with each pair's response scores
+    /// `[s_w, s_l]` (per micro-batch) for the objectives that read them (ODPO).
+    pub fn train_step_with(
+        &mut self,
+        micro_batches: &[Vec<TokenizedPair>],
+        precomputed: Option<&[Vec<[f64; 2]>]>,
+        response_scores: Option<&[Vec<[f64; 2]>]>,
+    ) -> Result<StepReport> {
         if micro_batches.is_empty() || micro_batches.iter().any(Vec::is_empty) {
             return Err(Error::Config(
                 "a training step needs non-empty micro-batches".into(),
@@ -214,7 +225,16 @@ impl Trainer {
                 mixed_weights: objective.mixed_logit_weights(),
                 kl_logratios: needs.kl_logratios.then_some(&self.reference),
             };
-            let (scores, graphs) = sharded_forward(&self.policy, request, pairs, self.shards)?;
+            let (mut scores, graphs) = sharded_forward(&self.policy, request, pairs, self.shards)?;
+            if needs.scores {
+                let given = response_scores.and_then(|s| s.get(m)).ok_or_else(|| {
+                    Error::Config(format!(
+                        "objective `{}` needs each pair's response scores",
+                        objective.kind()
+                    ))
+                })?;
+                scores.response_scores = Some(given.iter().map(|s| (s[0], s[1])).unzip());
+            }
             let (out, steps) = self.objective(&scores)?;
             let value = if self.faulted(FaultTarget::Loss) {
                 f64::NAN

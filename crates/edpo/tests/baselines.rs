@@ -70,6 +70,7 @@ fn every_method_trains_and_reference_free_methods_never_run_the_reference() {
             "{kind: simpo}",
             "{kind: cpo}",
             "{kind: orpo}",
+            "{kind: repo}",
             "{kind: cdpo, beta: 0.1}",
             "{kind: rdpo, beta: 0.1}",
             "{kind: ipo, beta: 0.5}",
@@ -79,13 +80,20 @@ fn every_method_trains_and_reference_free_methods_never_run_the_reference() {
             "{kind: beta_dpo}",
             "{kind: tr_dpo, beta: 0.1, tau: 2}",
             "{kind: epsilon_dpo, beta: 0.1, epsilon: 0.05, sft_weight: 0.1}",
+            // The related objectives; ODPO reads the pairs' gold rewards as their scores (the
+            // plain difference: Bradley–Terry labels leave some chosen responses below).
+            "{kind: odpo, beta: 0.1, log_offset: false}",
+            "{kind: hdpo, beta: 0.1, alpha: 0.9}",
+            "{kind: chipo, beta: 0.1}",
+            "{kind: sppo_hard, beta: 0.5}",
+            "{kind: bpo, beta: 0.1}",
         ]
         .iter()
         .map(|o| format!("    - {o}\n"))
         .collect::<String>()
     );
     let evals = sweep(&dir, &grid);
-    assert_eq!(evals.len(), 13);
+    assert_eq!(evals.len(), 19);
     for (i, e) in evals.iter().enumerate() {
         assert!(
             e["win_rate"].as_f64().is_some_and(f64::is_finite),
@@ -94,14 +102,14 @@ fn every_method_trains_and_reference_free_methods_never_run_the_reference() {
         let passes = e["training_reference_forward_passes"]
             .as_u64()
             .expect("passes");
-        if i < 4 {
+        if i < 5 {
             assert_eq!(passes, 0, "reference-free run {i} ran the reference");
         } else {
             assert!(passes > 0, "run {i} needs its reference");
         }
     }
     // TR-DPO, 4 optimizer steps with tau 2: two reference updates.
-    assert_eq!(evals[11]["reference_updates"], 2);
+    assert_eq!(evals[12]["reference_updates"], 2);
 }
 
 #[test]

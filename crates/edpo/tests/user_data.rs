@@ -56,7 +56,7 @@ fn write_grid(dir: &Path) -> std::path::PathBuf {
         }
     }
     text.push_str(
-        "seeds: [0, 1]\ngrids:\n  - axes:\n      objective:\n        - {kind: dpo, beta: 0.1}\n        - {kind: epsilon_dpo, beta: 0.1, epsilon: 0.01}\n",
+        "seeds: [0, 1]\ngrids:\n  - axes:\n      objective:\n        - {kind: dpo, beta: 0.1}\n        - {kind: epsilon_dpo, beta: 0.1, epsilon: 0.01}\n        - {kind: odpo, beta: 0.1}\n",
     );
     let path = dir.join("grid.yaml");
     std::fs::write(&path, text).expect("grid");
@@ -84,7 +84,8 @@ fn a_sweep_on_user_data_without_a_gold_reward_reports_kl_and_preference_accuracy
         .flatten()
         .map(|e| e.path())
         .collect();
-    assert_eq!(runs.len(), 4);
+    // ODPO's offset reads the data's own scores (`score_chosen`, `score_rejected`).
+    assert_eq!(runs.len(), 6);
     for run in &runs {
         let summary =
             std::fs::read_to_string(run.join("data_summary.txt")).expect("data_summary.txt");

@@ -52,9 +52,20 @@ pub struct LabelledPair {
     pub chosen_reward: Option<f64>,
     /// Gold reward of the rejected response.
     pub rejected_reward: Option<f64>,
+    /// The data's own scores of the two responses (user data: `score_chosen`,
+    /// `score_rejected`), when it has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<[f64; 2]>,
 }
 
 impl LabelledPair {
+    /// The two responses' scores an objective reads (ODPO's offset): the data's own, else the
+    /// gold rewards.
+    pub fn response_scores(&self) -> Option<[f64; 2]> {
+        self.scores
+            .or_else(|| Some([self.chosen_reward?, self.rejected_reward?]))
+    }
+
     /// The token ids for training.
     pub fn tokenized(&self) -> TokenizedPair {
         TokenizedPair {

@@ -282,14 +282,18 @@ pub fn prepare(task: &PreferencesTask, cache: &StageCache) -> Result<TaskData> {
     Ok(data)
 }
 
-/// A read and tokenised split: the records' ids in the data's order, and the summary lines.
+/// A pair's ids and the data's scores of its two responses, when it has both.
+type ScoredPair = (TokenizedPair, Option<[f64; 2]>);
+
+/// A read and tokenised split: the records' ids in the data's order, each with the data's
+/// scores of its two responses when it has both, and the summary lines.
 fn read_split(
     task: &PreferencesTask,
     split: Option<&String>,
     tokenizer: &PairTokenizer,
     template: Option<&ChatTemplate>,
     budget: Budget,
-) -> Result<(Vec<TokenizedPair>, String)> {
+) -> Result<(Vec<ScoredPair>, String)> {
     let options = task.read_options(split)?;
     let read = read_preferences(&task.data, &options)
         .with_context(|| format!("key `task.data`: cannot read {}", task.data))?;
@@ -338,7 +342,15 @@ fn read_split(
     ));
     summary.push_str(&read.summary(&shown)?);
     summary.push_str(&counts.summary(over_budget));
-    Ok((pairs.into_iter().map(|(_, p)| p).collect(), summary))
+    let scored = pairs
+        .into_iter()
+        .map(|(i, p)| {
+            let r = &read.records[i];
+            let scores = r.score_chosen.zip(r.score_rejected).map(|(c, r)| [c, r]);
+            (p, scores)
+        })
+        .collect();
+    Ok((scored, summary))
 }
 
 /// Mean, median, 95th percentile and maximum of `xs`, as one summary line.
@@ -370,21 +382,22 @@ fn build_pairs(
         max_prompt_length: Some(task.max_prompt_length),
     };
     let (all, mut summary) = read_split(task, task.split.as_ref(), tokenizer, template, budget)?;
-    let labelled = |p: TokenizedPair| LabelledPair {
+    let labelled = |(p, scores): ScoredPair| LabelledPair {
         prompt_input_ids: p.prompt,
         chosen_input_ids: p.chosen,
         rejected_input_ids: p.rejected,
         p_true: None,
         chosen_reward: None,
         rejected_reward: None,
+        scores,
     };
     // Distinct prompts in a seeded order; each prompt's pairs stay together.
     let mut groups: Vec<Vec<u32>> = Vec::new();
     let mut members: HashMap<Vec<u32>, Vec<usize>> = HashMap::new();
     for (i, p) in all.iter().enumerate() {
-        let entry = members.entry(p.prompt.clone()).or_default();
+        let entry = members.entry(p.0.prompt.clone()).or_default();
         if entry.is_empty() {
-            groups.push(p.prompt.clone());
+            groups.push(p.0.prompt.clone());
         }
         entry.push(i);
     }
@@ -423,7 +436,7 @@ fn build_pairs(
         summary.push_str(&test_summary);
         let seen: HashSet<&Vec<u32>> = train.iter().map(|p| &p.prompt_input_ids).collect();
         for p in pairs {
-            if seen.contains(&p.prompt) {
+            if seen.contains(&p.0.prompt) {
                 dropped += 1;
             } else {
                 test.push(labelled(p));
