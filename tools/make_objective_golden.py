@@ -555,6 +555,64 @@ def beta_dpo_run(params, batch_indices, seed, batches):
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# α-DPO (arXiv 2410.10148; junkangwu/alpha-DPO scripts/dpo_trainer.py): running statistics of
+# the length-normalised margin M, updated under no_grad before use (momentum 0.9, from 0, no
+# bias correction, unbiased std), the adaptive margin detached.
+# ---------------------------------------------------------------------------------------------
+
+ALPHA_DPO_RUNS = [
+    # (params, batch indices of consecutive steps)
+    ({"beta": 2.5, "gamma_ratio": 0.6, "alpha": 0.2}, [0, 1, 3]),
+    ({"beta": 10.0, "gamma_ratio": 0.4, "alpha": 0.05}, [2, 0]),
+]
+
+
+def alpha_dpo_losses(t, params, normalised):
+    pw, pl = t["lw"] / t["len_w"], t["ll"] / t["len_l"]
+    c = params["alpha"] * normalised + params["gamma_ratio"]
+    return -F.logsigmoid(params["beta"] * (pw - pl - c)), pw, pl
+
+
+def alpha_dpo_run(params, batch_indices, batches):
+    mean, std = 0.0, 0.0
+    steps = []
+    for bi in batch_indices:
+        b = batches[bi]
+        t = tensors(b)
+        with torch.no_grad():
+            m = (t["lw"] / t["len_w"] - t["ll"] / t["len_l"]) - (t["rw"] / t["len_w"] - t["rl"] / t["len_l"])
+            mean = 0.9 * mean + 0.1 * m.mean().item()
+            std = 0.9 * std + 0.1 * m.std().item()
+            normalised = (m - mean) / std
+        losses, pw, pl = alpha_dpo_losses(t, params, normalised)
+        loss = losses.mean()
+        grad_lw, grad_ll = torch.autograd.grad(loss, [t["lw"], t["ll"]])
+
+        def loss_fn(lw, ll, b=b, normalised=normalised):
+            tt = tensors(b)
+            with torch.no_grad():
+                tt["lw"].copy_(torch.tensor(lw, dtype=DTYPE))
+                tt["ll"].copy_(torch.tensor(ll, dtype=DTYPE))
+                return alpha_dpo_losses(tt, params, normalised)[0].mean().item()
+
+        # The margin is a constant (stop-gradient): finite differences hold it fixed.
+        check_gradients(loss_fn, b["lw"], b["ll"], grad_lw.tolist(), grad_ll.tolist(),
+                        f"alpha_dpo {params} batch {bi}")
+        stats = reward_stats(t, params["beta"] * pw, params["beta"] * pl, params["beta"])
+        steps.append({
+            "batch": bi,
+            "losses": losses.detach().tolist(),
+            "loss": loss.item(),
+            "grad_lw": grad_lw.tolist(),
+            "grad_ll": grad_ll.tolist(),
+            "mean": mean,
+            "std": std,
+            "stats": stats,
+        })
+    return {"params": params, "steps": steps}
+
+
 def all_finite(x):
     if isinstance(x, float):
         return math.isfinite(x)
@@ -586,6 +644,8 @@ def main():
     assert any(s["beta_batch_unclamped"] < BETA_MIN for r in beta_dpo_runs for s in r["steps"]), \
         "one β-DPO step should exercise the clamp"
 
+    alpha_dpo_runs = [alpha_dpo_run(p, idx, batches) for p, idx in ALPHA_DPO_RUNS]
+
     golden = {
         "generator": "tools/make_objective_golden.py",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__},
@@ -600,6 +660,7 @@ def main():
         "batches": batches,
         "cases": cases,
         "beta_dpo": beta_dpo_runs,
+        "alpha_dpo": alpha_dpo_runs,
     }
     assert all_finite(golden), "non-finite value in the golden record"
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,16 @@ pub enum Objective {
         /// Seed of the filter's sampling.
         seed: u64,
     },
+    /// α-DPO: SimPO's loss with a per-pair margin from the policy's length-normalised log-ratio
+    /// gap, normalised by running batch statistics.
+    AlphaDpo {
+        /// β.
+        beta: f64,
+        /// `γ/β`.
+        gamma_ratio: f64,
+        /// The weight α of the adaptive margin (0: SimPO).
+        alpha: f64,
+    },
     /// TR-DPO: the DPO loss, and every `tau` optimizer steps the reference becomes
     /// `α·θ + (1 − α)·θ_ref` (α = 1: a hard update).
     TrDpo {
@@ -311,6 +321,20 @@ pub const CATALOGUE: &[Entry] = &[
         },
     },
     Entry {
+        kind: "alpha_dpo",
+        label: "α-DPO",
+        params: &[
+            real("beta", Some(2.5)),
+            real("gamma_ratio", Some(0.6)),
+            real("alpha", Some(0.2)),
+        ],
+        build: |v, _| Objective::AlphaDpo {
+            beta: v.get("beta"),
+            gamma_ratio: v.get("gamma_ratio"),
+            alpha: v.get("alpha"),
+        },
+    },
+    Entry {
         kind: "odpo",
         label: "ODPO",
         params: &[
@@ -436,6 +460,7 @@ impl Objective {
             Objective::Method(m) => m.name(),
             Objective::BetaDpo { .. } => "beta_dpo",
             Objective::TrDpo { .. } => "tr_dpo",
+            Objective::AlphaDpo { .. } => "alpha_dpo",
         }
     }
 
@@ -455,6 +480,12 @@ impl Objective {
             Objective::TrDpo { .. } => Needs {
                 reference: true,
                 reference_updates: true,
+                ..Needs::default()
+            },
+            Objective::AlphaDpo { .. } => Needs {
+                reference: true,
+                precomputed_reference: true,
+                lengths: true,
                 ..Needs::default()
             },
             Objective::Method(m) => Needs {
@@ -487,7 +518,8 @@ impl Objective {
         match *self {
             Objective::Dpo { beta }
             | Objective::EpsilonDpo { beta, .. }
-            | Objective::TrDpo { beta, .. } => Some(beta),
+            | Objective::TrDpo { beta, .. }
+            | Objective::AlphaDpo { beta, .. } => Some(beta),
             Objective::BetaDpo { beta0, .. } => Some(beta0),
             Objective::Method(m) => m.beta(),
         }
@@ -507,6 +539,11 @@ impl Objective {
             Objective::Dpo { beta } => positive("beta", beta),
             Objective::EpsilonDpo { beta, epsilon } => EpsilonBeta::new(beta, epsilon).map(|_| ()),
             Objective::Method(m) => m.validate(),
+            Objective::AlphaDpo {
+                beta,
+                gamma_ratio,
+                alpha,
+            } => crate::AlphaDpo::new(beta, gamma_ratio, alpha).map(|_| ()),
             Objective::BetaDpo {
                 beta0,
                 a,

@@ -27,7 +27,9 @@
 //!     `sppo_hard` (SPPO with hard labels), `bpo` (BPO's SBA instance), and reference-free
 //!     `repo` (RePO).
 //! - [`BetaDpo`]: β-DPO (Wu et al., 2024), whose batch-level β and data filter carry running
-//!   estimates from batch to batch, so it is a stateful struct rather than a [`Method`].
+//!   estimates from batch to batch, so it is a stateful struct rather than a [`Method`];
+//!   [`AlphaDpo`] (α-DPO, adaptive reward margin) likewise carries running statistics of its
+//!   margins.
 //!
 //! - [`catalogue`]: every objective a run can use ([`CATALOGUE`]: config name, label,
 //!   parameters and defaults), the one [`Objective`] type the trainer runs, and what each
@@ -41,6 +43,7 @@
 //! Architecture invariant: this crate depends on nothing but `std`; it never sees a tensor, a
 //! model or a file.
 
+mod alpha_dpo;
 mod beta_dpo;
 mod bpo;
 pub mod catalogue;
@@ -62,6 +65,7 @@ mod simpo;
 mod sppo;
 mod term;
 
+pub use alpha_dpo::{AlphaDpo, ALPHA_DPO_MOMENTUM};
 pub use beta_dpo::{BetaDpo, BetaDpoReport};
 pub use catalogue::{Needs, Objective, CATALOGUE};
 pub use dpo::dpo;

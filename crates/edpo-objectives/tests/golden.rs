@@ -16,7 +16,7 @@
 //! extreme batch's tiny losses and gradients elsewhere (down to ~1e-133) are held to the
 //! relative bound alone by `losses_are_relatively_exact_on_the_extreme_batch`.
 
-use edpo_objectives::{evaluate, BetaDpo, Method, PairInputs, PairLogps, ResponseScores};
+use edpo_objectives::{evaluate, AlphaDpo, BetaDpo, Method, PairInputs, PairLogps, ResponseScores};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
@@ -547,4 +547,62 @@ fn beta_dpo_runs_match_pytorch() {
     }
     assert!(clamped, "no β-DPO step exercises the clamp");
     check.finish(&format!("{} β-DPO runs", runs.len()));
+}
+
+/// α-DPO over consecutive batches: its running statistics carried from batch to batch, the
+/// losses, gradients and statistics of every step as PyTorch computes them.
+#[test]
+fn alpha_dpo_runs_match_pytorch() {
+    let golden = golden();
+    let batches: Vec<Batch> = golden["batches"]
+        .as_array()
+        .expect("batches")
+        .iter()
+        .map(Batch::from_json)
+        .collect();
+    let runs = golden["alpha_dpo"].as_array().expect("alpha_dpo");
+    assert!(!runs.is_empty());
+    let mut check = Check::default();
+    for (r, run) in runs.iter().enumerate() {
+        let p = &run["params"];
+        let mut state = AlphaDpo::new(
+            number(p, "beta"),
+            number(p, "gamma_ratio"),
+            number(p, "alpha"),
+        )
+        .expect("α-DPO parameters");
+        for (s, step) in run["steps"].as_array().expect("steps").iter().enumerate() {
+            let batch = &batches[step["batch"].as_u64().expect("batch") as usize];
+            let what = format!("α-DPO run {r} step {s} ({})", batch.name);
+            let out = state
+                .step(&batch.logps(), &batch.len_w, &batch.len_l)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (mean, std) = state.estimates();
+            check.close(&format!("{what}: mean"), mean, number(step, "mean"));
+            check.close(&format!("{what}: std"), std, number(step, "std"));
+            check.all_close(
+                &format!("{what}: losses"),
+                &out.losses,
+                &floats(&step["losses"]),
+            );
+            check.close(&format!("{what}: loss"), out.loss(), number(step, "loss"));
+            check.all_close(
+                &format!("{what}: grad_lw"),
+                &out.grad_policy_chosen,
+                &floats(&step["grad_lw"]),
+            );
+            check.all_close(
+                &format!("{what}: grad_ll"),
+                &out.grad_policy_rejected,
+                &floats(&step["grad_ll"]),
+            );
+            for key in step["stats"].as_object().expect("stats").keys() {
+                let got = out
+                    .stat(key)
+                    .unwrap_or_else(|| panic!("{what}: no statistic {key}"));
+                check.close(&format!("{what}: {key}"), got, number(&step["stats"], key));
+            }
+        }
+    }
+    check.finish("α-DPO runs");
 }

@@ -6,7 +6,7 @@ use crate::scoring::PairScores;
 use crate::{Error, Result};
 use edpo_data::rng::SplitMix64;
 use edpo_objectives::{
-    self as objectives, add_sft, BetaDpo, EpsilonBeta, Method, Objective, ObjectiveOutput,
+    self as objectives, add_sft, AlphaDpo, BetaDpo, EpsilonBeta, Method, Objective, ObjectiveOutput,
 };
 
 /// The objective's running state.
@@ -14,7 +14,11 @@ pub(crate) enum State {
     Stateless,
     Epsilon(EpsilonBeta),
     BetaDpo(BetaDpo, SplitMix64),
-    TrDpo { updates: usize },
+    /// α-DPO's running statistics of its margins.
+    AlphaDpo(AlphaDpo),
+    TrDpo {
+        updates: usize,
+    },
 }
 
 /// The objective's state at the start of training, after checking its parameters.
@@ -34,6 +38,11 @@ pub(crate) fn initial_state(objective: &Objective, sft_weight: f64) -> Result<St
             SplitMix64(seed),
         ),
         Objective::TrDpo { .. } => State::TrDpo { updates: 0 },
+        Objective::AlphaDpo {
+            beta,
+            gamma_ratio,
+            alpha,
+        } => State::AlphaDpo(AlphaDpo::new(beta, gamma_ratio, alpha)?),
     })
 }
 
@@ -66,6 +75,15 @@ impl State {
             }
             (Objective::BetaDpo { .. }, State::BetaDpo(state, rng)) => {
                 let (out, _report) = state.step(&scores.logps(), &mut || rng.uniform())?;
+                Ok((out, Vec::new()))
+            }
+            (Objective::AlphaDpo { .. }, State::AlphaDpo(state)) => {
+                let mut out = state.step(
+                    &scores.logps(),
+                    &scores.chosen_lengths,
+                    &scores.rejected_lengths,
+                )?;
+                add_sft(&mut out, &scores.policy_chosen, &scores.chosen_lengths, sft)?;
                 Ok((out, Vec::new()))
             }
             _ => Err(Error::Config("objective and its state disagree".into())),

@@ -309,7 +309,7 @@ impl Trainer {
                     stats.push(("tr_dpo/reference_updates", *updates as f64));
                 }
             }
-            State::Stateless | State::BetaDpo(..) => {}
+            State::Stateless | State::BetaDpo(..) | State::AlphaDpo(..) => {}
         }
         let report = StepReport {
             step: self.step,

@@ -87,13 +87,14 @@ fn every_method_trains_and_reference_free_methods_never_run_the_reference() {
             "{kind: chipo, beta: 0.1}",
             "{kind: sppo_hard, beta: 0.5}",
             "{kind: bpo, beta: 0.1}",
+            "{kind: alpha_dpo}",
         ]
         .iter()
         .map(|o| format!("    - {o}\n"))
         .collect::<String>()
     );
     let evals = sweep(&dir, &grid);
-    assert_eq!(evals.len(), 19);
+    assert_eq!(evals.len(), 20);
     for (i, e) in evals.iter().enumerate() {
         assert!(
             e["win_rate"].as_f64().is_some_and(f64::is_finite),
