@@ -341,3 +341,32 @@ pub fn tokenize_all(
     }
     Ok((out, counts))
 }
+
+/// Token lengths of prompts and responses (mean, median, 95th percentile, maximum), one line
+/// each under a header, for a preparation summary.
+pub fn length_summary(pairs: &[&TokenizedPair]) -> String {
+    let mut out = format!(
+        "token lengths:  {:>8} {:>6} {:>6} {:>6}\n",
+        "mean", "p50", "p95", "max"
+    );
+    for (side, name) in ["prompt", "chosen", "rejected"].into_iter().enumerate() {
+        let mut xs: Vec<usize> = pairs
+            .iter()
+            .map(|p| [&p.prompt, &p.chosen, &p.rejected][side].len())
+            .collect();
+        if xs.is_empty() {
+            out.push_str(&format!("  {name:<13} (none)\n"));
+            continue;
+        }
+        xs.sort_unstable();
+        let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize];
+        let mean = xs.iter().sum::<usize>() as f64 / xs.len() as f64;
+        out.push_str(&format!(
+            "  {name:<13} {mean:>8.1} {:>6} {:>6} {:>6}\n",
+            at(0.5),
+            at(0.95),
+            xs[xs.len() - 1]
+        ));
+    }
+    out
+}

@@ -388,6 +388,32 @@ fn data_inspect_prints_layout_counts_rules_and_an_example() {
         out.contains("5 read, 1 kept, 4 skipped") && out.contains("identical-responses 1"),
         "{out}"
     );
+    // With a model: its tokenizer and template, the prompt-over-budget rule counted (the tiny
+    // vocabulary spells ChatML's markers out, so every prompt is over 32 tokens).
+    let o = run(&[
+        "data",
+        "inspect",
+        "hf:HuggingFaceH4/ultrafeedback_binarized",
+        "--split",
+        "train_prefs",
+        "--model",
+        "testdata/gguf/tiny-llama-f32.gguf",
+        "--template",
+        "model",
+        "--max-prompt-length",
+        "32",
+        "--max-length",
+        "48",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for needle in [
+        "budget:   max_length 48, max_prompt_length 32, separate tokenisation",
+        "tokenised: 0 kept; prompt-over-budget 6 (skip; 6 skipped)",
+        "token lengths:",
+    ] {
+        assert!(out.contains(needle), "`{needle}` not in\n{out}");
+    }
 }
 
 /// `edpo generate` for each public judge, from the tiny Llama checkpoint and the question

@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use edpo_data::chat::ChatTemplate;
 use edpo_data::preferences::{read_preferences, source_files, BadRows, Layout, ReadOptions, Rule};
 use edpo_data::rng::SplitMix64;
-use edpo_data::tokenization::{tokenize_all, Budget, Convention, OverBudget};
+use edpo_data::tokenization::{length_summary, tokenize_all, Budget, Convention, OverBudget};
 use edpo_data::{PairTokenizer, TokenizedPair};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -353,22 +353,6 @@ fn read_split(
     Ok((scored, summary))
 }
 
-/// Mean, median, 95th percentile and maximum of `xs`, as one summary line.
-fn length_line(name: &str, mut xs: Vec<usize>) -> String {
-    if xs.is_empty() {
-        return format!("  {name:<9} (none)\n");
-    }
-    xs.sort_unstable();
-    let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize];
-    let mean = xs.iter().sum::<usize>() as f64 / xs.len() as f64;
-    format!(
-        "  {name:<9} {mean:>8.1} {:>6} {:>6} {:>6}\n",
-        at(0.5),
-        at(0.95),
-        xs[xs.len() - 1]
-    )
-}
-
 /// Reads, tokenises and splits the data into a pairs stage in `dir`.
 fn build_pairs(
     task: &PreferencesTask,
@@ -497,23 +481,9 @@ fn build_pairs(
         prompts.len(),
         task.response_tokens
     ));
-    summary.push_str(&format!(
-        "training lengths (tokens): {:>5} {:>6} {:>6} {:>6}\n",
-        "mean", "p50", "p95", "max"
-    ));
-    let lengths = |f: fn(&LabelledPair) -> usize| train.iter().map(f).collect::<Vec<_>>();
-    summary.push_str(&length_line(
-        "prompt",
-        lengths(|p| p.prompt_input_ids.len()),
-    ));
-    summary.push_str(&length_line(
-        "chosen",
-        lengths(|p| p.chosen_input_ids.len()),
-    ));
-    summary.push_str(&length_line(
-        "rejected",
-        lengths(|p| p.rejected_input_ids.len()),
-    ));
+    summary.push_str("training pairs, ");
+    let ids: Vec<TokenizedPair> = train.iter().map(LabelledPair::tokenized).collect();
+    summary.push_str(&length_summary(&ids.iter().collect::<Vec<_>>()));
     write_pairs(dir, &train, &test, &prompts, &[])?;
     write_jsonl(&dir.join(super::VAL_PAIRS), &val)?;
     std::fs::write(dir.join(edpo_rundir::DATA_SUMMARY), summary)
