@@ -18,7 +18,7 @@
 
 use crate::math::{mean, sample_std, sigmoid, softplus};
 use crate::method::{non_negative, positive};
-use crate::{batch_stats, check_len, Error, ObjectiveOutput, PairLogps};
+use crate::{batch_stats, check_lengths, Error, ObjectiveOutput, PairLogps};
 
 /// The momentum of α-DPO's running estimates (fixed in the official code).
 pub const ALPHA_DPO_MOMENTUM: f64 = 0.9;
@@ -69,8 +69,8 @@ impl AlphaDpo {
     ) -> Result<ObjectiveOutput, Error> {
         logps.check()?;
         let n = logps.len();
-        check_len("chosen_lengths", chosen_lengths, n)?;
-        check_len("rejected_lengths", rejected_lengths, n)?;
+        check_lengths("chosen_lengths", chosen_lengths, n)?;
+        check_lengths("rejected_lengths", rejected_lengths, n)?;
         if n < 2 {
             return Err(Error::Input {
                 name: "policy_chosen",
@@ -78,19 +78,6 @@ impl AlphaDpo {
                 value: n as f64,
                 message: "α-DPO's batch statistics need at least two pairs per micro-batch",
             });
-        }
-        for (name, lengths) in [
-            ("chosen_lengths", chosen_lengths),
-            ("rejected_lengths", rejected_lengths),
-        ] {
-            if let Some(index) = lengths.iter().position(|&l| l == 0) {
-                return Err(Error::Input {
-                    name,
-                    index,
-                    value: 0.0,
-                    message: "a response needs at least one token",
-                });
-            }
         }
         let (mut pw, mut pl, mut margins) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
         for i in 0..n {

@@ -4,8 +4,8 @@
 
 use crate::method::non_negative;
 use crate::{
-    batch_stats, bpo, check_len, chipo, cpo, dpo, hdpo, hinge, ipo, kto, math, odpo, orpo, repo,
-    simpo, sppo, Error, Method, ObjectiveOutput, PairLogps,
+    batch_stats, bpo, check_len, check_lengths, chipo, cpo, dpo, hdpo, hinge, ipo, kto, math, odpo,
+    orpo, repo, simpo, sppo, Error, Method, ObjectiveOutput, PairLogps,
 };
 
 /// Everything a stateless objective may read for a batch of pairs.
@@ -212,15 +212,7 @@ fn check_inputs(method: &Method, inputs: &PairInputs<'_>, sft_weight: f64) -> Re
         lengths.push(("rejected_lengths", inputs.rejected_lengths));
     }
     for (name, s) in lengths {
-        check_len(name, s, n)?;
-        if let Some(index) = s.iter().position(|&len| len == 0) {
-            return Err(Error::Input {
-                name,
-                index,
-                value: 0.0,
-                message: "a response needs at least one token",
-            });
-        }
+        check_lengths(name, s, n)?;
     }
     if method.needs_kl_logratios() && inputs.kl_logratios.is_none_or(<[f64]>::is_empty) {
         return Err(Error::Missing {

@@ -131,6 +131,20 @@ fn check_len<T>(name: &'static str, s: &[T], expected: usize) -> Result<(), Erro
     }
 }
 
+/// Response lengths: one per pair, each at least one token.
+fn check_lengths(name: &'static str, lengths: &[usize], expected: usize) -> Result<(), Error> {
+    check_len(name, lengths, expected)?;
+    match lengths.iter().position(|&len| len == 0) {
+        Some(index) => Err(Error::Input {
+            name,
+            index,
+            value: 0.0,
+            message: "a response needs at least one token",
+        }),
+        None => Ok(()),
+    }
+}
+
 /// What an objective returns for one batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObjectiveOutput {

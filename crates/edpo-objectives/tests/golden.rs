@@ -16,7 +16,9 @@
 //! extreme batch's tiny losses and gradients elsewhere (down to ~1e-133) are held to the
 //! relative bound alone by `losses_are_relatively_exact_on_the_extreme_batch`.
 
-use edpo_objectives::{evaluate, AlphaDpo, BetaDpo, Method, PairInputs, PairLogps, ResponseScores};
+use edpo_objectives::{
+    evaluate, AlphaDpo, BetaDpo, Method, ObjectiveOutput, PairInputs, PairLogps, ResponseScores,
+};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
@@ -262,6 +264,26 @@ impl Check {
         }
     }
 
+    /// The losses, mean loss and gradients of `out` against a golden record.
+    fn output(&mut self, what: &str, out: &ObjectiveOutput, record: &Value) {
+        self.all_close(
+            &format!("{what}: losses"),
+            &out.losses,
+            &floats(&record["losses"]),
+        );
+        self.close(&format!("{what}: loss"), out.loss(), number(record, "loss"));
+        self.all_close(
+            &format!("{what}: grad_lw"),
+            &out.grad_policy_chosen,
+            &floats(&record["grad_lw"]),
+        );
+        self.all_close(
+            &format!("{what}: grad_ll"),
+            &out.grad_policy_rejected,
+            &floats(&record["grad_ll"]),
+        );
+    }
+
     fn all_close(&mut self, what: &str, got: &[f64], expected: &[f64]) {
         if got.len() != expected.len() {
             self.failures.push(format!(
@@ -322,22 +344,7 @@ fn every_case_matches_pytorch() {
         let out = evaluate(&method, &batch.inputs(&method), sft_weight)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
 
-        check.all_close(
-            &format!("{what}: losses"),
-            &out.losses,
-            &floats(&case["losses"]),
-        );
-        check.close(&format!("{what}: loss"), out.loss(), number(case, "loss"));
-        check.all_close(
-            &format!("{what}: grad_lw"),
-            &out.grad_policy_chosen,
-            &floats(&case["grad_lw"]),
-        );
-        check.all_close(
-            &format!("{what}: grad_ll"),
-            &out.grad_policy_rejected,
-            &floats(&case["grad_ll"]),
-        );
+        check.output(&what, &out, case);
         // The mean margin sums per-pair margins that may cancel at a size far above their mean
         // (χPO on the extreme batch: ±β·e¹⁵⁰); there its rounding depends on the summation
         // order, and it is compared to the rounding of the rewards' size.
@@ -580,22 +587,7 @@ fn alpha_dpo_runs_match_pytorch() {
             let (mean, std) = state.estimates();
             check.close(&format!("{what}: mean"), mean, number(step, "mean"));
             check.close(&format!("{what}: std"), std, number(step, "std"));
-            check.all_close(
-                &format!("{what}: losses"),
-                &out.losses,
-                &floats(&step["losses"]),
-            );
-            check.close(&format!("{what}: loss"), out.loss(), number(step, "loss"));
-            check.all_close(
-                &format!("{what}: grad_lw"),
-                &out.grad_policy_chosen,
-                &floats(&step["grad_lw"]),
-            );
-            check.all_close(
-                &format!("{what}: grad_ll"),
-                &out.grad_policy_rejected,
-                &floats(&step["grad_ll"]),
-            );
+            check.output(&what, &out, step);
             for key in step["stats"].as_object().expect("stats").keys() {
                 let got = out
                     .stat(key)
