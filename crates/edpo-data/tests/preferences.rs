@@ -45,9 +45,15 @@ fn the_standard_layout_reads_the_same_from_json_lines_json_and_csv() {
     assert_eq!(text(&jsonl.records[0].prompt), "The movie was");
     assert_eq!(text(&jsonl.records[0].chosen), " wonderful and moving.");
     assert_eq!(jsonl.records[2].row, 3);
+    assert!(jsonl.records.iter().all(|r| r.file.ends_with("standard.jsonl")));
     for other in ["standard.json", "standard.csv"] {
-        let r = read(other);
+        let mut r = read(other);
         assert_eq!(r.layout, Layout::Standard, "{other}");
+        // Each record names its own file; everything else is the same.
+        for rec in &mut r.records {
+            assert!(rec.file.ends_with(other), "{other}: {}", rec.file.display());
+            rec.file = jsonl.records[0].file.clone();
+        }
         assert_eq!(r.records, jsonl.records, "{other}");
     }
 }
