@@ -45,7 +45,10 @@ fn the_standard_layout_reads_the_same_from_json_lines_json_and_csv() {
     assert_eq!(text(&jsonl.records[0].prompt), "The movie was");
     assert_eq!(text(&jsonl.records[0].chosen), " wonderful and moving.");
     assert_eq!(jsonl.records[2].row, 3);
-    assert!(jsonl.records.iter().all(|r| r.file.ends_with("standard.jsonl")));
+    assert!(jsonl
+        .records
+        .iter()
+        .all(|r| r.file.ends_with("standard.jsonl")));
     for other in ["standard.json", "standard.csv"] {
         let mut r = read(other);
         assert_eq!(r.layout, Layout::Standard, "{other}");

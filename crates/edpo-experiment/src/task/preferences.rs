@@ -8,7 +8,8 @@
 //! Splits are by prompt, so no prompt text crosses them: the distinct prompts are shuffled with
 //! `task.seed` and taken in turn for the test side (until it holds `eval_pairs` pairs and
 //! `eval_prompts` prompts), then the validation pairs (`val_pairs`), the rest training; or, with `task.test_split`, the test pairs come from that
-//! split of the same source (those whose prompt is a training prompt dropped and counted). The
+//! split of the same source (those whose prompt is a training or validation prompt dropped and
+//! counted). The
 //! test pairs are the test side's first `eval_pairs`; the test prompts its first `eval_prompts`
 //! distinct prompts that leave room for `response_tokens` within the model's context.
 //!
@@ -418,7 +419,11 @@ fn build_pairs(
     if let Some(split) = &task.test_split {
         let (pairs, test_summary) = read_split(task, Some(split), tokenizer, template, budget)?;
         summary.push_str(&test_summary);
-        let seen: HashSet<&Vec<u32>> = train.iter().map(|p| &p.prompt_input_ids).collect();
+        let seen: HashSet<&Vec<u32>> = train
+            .iter()
+            .chain(&val)
+            .map(|p| &p.prompt_input_ids)
+            .collect();
         for p in pairs {
             if seen.contains(&p.0.prompt) {
                 dropped += 1;
@@ -471,7 +476,9 @@ fn build_pairs(
         val.len(),
         test.len(),
         if task.test_split.is_some() {
-            format!(" ({dropped} test pairs dropped: their prompt is a training prompt)")
+            format!(
+                " ({dropped} test pairs dropped: their prompt is a training or validation prompt)"
+            )
         } else {
             String::new()
         }
