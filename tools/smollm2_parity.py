@@ -5,7 +5,8 @@ Converts the GGUF with `edpo convert`, scores preference pairs with `edpo score`
 response tokenised apart, EOS appended to the response), and computes the same sequence
 log-probs with `transformers` (`from_pretrained(..., gguf_file=...)`, dequantised to f32), and
 the token ids of every text with both tokenizers. Prints the table and the largest
-differences. Needs torch, transformers and gguf; the file from `tools/fetch_smollm2.sh`:
+differences. Needs torch, transformers, gguf and accelerate (`transformers` loads a GGUF file
+only with it), and peft for `--adapter`; the file from `tools/fetch_smollm2.sh`:
 
     python3 tools/smollm2_parity.py --edpo target/release/edpo
 
