@@ -154,7 +154,7 @@ impl Rule {
 }
 
 /// The name of `value` in a table of named values.
-fn name_of<T: PartialEq>(all: &[(&'static str, T)], value: T) -> &'static str {
+pub(crate) fn name_of<T: PartialEq>(all: &[(&'static str, T)], value: T) -> &'static str {
     all.iter()
         .find(|(_, v)| *v == value)
         .map(|(n, _)| *n)
@@ -162,7 +162,7 @@ fn name_of<T: PartialEq>(all: &[(&'static str, T)], value: T) -> &'static str {
 }
 
 /// The value called `name` in a table of named values; an error listing the names otherwise.
-fn by_name<T: Copy>(all: &[(&'static str, T)], name: &str, what: &str) -> Result<T> {
+pub(crate) fn by_name<T: Copy>(all: &[(&'static str, T)], name: &str, what: &str) -> Result<T> {
     all.iter()
         .find(|(n, _)| *n == name)
         .map(|(_, v)| *v)

@@ -18,7 +18,7 @@
 //! response keeps its first `max_length − prompt length` ids.
 
 use crate::chat::{ChatTemplate, Message};
-use crate::preferences::{PreferenceRecord, Turns};
+use crate::preferences::{by_name, name_of, PreferenceRecord, Turns};
 use crate::{Error, PairTokenizer, Result, TokenizedPair};
 
 /// How prompt and response become ids.
@@ -215,24 +215,12 @@ impl OverBudget {
 
     /// The outcome called `name`.
     pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-            .ok_or_else(|| {
-                Error::Source(format!(
-                    "unknown outcome `{name}` for prompt-over-budget; known: error, skip, truncate"
-                ))
-            })
+        by_name(&Self::ALL, name, "outcome of prompt-over-budget")
     }
 
     /// Its name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, v)| *v == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("?")
+        name_of(&Self::ALL, self)
     }
 }
 

@@ -118,6 +118,16 @@ impl Batch {
     }
 }
 
+/// The golden file's input batches.
+fn batches(golden: &Value) -> Vec<Batch> {
+    golden["batches"]
+        .as_array()
+        .expect("batches")
+        .iter()
+        .map(Batch::from_json)
+        .collect()
+}
+
 /// The method a case names, built from its parameters; every parameter must be known.
 fn method(name: &str, params: &Value) -> Method {
     let keys: BTreeSet<&str> = params
@@ -321,12 +331,7 @@ impl Check {
 #[test]
 fn every_case_matches_pytorch() {
     let golden = golden();
-    let batches: Vec<Batch> = golden["batches"]
-        .as_array()
-        .expect("batches")
-        .iter()
-        .map(Batch::from_json)
-        .collect();
+    let batches = batches(&golden);
     let cases = golden["cases"].as_array().expect("cases");
     let mut check = Check::default();
     let mut methods_seen = BTreeSet::new();
@@ -453,12 +458,7 @@ fn losses_are_relatively_exact_on_the_extreme_batch() {
 #[test]
 fn beta_dpo_runs_match_pytorch() {
     let golden = golden();
-    let batches: Vec<Batch> = golden["batches"]
-        .as_array()
-        .expect("batches")
-        .iter()
-        .map(Batch::from_json)
-        .collect();
+    let batches = batches(&golden);
     let runs = golden["beta_dpo"].as_array().expect("beta_dpo");
     assert!(!runs.is_empty());
     let mut check = Check::default();
@@ -561,12 +561,7 @@ fn beta_dpo_runs_match_pytorch() {
 #[test]
 fn alpha_dpo_runs_match_pytorch() {
     let golden = golden();
-    let batches: Vec<Batch> = golden["batches"]
-        .as_array()
-        .expect("batches")
-        .iter()
-        .map(Batch::from_json)
-        .collect();
+    let batches = batches(&golden);
     let runs = golden["alpha_dpo"].as_array().expect("alpha_dpo");
     assert!(!runs.is_empty());
     let mut check = Check::default();
