@@ -20,6 +20,7 @@ use anyhow::{bail, Result};
 use edpo_data::rng::SplitMix64;
 use edpo_objectives::{
     self as objectives, EpsilonBeta, Method, Objective, PairInputs, PairLogps, PerturbedRatios,
+    ResponseScores,
 };
 
 /// How pairs are labelled.
@@ -233,6 +234,15 @@ fn loss_and_gradient(
     let logp: Vec<Vec<f64>> = theta.iter().map(|z| log_softmax(z)).collect();
     let logref: Vec<Vec<f64>> = problem.reference.iter().map(|z| log_softmax(z)).collect();
     let n = pairs.len();
+    // The responses' scores (ODPO's offset): their true rewards.
+    let (sw, sl): (Vec<f64>, Vec<f64>) = pairs
+        .iter()
+        .map(|&(p, w, l)| (problem.rewards[p][w], problem.rewards[p][l]))
+        .unzip();
+    let scores = ResponseScores {
+        chosen: &sw,
+        rejected: &sl,
+    };
     let (mut lw, mut ll, mut rw, mut rl) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -254,11 +264,11 @@ fn loss_and_gradient(
     let ones = vec![1usize; n];
     let (out, steps) = match *objective {
         Objective::Dpo { beta } => (
-            objectives::evaluate(&Method::Dpo { beta }, &inputs(logps, &ones), 0.0)?,
+            objectives::evaluate(&Method::Dpo { beta }, &inputs(logps, &ones, scores), 0.0)?,
             Vec::new(),
         ),
         Objective::Method(m) => (
-            objectives::evaluate(&m, &inputs(logps, &ones), 0.0)?,
+            objectives::evaluate(&m, &inputs(logps, &ones, scores), 0.0)?,
             Vec::new(),
         ),
         Objective::EpsilonDpo { epsilon, .. } => {
@@ -293,13 +303,17 @@ fn loss_and_gradient(
     Ok((out.loss(), grad, steps))
 }
 
-fn inputs<'a>(logps: PairLogps<'a>, ones: &'a [usize]) -> PairInputs<'a> {
+fn inputs<'a>(
+    logps: PairLogps<'a>,
+    ones: &'a [usize],
+    scores: ResponseScores<'a>,
+) -> PairInputs<'a> {
     PairInputs {
         logps,
         chosen_lengths: ones,
         rejected_lengths: ones,
         kl_logratios: None,
-        scores: None,
+        scores: Some(scores),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `edpo bandit`: DPO, IPO, cDPO, rDPO, ε-DPO and the related objectives with a β (H-DPO,
-//! χPO, SPPO, BPO) on the exactly solvable bandit
+//! `edpo bandit`: DPO, IPO, cDPO, rDPO, ε-DPO and the related objectives with a β (ODPO with
+//! the true rewards as scores, H-DPO, χPO, SPPO, BPO) on the exactly solvable bandit
 //! ([`edpo_experiment::bandit`]), over many seeds in seconds. Every method trains on the same
 //! problems and datasets seed by seed (a paired design); it prints, per label kind and
 //! method, the mean and a 95% Student-t interval over seeds of the final policy's KL to π_ref,
@@ -119,6 +119,14 @@ pub fn run(args: &BanditArgs) -> Result<()> {
     }
     let beta = args.beta;
     methods.extend([
+        (
+            format!("ODPO β={beta}, α=1 (difference)"),
+            Objective::Method(Method::Odpo {
+                beta,
+                alpha: 1.0,
+                log_offset: false,
+            }),
+        ),
         (
             format!("H-DPO β={beta}, α={}", args.hdpo_alpha),
             Objective::Method(Method::Hdpo {
