@@ -50,9 +50,9 @@ pub struct Evaluator<'a> {
     /// The test prompts, each repeated `samples` times, and the validation prompts likewise.
     test: Vec<Vec<u32>>,
     val: Vec<Vec<u32>>,
-    /// With a gold reward: the reference's samples and gold rewards on `test`, and its gold
-    /// rewards on `val`.
-    drawn: Option<DrawnReference>,
+    /// With a gold reward: the judge, and the reference's samples and gold rewards on `test`
+    /// and its gold rewards on `val`.
+    gold_draws: Option<(&'a dyn Judge, DrawnReference)>,
 }
 /// Each prompt repeated `k` times in a row: prompt `i`'s sample `j` is sequence `i·k + j`,
 /// so its random stream is fixed by `(i, j)` whatever model samples it.
@@ -105,10 +105,13 @@ impl<'a> Evaluator<'a> {
         let samples = cfg.eval.samples.max(1);
         let test = repeated(&data.eval_prompts, samples);
         let val = repeated(&data.val_prompts, samples);
-        let drawn = match &data.judge {
-            Some(judge) => Some(Self::draw_reference(
-                reference, data, &**judge, &settings, seed, samples, &test, &val,
-            )?),
+        let gold_draws = match &data.judge {
+            Some(judge) => Some((
+                &**judge,
+                Self::draw_reference(
+                    reference, data, &**judge, &settings, seed, samples, &test, &val,
+                )?,
+            )),
             None => None,
         };
         Ok(Self {
@@ -119,7 +122,7 @@ impl<'a> Evaluator<'a> {
             samples,
             test,
             val,
-            drawn,
+            gold_draws,
         })
     }
 
@@ -213,9 +216,9 @@ impl<'a> Evaluator<'a> {
         ] {
             out.insert(key.to_string(), json!(v));
         }
-        let per_prompt = match (&data.judge, &self.drawn) {
-            (Some(judge), Some(drawn)) => {
-                let (win_p, diff_p) = self.judged(policy, &**judge, drawn, &ours, &mut out)?;
+        let per_prompt = match &self.gold_draws {
+            Some((judge, drawn)) => {
+                let (win_p, diff_p) = self.judged(policy, *judge, drawn, &ours, &mut out)?;
                 Some(PerPrompt {
                     step: 0,
                     win: win_p,
@@ -223,7 +226,7 @@ impl<'a> Evaluator<'a> {
                     kl: kl_p,
                 })
             }
-            _ => {
+            None => {
                 let [(val_accuracy, val_accuracy_se), _] =
                     pair_numbers(policy, self.reference, &data.val_pairs)?;
                 out.insert("val_preference_accuracy".into(), json!(val_accuracy));

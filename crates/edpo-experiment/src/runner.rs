@@ -245,7 +245,27 @@ pub fn run(
     )?
     .with_shards(cfg.run.shards)?
     .with_fault(fault_nonfinite(&cfg.hash()?)?);
-    let needs_scores = cfg.objective.to_objective(cfg.run.seed)?.needs().scores;
+    // Each pair's response scores, for the objectives that read them (ODPO), checked before
+    // training starts.
+    let scores: Option<Vec<[f64; 2]>> = if cfg.objective.to_objective(cfg.run.seed)?.needs().scores
+    {
+        Some(
+            data.train
+                .iter()
+                .map(|p| {
+                    p.response_scores().ok_or_else(|| {
+                        anyhow!(
+                            "objective `{}` reads each pair's response scores; this task's pairs \
+                             have no gold rewards and the data no `score_chosen` / `score_rejected`",
+                            cfg.objective.kind
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?,
+        )
+    } else {
+        None
+    };
     let precomputed = match cfg.objective.reference_logps {
         ReferenceLogps::Cached => Some(data.cached_reference_logps(cache)?),
         ReferenceLogps::Online => None,
@@ -281,31 +301,17 @@ pub fn run(
             .chunks(o.batch_size)
             .map(|c| c.iter().map(|&i| data.train[i].tokenized()).collect())
             .collect();
-        let per_micro = |value: &dyn Fn(usize) -> Result<[f64; 2]>| -> Result<Vec<Vec<[f64; 2]>>> {
+        // Per-pair values of the whole training set, laid out by micro-batch.
+        let per_micro = |values: &Vec<[f64; 2]>| -> Vec<Vec<[f64; 2]>> {
             taken
                 .chunks(o.batch_size)
-                .map(|c| c.iter().map(|&i| value(i)).collect())
+                .map(|c| c.iter().map(|&i| values[i]).collect())
                 .collect()
         };
-        let reference_values = match &precomputed {
-            Some(values) => Some(per_micro(&|i| Ok(values[i]))?),
-            None => None,
-        };
-        let scores = if needs_scores {
-            Some(per_micro(&|i| {
-                data.train[i].response_scores().ok_or_else(|| {
-                    anyhow!(
-                        "objective `{}` reads each pair's response scores; this task's pairs have \
-                         no gold rewards and the data no `score_chosen` / `score_rejected`",
-                        cfg.objective.kind
-                    )
-                })
-            })?)
-        } else {
-            None
-        };
+        let reference_values = precomputed.as_ref().map(per_micro);
+        let step_scores = scores.as_ref().map(per_micro);
         let report =
-            trainer.train_step_with(&micro, reference_values.as_deref(), scores.as_deref())?;
+            trainer.train_step_with(&micro, reference_values.as_deref(), step_scores.as_deref())?;
         for (&i, &x) in taken.iter().zip(&report.pair_steps) {
             if let Some(p) = data.train[i].p_true {
                 decisions.add(p, x);

@@ -80,7 +80,10 @@ pub fn run(command: &DataCommand) -> Result<()> {
             };
             let read = read_preferences(source, &options)?;
             let tokenizer = match model {
-                Some(m) => Some(model_tokenizer(m)?),
+                Some(m) => {
+                    let lm = edpo_model::CausalLm::load(m, &edpo_experiment::device(), false)?;
+                    Some(model_tokenizer(&lm, m)?)
+                }
                 None => None,
             };
             let template = match (template.as_str(), &tokenizer) {
@@ -124,16 +127,20 @@ pub fn run(command: &DataCommand) -> Result<()> {
     }
 }
 
-/// The tokenizer (with the model's EOS) and chat template a model carries.
-fn model_tokenizer(model: &std::path::Path) -> Result<(PairTokenizer, Option<ChatTemplate>)> {
-    let lm = edpo_model::CausalLm::load(model, &edpo_experiment::device(), false)?;
-    let files = std::env::temp_dir().join(format!("edpo-inspect-{}", std::process::id()));
+/// The tokenizer (with the model's EOS) and chat template a loaded model carries, as its
+/// source has them (`name`: the model's path, for errors). Shared by `data inspect --model` and
+/// `generate`.
+pub fn model_tokenizer(
+    lm: &edpo_model::CausalLm,
+    name: &std::path::Path,
+) -> Result<(PairTokenizer, Option<ChatTemplate>)> {
+    let files = std::env::temp_dir().join(format!("edpo-tokenizer-{}", std::process::id()));
     lm.write_tokenizer_files(&files)?;
     let result = (|| -> Result<(PairTokenizer, Option<ChatTemplate>)> {
         let eos = lm.eos_token_id().ok_or_else(|| {
             anyhow!(
                 "{}: the model's config has no `eos_token_id`",
-                model.display()
+                name.display()
             )
         })?;
         let tokenizer = PairTokenizer::from_file(&files.join("tokenizer.json"), eos)?;

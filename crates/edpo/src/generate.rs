@@ -5,7 +5,6 @@
 
 use anyhow::{anyhow, Context, Result};
 use edpo_data::chat::ChatTemplate;
-use edpo_data::PairTokenizer;
 use edpo_eval::judges::{generate, read_questions, write_answers, Benchmark};
 use edpo_eval::SamplingSettings;
 use std::path::PathBuf;
@@ -69,39 +68,22 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         model = model.load_adapter(adapter)?.merged()?;
     }
     // The tokenizer and its chat template, as the source has them.
-    let files = std::env::temp_dir().join(format!("edpo-generate-{}", std::process::id()));
-    model.write_tokenizer_files(&files)?;
-    let eos = model.eos_token_id().ok_or_else(|| {
-        anyhow!(
-            "{}: the model's config has no `eos_token_id`",
-            args.model.display()
-        )
-    })?;
-    let tokenizer = PairTokenizer::from_file(&files.join("tokenizer.json"), eos)?;
+    let (tokenizer, own) = crate::data::model_tokenizer(&model, &args.model)?;
     let template = match &args.template {
         Some(name) => ChatTemplate::named(name)?,
-        None => {
-            let config = files.join("tokenizer_config.json");
-            let own = if config.exists() {
-                ChatTemplate::from_tokenizer_config(&config)?
-            } else {
-                None
-            };
-            own.ok_or_else(|| {
-                anyhow!(
-                    "{} has no chat template; name one with --template (chatml, llama3, smollm2)",
-                    args.model.display()
-                )
-            })?
-        }
+        None => own.ok_or_else(|| {
+            anyhow!(
+                "{} has no chat template; name one with --template (chatml, llama3, smollm2)",
+                args.model.display()
+            )
+        })?,
     };
-    let _ = std::fs::remove_dir_all(&files);
     let settings = SamplingSettings {
         temperature: args.temperature,
         top_k: 0,
         top_p: args.top_p,
         max_new_tokens: args.max_new_tokens,
-        eos,
+        eos: tokenizer.eos_id(),
     };
     let started = std::time::Instant::now();
     let answers = generate(

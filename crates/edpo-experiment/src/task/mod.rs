@@ -153,20 +153,21 @@ impl TaskData {
         response_tokens: usize,
         pairs_key: serde_json::Value,
     ) -> Result<Self> {
-        let optional = |name: &str| -> Result<Option<std::path::PathBuf>> {
-            let path = pairs_dir.join(name);
-            Ok(path.exists().then_some(path))
+        // Written by the user-data task only.
+        let val_path = pairs_dir.join(VAL_PAIRS);
+        let val_pairs = if val_path.exists() {
+            read_jsonl(&val_path)?
+        } else {
+            Vec::new()
         };
-        let val_pairs = match optional(VAL_PAIRS)? {
-            Some(p) => read_jsonl(&p)?,
-            None => Vec::new(),
-        };
-        let data_summary = match optional(edpo_rundir::DATA_SUMMARY)? {
-            Some(p) => Some(
-                std::fs::read_to_string(&p)
-                    .with_context(|| format!("cannot read {}", p.display()))?,
-            ),
-            None => None,
+        let summary_path = pairs_dir.join(edpo_rundir::DATA_SUMMARY);
+        let data_summary = if summary_path.exists() {
+            Some(
+                std::fs::read_to_string(&summary_path)
+                    .with_context(|| format!("cannot read {}", summary_path.display()))?,
+            )
+        } else {
+            None
         };
         Ok(Self {
             judge,
