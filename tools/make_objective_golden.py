@@ -2,12 +2,15 @@
 
 Every objective in docs/spec/baselines.md is evaluated on a few seeded batches of per-pair
 numbers: sequence log-probs of the policy and the reference for the chosen and the rejected
-response (lw, ll, rw, rl), response lengths in tokens (len_w, len_l) and, for KTO, the
-policy-minus-reference log-ratios of mismatched prompt/completion pairs (kl_logratios).
+response (lw, ll, rw, rl), response lengths in tokens (len_w, len_l), for KTO the
+policy-minus-reference log-ratios of mismatched prompt/completion pairs (kl_logratios), for
+ODPO the responses' scores (score_w, score_l), and for TDPO each response's sequential KL
+Σ_t KL(π_ref ‖ π_θ) over its positions (kl_w, kl_l).
 For each method and parameter setting it records, computed in float64 with PyTorch autograd:
 
 - the per-pair losses and the batch loss (their mean);
-- the gradients of the batch loss with respect to lw and ll (so they include the 1/N);
+- the gradients of the batch loss with respect to lw and ll (so they include the 1/N), and for
+  TDPO with respect to kl_w and kl_l (grad_kl_w, grad_kl_l);
 - the logged statistics: rewards/chosen, rewards/rejected, rewards/margins,
   rewards/accuracies, logps/chosen, logps/rejected, beta/mean (null without a β), and the
   method's own state (KTO's clamped KL estimate "kl").
@@ -79,6 +82,11 @@ def make_batch(name, seed, n, shift_w, shift_l, kl_mean):
     score_w = srng.uniform(0.5, 2.0, n)
     batch["score_w"] = r3(score_w)
     batch["score_l"] = r3(score_w - srng.uniform(0.05, 1.5, n))
+    # The responses' sequential KLs (TDPO), from a third stream: non-negative, of the size a
+    # response of 3–40 tokens has after some training.
+    krng = np.random.default_rng(seed + 2000)
+    batch["kl_w"] = r3(krng.uniform(0.05, 12.0, n))
+    batch["kl_l"] = r3(krng.uniform(0.05, 12.0, n))
     if name == "extreme":
         for i, lw_i, ll_i, rw_i, rl_i, len_w_i, len_l_i in EXTREME_PAIRS:
             for key, value in zip(["lw", "ll", "rw", "rl", "len_w", "len_l"],
@@ -88,11 +96,13 @@ def make_batch(name, seed, n, shift_w, shift_l, kl_mean):
 
 
 def tensors(batch):
-    """The batch as float64 tensors; lw and ll are fresh leaves that require gradients."""
+    """The batch as float64 tensors; lw, ll, kl_w and kl_l are fresh leaves that require
+    gradients."""
     t = {k: torch.tensor(batch[k], dtype=DTYPE)
-         for k in ["lw", "ll", "rw", "rl", "len_w", "len_l", "kl_logratios", "score_w", "score_l"]}
-    t["lw"].requires_grad_(True)
-    t["ll"].requires_grad_(True)
+         for k in ["lw", "ll", "rw", "rl", "len_w", "len_l", "kl_logratios", "score_w", "score_l",
+                   "kl_w", "kl_l"]}
+    for k in ["lw", "ll", "kl_w", "kl_l"]:
+        t[k].requires_grad_(True)
     return t
 
 
@@ -247,11 +257,39 @@ def bpo(t, beta, lam, r_min):
     return (losses, *reference_rewards(t, beta), beta, {})
 
 
+# tdpo1 / tdpo2 (TDPO, arXiv 2404.11999; official code trainers.py, tdpo_loss): with
+#   u = log π − log π_ref summed over the response and K the sequential KL,
+#   TDPO1 logit β·((u_w − u_l) − (K_l − K_w)); TDPO2 β·((u_w − u_l) − α·(K_l − sg(K_w)));
+#   rewards β·(u_w + K_w), β·(u_l + K_l) (detached), as the official code logs them.
+def tdpo_loss(t, beta, alpha, tdpo2):
+    uw, ul = t["lw"] - t["rw"], t["ll"] - t["rl"]
+    if tdpo2:
+        logits = (uw - ul) - alpha * (t["kl_l"] - t["kl_w"].detach())
+    else:
+        logits = (uw - ul) - (t["kl_l"] - t["kl_w"])
+    losses = -F.logsigmoid(beta * logits)
+    extra = {"tdpo/kl_chosen": t["kl_w"].detach().mean().item(),
+             "tdpo/kl_rejected": t["kl_l"].detach().mean().item()}
+    return (losses, beta * (uw + t["kl_w"]), beta * (ul + t["kl_l"]), beta, extra)
+
+
+def tdpo1(t, beta):
+    return tdpo_loss(t, beta, 1.0, tdpo2=False)
+
+
+def tdpo2(t, beta, alpha):
+    return tdpo_loss(t, beta, alpha, tdpo2=True)
+
+
 OBJECTIVES = {
     "dpo": dpo, "cdpo": cdpo, "rdpo": rdpo, "ipo": ipo, "hinge": hinge, "slic": slic,
     "simpo": simpo, "rdpo_len": rdpo_len, "cpo": cpo, "orpo": orpo, "kto": kto,
     "odpo": odpo, "hdpo": hdpo, "chipo": chipo, "sppo_hard": sppo_hard, "repo": repo, "bpo": bpo,
+    "tdpo1": tdpo1, "tdpo2": tdpo2,
 }
+
+# The methods that read the sequential KLs and whose cases record grad_kl_w, grad_kl_l.
+SEQUENCE_KL = {"tdpo1", "tdpo2"}
 
 # JSON parameter names → keyword arguments of the functions above.
 ARG_NAMES = {"lambda": "lam"}
@@ -294,6 +332,10 @@ SETTINGS = [
     ("repo", {"gamma": 1.5}),
     ("bpo", {"beta": 0.1, "lambda": 1.2, "r_min": 0.01}),
     ("bpo", {"beta": 0.5, "lambda": -0.5, "r_min": 0.025}),
+    ("tdpo1", {"beta": 0.1}),
+    ("tdpo1", {"beta": 0.5}),
+    ("tdpo2", {"beta": 0.1, "alpha": 0.5}),
+    ("tdpo2", {"beta": 0.5, "alpha": 0.2}),
 ]
 
 REWARD_DEFINITIONS = {
@@ -310,6 +352,8 @@ REWARD_DEFINITIONS = {
     "sppo_hard": REF_REWARDS,
     "repo": "lw/len_w, ll/len_l (reference-free, no beta)",
     "bpo": REF_REWARDS,
+    "tdpo1": "beta*(lw-rw+kl_w), beta*(ll-rl+kl_l)",
+    "tdpo2": "beta*(lw-rw+kl_w), beta*(ll-rl+kl_l)",
 }
 
 NOTES = {
@@ -337,6 +381,9 @@ NOTES = {
     "repo": "relu gradient is 0 at the kink; no pair sits on it.",
     "bpo": "SBA instance with s = 4 (DPO's gradient at R = 1); R clamped below at r_min (zero gradient "
            "where the clamp binds); lambda must not be 0 or -1.",
+    "tdpo1": "kl_w, kl_l are the responses' sequential KLs sum_t KL(pi_ref || pi_theta); both carry "
+             "gradient (grad_kl_w, grad_kl_l).",
+    "tdpo2": "the chosen response's KL is detached (grad_kl_w is 0); alpha weighs the KL difference.",
     "kto": "per-pair loss is half the sum of the desirable and undesirable terms, so the batch mean equals "
            "the mean over the 2N terms; z0 = max(0, mean(kl_logratios)) is detached and logged as 'kl'.",
 }
@@ -350,13 +397,16 @@ def kwargs(params):
     return {ARG_NAMES.get(k, k): v for k, v in params.items()}
 
 
-def batch_loss(method, params, batch, lw=None, ll=None):
-    """The mean loss as a float, optionally with lw / ll replaced (for finite differences)."""
+def batch_loss(method, params, batch, lw=None, ll=None, kl_l=None):
+    """The mean loss as a float, optionally with lw / ll (or kl_l) replaced (for finite
+    differences)."""
     t = tensors(batch)
     with torch.no_grad():
         if lw is not None:
             t["lw"].copy_(torch.tensor(lw, dtype=DTYPE))
             t["ll"].copy_(torch.tensor(ll, dtype=DTYPE))
+        if kl_l is not None:
+            t["kl_l"].copy_(torch.tensor(kl_l, dtype=DTYPE))
         losses = OBJECTIVES[method](t, **kwargs(params))[0]
     return losses.mean().item()
 
@@ -378,7 +428,12 @@ def evaluate(method, params, batch_index, batch):
     t = tensors(batch)
     losses, chosen, rejected, beta, extra = OBJECTIVES[method](t, **kwargs(params))
     loss = losses.mean()
-    grad_lw, grad_ll = torch.autograd.grad(loss, [t["lw"], t["ll"]])
+    inputs = [t["lw"], t["ll"]] + ([t["kl_w"], t["kl_l"]] if method in SEQUENCE_KL else [])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    grad_lw, grad_ll = grads[:2]
+    kl_grads = {"grad_kl_w": grads[2].tolist(), "grad_kl_l": grads[3].tolist()} \
+        if method in SEQUENCE_KL else {}
     return {
         "method": method,
         "params": params,
@@ -387,6 +442,7 @@ def evaluate(method, params, batch_index, batch):
         "loss": loss.item(),
         "grad_lw": grad_lw.tolist(),
         "grad_ll": grad_ll.tolist(),
+        **kl_grads,
         "stats": {**reward_stats(t, chosen, rejected, beta), **extra},
         "reward_definition": REWARD_DEFINITIONS[method],
         "notes": NOTES[method],
@@ -406,6 +462,24 @@ def check_gradients(loss_fn, lw, ll, grad_lw, grad_ll, what, h=1e-5):
             fd = (f_up - f_down) / (2 * h)
             tol = 1e-6 * max(1.0, abs(grad[i]), abs(f_up))
             assert abs(fd - grad[i]) <= tol, f"{what}: d/d{name}[{i}] autograd {grad[i]} vs fd {fd}"
+
+
+def check_kl_gradients(method, params, batch, case, h=1e-5):
+    """Finite differences of the loss in kl_l against grad_kl_l; the closed forms of both
+    KL gradients in terms of dL/dll."""
+    for i in range(len(batch["kl_l"])):
+        up, down = list(batch["kl_l"]), list(batch["kl_l"])
+        up[i] += h
+        down[i] -= h
+        fd = (batch_loss(method, params, batch, kl_l=up)
+              - batch_loss(method, params, batch, kl_l=down)) / (2 * h)
+        g = case["grad_kl_l"][i]
+        assert abs(fd - g) <= 1e-6 * max(1.0, abs(g)), f"{method}: d/dkl_l[{i}] {g} vs fd {fd}"
+    weight = 1.0 if method == "tdpo1" else params["alpha"]
+    # dL/dK_l = weight·dL/dll (both push the same logit); TDPO1's dL/dK_w = −dL/dK_l.
+    assert np.allclose(case["grad_kl_l"], np.array(case["grad_ll"]) * weight, rtol=1e-12, atol=0)
+    expected_w = -np.array(case["grad_kl_l"]) if method == "tdpo1" else np.zeros(len(batch["kl_w"]))
+    assert np.allclose(case["grad_kl_w"], expected_w, rtol=1e-12, atol=0)
 
 
 def check_kinks(batch):
@@ -638,6 +712,8 @@ def main():
             check_gradients(lambda lw, ll: batch_loss(method, params, b, lw, ll),
                             b["lw"], b["ll"], case["grad_lw"], case["grad_ll"], f"{method} {params} batch {i}")
             check_closed_forms(case, b)
+            if method in SEQUENCE_KL:
+                check_kl_gradients(method, params, b, case)
             cases.append(case)
 
     beta_dpo_runs = [beta_dpo_run(p, idx, seed, batches) for p, idx, seed in BETA_DPO_RUNS]

@@ -314,6 +314,7 @@ fn inputs<'a>(
         rejected_lengths: ones,
         kl_logratios: None,
         scores: Some(scores),
+        sequence_kl: None,
     }
 }
 

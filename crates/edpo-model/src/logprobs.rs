@@ -231,6 +231,33 @@ pub fn sequence_logps(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor>
     sum_per_sequence(&token_logps(&logits, batch)?, batch)
 }
 
+/// Each sequence's sequential KL `Σ_t KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))` over its
+/// response positions, `(B,)`, from policy logits `z` and reference logits `r` (`(N, V)` each,
+/// in `targets` order): per position `Σ_v p_ref(v)·(log p_ref(v) − log_softmax(z)(v))`, the
+/// full-vocabulary KL TDPO reads. Differentiable with respect to the policy's logits (their
+/// gradient at a position is `softmax(z) − p_ref` times the sequence's weight); the reference
+/// is a constant. Composed of candle operations with a backward pass on every device.
+pub fn sequence_kl(
+    policy_logits: &Tensor,
+    reference_logits: &Tensor,
+    batch: &SequenceBatch,
+) -> Result<Tensor> {
+    let (n, v) = policy_logits.dims2()?;
+    if reference_logits.dims() != [n, v] || n != batch.n_targets() {
+        return Err(Error::Input(format!(
+            "policy logits {:?}, reference logits {:?} and {} targets do not agree",
+            policy_logits.dims(),
+            reference_logits.dims(),
+            batch.n_targets()
+        )));
+    }
+    let log_ref = crate::composed::log_softmax_last(&reference_logits.detach())?;
+    let p_ref = log_ref.exp()?;
+    let log_policy = crate::composed::log_softmax_last(policy_logits)?;
+    let per_token = (p_ref * (log_ref - log_policy)?)?.sum(1)?; // (N,)
+    sum_per_sequence(&per_token, batch)
+}
+
 /// Sequence log-probs under mixed logits `a·z + b·r` for each `(a, b)` in `mixtures`, where
 /// `z` are policy and `r` reference logits at the response positions (`(N, V)` each).
 ///
@@ -364,6 +391,76 @@ mod tests {
             })
             .collect();
         (lp.to_vec1::<f32>().expect("lp"), g)
+    }
+
+    #[test]
+    fn sequence_kl_is_the_full_vocabulary_kl_with_its_gradient() {
+        let pairs = pairs();
+        let rows: Vec<(&[u32], &[u32], &[u32])> = pairs
+            .iter()
+            .map(|(p, c, r)| (p.as_slice(), c.as_slice(), r.as_slice()))
+            .collect();
+        let batch = SequenceBatch::shared_prompt_pairs(&rows, 0).expect("layout");
+        let n = batch.n_targets();
+        let v = 7;
+        let z: Vec<f32> = (0..n * v)
+            .map(|i| ((i * 37 % 23) as f32) * 0.21 - 2.0)
+            .collect();
+        let r: Vec<f32> = (0..n * v)
+            .map(|i| ((i * 11 % 17) as f32) * 0.3 - 2.5)
+            .collect();
+        let zt = candle_core::Var::from_vec(z.clone(), (n, v), &Device::Cpu).expect("z");
+        let rt = Tensor::from_vec(r.clone(), (n, v), &Device::Cpu).expect("r");
+        // The same logits as reference: zero everywhere.
+        let same = sequence_kl(zt.as_tensor(), zt.as_tensor(), &batch).expect("kl");
+        for k in same.to_vec1::<f32>().expect("kl") {
+            assert!(k.abs() < 1e-6, "{k}");
+        }
+        let kl = sequence_kl(zt.as_tensor(), &rt, &batch).expect("kl");
+        let got = kl.to_vec1::<f32>().expect("kl");
+        // Direct f64 computation, and the analytic gradient of Σ_b w_b·K_b.
+        let log_softmax = |row: &[f32]| -> Vec<f64> {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
+            row.iter().map(|&x| x as f64 - lse).collect()
+        };
+        let weights: Vec<f32> = (0..batch.batch).map(|b| 0.5 + b as f32 * 0.25).collect();
+        let mut expected = vec![0f64; batch.batch];
+        let mut expected_grad = vec![0f64; n * v];
+        for i in 0..n {
+            let lq = log_softmax(&z[i * v..(i + 1) * v]);
+            let lr = log_softmax(&r[i * v..(i + 1) * v]);
+            let b = batch.sequence_of[i];
+            for j in 0..v {
+                expected[b] += lr[j].exp() * (lr[j] - lq[j]);
+                expected_grad[i * v + j] = f64::from(weights[b]) * (lq[j].exp() - lr[j].exp());
+            }
+        }
+        for (g, e) in got.iter().zip(&expected) {
+            assert!(
+                *e > 0.0 && (f64::from(*g) - e).abs() < 1e-5 * e.max(1.0),
+                "{g} vs {e}"
+            );
+        }
+        let w = Tensor::from_vec(weights, batch.batch, &Device::Cpu).expect("w");
+        let grads = (&kl * &w)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        let grad = grads
+            .get(zt.as_tensor())
+            .expect("the policy logits get a gradient")
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("grad");
+        for (g, e) in grad.iter().zip(&expected_grad) {
+            assert!((f64::from(*g) - e).abs() < 1e-5, "{g} vs {e}");
+        }
     }
 
     #[test]

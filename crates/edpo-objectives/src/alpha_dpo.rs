@@ -118,6 +118,7 @@ impl AlphaDpo {
             losses,
             grad_policy_chosen: grad_chosen,
             grad_policy_rejected: grad_rejected,
+            grad_sequence_kl: None,
             betas,
             stats,
         })

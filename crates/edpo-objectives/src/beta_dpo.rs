@@ -221,6 +221,7 @@ impl BetaDpo {
             losses,
             grad_policy_chosen: grad_chosen,
             grad_policy_rejected: grad_rejected,
+            grad_sequence_kl: None,
             betas,
             stats,
         };

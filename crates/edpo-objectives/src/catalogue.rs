@@ -62,6 +62,10 @@ pub struct Needs {
     pub kl_logratios: bool,
     /// Each pair's response scores (ODPO's offset): from the data, not the model.
     pub scores: bool,
+    /// Each response's sequential KL `Σ_t KL(π_ref ‖ π_θ)` from both models' full-vocabulary
+    /// distributions at its positions, in the autograd graph (TDPO), so the reference's logits
+    /// are needed every step.
+    pub sequence_kl: bool,
     /// The reference is moved towards the policy during training (TR-DPO).
     pub reference_updates: bool,
 }
@@ -412,6 +416,27 @@ pub const CATALOGUE: &[Entry] = &[
             })
         },
     },
+    Entry {
+        kind: "tdpo1",
+        label: "TDPO1",
+        params: &[real("beta", None)],
+        build: |v, _| {
+            Objective::Method(Method::Tdpo1 {
+                beta: v.get("beta"),
+            })
+        },
+    },
+    Entry {
+        kind: "tdpo2",
+        label: "TDPO2",
+        params: &[real("beta", None), real("alpha", Some(0.5))],
+        build: |v, _| {
+            Objective::Method(Method::Tdpo2 {
+                beta: v.get("beta"),
+                alpha: v.get("alpha"),
+            })
+        },
+    },
 ];
 
 /// The catalogue entry of `kind`.
@@ -490,10 +515,11 @@ impl Objective {
             },
             Objective::Method(m) => Needs {
                 reference: m.needs_reference(),
-                precomputed_reference: m.needs_reference(),
+                precomputed_reference: m.needs_reference() && !m.needs_sequence_kl(),
                 lengths: m.needs_lengths(),
                 kl_logratios: m.needs_kl_logratios(),
                 scores: m.needs_scores(),
+                sequence_kl: m.needs_sequence_kl(),
                 ..Needs::default()
             },
         }

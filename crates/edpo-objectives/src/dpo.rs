@@ -26,6 +26,7 @@ pub(crate) fn dpo_with_betas(logps: &PairLogps<'_>, betas: Vec<f64>) -> Objectiv
         losses,
         grad_policy_chosen: grad_chosen,
         grad_policy_rejected: grad_rejected,
+        grad_sequence_kl: None,
         betas,
         stats,
     }

@@ -5,7 +5,7 @@
 use crate::method::non_negative;
 use crate::{
     batch_stats, bpo, check_len, check_lengths, chipo, cpo, dpo, hdpo, hinge, ipo, kto, math, odpo,
-    orpo, repo, simpo, sppo, Error, Method, ObjectiveOutput, PairLogps,
+    orpo, repo, simpo, sppo, tdpo, Error, Method, ObjectiveOutput, PairLogps,
 };
 
 /// Everything a stateless objective may read for a batch of pairs.
@@ -29,6 +29,19 @@ pub struct PairInputs<'a> {
     /// The responses' scores (a reward model's, a rating), read by ODPO
     /// ([`Method::needs_scores`]) only.
     pub scores: Option<ResponseScores<'a>>,
+    /// Each response's sequential KL, read by TDPO ([`Method::needs_sequence_kl`]) only.
+    pub sequence_kl: Option<SequenceKl<'a>>,
+}
+
+/// Each pair's two responses' sequential KL divergences
+/// `K(x, y) = Σ_t KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))`, the full-vocabulary KL at each
+/// response position summed over the response (non-negative, finite).
+#[derive(Debug, Clone, Copy)]
+pub struct SequenceKl<'a> {
+    /// `K_w` per pair.
+    pub chosen: &'a [f64],
+    /// `K_l` per pair.
+    pub rejected: &'a [f64],
 }
 
 /// Each pair's two responses' scores.
@@ -59,6 +72,7 @@ pub fn evaluate(
     let (lw, ll) = (logps.policy_chosen, logps.policy_rejected);
     let (len_w, len_l) = (inputs.chosen_lengths, inputs.rejected_lengths);
     let mut extra = Vec::new();
+    let mut grad_sequence_kl = None;
     let terms = match *method {
         Method::Dpo { beta } => dpo::dpo_terms(logps, beta),
         Method::Cdpo {
@@ -106,6 +120,25 @@ pub fn evaluate(
             lambda,
             r_min,
         } => bpo::bpo(logps, beta, lambda, r_min),
+        Method::Tdpo1 { beta } | Method::Tdpo2 { beta, .. } => {
+            // check_inputs has made sure the sequence KLs are there.
+            let kl = inputs.sequence_kl.unwrap_or(SequenceKl {
+                chosen: &[],
+                rejected: &[],
+            });
+            let variant = match *method {
+                Method::Tdpo2 { alpha, .. } => tdpo::Variant::Two { alpha },
+                _ => tdpo::Variant::One,
+            };
+            let (terms, d_kl) = tdpo::tdpo(logps, kl.chosen, kl.rejected, beta, variant);
+            let n = terms.len() as f64;
+            grad_sequence_kl = Some(d_kl.iter().map(|[w, l]| [w / n, l / n]).collect());
+            extra.extend([
+                ("tdpo/kl_chosen", math::mean(kl.chosen)),
+                ("tdpo/kl_rejected", math::mean(kl.rejected)),
+            ]);
+            terms
+        }
         Method::Kto {
             beta,
             desirable_weight,
@@ -146,6 +179,7 @@ pub fn evaluate(
         losses,
         grad_policy_chosen: grad_chosen,
         grad_policy_rejected: grad_rejected,
+        grad_sequence_kl,
         betas,
         stats,
     };
@@ -219,6 +253,23 @@ fn check_inputs(method: &Method, inputs: &PairInputs<'_>, sft_weight: f64) -> Re
             name: "kl_logratios",
             method: method.name(),
         });
+    }
+    if method.needs_sequence_kl() {
+        let kl = inputs.sequence_kl.ok_or(Error::Missing {
+            name: "sequence_kl",
+            method: method.name(),
+        })?;
+        for (name, side) in [("chosen_kl", kl.chosen), ("rejected_kl", kl.rejected)] {
+            check_len(name, side, n)?;
+            if let Some(index) = side.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err(Error::Input {
+                    name,
+                    index,
+                    value: side[index],
+                    message: "a sequential KL must be finite and non-negative",
+                });
+            }
+        }
     }
     if let Method::Orpo { .. } = method {
         orpo::check_log_probs(logps, inputs.chosen_lengths, inputs.rejected_lengths)?;
@@ -348,6 +399,7 @@ mod tests {
             rejected_lengths: &LEN_L,
             kl_logratios: Some(&KL),
             scores: None,
+            sequence_kl: None,
         };
         evaluate(method, &inputs, sft_weight).unwrap().loss()
     }
@@ -369,6 +421,7 @@ mod tests {
                     rejected_lengths: &LEN_L,
                     kl_logratios: Some(&KL),
                     scores: None,
+                    sequence_kl: None,
                 };
                 let out = evaluate(&method, &inputs, sft_weight).unwrap();
                 for i in 0..LW.len() {
@@ -409,6 +462,7 @@ mod tests {
                 rejected_lengths: if method.needs_lengths() { &LEN_L } else { &[] },
                 kl_logratios: Some(&KL),
                 scores: None,
+                sequence_kl: None,
             };
             let result = evaluate(&method, &inputs, 0.0);
             if method.needs_reference() {
@@ -438,6 +492,7 @@ mod tests {
             rejected_lengths: &[],
             kl_logratios: None,
             scores: None,
+            sequence_kl: None,
         };
         assert_eq!(
             evaluate(&kto, &inputs, 0.0),
@@ -485,6 +540,7 @@ mod tests {
             rejected_lengths: &LEN_L,
             kl_logratios: None,
             scores: None,
+            sequence_kl: None,
         };
         let out = evaluate(&Method::Orpo { lambda: 0.1 }, &inputs, 0.0).unwrap();
         assert!(out.betas.is_empty());
@@ -521,9 +577,11 @@ mod tests {
             rejected_lengths: &LEN_L,
             kl_logratios: None,
             scores: Some(ResponseScores { chosen, rejected }),
+            sequence_kl: None,
         };
         let none = PairInputs {
             scores: None,
+            sequence_kl: None,
             ..inputs(&[], &[])
         };
         assert_eq!(

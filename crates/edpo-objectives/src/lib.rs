@@ -25,7 +25,8 @@
 //!   - the related objectives of the ε-DPO literature: `odpo` (ODPO, which also reads the
 //!     responses' scores), `hdpo` (H-DPO), `chipo` (χPO),
 //!     `sppo_hard` (SPPO with hard labels), `bpo` (BPO's SBA instance), and reference-free
-//!     `repo` (RePO).
+//!     `repo` (RePO); `tdpo1` and `tdpo2` (TDPO), which also read each response's sequential
+//!     KL ([`SequenceKl`]) and return the loss's derivatives with respect to it.
 //! - [`BetaDpo`]: β-DPO (Wu et al., 2024), whose batch-level β and data filter carry running
 //!   estimates from batch to batch, so it is a stateful struct rather than a [`Method`];
 //!   [`AlphaDpo`] (α-DPO, adaptive reward margin) likewise carries running statistics of its
@@ -63,6 +64,7 @@ mod orpo;
 mod repo;
 mod simpo;
 mod sppo;
+mod tdpo;
 mod term;
 
 pub use alpha_dpo::{AlphaDpo, ALPHA_DPO_MOMENTUM};
@@ -70,7 +72,7 @@ pub use beta_dpo::{BetaDpo, BetaDpoReport};
 pub use catalogue::{Needs, Objective, CATALOGUE};
 pub use dpo::dpo;
 pub use epsilon::{epsilon_dpo, step_decision, EpsilonBeta, PerturbedRatios};
-pub use evaluate::{add_sft, evaluate, PairInputs, ResponseScores};
+pub use evaluate::{add_sft, evaluate, PairInputs, ResponseScores, SequenceKl};
 pub use method::Method;
 
 /// Sequence log-probs of a batch of pairs; every slice has one entry per pair.
@@ -157,6 +159,9 @@ pub struct ObjectiveOutput {
     pub grad_policy_chosen: Vec<f64>,
     /// `∂(mean loss)/∂ log π_θ(y_l|x)` for each pair of the batch.
     pub grad_policy_rejected: Vec<f64>,
+    /// `[∂(mean loss)/∂K_w, ∂(mean loss)/∂K_l]` per pair, with `K` a response's sequential KL
+    /// (see [`SequenceKl`]), for the objectives that read it (TDPO); `None` for the others.
+    pub grad_sequence_kl: Option<Vec<[f64; 2]>>,
     /// The β each pair's loss used, one per pair; empty for the methods without a β (`slic`,
     /// `orpo`), which then log no `beta/*` statistics either.
     pub betas: Vec<f64>,

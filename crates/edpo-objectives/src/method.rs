@@ -131,6 +131,19 @@ pub enum Method {
         /// R_min ∈ (0, 1]: the lower clamp of the ratio.
         r_min: f64,
     },
+    /// TDPO1: `−log σ(β·((u_w − u_l) − (K_l − K_w)))`, `u = log π − log π_ref`, `K` a response's
+    /// sequential KL `Σ_t KL(π_ref ‖ π_θ)` over its positions.
+    Tdpo1 {
+        /// β > 0.
+        beta: f64,
+    },
+    /// TDPO2: `−log σ(β·((u_w − u_l) − α·(K_l − sg(K_w))))`, the chosen response's KL detached.
+    Tdpo2 {
+        /// β > 0.
+        beta: f64,
+        /// α ≥ 0, the weight of the KL difference.
+        alpha: f64,
+    },
 }
 
 impl Method {
@@ -154,6 +167,8 @@ impl Method {
             Self::SppoHard { .. } => "sppo_hard",
             Self::Repo { .. } => "repo",
             Self::Bpo { .. } => "bpo",
+            Self::Tdpo1 { .. } => "tdpo1",
+            Self::Tdpo2 { .. } => "tdpo2",
         }
     }
 
@@ -189,6 +204,12 @@ impl Method {
         matches!(self, Self::Odpo { .. })
     }
 
+    /// Whether the method reads each response's sequential KL `Σ_t KL(π_ref ‖ π_θ)` over its
+    /// positions (`tdpo1`, `tdpo2`), and returns its derivatives with respect to them.
+    pub fn needs_sequence_kl(&self) -> bool {
+        matches!(self, Self::Tdpo1 { .. } | Self::Tdpo2 { .. })
+    }
+
     /// Whether the method reads the mismatched-pair log-ratios (`kto`, for its KL estimate).
     pub fn needs_kl_logratios(&self) -> bool {
         matches!(self, Self::Kto { .. })
@@ -210,13 +231,15 @@ impl Method {
             | Self::Hdpo { beta, .. }
             | Self::Chipo { beta, .. }
             | Self::SppoHard { beta }
-            | Self::Bpo { beta, .. } => Some(beta),
+            | Self::Bpo { beta, .. }
+            | Self::Tdpo1 { beta }
+            | Self::Tdpo2 { beta, .. } => Some(beta),
             Self::Slic { .. } | Self::Orpo { .. } | Self::Repo { .. } => None,
         }
     }
 
     /// Checks every hyper-parameter's range: β > 0, ℓ ∈ [0, 0.5), δ, λ, α, γ_ratio, γ ≥ 0,
-    /// KTO's weights > 0, H-DPO's α > 0, χPO's R_max > 0, BPO's λ > −1 and ≠ 0 and
+    /// KTO's weights > 0, H-DPO's α > 0, TDPO2's α ≥ 0, χPO's R_max > 0, BPO's λ > −1 and ≠ 0 and
     /// R_min ∈ (0, 1], all finite.
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(beta) = self.beta() {
@@ -244,7 +267,7 @@ impl Method {
                 positive("desirable_weight", desirable_weight)?;
                 positive("undesirable_weight", undesirable_weight)
             }
-            Self::Odpo { alpha, .. } => non_negative("alpha", alpha),
+            Self::Odpo { alpha, .. } | Self::Tdpo2 { alpha, .. } => non_negative("alpha", alpha),
             Self::Hdpo { alpha, .. } => positive("alpha", alpha),
             Self::Chipo { r_max, .. } => positive("r_max", r_max),
             Self::Repo { gamma } => non_negative("gamma", gamma),
@@ -265,9 +288,11 @@ impl Method {
                 }
                 Ok(())
             }
-            Self::Dpo { .. } | Self::Ipo { .. } | Self::Hinge { .. } | Self::SppoHard { .. } => {
-                Ok(())
-            }
+            Self::Dpo { .. }
+            | Self::Ipo { .. }
+            | Self::Hinge { .. }
+            | Self::SppoHard { .. }
+            | Self::Tdpo1 { .. } => Ok(()),
         }
     }
 }

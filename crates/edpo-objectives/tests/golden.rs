@@ -18,6 +18,7 @@
 
 use edpo_objectives::{
     evaluate, AlphaDpo, BetaDpo, Method, ObjectiveOutput, PairInputs, PairLogps, ResponseScores,
+    SequenceKl,
 };
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -68,6 +69,8 @@ struct Batch {
     kl_logratios: Vec<f64>,
     score_w: Vec<f64>,
     score_l: Vec<f64>,
+    kl_w: Vec<f64>,
+    kl_l: Vec<f64>,
 }
 
 impl Batch {
@@ -83,6 +86,8 @@ impl Batch {
             kl_logratios: floats(&v["kl_logratios"]),
             score_w: floats(&v["score_w"]),
             score_l: floats(&v["score_l"]),
+            kl_w: floats(&v["kl_w"]),
+            kl_l: floats(&v["kl_l"]),
         }
     }
 
@@ -113,6 +118,10 @@ impl Batch {
             scores: method.needs_scores().then_some(ResponseScores {
                 chosen: &self.score_w,
                 rejected: &self.score_l,
+            }),
+            sequence_kl: method.needs_sequence_kl().then_some(SequenceKl {
+                chosen: &self.kl_w,
+                rejected: &self.kl_l,
             }),
         }
     }
@@ -240,6 +249,14 @@ fn method(name: &str, params: &Value) -> Method {
             },
             &["beta", "lambda", "r_min"],
         ),
+        "tdpo1" => (Method::Tdpo1 { beta: p("beta") }, &["beta"]),
+        "tdpo2" => (
+            Method::Tdpo2 {
+                beta: p("beta"),
+                alpha: p("alpha"),
+            },
+            &["alpha", "beta"],
+        ),
         other => panic!("unknown method `{other}` in the golden file"),
     };
     assert_eq!(
@@ -292,6 +309,28 @@ impl Check {
             &out.grad_policy_rejected,
             &floats(&record["grad_ll"]),
         );
+        // The derivatives with respect to the sequential KLs, exactly where they are recorded.
+        match (&out.grad_sequence_kl, record.get("grad_kl_w")) {
+            (Some(grads), Some(expected_w)) => {
+                let (w, l): (Vec<f64>, Vec<f64>) = grads.iter().map(|g| (g[0], g[1])).unzip();
+                self.all_close(&format!("{what}: grad_kl_w"), &w, &floats(expected_w));
+                self.all_close(
+                    &format!("{what}: grad_kl_l"),
+                    &l,
+                    &floats(&record["grad_kl_l"]),
+                );
+            }
+            (None, None) => {}
+            (got, expected) => self.failures.push(format!(
+                "{what}: sequential-KL gradients {} but {} recorded",
+                if got.is_some() {
+                    "returned"
+                } else {
+                    "not returned"
+                },
+                if expected.is_some() { "some" } else { "none" },
+            )),
+        }
     }
 
     fn all_close(&mut self, what: &str, got: &[f64], expected: &[f64]) {
@@ -398,6 +437,8 @@ fn every_case_matches_pytorch() {
         "sppo_hard",
         "repo",
         "bpo",
+        "tdpo1",
+        "tdpo2",
     ]
     .into_iter()
     .collect();

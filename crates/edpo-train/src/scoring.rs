@@ -1,15 +1,19 @@
 //! Scoring pairs: forward passes of policy and reference over chosen and rejected sequences
 //! (one row per pair, the prompt shared), giving exactly the inputs an objective declares it
 //! needs ([`Objective::needs`]): sequence log-probs, lengths, ε-DPO's mixed-logit log-ratios,
-//! KTO's mismatched-pair log-ratios. The reference runs on plain tensors, so no graph is
+//! KTO's mismatched-pair log-ratios, TDPO's sequential KLs (in the graph, like the log-probs). The reference runs on plain tensors, so no graph is
 //! recorded for it; the policy's log-probs stay in the graph for the trainer's backward pass.
 
 use crate::{Error, Result};
 use candle_core::Tensor;
 use edpo_data::TokenizedPair;
-use edpo_model::logprobs::{mixed_sequence_logps, response_logits, sum_per_sequence, token_logps};
+use edpo_model::logprobs::{
+    mixed_sequence_logps, response_logits, sequence_kl, sum_per_sequence, token_logps,
+};
 use edpo_model::{CausalLm, SequenceBatch};
-use edpo_objectives::{Objective, PairInputs, PairLogps, PerturbedRatios, ResponseScores};
+use edpo_objectives::{
+    Objective, PairInputs, PairLogps, PerturbedRatios, ResponseScores, SequenceKl,
+};
 
 /// Everything the objectives need about one micro-batch, plus the ε-DPO ratios.
 #[derive(Debug, Clone)]
@@ -34,6 +38,8 @@ pub struct PairScores {
     /// The responses' scores `(s_w, s_l)` per pair, from the data (ODPO's offset), when the
     /// caller gave them.
     pub response_scores: Option<(Vec<f64>, Vec<f64>)>,
+    /// Each response's sequential KL `(K_w, K_l)` per pair (TDPO), when requested.
+    pub sequence_kl: Option<(Vec<f64>, Vec<f64>)>,
 }
 
 impl PairScores {
@@ -62,6 +68,10 @@ impl PairScores {
             rejected_lengths: &self.rejected_lengths,
             kl_logratios: self.kl_logratios.as_deref(),
             scores: self.response_scores(),
+            sequence_kl: self
+                .sequence_kl
+                .as_ref()
+                .map(|(chosen, rejected)| SequenceKl { chosen, rejected }),
         }
     }
 }
@@ -118,6 +128,8 @@ struct Forward {
     scores: PairScores,
     /// The policy's sequence log-probs `(2B,)`, still in the autograd graph.
     policy_logps: Tensor,
+    /// The responses' sequential KLs `(2B,)` in the autograd graph, when requested.
+    sequence_kl: Option<Tensor>,
 }
 
 /// The logit mixtures `(a, b)` of `a·z_θ + b·z_ref` whose log-ratios an objective reads
@@ -129,8 +141,10 @@ fn forward(
     reference: ReferenceSource<'_>,
     pairs: &[TokenizedPair],
     mixed_weights: Option<MixedWeights>,
+    with_sequence_kl: bool,
 ) -> Result<Forward> {
     let n = pairs.len();
+    let mut kl_graph = None;
     let batch = pair_batch(pairs, 0)?;
     let policy_logits = response_logits(policy, &batch)?; // (N, V)
     let policy_logps = sum_per_sequence(&token_logps(&policy_logits, &batch)?, &batch)?; // (2B,)
@@ -170,6 +184,9 @@ fn forward(
                         .collect(),
                 );
             }
+            if with_sequence_kl {
+                kl_graph = Some(sequence_kl(&policy_logits, &reference_logits, &batch)?);
+            }
             (rp[..n].to_vec(), rp[n..].to_vec())
         }
     };
@@ -178,6 +195,18 @@ fn forward(
             "ε-DPO needs the reference model's logits every step".into(),
         ));
     }
+    if with_sequence_kl && kl_graph.is_none() {
+        return Err(Error::Config(
+            "TDPO needs the reference model's logits every step".into(),
+        ));
+    }
+    let sequence_kl = match &kl_graph {
+        Some(k) => {
+            let k = to_f64(k)?;
+            Some((k[..n].to_vec(), k[n..].to_vec()))
+        }
+        None => None,
+    };
     Ok(Forward {
         scores: PairScores {
             policy_chosen: lp[..n].to_vec(),
@@ -189,8 +218,10 @@ fn forward(
             ratios,
             kl_logratios: None,
             response_scores: None,
+            sequence_kl,
         },
         policy_logps,
+        sequence_kl: kl_graph,
     })
 }
 
@@ -201,8 +232,15 @@ fn shard_ranges(n: usize, shards: usize) -> Vec<std::ops::Range<usize>> {
     (0..s).map(|i| (i * n / s)..((i + 1) * n / s)).collect()
 }
 
-/// The pairs of one shard and their policy log-probs `(2·len,)`, still in the autograd graph.
-pub(crate) type ShardGraph = (std::ops::Range<usize>, Tensor);
+/// The pairs of one shard and what of it is still in the autograd graph.
+pub(crate) struct ShardGraph {
+    /// The shard's pairs within the micro-batch.
+    pub range: std::ops::Range<usize>,
+    /// Policy log-probs `(2·len,)`: chosen responses, then rejected ones.
+    pub logps: Tensor,
+    /// Sequential KLs `(2·len,)` in the same order, when the objective reads them (TDPO).
+    pub sequence_kl: Option<Tensor>,
+}
 
 /// What a training step computes from the models for one micro-batch: exactly the inputs its
 /// objective declares ([`Objective::needs`]).
@@ -214,6 +252,8 @@ pub(crate) struct Request<'a> {
     pub mixed_weights: Option<MixedWeights>,
     /// The reference to score mismatched pairs against (KTO's KL estimate).
     pub kl_logratios: Option<&'a CausalLm>,
+    /// The responses' sequential KLs, in the graph (TDPO; needs the reference model).
+    pub sequence_kl: bool,
 }
 
 /// [`forward`] over the shards of a micro-batch, in parallel on the current rayon pool, with
@@ -234,6 +274,7 @@ pub(crate) fn sharded_forward(
             request.reference.slice(r.clone())?,
             &pairs[r.clone()],
             request.mixed_weights,
+            request.sequence_kl,
         )
     };
     let parts: Vec<Forward> = ranges.par_iter().map(run).collect::<Result<_>>()?;
@@ -250,6 +291,7 @@ pub(crate) fn sharded_forward(
             Some(reference) => Some(mismatched_logratios(policy, reference, pairs)?),
         },
         response_scores: None,
+        sequence_kl: request.sequence_kl.then(|| (Vec::new(), Vec::new())),
     };
     let mut graphs = Vec::with_capacity(parts.len());
     for (range, part) in ranges.into_iter().zip(parts) {
@@ -263,7 +305,15 @@ pub(crate) fn sharded_forward(
         if let (Some(all), Some(mine)) = (scores.ratios.as_mut(), p.ratios) {
             all.extend(mine);
         }
-        graphs.push((range, part.policy_logps));
+        if let (Some(all), Some(mine)) = (scores.sequence_kl.as_mut(), p.sequence_kl) {
+            all.0.extend(mine.0);
+            all.1.extend(mine.1);
+        }
+        graphs.push(ShardGraph {
+            range,
+            logps: part.policy_logps,
+            sequence_kl: part.sequence_kl,
+        });
     }
     Ok((scores, graphs))
 }
@@ -306,7 +356,14 @@ pub fn score_pairs(
 ) -> Result<PairScores> {
     let weights = epsilon
         .and_then(|epsilon| Objective::EpsilonDpo { beta: 1.0, epsilon }.mixed_logit_weights());
-    Ok(forward(policy, ReferenceSource::Model(reference), pairs, weights)?.scores)
+    Ok(forward(
+        policy,
+        ReferenceSource::Model(reference),
+        pairs,
+        weights,
+        false,
+    )?
+    .scores)
 }
 
 /// `[log π_ref(y_w|x), log π_ref(y_l|x)]` of every pair, in chunks of `chunk` pairs: what a

@@ -224,6 +224,7 @@ impl Trainer {
                 },
                 mixed_weights: objective.mixed_logit_weights(),
                 kl_logratios: needs.kl_logratios.then_some(&self.reference),
+                sequence_kl: needs.sequence_kl,
             };
             let (mut scores, graphs) = sharded_forward(&self.policy, request, pairs, self.shards)?;
             if needs.scores {
@@ -246,15 +247,39 @@ impl Trainer {
             if let Some(b) = out.stat("beta/mean") {
                 batch_beta = b;
             }
-            // Per shard, a surrogate whose gradient is ∂(loss / k)/∂θ over its pairs.
-            let backward = |(range, logps): &ShardGraph| {
+            // Per shard, a surrogate whose gradient is ∂(loss / k)/∂θ over its pairs:
+            // Σ ∂L/∂lp·lp, plus Σ ∂L/∂K·K for the objectives that read the sequential KLs.
+            let backward = |shard: &ShardGraph| {
+                let range = shard.range.clone();
                 let coef: Vec<f32> = out.grad_policy_chosen[range.clone()]
                     .iter()
                     .chain(&out.grad_policy_rejected[range.clone()])
                     .map(|g| (g / k) as f32)
                     .collect();
+                let logps = &shard.logps;
                 let coef = Tensor::from_vec(coef, logps.dims(), logps.device())?;
-                Ok((logps * &coef)?.sum_all()?.backward()?)
+                let mut surrogate = (logps * &coef)?.sum_all()?;
+                match (&shard.sequence_kl, &out.grad_sequence_kl) {
+                    (Some(kl), Some(grads)) => {
+                        let part = &grads[range];
+                        let coef: Vec<f32> = part
+                            .iter()
+                            .map(|g| g[0])
+                            .chain(part.iter().map(|g| g[1]))
+                            .map(|g| (g / k) as f32)
+                            .collect();
+                        let coef = Tensor::from_vec(coef, kl.dims(), kl.device())?;
+                        surrogate = (surrogate + (kl * &coef)?.sum_all()?)?;
+                    }
+                    (None, None) => {}
+                    _ => {
+                        return Err(Error::Config(format!(
+                            "objective `{}`: sequential KLs and their derivatives do not match",
+                            objective.kind()
+                        )))
+                    }
+                }
+                Ok(surrogate.backward()?)
             };
             let stores: Vec<candle_core::backprop::GradStore> = {
                 use rayon::prelude::*;

@@ -30,6 +30,11 @@ fn dpo_gradient_norm_matches_pytorch() -> common::TestResult {
 }
 
 #[test]
+fn tdpo_matches_pytorch() -> common::TestResult {
+    common::tdpo_matches_pytorch()
+}
+
+#[test]
 fn ten_step_traces_match_pytorch() -> common::TestResult {
     common::ten_step_traces_match_pytorch()
 }
