@@ -147,7 +147,7 @@ pub fn best_of_n(
     cache: &StageCache,
     settings: &SamplingSettings,
 ) -> Result<Vec<BestOfN>> {
-    let key = json!({"stage": "best-of-n", "pairs": data.pairs_key, "samples": SAMPLES,
+    let key = json!({"stage": "best-of-n", "pairs": data.prompts_key, "samples": SAMPLES,
         "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p});
     let (dir, built) = cache.get_or_build("best-of-n", &key, |dir| {
         let judge = data.judge.as_ref().ok_or_else(|| {

@@ -382,6 +382,7 @@ mod tests {
             val_prompts: prompts[..6].to_vec(),
             response_tokens: 6,
             pairs_key: json!({}),
+            prompts_key: json!({}),
             data_summary: None,
             reference_draws: Default::default(),
         }

@@ -3,7 +3,8 @@
 //! Each `runs/<hash>/` with a `status.json` in state `completed` contributes one row: the
 //! objective's kind and parameters from `config.json`, the run seed, every number of
 //! `eval.json`, and a `setting` label naming the method's varied hyper-parameters (and the
-//! LoRA rank of a run that trains adapters). Runs that
+//! LoRA rank of a run that trains adapters). A run on RSO's pairs (`task.rso`) is the method
+//! "RSO (<loss>)", its setting naming the sampling's candidates and β. Runs that
 //! are not completed (planned in the sweep's manifest and not started: pending), or were
 //! written by another config version, are listed as skipped; a
 //! malformed file is an error naming it.
@@ -186,6 +187,20 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             Some(r) => format!("{} · LoRA r={r}", setting_label(objective)),
             None => setting_label(objective),
         };
+        // An objective trained on RSO's pairs is a method of its own: RSO with that loss.
+        let rso = &config["task"]["rso"];
+        let (display, label) = if rso.is_object() {
+            (
+                format!("RSO ({})", method_label(&k)),
+                format!(
+                    "{label}, RSO n={}, β_rso={}",
+                    rso["candidates"],
+                    rso["beta"].as_f64().unwrap_or(f64::NAN)
+                ),
+            )
+        } else {
+            (method_label(&k), label)
+        };
         let row = method.len();
         let mut numbers: BTreeMap<String, f64> = BTreeMap::new();
         if let Some(map) = eval.as_object() {
@@ -248,7 +263,7 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             Vec::new()
         };
         traces.push(Trace {
-            method: method_label(&k),
+            method: display.clone(),
             setting: label.clone(),
             seed,
             lines,
@@ -256,7 +271,7 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             per_prompt,
             final_val_win: eval["val_win_rate"].as_f64(),
         });
-        method.push(method_label(&k));
+        method.push(display);
         kind.push(k);
         setting.push(label);
         hash.push(name);

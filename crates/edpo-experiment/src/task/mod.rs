@@ -110,6 +110,9 @@ pub struct TaskData {
     pub response_tokens: usize,
     /// What the pairs stage depends on (reference, data, tokenizer), for stages built on it.
     pub pairs_key: serde_json::Value,
+    /// What the test prompts depend on, for stages built on them alone (the best-of-n curve):
+    /// `pairs_key`, except for pairs derived from another stage's prompts (RSO).
+    pub prompts_key: serde_json::Value,
     /// The preparation summary (user data: what was read, skipped and truncated), written
     /// into every run directory.
     pub data_summary: Option<String>,
@@ -179,6 +182,7 @@ impl TaskData {
             eval_prompts: read_jsonl(&pairs_dir.join("eval_prompts.jsonl"))?,
             val_prompts: read_jsonl(&pairs_dir.join("val_prompts.jsonl"))?,
             response_tokens,
+            prompts_key: pairs_key.clone(),
             pairs_key,
             data_summary,
             reference_draws: Default::default(),

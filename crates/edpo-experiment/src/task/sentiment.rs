@@ -28,7 +28,7 @@
 use super::ModelShape;
 use super::{check_pairs, gpt2_config, pretrained, write_pairs, Judge, TaskData};
 use crate::check::check;
-use crate::pairs::sample_pairs;
+use crate::pairs::{rso_pairs, sample_pairs, RsoSampling};
 use crate::stages::StageCache;
 use anyhow::{anyhow, bail, Context, Result};
 use edpo_data::bpe::{train_bpe, EOS};
@@ -69,6 +69,7 @@ pub struct RawSentiment {
     reference_sha256: Option<String>,
     chat_template: Option<String>,
     prompt_format: Option<String>,
+    rso: Option<RsoSampling>,
 }
 
 /// The resolved sentiment task.
@@ -118,6 +119,12 @@ pub struct SentimentTask {
     /// The prompt text around the review prefix (`{prefix}`).
     #[serde(skip_serializing_if = "is_plain_format")]
     pub prompt_format: String,
+    /// RSO's pair sampling for the training pairs (`{candidates, beta}`): on the same training
+    /// prompts as the plain pairs, the two responses accepted by statistical rejection
+    /// sampling towards `π_ref·exp(r/β)`; held-out pairs, validation and test prompts are the
+    /// plain stage's. `None`: two independent draws from the reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rso: Option<RsoSampling>,
 }
 
 /// The prompt format that is the prefix alone.
@@ -169,7 +176,20 @@ impl RawSentiment {
             reference_sha256: self.reference_sha256.map(|d| d.to_ascii_lowercase()),
             chat_template: self.chat_template,
             prompt_format: self.prompt_format.unwrap_or_else(|| PLAIN_FORMAT.into()),
+            rso: self.rso,
         };
+        if let Some(rso) = task.rso {
+            check(
+                rso.candidates >= 2,
+                "task.rso.candidates",
+                "must be at least 2",
+            )?;
+            check(
+                rso.beta > 0.0 && rso.beta.is_finite(),
+                "task.rso.beta",
+                "must be positive and finite (the gold reward's units)",
+            )?;
+        }
         check(
             task.prompt_format.contains("{prefix}"),
             "task.prompt_format",
@@ -395,7 +415,8 @@ fn prompt_of(text: &str, words: usize) -> String {
 }
 
 /// The sentiment task's stage keys, in build order: snippets, tokenizer, gold, reference, pairs
-/// (with a pretrained reference: snippets, gold, reference, pairs).
+/// (with a pretrained reference: snippets, gold, reference, pairs), then RSO's pairs when the
+/// task samples them.
 pub fn stage_keys(
     task: &SentimentTask,
     shape: &ModelShape,
@@ -420,7 +441,11 @@ pub fn stage_keys(
     if !is_plain_format(&task.prompt_format) {
         pairs_key["prompt_format"] = json!(task.prompt_format);
     }
-    match task.reference {
+    let rso_key = task.rso.map(|rso| {
+        json!({"stage": "sentiment-rso-pairs", "pairs": pairs_key, "candidates": rso.candidates,
+            "beta": rso.beta, "algorithm": "rso-1"})
+    });
+    let mut keys = match task.reference {
         None => vec![
             ("snippets", snippets_key),
             ("tokenizer", tokenizer_key),
@@ -434,7 +459,11 @@ pub fn stage_keys(
             ("reference", reference_key),
             ("pairs", pairs_key),
         ],
+    };
+    if let Some(key) = rso_key {
+        keys.push(("rso-pairs", key));
     }
+    keys
 }
 
 /// The sentiment task's stages.
@@ -681,14 +710,61 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             judge.remember(&row.prompt_input_ids, &row.prefix)?;
         }
     }
-    TaskData::from_pairs_stage(
+    let Some(rso) = task.rso else {
+        return TaskData::from_pairs_stage(
+            Some(Box::new(judge)),
+            eos,
+            reference_dir,
+            &pairs_dir,
+            task.response_tokens,
+            key("pairs"),
+        );
+    };
+    // RSO: the plain stage's training prompts, in order, each with a pair accepted from its
+    // candidates; everything evaluated on is the plain stage's, so runs pair with its runs.
+    let (rso_dir, _) = cache.get_or_build("rso-pairs", &key("rso-pairs"), |dir| {
+        let reference = CausalLm::load(&reference_dir, &crate::device(), false)?;
+        let plain: Vec<super::LabelledPair> = super::read_jsonl(&pairs_dir.join("train.jsonl"))?;
+        let prompts: Vec<Vec<u32>> = plain.into_iter().map(|p| p.prompt_input_ids).collect();
+        let (pairs, summary) = rso_pairs(
+            &reference,
+            &judge,
+            &prompts,
+            &settings,
+            task.bt_temperature,
+            rso,
+            task.seed ^ 0x7777,
+        )?;
+        super::write_jsonl(&dir.join("train.jsonl"), &pairs)?;
+        for file in [
+            "eval_pairs.jsonl",
+            "eval_prompts.jsonl",
+            "val_prompts.jsonl",
+            PROMPT_TEXTS,
+        ] {
+            let from = pairs_dir.join(file);
+            if from.exists() {
+                std::fs::copy(&from, dir.join(file))
+                    .with_context(|| format!("cannot copy {}", from.display()))?;
+            }
+        }
+        std::fs::write(
+            dir.join("rso_summary.json"),
+            serde_json::to_string_pretty(&summary)?,
+        )?;
+        Ok(())
+    })?;
+    let mut data = TaskData::from_pairs_stage(
         Some(Box::new(judge)),
         eos,
         reference_dir,
-        &pairs_dir,
+        &rso_dir,
         task.response_tokens,
-        key("pairs"),
-    )
+        key("rso-pairs"),
+    )?;
+    // The test prompts are the plain stage's: so is their best-of-n curve.
+    data.prompts_key = key("pairs");
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -801,6 +877,60 @@ mod tests {
                     .is_some_and(|n| n.to_string_lossy().starts_with(name))
             })
             .unwrap_or_default()
+    }
+
+    /// RSO's pairs: the plain stage's training prompts in order, one accepted pair each, and
+    /// its held-out pairs, test and validation prompts unchanged (so runs pair across the two),
+    /// with the reference log-probs keyed on the RSO stage and best-of-n on the test prompts.
+    #[test]
+    fn rso_pairs_reuse_the_plain_stage_prompts() -> Result<()> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let gguf = root.join("testdata/gguf/tiny-llama-f32.gguf");
+        let yaml = |rso: &str| {
+            format!(
+                "{{data: {data:?}, lexicon: {lexicon:?}, reference: {gguf:?}, response_tokens: 4,
+                  train_pairs: 8, eval_pairs: 2, eval_prompts: 3, val_prompts: 2,
+                  gold_buckets: 256{rso}}}",
+                data = root.join(SNIPPETS_PATH).display().to_string(),
+                lexicon = root.join(LEXICON_PATH).display().to_string(),
+                gguf = gguf.display().to_string(),
+            )
+        };
+        let plain = raw(&yaml(""))?;
+        let rso = raw(&yaml(", rso: {candidates: 4, beta: 0.5}"))?;
+        let names: Vec<&str> = stage_keys(&rso, &DEFAULT_SHAPE)
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(
+            names,
+            ["snippets", "gold", "reference", "pairs", "rso-pairs"]
+        );
+        let dir = std::env::temp_dir().join(format!("edpo-rso-{}", std::process::id()));
+        let cache = StageCache::new(&dir);
+        let a = prepare(&plain, &DEFAULT_SHAPE, &cache)?;
+        let b = prepare(&rso, &DEFAULT_SHAPE, &cache)?;
+        let prompts = |d: &TaskData| -> Vec<Vec<u32>> {
+            d.train.iter().map(|p| p.prompt_input_ids.clone()).collect()
+        };
+        let (pa, pb) = (prompts(&a), prompts(&b));
+        assert!(!pb.is_empty() && pb.len() <= pa.len());
+        // In order: every RSO prompt is the next plain one that made a pair.
+        let mut rest = pa.iter();
+        assert!(pb.iter().all(|p| rest.any(|q| q == p)));
+        assert_eq!(a.eval_prompts, b.eval_prompts);
+        assert_eq!(a.val_prompts, b.val_prompts);
+        assert_eq!(a.eval_pairs, b.eval_pairs);
+        assert_ne!(a.pairs_key, b.pairs_key);
+        assert_eq!(a.prompts_key, b.prompts_key);
+        let summary = cache_entry(&dir, "rso-pairs").join("rso_summary.json");
+        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(summary)?)?;
+        assert_eq!(summary["pairs"], json!(pb.len()));
+        assert!(raw(&yaml(", rso: {candidates: 1, beta: 0.5}")).is_err());
+        assert!(raw(&yaml(", rso: {candidates: 4, beta: 0}")).is_err());
+        assert!(raw(&yaml(", rso: {candidates: 4, beta: 1, extra: 2}")).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
     }
 
     #[test]
