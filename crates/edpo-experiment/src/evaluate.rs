@@ -383,6 +383,7 @@ mod tests {
             response_tokens: 6,
             pairs_key: json!({}),
             prompts_key: json!({}),
+            bt_temperature: None,
             data_summary: None,
             reference_draws: Default::default(),
         }

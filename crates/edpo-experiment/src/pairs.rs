@@ -79,6 +79,52 @@ fn label(
     }
 }
 
+/// On-policy pairs: for each of `prompts`, two responses drawn from `model` (the current
+/// policy), labelled by a Bradley–Terry draw at `bt_temperature` as [`sample_pairs`] labels.
+/// Two identical responses carry no preference: such a prompt is drawn again (up to 8 times),
+/// then left out. Returns the pairs, in prompt order, and how many prompts were left out.
+pub fn policy_pairs(
+    model: &CausalLm,
+    judge: &dyn Judge,
+    prompts: &[Vec<u32>],
+    settings: &SamplingSettings,
+    bt_temperature: f64,
+    seed: u64,
+) -> Result<(Vec<LabelledPair>, usize)> {
+    let mut rng = SplitMix64(seed);
+    let mut drawn: Vec<Option<(Vec<u32>, Vec<u32>)>> = vec![None; prompts.len()];
+    for attempt in 0..8u64 {
+        let open: Vec<usize> = (0..prompts.len()).filter(|&i| drawn[i].is_none()).collect();
+        if open.is_empty() {
+            break;
+        }
+        let asked: Vec<Vec<u32>> = open.iter().map(|&i| prompts[i].clone()).collect();
+        let a = sample(model, &asked, settings, seed ^ (attempt * 2 + 1))?;
+        let b = sample(model, &asked, settings, seed ^ (attempt * 2 + 2))?;
+        for ((&i, ra), rb) in open.iter().zip(a).zip(b) {
+            if ra != rb {
+                drawn[i] = Some((ra, rb));
+            }
+        }
+    }
+    let mut pairs = Vec::with_capacity(prompts.len());
+    let mut left_out = 0;
+    for (prompt, d) in prompts.iter().zip(drawn) {
+        match d {
+            Some((a, b)) => pairs.push(label(
+                judge,
+                prompt.clone(),
+                a,
+                b,
+                bt_temperature,
+                rng.uniform(),
+            )),
+            None => left_out += 1,
+        }
+    }
+    Ok((pairs, left_out))
+}
+
 /// RSO's pair sampling (Liu et al., 2024, arXiv 2309.06657, Algorithm 1).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

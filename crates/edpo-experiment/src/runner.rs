@@ -1,22 +1,27 @@
 //! One run, top to bottom: load the policy and reference, then for every optimizer step
 //! (schedule → periodic evaluation → forward/backward → clip → step → log), then the final
 //! evaluation. Metrics go to the run directory ([`edpo_rundir`]), never to the log.
+//! Offline training is one round over the task's pairs; with `online.rounds` the steps run in
+//! rounds, each after the first on pairs drawn from the current policy for the next share of
+//! the training prompts and labelled by the task's rule ([`crate::pairs::policy_pairs`]), the
+//! reference fixed or reset to the policy of the round before.
 //!
 //! [`run_one`] runs a config in its directory unless it is complete, writing its status
 //! whatever happens; [`SharedTasks`] prepares each task's stages once per process for every
 //! run that reads them.
 
-use crate::config::{ReferenceLogps, RunConfig};
+use crate::config::{OnlineReference, ReferenceLogps, RunConfig};
 use crate::evaluate::{Evaluation, Evaluator};
+use crate::pairs::policy_pairs;
 use crate::stages::StageCache;
-use crate::task::TaskData;
+use crate::task::{LabelledPair, TaskData};
 use anyhow::{anyhow, bail, Result};
 use edpo_data::rng::SplitMix64;
 use edpo_data::TokenizedPair;
-use edpo_eval::mean_and_stderr;
+use edpo_eval::{mean_and_stderr, SamplingSettings};
 use edpo_model::CausalLm;
 use edpo_rundir::{read_status, Decisions, RunDir, RunState};
-use edpo_train::{AdamWConfig, Schedule, Trainer, TrainerConfig};
+use edpo_train::{AdamWConfig, Schedule, StepReport, Trainer, TrainerConfig};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -210,9 +215,9 @@ pub fn run(
         None => CausalLm::load(&data.reference_dir, &device, true)?,
     };
     let original_reference = reference.frozen_copy()?;
-    let steps = total_steps(cfg, data.train.len());
     let o = &cfg.optim;
-    if data.train.len() < o.batch_size * o.grad_accum {
+    let per_step = o.batch_size * o.grad_accum;
+    if data.train.len() < per_step {
         bail!(
             "the task has {} training pairs, fewer than one optimizer step takes \
              (optim.batch_size {} × optim.grad_accum {})",
@@ -221,17 +226,45 @@ pub fn run(
             o.grad_accum
         );
     }
+    // Offline training is one round over the task's pairs; on-policy training splits the same
+    // label budget into rounds, each on the prompts of the next share of the pairs.
+    let rounds = cfg.online.as_ref().map_or(1, |online| online.rounds);
+    let n_train = data.train.len();
+    let shares: Vec<std::ops::Range<usize>> = (0..rounds)
+        .map(|r| (r * n_train / rounds)..((r + 1) * n_train / rounds))
+        .collect();
+    if let Some(short) = shares.iter().find(|s| s.len() < per_step) {
+        bail!(
+            "key `online.rounds`: {rounds} rounds over {n_train} training pairs leave {} pairs \
+             in a round, fewer than one optimizer step takes ({per_step})",
+            short.len()
+        );
+    }
+    let round_steps: Vec<usize> = shares.iter().map(|s| total_steps(cfg, s.len())).collect();
+    let steps: usize = round_steps.iter().sum();
+    let online_labels = match &cfg.online {
+        None => None,
+        Some(_) => Some((
+            data.judge.as_deref().ok_or_else(|| {
+                anyhow!("key `online`: on-policy rounds label fresh pairs with the task's gold reward, and this task has none")
+            })?,
+            data.bt_temperature.ok_or_else(|| {
+                anyhow!("key `online`: on-policy rounds need the task's labelling rule (its Bradley–Terry temperature), and this task has none")
+            })?,
+        )),
+    };
     let schedule = Schedule {
         peak_lr: o.lr,
         warmup_steps: (o.warmup_ratio * steps as f64).ceil() as usize,
         total_steps: steps,
         kind: o.schedule.kind(),
     };
+    let objective = cfg.objective.to_objective(cfg.run.seed)?;
     let mut trainer = Trainer::new(
         policy,
         reference,
         TrainerConfig {
-            objective: cfg.objective.to_objective(cfg.run.seed)?,
+            objective,
             sft_weight: cfg.objective.sft_weight,
             adamw: AdamWConfig {
                 beta1: o.adam_beta1,
@@ -247,25 +280,25 @@ pub fn run(
     .with_fault(fault_nonfinite(&cfg.hash()?)?);
     // Each pair's response scores, for the objectives that read them (ODPO), checked before
     // training starts.
-    let scores: Option<Vec<[f64; 2]>> = if cfg.objective.to_objective(cfg.run.seed)?.needs().scores
-    {
-        Some(
-            data.train
-                .iter()
-                .map(|p| {
-                    p.response_scores().ok_or_else(|| {
-                        anyhow!(
-                            "objective `{}` reads each pair's response scores; this task's pairs \
-                             have no gold rewards and the data no `score_chosen` / `score_rejected`",
-                            cfg.objective.kind
-                        )
-                    })
+    let scores_of = |pairs: &[LabelledPair]| -> Result<Option<Vec<[f64; 2]>>> {
+        if !objective.needs().scores {
+            return Ok(None);
+        }
+        pairs
+            .iter()
+            .map(|p| {
+                p.response_scores().ok_or_else(|| {
+                    anyhow!(
+                        "objective `{}` reads each pair's response scores; this task's pairs \
+                         have no gold rewards and the data no `score_chosen` / `score_rejected`",
+                        cfg.objective.kind
+                    )
                 })
-                .collect::<Result<_>>()?,
-        )
-    } else {
-        None
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     };
+    let scores = scores_of(&data.train)?;
     let precomputed = match cfg.objective.reference_logps {
         ReferenceLogps::Cached => Some(data.cached_reference_logps(cache)?),
         ReferenceLogps::Online => None,
@@ -276,81 +309,111 @@ pub fn run(
     }
     let mut decisions = Decisions::default();
     let reference_forwards_before = trainer.reference.forward_count();
-    let mut order: Vec<usize> = Vec::new();
     let mut rng = SplitMix64(cfg.run.seed ^ 0xDA7A);
-    let per_step = o.batch_size * o.grad_accum;
     progress.set_length(steps as u64);
     let delay = fault_step_delay();
-    for step in 0..steps {
-        if let Some(d) = delay {
-            std::thread::sleep(d);
-        }
-        check_stop(step)?;
-        if cfg.eval.every > 0 && step > 0 && step % cfg.eval.every == 0 {
-            let evaluation = evaluator.evaluate(&trainer.policy)?;
-            log_eval(dir, step, evaluation)?;
-        }
-        // A fresh seeded shuffle at the start of every epoch.
-        if order.len() < per_step {
-            let mut idx: Vec<usize> = (0..data.train.len()).collect();
-            rng.shuffle(&mut idx);
-            order = idx;
-        }
-        let taken: Vec<usize> = order.drain(..per_step).collect();
-        let micro: Vec<Vec<TokenizedPair>> = taken
-            .chunks(o.batch_size)
-            .map(|c| c.iter().map(|&i| data.train[i].tokenized()).collect())
-            .collect();
-        // Per-pair values of the whole training set, laid out by micro-batch.
-        let per_micro = |values: &Vec<[f64; 2]>| -> Vec<Vec<[f64; 2]>> {
-            taken
-                .chunks(o.batch_size)
-                .map(|c| c.iter().map(|&i| values[i]).collect())
-                .collect()
-        };
-        let reference_values = precomputed.as_ref().map(per_micro);
-        let step_scores = scores.as_ref().map(per_micro);
-        let report =
-            trainer.train_step_with(&micro, reference_values.as_deref(), step_scores.as_deref())?;
-        for (&i, &x) in taken.iter().zip(&report.pair_steps) {
-            if let Some(p) = data.train[i].p_true {
-                decisions.add(p, x);
-            }
-        }
-        dir.set_steps_done(step + 1)?;
-        if step % cfg.run.log_every == 0 || step + 1 == steps {
-            let mut line = Map::new();
-            line.insert("step".into(), json!(report.step));
-            line.insert("lr".into(), json!(report.lr));
-            line.insert("loss".into(), json!(report.loss));
-            line.insert("grad_norm".into(), json!(report.grad_norm));
-            line.insert("beta".into(), json!(report.beta));
-            line.insert("next_beta".into(), json!(report.next_beta));
-            for (k, v) in &report.stats {
-                line.insert((*k).to_string(), json!(v));
-            }
-            let p_true: Vec<f64> = taken.iter().filter_map(|&i| data.train[i].p_true).collect();
-            if !p_true.is_empty() {
-                line.insert("data/p_true".into(), json!(mean_and_stderr(&p_true).0));
-            }
-            if !report.pair_steps.is_empty() && !p_true.is_empty() {
-                // ε-DPO's decisions against label confusion: mean true preference probability
-                // of the pairs it relaxed, strengthened and left alone.
-                for (name, s) in [("relaxed", 1i8), ("strengthened", -1), ("kept", 0)] {
-                    let p: Vec<f64> = taken
-                        .iter()
-                        .zip(&report.pair_steps)
-                        .filter(|(_, &x)| x == s)
-                        .filter_map(|(&i, _)| data.train[i].p_true)
-                        .collect();
-                    if !p.is_empty() {
-                        line.insert(format!("kl/p_true_{name}"), json!(mean_and_stderr(&p).0));
+    let mut step = 0;
+    for (round, share) in shares.iter().enumerate() {
+        // This round's pairs, and their reference log-probs and scores where needed.
+        let (pairs, precomputed, scores) = match online_labels {
+            Some((judge, tau)) if round > 0 => {
+                check_stop(step)?;
+                if cfg.online.as_ref().map(|o| o.reference) == Some(OnlineReference::Previous) {
+                    trainer.reference.blend_from(&trainer.policy, 1.0)?;
+                }
+                let prompts: Vec<Vec<u32>> = data.train[share.clone()]
+                    .iter()
+                    .map(|p| p.prompt_input_ids.clone())
+                    .collect();
+                let settings = SamplingSettings {
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    max_new_tokens: data.response_tokens,
+                    eos: data.eos,
+                };
+                let seed =
+                    cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (0x0A11_0000 + round as u64);
+                let (pairs, left_out) =
+                    policy_pairs(&trainer.policy, judge, &prompts, &settings, tau, seed)?;
+                if pairs.len() < per_step {
+                    bail!(
+                        "round {round}: the policy gave {} distinct pairs for {} prompts, fewer \
+                         than one optimizer step takes",
+                        pairs.len(),
+                        prompts.len()
+                    );
+                }
+                let precomputed = match cfg.objective.reference_logps {
+                    ReferenceLogps::Cached => {
+                        let tokenized: Vec<TokenizedPair> =
+                            pairs.iter().map(LabelledPair::tokenized).collect();
+                        Some(edpo_train::reference_logps(
+                            &trainer.reference,
+                            &tokenized,
+                            o.batch_size,
+                        )?)
                     }
+                    ReferenceLogps::Online => None,
+                };
+                let scores = scores_of(&pairs)?;
+                dir.log(&round_line(step, round, &pairs, left_out))?;
+                (pairs, precomputed, scores)
+            }
+            _ => (
+                data.train[share.clone()].to_vec(),
+                precomputed.as_ref().map(|p| p[share.clone()].to_vec()),
+                scores.as_ref().map(|s| s[share.clone()].to_vec()),
+            ),
+        };
+        let round_end = step + round_steps[round];
+        let mut order: Vec<usize> = Vec::new();
+        while step < round_end {
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
+            check_stop(step)?;
+            if cfg.eval.every > 0 && step > 0 && step % cfg.eval.every == 0 {
+                let evaluation = evaluator.evaluate(&trainer.policy)?;
+                log_eval(dir, step, evaluation)?;
+            }
+            // A fresh seeded shuffle at the start of every epoch.
+            if order.len() < per_step {
+                let mut idx: Vec<usize> = (0..pairs.len()).collect();
+                rng.shuffle(&mut idx);
+                order = idx;
+            }
+            let taken: Vec<usize> = order.drain(..per_step).collect();
+            let micro: Vec<Vec<TokenizedPair>> = taken
+                .chunks(o.batch_size)
+                .map(|c| c.iter().map(|&i| pairs[i].tokenized()).collect())
+                .collect();
+            // Per-pair values of the round's pairs, laid out by micro-batch.
+            let per_micro = |values: &Vec<[f64; 2]>| -> Vec<Vec<[f64; 2]>> {
+                taken
+                    .chunks(o.batch_size)
+                    .map(|c| c.iter().map(|&i| values[i]).collect())
+                    .collect()
+            };
+            let reference_values = precomputed.as_ref().map(per_micro);
+            let step_scores = scores.as_ref().map(per_micro);
+            let report = trainer.train_step_with(
+                &micro,
+                reference_values.as_deref(),
+                step_scores.as_deref(),
+            )?;
+            for (&i, &x) in taken.iter().zip(&report.pair_steps) {
+                if let Some(p) = pairs[i].p_true {
+                    decisions.add(p, x);
                 }
             }
-            dir.log(&Value::Object(line))?;
+            dir.set_steps_done(step + 1)?;
+            if step % cfg.run.log_every == 0 || step + 1 == steps {
+                dir.log(&step_line(&report, &taken, &pairs))?;
+            }
+            progress.inc(1);
+            step += 1;
         }
-        progress.inc(1);
     }
     check_stop(steps)?;
     let reference_forwards = trainer.reference.forward_count() - reference_forwards_before;
@@ -391,6 +454,68 @@ pub fn run(
     );
     eval.insert("final_beta".into(), json!(trainer.beta()));
     Ok(Value::Object(eval))
+}
+
+/// The metrics line of one optimizer step: the trainer's report, the mean true preference
+/// probability of its pairs (where known), and for ε-DPO the mean true preference probability
+/// of the pairs it relaxed, strengthened and left alone.
+fn step_line(report: &StepReport, taken: &[usize], pairs: &[LabelledPair]) -> Value {
+    let mut line = Map::new();
+    line.insert("step".into(), json!(report.step));
+    line.insert("lr".into(), json!(report.lr));
+    line.insert("loss".into(), json!(report.loss));
+    line.insert("grad_norm".into(), json!(report.grad_norm));
+    line.insert("beta".into(), json!(report.beta));
+    line.insert("next_beta".into(), json!(report.next_beta));
+    for (k, v) in &report.stats {
+        line.insert((*k).to_string(), json!(v));
+    }
+    let p_true: Vec<f64> = taken.iter().filter_map(|&i| pairs[i].p_true).collect();
+    if !p_true.is_empty() {
+        line.insert("data/p_true".into(), json!(mean_and_stderr(&p_true).0));
+    }
+    if !report.pair_steps.is_empty() && !p_true.is_empty() {
+        // ε-DPO's decisions against label confusion: mean true preference probability
+        // of the pairs it relaxed, strengthened and left alone.
+        for (name, s) in [("relaxed", 1i8), ("strengthened", -1), ("kept", 0)] {
+            let p: Vec<f64> = taken
+                .iter()
+                .zip(&report.pair_steps)
+                .filter(|(_, &x)| x == s)
+                .filter_map(|(&i, _)| pairs[i].p_true)
+                .collect();
+            if !p.is_empty() {
+                line.insert(format!("kl/p_true_{name}"), json!(mean_and_stderr(&p).0));
+            }
+        }
+    }
+    Value::Object(line)
+}
+
+/// The metrics line of an on-policy round's pairs, logged at the step the round starts:
+/// how many there are, how many prompts gave two identical responses and were left out, the
+/// mean gold reward of the policy's responses, the mean true preference probability of the
+/// chosen response, and the share of labels against the gold order.
+fn round_line(step: usize, round: usize, pairs: &[LabelledPair], left_out: usize) -> Value {
+    let rewards: Vec<f64> = pairs
+        .iter()
+        .flat_map(|p| [p.chosen_reward, p.rejected_reward])
+        .flatten()
+        .collect();
+    let p_true: Vec<f64> = pairs.iter().filter_map(|p| p.p_true).collect();
+    let against: Vec<f64> = pairs
+        .iter()
+        .filter_map(|p| Some(f64::from(u8::from(p.chosen_reward? < p.rejected_reward?))))
+        .collect();
+    json!({
+        "step": step,
+        "online/round": round,
+        "online/pairs": pairs.len(),
+        "online/left_out": left_out,
+        "online/gold_reward": mean_and_stderr(&rewards).0,
+        "online/p_true": mean_and_stderr(&p_true).0,
+        "online/label_noise": mean_and_stderr(&against).0,
+    })
 }
 
 /// One line of evaluation numbers over training, keys prefixed `eval/`, and its per-prompt

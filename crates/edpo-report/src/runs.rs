@@ -4,7 +4,9 @@
 //! objective's kind and parameters from `config.json`, the run seed, every number of
 //! `eval.json`, and a `setting` label naming the method's varied hyper-parameters (and the
 //! LoRA rank of a run that trains adapters). A run on RSO's pairs (`task.rso`) is the method
-//! "RSO (<loss>)", its setting naming the sampling's candidates and β. Runs that
+//! "RSO (<loss>)", its setting naming the sampling's candidates and β; a run in on-policy
+//! rounds (`online`) is "<method> (online, fixed ref.)" or "(online, reset ref.)", its setting
+//! naming the rounds. Runs that
 //! are not completed (planned in the sweep's manifest and not started: pending), or were
 //! written by another config version, are listed as skipped; a
 //! malformed file is an error naming it.
@@ -200,6 +202,20 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             )
         } else {
             (method_label(&k), label)
+        };
+        // On-policy rounds likewise: the method trained in rounds, its reference named.
+        let online = &config["online"];
+        let (display, label) = if online.is_object() {
+            let reference = match online["reference"].as_str() {
+                Some("previous") => "reset ref.",
+                _ => "fixed ref.",
+            };
+            (
+                format!("{display} (online, {reference})"),
+                format!("{label}, {} rounds", online["rounds"]),
+            )
+        } else {
+            (display, label)
         };
         let row = method.len();
         let mut numbers: BTreeMap<String, f64> = BTreeMap::new();

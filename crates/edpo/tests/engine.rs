@@ -560,3 +560,92 @@ fn lora_runs_train_adapters_from_the_config() {
         text(&missing.stderr)
     );
 }
+
+/// On-policy rounds: the label budget of offline training in two rounds, the second on pairs
+/// drawn from the policy and labelled by the task's rule. With the reference reset to the
+/// policy that ended round 0, DPO's first loss of round 1 is exactly log 2 (policy and
+/// reference agree, Δ = 0); with the reference fixed it is not. Bad keys are errors naming
+/// them.
+#[test]
+fn online_rounds_sample_label_and_train_on_the_policys_pairs() {
+    let base = [
+        "--set",
+        "task.train_pairs=64",
+        "--set",
+        "task.sft_steps=10",
+        "--set",
+        "task.eval_prompts=8",
+        "--set",
+        "task.val_prompts=4",
+        "--set",
+        "task.eval_pairs=4",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        r#"objective={"kind":"dpo","beta":0.1}"#,
+    ];
+    let mut first_losses = Vec::new();
+    for reference in ["fixed", "previous"] {
+        let dir = scratch(&format!("online-{reference}"));
+        let online = format!(r#"online={{"rounds":2,"reference":"{reference}"}}"#);
+        let mut args = vec![
+            "train",
+            "experiments/synthetic.yaml",
+            "--out",
+            dir.to_str().expect("utf8"),
+            "--set",
+            &online,
+        ];
+        args.extend(base);
+        let out = edpo(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let run = synthetic_run_dir(&dir);
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        // 32 pairs a round, 16 a step: round 1 starts at step 2.
+        let round: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l.get("online/round").is_some())
+            .collect();
+        assert_eq!(round.len(), 1, "{lines:?}");
+        assert_eq!(round[0]["step"], 2);
+        let made = round[0]["online/pairs"].as_u64().expect("pairs");
+        let left = round[0]["online/left_out"].as_u64().expect("left out");
+        assert_eq!(made + left, 32);
+        let noise = round[0]["online/label_noise"].as_f64().expect("noise");
+        assert!((0.0..=0.5).contains(&noise), "{noise}");
+        let eval: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).expect("eval"))
+                .expect("json");
+        assert_eq!(eval["steps"], 4);
+        let loss_at_2 = lines
+            .iter()
+            .find(|l| l["step"] == 2 && l.get("loss").is_some())
+            .and_then(|l| l["loss"].as_f64())
+            .expect("loss at step 2");
+        first_losses.push(loss_at_2);
+    }
+    let ln2 = std::f64::consts::LN_2;
+    assert!((first_losses[1] - ln2).abs() < 1e-6, "{first_losses:?}");
+    assert!((first_losses[0] - ln2).abs() > 1e-4, "{first_losses:?}");
+    for (set, needle) in [
+        (r#"online={"rounds":1}"#, "online.rounds"),
+        (
+            r#"online={"rounds":2,"reference":"latest"}"#,
+            "online.reference",
+        ),
+    ] {
+        let out = edpo(&[
+            "train",
+            "experiments/synthetic.yaml",
+            "--print-config",
+            "--set",
+            set,
+        ]);
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
+    }
+}

@@ -207,6 +207,33 @@ pub struct RunConfig {
     /// absent, so configs without it keep their hashes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSettings>,
+    /// On-policy rounds (none: offline training on the task's pairs). Left out of the file
+    /// when absent, so configs without it keep their hashes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub online: Option<OnlineSettings>,
+}
+
+/// The resolved `online` section: training in `rounds` rounds over the same label budget as
+/// offline training. Round 0 trains on the first share of the task's training pairs (drawn
+/// from the reference, which the policy still is); every later round draws two responses from
+/// the current policy for each prompt of the next share, labels them with the task's rule
+/// (its gold reward and Bradley–Terry temperature) and trains on them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OnlineSettings {
+    /// Rounds (≥ 2).
+    pub rounds: usize,
+    /// The reference of each round.
+    pub reference: OnlineReference,
+}
+
+/// The reference of an on-policy round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnlineReference {
+    /// The original reference throughout.
+    Fixed,
+    /// The policy that ended the previous round (iterative DPO's reset).
+    Previous,
 }
 
 /// The resolved `lora` section: adapters on the policy's linear modules named in `targets`,

@@ -6,8 +6,8 @@
 //! checked against the objective catalogue, so a new objective needs nothing here.
 
 use super::{
-    EvalConfig, LoraSettings, ModelShape, ObjectiveConfig, OptimConfig, ReferenceLogps, RunConfig,
-    RunSettings, ScheduleName, CONFIG_VERSION,
+    EvalConfig, LoraSettings, ModelShape, ObjectiveConfig, OnlineReference, OnlineSettings,
+    OptimConfig, ReferenceLogps, RunConfig, RunSettings, ScheduleName, CONFIG_VERSION,
 };
 use crate::check::check;
 use crate::task::RawTask;
@@ -91,6 +91,15 @@ pub struct RawConfig {
     #[serde(default)]
     run: RawRun,
     lora: Option<RawLora>,
+    online: Option<RawOnline>,
+}
+
+/// The `online` section as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOnline {
+    rounds: usize,
+    reference: Option<String>,
 }
 
 /// The `lora` section as written.
@@ -357,6 +366,34 @@ impl RawConfig {
                 Some(lora)
             }
         };
+        let online = match self.online {
+            None => None,
+            Some(o) => {
+                let reference = match o.reference.as_deref() {
+                    None | Some("fixed") => OnlineReference::Fixed,
+                    Some("previous") => OnlineReference::Previous,
+                    Some(other) => bail!(
+                        "key `online.reference`: `{other}` is not `fixed` (the original reference \
+                         throughout) or `previous` (each round's reference is the policy that \
+                         ended the round before)"
+                    ),
+                };
+                check(
+                    o.rounds >= 2,
+                    "online.rounds",
+                    "must be at least 2 (1 is offline training)",
+                )?;
+                check(
+                    reference == OnlineReference::Fixed || lora.is_none(),
+                    "online.reference",
+                    "`previous` copies the policy into the reference, which shares its base weights with a LoRA policy",
+                )?;
+                Some(OnlineSettings {
+                    rounds: o.rounds,
+                    reference,
+                })
+            }
+        };
         let config = RunConfig {
             config_version: CONFIG_VERSION,
             task,
@@ -366,6 +403,7 @@ impl RawConfig {
             eval,
             run,
             lora,
+            online,
         };
         config.hash()?;
         Ok(config)

@@ -110,6 +110,10 @@ pub struct TaskData {
     pub response_tokens: usize,
     /// What the pairs stage depends on (reference, data, tokenizer), for stages built on it.
     pub pairs_key: serde_json::Value,
+    /// The Bradley–Terry temperature the task's pairs were labelled with, in gold-reward units,
+    /// for pairs labelled during training (on-policy rounds); `None`: the task has no labelling
+    /// rule (user data).
+    pub bt_temperature: Option<f64>,
     /// What the test prompts depend on, for stages built on them alone (the best-of-n curve):
     /// `pairs_key`, except for pairs derived from another stage's prompts (RSO).
     pub prompts_key: serde_json::Value,
@@ -182,6 +186,7 @@ impl TaskData {
             eval_prompts: read_jsonl(&pairs_dir.join("eval_prompts.jsonl"))?,
             val_prompts: read_jsonl(&pairs_dir.join("val_prompts.jsonl"))?,
             response_tokens,
+            bt_temperature: None,
             prompts_key: pairs_key.clone(),
             pairs_key,
             data_summary,

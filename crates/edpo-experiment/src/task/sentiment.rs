@@ -711,14 +711,16 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         }
     }
     let Some(rso) = task.rso else {
-        return TaskData::from_pairs_stage(
+        let mut data = TaskData::from_pairs_stage(
             Some(Box::new(judge)),
             eos,
             reference_dir,
             &pairs_dir,
             task.response_tokens,
             key("pairs"),
-        );
+        )?;
+        data.bt_temperature = Some(task.bt_temperature);
+        return Ok(data);
     };
     // RSO: the plain stage's training prompts, in order, each with a pair accepted from its
     // candidates; everything evaluated on is the plain stage's, so runs pair with its runs.
@@ -764,6 +766,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     )?;
     // The test prompts are the plain stage's: so is their best-of-n curve.
     data.prompts_key = key("pairs");
+    data.bt_temperature = Some(task.bt_temperature);
     Ok(data)
 }
 

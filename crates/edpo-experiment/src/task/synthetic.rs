@@ -213,12 +213,14 @@ pub fn prepare(task: &SyntheticTask, shape: &ModelShape, cache: &StageCache) -> 
         write_pairs(dir, &train, &held_out, &prompts, &val_prompts)
     })?;
     let eos = lang.eos();
-    TaskData::from_pairs_stage(
+    let mut data = TaskData::from_pairs_stage(
         Some(Box::new(judge)),
         eos,
         reference_dir,
         &pairs_dir,
         task.response_tokens,
         pairs_key,
-    )
+    )?;
+    data.bt_temperature = Some(task.bt_temperature);
+    Ok(data)
 }
