@@ -20,7 +20,7 @@ use edpo_data::rng::SplitMix64;
 use edpo_data::TokenizedPair;
 use edpo_eval::{mean_and_stderr, SamplingSettings};
 use edpo_model::CausalLm;
-use edpo_rundir::{read_status, Decisions, RunDir, RunState};
+use edpo_rundir::{read_status, DecisionContext, Decisions, RunDir, RunState};
 use edpo_train::{AdamWConfig, Schedule, StepReport, Trainer, TrainerConfig};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -402,9 +402,21 @@ pub fn run(
                 reference_values.as_deref(),
                 step_scores.as_deref(),
             )?;
-            for (&i, &x) in taken.iter().zip(&report.pair_steps) {
-                if let Some(p) = pairs[i].p_true {
-                    decisions.add(p, x);
+            for (k, (&i, &x)) in taken.iter().zip(&report.pair_steps).enumerate() {
+                let pair = &pairs[i];
+                if let Some(p_true) = pair.p_true {
+                    decisions.add(
+                        DecisionContext {
+                            p_true,
+                            gold_gap: pair
+                                .chosen_reward
+                                .zip(pair.rejected_reward)
+                                .map(|(w, l)| w - l),
+                            margin: report.pair_margins.get(k).copied(),
+                            at_start: step == 0,
+                        },
+                        x,
+                    );
                 }
             }
             dir.set_steps_done(step + 1)?;

@@ -466,73 +466,97 @@ fn confusion_section(
     summary: &[aggregate::SettingSummary],
 ) -> Option<tables::Section> {
     let mut rows = Vec::new();
+    let mut apart = false;
     for s in summary.iter().filter(|s| s.kind == "epsilon_dpo") {
-        // [mislabelled, correct] × [relaxed, kept, strengthened]
-        let mut counts = [[0u64; 3]; 2];
-        for d in loaded
-            .traces
-            .iter()
-            .filter(|t| t.method == s.method && t.setting == s.setting)
-            .filter_map(|t| t.decisions.as_ref())
-        {
-            for k in 0..d.bins() {
+        let Some(d) = runs::decisions_of(&loaded.traces, &s.method, &s.setting) else {
+            continue;
+        };
+        let phases: Vec<(&str, &runs::Binned)> = match &d.start {
+            Some(start) => {
+                apart = true;
+                vec![
+                    ("later steps", &d.by_p_true),
+                    ("first step (π = π_ref)", start),
+                ]
+            }
+            None => vec![("all steps", &d.by_p_true)],
+        };
+        for (phase, b) in phases {
+            // [mislabelled, correct] × [relaxed, kept, strengthened]
+            let mut counts = [[0u64; 3]; 2];
+            for k in 0..b.bins() {
                 // Bins never straddle ½ when their edges include it; one that does counts as
                 // correctly labelled only if its lower edge is at least ½.
-                let side = usize::from(d.p_true_edges[k] >= 0.5);
-                counts[side][0] += d.relaxed[k];
-                counts[side][1] += d.kept[k];
-                counts[side][2] += d.strengthened[k];
+                let side = usize::from(b.edges[k] >= 0.5);
+                counts[side][0] += b.relaxed[k];
+                counts[side][1] += b.kept[k];
+                counts[side][2] += b.strengthened[k];
             }
+            let n = [counts[0].iter().sum::<u64>(), counts[1].iter().sum::<u64>()];
+            if n[0] == 0 || n[1] == 0 {
+                continue;
+            }
+            let share = |side: usize, what: usize| counts[side][what] as f64 / n[side] as f64;
+            let diff = |what: usize| {
+                let (a, b) = (share(0, what), share(1, what));
+                let se = (a * (1.0 - a) / n[0] as f64 + b * (1.0 - b) / n[1] as f64).sqrt();
+                let d = a - b;
+                format!("{d:+.3} [{:+.3}, {:+.3}]", d - 1.96 * se, d + 1.96 * se)
+            };
+            rows.push(vec![
+                s.setting.clone(),
+                phase.to_string(),
+                format!("{}", n[0]),
+                format!("{}", n[1]),
+                format!("{:.3} / {:.3}", share(0, 0), share(1, 0)),
+                diff(0),
+                format!("{:.3} / {:.3}", share(0, 2), share(1, 2)),
+                diff(2),
+            ]);
         }
-        let n = [counts[0].iter().sum::<u64>(), counts[1].iter().sum::<u64>()];
-        if n[0] == 0 || n[1] == 0 {
-            continue;
-        }
-        let share = |side: usize, what: usize| counts[side][what] as f64 / n[side] as f64;
-        let diff = |what: usize| {
-            let (a, b) = (share(0, what), share(1, what));
-            let se = (a * (1.0 - a) / n[0] as f64 + b * (1.0 - b) / n[1] as f64).sqrt();
-            let d = a - b;
-            format!("{d:+.3} [{:+.3}, {:+.3}]", d - 1.96 * se, d + 1.96 * se)
-        };
-        rows.push(vec![
-            s.setting.clone(),
-            format!("{}", n[0]),
-            format!("{}", n[1]),
-            format!("{:.3} / {:.3}", share(0, 0), share(1, 0)),
-            diff(0),
-            format!("{:.3} / {:.3}", share(0, 2), share(1, 2)),
-            diff(2),
-        ]);
     }
     if rows.is_empty() {
         return None;
     }
+    let mut paragraphs = vec![
+        "Each decision is counted at the step that scored the pair (in a one-pass run, its only visit), over all \
+         seeds. Mislabelled: the pair's true preference probability for its chosen response is below ½ (the \
+         label contradicts the gold ordering). If the decisions tracked confusion, mislabelled pairs would be \
+         stepped +1 (β relaxed) less often and −1 more often than correctly labelled ones. Differences with 95% \
+         intervals (two proportions, normal approximation; pairs within a run are treated as independent)."
+            .to_string(),
+    ];
+    if apart {
+        paragraphs.push(
+            "The first step's decisions are shown apart: the policy is still the reference, every implicit margin \
+             is 0 and the three log-ratios ε-DPO compares differ only at rounding level, so those decisions say \
+             nothing about the pairs. The figure `steps_by_gap_and_margin` bins the later decisions by the pair's \
+             gold gap |r_w − r_l| and by the policy's implicit margin when it was scored."
+                .to_string(),
+        );
+    }
     Some(tables::Section {
         heading: "Do ε-DPO's step decisions track label confusion?".into(),
-        paragraphs: vec![
-            "Each decision is counted at the step that scored the pair (in a one-pass run, its only visit), over all \
-             seeds. Mislabelled: the pair's true preference probability for its chosen response is below ½ (the \
-             label contradicts the gold ordering). If the decisions tracked confusion, mislabelled pairs would be \
-             stepped +1 (β relaxed) less often and −1 more often than correctly labelled ones. Differences with 95% \
-             intervals (two proportions, normal approximation; pairs within a run are treated as independent)."
-                .into(),
-        ],
-        table: Some(("confusion", tables::Table {
-            headers: [
-                "ε-DPO setting",
-                "mislabelled decisions",
-                "correct decisions",
-                "+1 share (mislabelled / correct)",
-                "Δ +1 share",
-                "−1 share (mislabelled / correct)",
-                "Δ −1 share",
-            ]
-            .map(String::from)
-            .to_vec(),
-            rows,
-            bold: Vec::new(),
-        })),
+        paragraphs,
+        table: Some((
+            "confusion",
+            tables::Table {
+                headers: [
+                    "ε-DPO setting",
+                    "steps",
+                    "mislabelled decisions",
+                    "correct decisions",
+                    "+1 share (mislabelled / correct)",
+                    "Δ +1 share",
+                    "−1 share (mislabelled / correct)",
+                    "Δ −1 share",
+                ]
+                .map(String::from)
+                .to_vec(),
+                rows,
+                bold: Vec::new(),
+            },
+        )),
         after: Vec::new(),
     })
 }

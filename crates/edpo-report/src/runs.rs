@@ -17,7 +17,26 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use edpo_rundir::{Decisions, PerPrompt, CONFIG_VERSION};
+pub use edpo_rundir::{Binned, Decisions, PerPrompt, CONFIG_VERSION};
+
+/// The decisions of every trace of `method` at `setting`, summed over seeds (traces whose bins
+/// differ from the first one's are left out); `None` when none wrote any.
+pub fn decisions_of(traces: &[Trace], method: &str, setting: &str) -> Option<Decisions> {
+    let mut total: Option<Decisions> = None;
+    for d in traces
+        .iter()
+        .filter(|t| t.method == method && t.setting == setting)
+        .filter_map(|t| t.decisions.as_ref())
+    {
+        match &mut total {
+            None => total = Some(d.clone()),
+            Some(t) => {
+                t.merge(d);
+            }
+        }
+    }
+    total
+}
 
 /// One run's metrics over training (the lines of `metrics.jsonl`).
 #[derive(Debug, Clone)]

@@ -22,14 +22,16 @@
 //! Architecture invariant: depends on `serde` and `serde_json` only; no model, no YAML, no
 //! polars, so that the reader of run directories needs nothing of the writer.
 
+pub mod decisions;
 pub mod lock;
 pub mod sweep;
 
+pub use decisions::{Binned, DecisionContext, Decisions, P_TRUE_BINS};
 pub use lock::{read_lock, Acquired, LockOwner, RunLock};
 pub use sweep::{PlannedEntry, SweepManifest};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -398,148 +400,10 @@ impl BestOfN {
     }
 }
 
-/// Number of true-preference-probability bins the writer uses in `decisions.json`.
-pub const P_TRUE_BINS: usize = 10;
-
-/// ε-DPO's step decisions over a whole run, counted by bins of the pairs' true preference
-/// probability (`decisions.json`): bin `k` of `n` holds `p ∈ [k/n, (k+1)/n)`, the last bin
-/// closed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decisions {
-    /// Bin edges, `bins + 1` values.
-    pub p_true_edges: Vec<f64>,
-    /// Pairs stepped +1 (β relaxed) per bin, over every step of the run.
-    pub relaxed: Vec<u64>,
-    /// Pairs left at step 0 per bin.
-    pub kept: Vec<u64>,
-    /// Pairs stepped −1 (β strengthened) per bin.
-    pub strengthened: Vec<u64>,
-}
-
-impl Default for Decisions {
-    fn default() -> Self {
-        Self {
-            p_true_edges: (0..=P_TRUE_BINS)
-                .map(|k| k as f64 / P_TRUE_BINS as f64)
-                .collect(),
-            relaxed: vec![0; P_TRUE_BINS],
-            kept: vec![0; P_TRUE_BINS],
-            strengthened: vec![0; P_TRUE_BINS],
-        }
-    }
-}
-
-impl Decisions {
-    /// Number of bins.
-    pub fn bins(&self) -> usize {
-        self.p_true_edges.len().saturating_sub(1)
-    }
-
-    /// Counts one pair's step (+1 relaxed, −1 strengthened, 0 kept).
-    pub fn add(&mut self, p_true: f64, step: i8) {
-        let n = self.bins().max(1);
-        let bin = ((p_true * n as f64).floor().max(0.0) as usize).min(n - 1);
-        let counts = match step {
-            1 => &mut self.relaxed,
-            -1 => &mut self.strengthened,
-            _ => &mut self.kept,
-        };
-        if let Some(c) = counts.get_mut(bin) {
-            *c += 1;
-        }
-    }
-
-    /// Whether no decision was counted.
-    pub fn is_empty(&self) -> bool {
-        [&self.relaxed, &self.kept, &self.strengthened]
-            .iter()
-            .all(|c| c.iter().all(|&x| x == 0))
-    }
-
-    /// The JSON object of `decisions.json`.
-    pub fn to_json(&self) -> Value {
-        json!({"p_true_edges": self.p_true_edges, "relaxed": self.relaxed, "kept": self.kept,
-            "strengthened": self.strengthened})
-    }
-
-    /// Reads `decisions.json`; a missing key or bins of different counts is an error naming
-    /// the file and key.
-    pub fn read(path: &Path) -> Result<Self> {
-        let malformed = |message: String| Error::Malformed {
-            path: path.to_path_buf(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| malformed(e.to_string()))?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| malformed(format!("malformed JSON: {e}")))?;
-        let bad = |what: &str| malformed(format!("`{what}` missing or malformed"));
-        let floats = |key: &str| -> Result<Vec<f64>> {
-            v[key]
-                .as_array()
-                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| bad(key))
-        };
-        let counts = |key: &str| -> Result<Vec<u64>> {
-            v[key]
-                .as_array()
-                .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| bad(key))
-        };
-        let d = Decisions {
-            p_true_edges: floats("p_true_edges")?,
-            relaxed: counts("relaxed")?,
-            kept: counts("kept")?,
-            strengthened: counts("strengthened")?,
-        };
-        let bins = d.bins();
-        if bins == 0
-            || [&d.relaxed, &d.kept, &d.strengthened]
-                .iter()
-                .any(|c| c.len() != bins)
-        {
-            return Err(bad("p_true_edges"));
-        }
-        Ok(d)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decisions_bin_by_true_preference_and_round_trip() {
-        let mut d = Decisions::default();
-        assert!(d.is_empty());
-        d.add(0.0, 1);
-        d.add(0.05, -1);
-        d.add(0.55, 0);
-        d.add(1.0, 1); // the last bin is closed
-        d.add(-0.2, 0); // clamped into the first bin
-        assert_eq!(d.relaxed[0], 1);
-        assert_eq!(d.strengthened[0], 1);
-        assert_eq!(d.kept[5], 1);
-        assert_eq!(d.relaxed[9], 1);
-        assert_eq!(d.kept[0], 1);
-        assert!(!d.is_empty());
-        let dir = std::env::temp_dir().join(format!("edpo-rundir-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join(DECISIONS);
-        write_atomic(&path, d.to_json().to_string().as_bytes()).expect("write");
-        assert_eq!(Decisions::read(&path).expect("read"), d);
-        std::fs::write(
-            &path,
-            r#"{"p_true_edges": [0, 1], "relaxed": [1, 2], "kept": [0], "strengthened": [0]}"#,
-        )
-        .expect("write");
-        let err = Decisions::read(&path)
-            .expect_err("bins disagree")
-            .to_string();
-        assert!(
-            err.contains("decisions.json") && err.contains("p_true_edges"),
-            "{err}"
-        );
-    }
+    use serde_json::json;
 
     #[test]
     fn a_run_directory_ends_completed_or_failed_with_its_chain() {

@@ -49,6 +49,9 @@ pub struct StepReport {
     pub next_beta: f64,
     /// ε-DPO's step of every pair, in micro-batch order (empty for other objectives).
     pub pair_steps: Vec<i8>,
+    /// The implicit margin `Δ = (lw − rw) − (ll − rl)` of every pair as the step scored it, in
+    /// micro-batch order, where the step had reference log-probs (empty otherwise).
+    pub pair_margins: Vec<f64>,
     /// Statistics averaged over micro-batches (`kl/avg_steps` is over all pairs).
     pub stats: Vec<(&'static str, f64)>,
 }
@@ -213,6 +216,7 @@ impl Trainer {
         self.grads.zero();
         let mut loss = 0.0;
         let mut pair_steps = Vec::new();
+        let mut pair_margins = Vec::new();
         let mut batch_beta = beta_before;
         let mut stats: Vec<(&'static str, f64)> = Vec::new();
         for (m, pairs) in micro_batches.iter().enumerate() {
@@ -244,6 +248,10 @@ impl Trainer {
             };
             ensure_finite(value, "loss", self.step)?;
             pair_steps.extend(steps);
+            let logps = scores.logps();
+            if logps.reference_chosen.len() == logps.len() {
+                pair_margins.extend((0..logps.len()).map(|i| logps.delta(i)));
+            }
             if let Some(b) = out.stat("beta/mean") {
                 batch_beta = b;
             }
@@ -348,6 +356,7 @@ impl Trainer {
             },
             next_beta: self.beta(),
             pair_steps,
+            pair_margins,
             stats,
         };
         self.step += 1;

@@ -5,7 +5,7 @@ use super::draw::PALETTE;
 use super::{Figure, Panel, Point, Series};
 use crate::aggregate::SettingSummary;
 use crate::paired::Frontier;
-use crate::runs::{Decisions, Sweep};
+use crate::runs::{Binned, Decisions, Sweep};
 use std::collections::BTreeMap;
 
 fn short_setting(s: &SettingSummary) -> String {
@@ -390,6 +390,53 @@ pub(super) fn trajectories(sweep: &Sweep, summary: &[SettingSummary]) -> Option<
 /// Steps of the moving average in [`margins_accuracy`].
 const SMOOTH: usize = 8;
 
+/// ε-DPO's step decisions by the pair's gold gap `|r_w − r_l|` and by the policy's implicit
+/// margin `Δ` when the step scored it (steps after the first, all seeds): the shares stepped
+/// +1 and −1 per bin, with 95% intervals.
+pub(super) fn steps_by_gap_and_margin(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
+    let mut panels: Vec<[Vec<Series>; 2]> = vec![Default::default(), Default::default()];
+    for (c, (s, d)) in epsilon_decisions(sweep, summary).into_iter().enumerate() {
+        for (k, binned) in [&d.by_gap, &d.by_margin].into_iter().enumerate() {
+            let Some(b) = binned else { continue };
+            for (j, counts) in [&b.relaxed, &b.strengthened].into_iter().enumerate() {
+                panels[k][j].push(Series {
+                    label: short_setting(s),
+                    color: c,
+                    points: bin_shares(b, counts),
+                    line: true,
+                });
+            }
+        }
+    }
+    if panels[0][0].is_empty() && panels[1][0].is_empty() {
+        return None;
+    }
+    let [[gap_up, gap_down], [margin_up, margin_down]] = [
+        std::mem::take(&mut panels[0]),
+        std::mem::take(&mut panels[1]),
+    ];
+    let panel = |x: &str, y: &str, series: Vec<Series>| Panel {
+        x_label: x.into(),
+        y_label: y.into(),
+        series,
+        hlines: vec![],
+        log_x: false,
+    };
+    let gap = "gold gap |r_w − r_l| of the pair (bin midpoints)";
+    let margin = "implicit margin Δ when scored (nats, bin midpoints)";
+    Some(Figure {
+        name: "steps_by_gap_and_margin".into(),
+        title: "ε-DPO step decisions by gold gap and by implicit margin (every step after the first, all seeds, 95% intervals)".into(),
+        panels: vec![
+            panel(gap, "share stepped +1 (β relaxed)", gap_up),
+            panel(gap, "share stepped −1 (β strengthened)", gap_down),
+            panel(margin, "share stepped +1 (β relaxed)", margin_up),
+            panel(margin, "share stepped −1 (β strengthened)", margin_down),
+        ],
+        svg: String::new(),
+    })
+}
+
 pub(super) fn margins_accuracy(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
     let shown = shown_settings(summary, sweep, "rewards/margins");
     if shown.is_empty() {
@@ -477,64 +524,61 @@ pub(super) fn beta_dynamics(sweep: &Sweep, summary: &[SettingSummary]) -> Option
     })
 }
 
+/// The share of a bin's decisions that `counts` holds, with its 95% interval (normal
+/// approximation of a binomial share), at the bin's midpoint; empty bins are left out.
+fn bin_shares(b: &Binned, counts: &[u64]) -> Vec<Point> {
+    (0..b.bins())
+        .filter_map(|k| {
+            let n = b.total(k) as f64;
+            if n == 0.0 {
+                return None;
+            }
+            let p = counts[k] as f64 / n;
+            Some(Point {
+                x: 0.5 * (b.edges[k] + b.edges[k + 1]),
+                y: p,
+                x_err: f64::NAN,
+                y_err: 1.96 * (p * (1.0 - p) / n).sqrt(),
+                text: None,
+            })
+        })
+        .collect()
+}
+
+/// ε-DPO's settings with their decisions summed over seeds.
+fn epsilon_decisions<'a>(
+    sweep: &Sweep,
+    summary: &'a [SettingSummary],
+) -> Vec<(&'a SettingSummary, Decisions)> {
+    summary
+        .iter()
+        .filter(|s| s.kind == "epsilon_dpo")
+        .filter_map(|s| {
+            Some((
+                s,
+                crate::runs::decisions_of(&sweep.traces, &s.method, &s.setting)?,
+            ))
+        })
+        .collect()
+}
+
 pub(super) fn steps_vs_confusion(sweep: &Sweep, summary: &[SettingSummary]) -> Option<Figure> {
-    let settings: Vec<&SettingSummary> =
-        summary.iter().filter(|s| s.kind == "epsilon_dpo").collect();
-    // Per setting, the decisions of all its seeds summed bin by bin.
     let mut up = Vec::new();
     let mut down = Vec::new();
-    for (c, s) in settings.iter().enumerate() {
-        let mut total: Option<Decisions> = None;
-        for d in sweep
-            .traces
-            .iter()
-            .filter(|t| t.method == s.method && t.setting == s.setting)
-            .filter_map(|t| t.decisions.as_ref())
-        {
-            match &mut total {
-                None => total = Some(d.clone()),
-                Some(t) if t.p_true_edges == d.p_true_edges => {
-                    for (a, b) in [
-                        (&mut t.relaxed, &d.relaxed),
-                        (&mut t.kept, &d.kept),
-                        (&mut t.strengthened, &d.strengthened),
-                    ] {
-                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-        let Some(d) = total else { continue };
-        let share = |counts: &[u64]| -> Vec<Point> {
-            (0..counts.len())
-                .filter_map(|k| {
-                    let n = (d.relaxed[k] + d.kept[k] + d.strengthened[k]) as f64;
-                    if n == 0.0 {
-                        return None;
-                    }
-                    let p = counts[k] as f64 / n;
-                    Some(Point {
-                        x: 0.5 * (d.p_true_edges[k] + d.p_true_edges[k + 1]),
-                        y: p,
-                        x_err: f64::NAN,
-                        // Normal-approximation 95% interval of a binomial share.
-                        y_err: 1.96 * (p * (1.0 - p) / n).sqrt(),
-                        text: None,
-                    })
-                })
-                .collect()
-        };
+    let mut apart = true;
+    for (c, (s, d)) in epsilon_decisions(sweep, summary).into_iter().enumerate() {
+        apart &= d.start.is_some();
+        let b = &d.by_p_true;
         up.push(Series {
             label: short_setting(s),
             color: c,
-            points: share(&d.relaxed),
+            points: bin_shares(b, &b.relaxed),
             line: true,
         });
         down.push(Series {
             label: short_setting(s),
             color: c,
-            points: share(&d.strengthened),
+            points: bin_shares(b, &b.strengthened),
             line: true,
         });
     }
@@ -544,8 +588,12 @@ pub(super) fn steps_vs_confusion(sweep: &Sweep, summary: &[SettingSummary]) -> O
     let x_label = "true P(chosen ≻ rejected) of the pair (bins of 0.1)";
     Some(Figure {
         name: "steps_vs_confusion".into(),
-        title: "ε-DPO step decisions against label confusion (all steps and seeds, 95% intervals)"
-            .into(),
+        title: if apart {
+            "ε-DPO step decisions against label confusion (every step after the first, all seeds, 95% intervals)"
+        } else {
+            "ε-DPO step decisions against label confusion (all steps and seeds, 95% intervals)"
+        }
+        .into(),
         panels: vec![
             Panel {
                 x_label: x_label.into(),

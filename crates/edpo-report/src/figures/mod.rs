@@ -13,7 +13,10 @@
 //!   paper's evaluation every N steps).
 //! - `beta_dynamics`: ε-DPO's base β and the fractions of pairs stepped up / down over training.
 //! - `steps_vs_confusion`: the share of pairs ε-DPO stepped +1 and −1, by bins of the pair's
-//!   true preference probability — how its decisions relate to label confusion.
+//!   true preference probability — how its decisions relate to label confusion (the first
+//!   step's decisions, taken while the policy is the reference, left out).
+//! - `steps_by_gap_and_margin`: the same shares by the pair's gold gap and by the policy's
+//!   implicit margin when the step scored it.
 //! - `margins_accuracy`: implicit reward margins and preference accuracy on the training
 //!   batches over training.
 //!
@@ -107,6 +110,7 @@ pub fn all(
         catalogue::trajectories(sweep, summary),
         catalogue::beta_dynamics(sweep, summary),
         catalogue::steps_vs_confusion(sweep, summary),
+        catalogue::steps_by_gap_and_margin(sweep, summary),
         catalogue::margins_accuracy(sweep, summary),
     ]
     .into_iter()
