@@ -9,7 +9,10 @@
 //!   same functions the trainer uses) through the softmax, `∂log π(y)/∂θ_k = 1[k = y] − π_k`.
 //!
 //! A response is one token, so ε-DPO's perturbed log-ratios are exact too: under the logit
-//! mixture `a·z_θ + b·z_ref` the log-ratio of two responses is `a·(θ_w − θ_l) + b·(φ_w − φ_l)`.
+//! mixture `a·z_θ + b·z_ref` the log-ratio of two responses is `a·(θ_w − θ_l) + b·(φ_w − φ_l)`;
+//! and TDPO's sequential KL of either response is `KL(π_ref(·|x) ‖ π(·|x))`, whose gradient in
+//! the logits is `π − π_ref` (so TDPO1 is DPO here, and TDPO2 is DPO plus a pull of weight
+//! `αβ·σ(−z)` towards π_ref in forward KL).
 //!
 //! Offline datasets: pairs of distinct responses drawn from π_ref, labelled by a
 //! Bradley–Terry draw on the reward or deterministically (the higher reward wins). Training is
@@ -20,7 +23,7 @@ use anyhow::{bail, Result};
 use edpo_data::rng::SplitMix64;
 use edpo_objectives::{
     self as objectives, EpsilonBeta, Method, Objective, PairInputs, PairLogps, PerturbedRatios,
-    ResponseScores,
+    ResponseScores, SequenceKl,
 };
 
 /// How pairs are labelled.
@@ -262,15 +265,25 @@ fn loss_and_gradient(
         reference_rejected: &rl,
     };
     let ones = vec![1usize; n];
+    // TDPO's sequential KL of a one-token response: KL(π_ref(·|x) ‖ π(·|x)), the same for both
+    // responses of a pair; its gradient in θ is π − π_ref.
+    let prompt_kl: Vec<f64> = logp
+        .iter()
+        .zip(&logref)
+        .map(|(lp, lr)| lr.iter().zip(lp).map(|(r, q)| r.exp() * (r - q)).sum())
+        .collect();
+    let pair_kl: Vec<f64> = pairs.iter().map(|&(p, _, _)| prompt_kl[p]).collect();
+    let sequence_kl = SequenceKl {
+        chosen: &pair_kl,
+        rejected: &pair_kl,
+    };
+    let inputs = |logps| inputs(logps, &ones, scores, sequence_kl);
     let (out, steps) = match *objective {
         Objective::Dpo { beta } => (
-            objectives::evaluate(&Method::Dpo { beta }, &inputs(logps, &ones, scores), 0.0)?,
+            objectives::evaluate(&Method::Dpo { beta }, &inputs(logps), 0.0)?,
             Vec::new(),
         ),
-        Objective::Method(m) => (
-            objectives::evaluate(&m, &inputs(logps, &ones, scores), 0.0)?,
-            Vec::new(),
-        ),
+        Objective::Method(m) => (objectives::evaluate(&m, &inputs(logps), 0.0)?, Vec::new()),
         Objective::EpsilonDpo { epsilon, .. } => {
             let ratios: Vec<PerturbedRatios> = pairs
                 .iter()
@@ -299,6 +312,12 @@ fn loss_and_gradient(
             );
             *g += out.grad_policy_chosen[i] * dw + out.grad_policy_rejected[i] * dl;
         }
+        if let Some(d) = &out.grad_sequence_kl {
+            let reference = &logref[p];
+            for (k, g) in grad[p].iter_mut().enumerate() {
+                *g += (d[i][0] + d[i][1]) * (pi[k] - reference[k].exp());
+            }
+        }
     }
     Ok((out.loss(), grad, steps))
 }
@@ -307,6 +326,7 @@ fn inputs<'a>(
     logps: PairLogps<'a>,
     ones: &'a [usize],
     scores: ResponseScores<'a>,
+    sequence_kl: SequenceKl<'a>,
 ) -> PairInputs<'a> {
     PairInputs {
         logps,
@@ -314,7 +334,7 @@ fn inputs<'a>(
         rejected_lengths: ones,
         kl_logratios: None,
         scores: Some(scores),
-        sequence_kl: None,
+        sequence_kl: Some(sequence_kl),
     }
 }
 
@@ -429,6 +449,8 @@ mod tests {
                 beta: 0.3,
                 average: false,
             }),
+            // Both responses' sequential KLs are the prompt's KL: TDPO1's terms cancel.
+            Objective::Method(Method::Tdpo1 { beta: 0.3 }),
         ] {
             let (_, grad, _) =
                 loss_and_gradient(&pb, &pb.pairs, &objective, &theta, 0.3).expect("grad");
@@ -449,6 +471,44 @@ mod tests {
                     (fd - grad[p][k]).abs() < 1e-6,
                     "{objective:?} ({p},{k}): {fd} vs {}",
                     grad[p][k]
+                );
+            }
+        }
+    }
+
+    /// TDPO2's loss equals DPO's (the KL difference is 0 in value), its gradient is DPO's plus,
+    /// per prompt, a multiple of `π − π_ref` (the detached chosen KL leaves the rejected one's
+    /// gradient, `αβ·σ(−z)/N` per pair).
+    #[test]
+    fn tdpo2_adds_a_pull_towards_the_reference() {
+        let pb = problem(&small(), 5).expect("problem");
+        let mut rng = SplitMix64(11);
+        let theta: Vec<Vec<f64>> = pb
+            .reference
+            .iter()
+            .map(|z| z.iter().map(|x| x + 0.5 * rng.normal()).collect())
+            .collect();
+        let (dpo_loss, dpo, _) =
+            loss_and_gradient(&pb, &pb.pairs, &Objective::Dpo { beta: 0.3 }, &theta, 0.3)
+                .expect("dpo");
+        let tdpo2 = Objective::Method(Method::Tdpo2 {
+            beta: 0.3,
+            alpha: 0.5,
+        });
+        let (loss, grad, _) =
+            loss_and_gradient(&pb, &pb.pairs, &tdpo2, &theta, 0.3).expect("tdpo2");
+        assert!((loss - dpo_loss).abs() < 1e-12);
+        for p in 0..theta.len() {
+            let pi = softmax(&theta[p]);
+            let rho = softmax(&pb.reference[p]);
+            let extra: Vec<f64> = (0..pi.len()).map(|k| grad[p][k] - dpo[p][k]).collect();
+            let direction: Vec<f64> = (0..pi.len()).map(|k| pi[k] - rho[k]).collect();
+            let scale = extra[0] / direction[0];
+            assert!(scale > 0.0, "prompt {p}: a pull towards π_ref");
+            for k in 0..pi.len() {
+                assert!(
+                    (extra[k] - scale * direction[k]).abs() < 1e-12,
+                    "prompt {p}, {k}"
                 );
             }
         }

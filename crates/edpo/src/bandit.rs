@@ -150,6 +150,10 @@ pub fn run(args: &BanditArgs) -> Result<()> {
                 r_min: 0.01,
             }),
         ),
+        (
+            format!("TDPO2 β={beta}, α=0.5"),
+            Objective::Method(Method::Tdpo2 { beta, alpha: 0.5 }),
+        ),
     ]);
     out!(
         "| labels | method | KL(π‖π_ref) | reward | KL(π‖π*_β) | gap below the frontier | final β |"
