@@ -367,6 +367,11 @@ pub fn run(
             ),
         };
         let round_end = step + round_steps[round];
+        // Steps taken while the policy is the reference: the first, and the first of every
+        // round that reset the reference to the policy.
+        let reset = round > 0
+            && cfg.online.as_ref().map(|o| o.reference) == Some(OnlineReference::Previous);
+        let at_reference = if step == 0 || reset { Some(step) } else { None };
         let mut order: Vec<usize> = Vec::new();
         while step < round_end {
             if let Some(d) = delay {
@@ -413,7 +418,7 @@ pub fn run(
                                 .zip(pair.rejected_reward)
                                 .map(|(w, l)| w - l),
                             margin: report.pair_margins.get(k).copied(),
-                            at_start: step == 0,
+                            at_start: at_reference == Some(step),
                         },
                         x,
                     );

@@ -1,9 +1,10 @@
 //! ε-DPO's step decisions over a whole run (`decisions.json`), counted in bins of what might
 //! explain them: the pair's true preference probability, the gold gap `|r_w − r_l|` of its two
 //! responses, and the policy's implicit margin `Δ = (lw − rw) − (ll − rl)` when the step scored
-//! it. Decisions of the first optimizer step, taken while the policy is still the reference
-//! (every `Δ` is 0, so the decision follows rounding-level differences of the mixed logits),
-//! are counted apart, by true preference probability.
+//! it. Decisions taken while the policy is the reference (the first optimizer step, and the
+//! first of an on-policy round that reset the reference: every `Δ` is 0, so the decision
+//! follows rounding-level differences of the mixed logits) are counted apart, by true
+//! preference probability.
 //!
 //! Files written before the apart counts existed hold only the true-preference bins, with the
 //! first step's decisions in them; [`Decisions::start`] is `None` for them.
@@ -110,7 +111,8 @@ pub struct DecisionContext {
     pub gold_gap: Option<f64>,
     /// The implicit margin `Δ` when the step scored the pair.
     pub margin: Option<f64>,
-    /// Whether the decision was taken at the first optimizer step (policy = reference).
+    /// Whether the decision was taken while the policy was the reference: at the first
+    /// optimizer step, or the first of an on-policy round that reset the reference.
     pub at_start: bool,
 }
 
