@@ -434,8 +434,8 @@ mod tests {
         assert!(frontier_gap(&pb, k, reward(&star, &pb)).abs() < 1e-6);
     }
 
-    #[test]
-    fn gradients_equal_finite_differences_for_dpo_and_ipo() {
+    /// A small problem and logits moved away from π_ref's.
+    fn perturbed_problem() -> (Problem, Vec<Vec<f64>>) {
         let pb = problem(&small(), 5).expect("problem");
         let mut rng = SplitMix64(11);
         let theta: Vec<Vec<f64>> = pb
@@ -443,6 +443,12 @@ mod tests {
             .iter()
             .map(|z| z.iter().map(|x| x + 0.5 * rng.normal()).collect())
             .collect();
+        (pb, theta)
+    }
+
+    #[test]
+    fn gradients_equal_finite_differences_for_dpo_and_ipo() {
+        let (pb, theta) = perturbed_problem();
         for objective in [
             Objective::Dpo { beta: 0.3 },
             Objective::Method(Method::Ipo {
@@ -481,13 +487,7 @@ mod tests {
     /// gradient, `αβ·σ(−z)/N` per pair).
     #[test]
     fn tdpo2_adds_a_pull_towards_the_reference() {
-        let pb = problem(&small(), 5).expect("problem");
-        let mut rng = SplitMix64(11);
-        let theta: Vec<Vec<f64>> = pb
-            .reference
-            .iter()
-            .map(|z| z.iter().map(|x| x + 0.5 * rng.normal()).collect())
-            .collect();
+        let (pb, theta) = perturbed_problem();
         let (dpo_loss, dpo, _) =
             loss_and_gradient(&pb, &pb.pairs, &Objective::Dpo { beta: 0.3 }, &theta, 0.3)
                 .expect("dpo");

@@ -269,16 +269,21 @@ mod tests {
     use super::*;
     use crate::testing::{tiny_model, CountOnes};
 
-    #[test]
-    fn pairs_are_distinct_labelled_consistently_and_reproducible() {
-        let model = tiny_model(3);
-        let settings = SamplingSettings {
+    /// Plain sampling of up to 6 tokens, EOS 5 (the tiny model's).
+    fn settings() -> SamplingSettings {
+        SamplingSettings {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
             max_new_tokens: 6,
             eos: 5,
-        };
+        }
+    }
+
+    #[test]
+    fn pairs_are_distinct_labelled_consistently_and_reproducible() {
+        let model = tiny_model(3);
+        let settings = settings();
         let draw = |seed| {
             let mut k = 0u32;
             let mut next = || {
@@ -344,29 +349,20 @@ mod tests {
     #[test]
     fn rso_pairs_prefer_rewarded_responses_and_keep_the_label_rule() {
         let model = tiny_model(3);
-        let settings = SamplingSettings {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            max_new_tokens: 6,
-            eos: 5,
-        };
+        let settings = settings();
         let prompts: Vec<Vec<u32>> = (0..40u32).map(|k| vec![k % 5, (k + 2) % 5]).collect();
-        let run = |beta: f64| {
+        let draw = |candidates: usize, beta: f64| {
             rso_pairs(
                 &model,
                 &CountOnes,
                 &prompts,
                 &settings,
                 0.5,
-                RsoSampling {
-                    candidates: 8,
-                    beta,
-                },
+                RsoSampling { candidates, beta },
                 7,
             )
-            .expect("rso")
         };
+        let run = |beta: f64| draw(8, beta).expect("rso");
         let (sharp, s) = run(0.05);
         let (flat, f) = run(100.0);
         assert_eq!(s.prompts, 40);
@@ -387,18 +383,6 @@ mod tests {
             assert!((p.p_true.expect("truth") - bt).abs() < 1e-12);
         }
         assert_eq!(run(0.05).0, sharp, "reproducible");
-        assert!(rso_pairs(
-            &model,
-            &CountOnes,
-            &prompts,
-            &settings,
-            0.5,
-            RsoSampling {
-                candidates: 1,
-                beta: 1.0
-            },
-            7
-        )
-        .is_err());
+        assert!(draw(1, 1.0).is_err());
     }
 }

@@ -231,6 +231,25 @@ pub fn sequence_logps(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor>
     sum_per_sequence(&token_logps(&logits, batch)?, batch)
 }
 
+/// The vocabulary size of policy and reference logits `(N, V)` at a batch's `N` targets; an
+/// error when their shapes disagree.
+fn check_pair_logits(
+    policy_logits: &Tensor,
+    reference_logits: &Tensor,
+    batch: &SequenceBatch,
+) -> Result<usize> {
+    let (n, v) = policy_logits.dims2()?;
+    if reference_logits.dims() != [n, v] || n != batch.n_targets() {
+        return Err(Error::Input(format!(
+            "policy logits {:?}, reference logits {:?} and {} targets do not agree",
+            policy_logits.dims(),
+            reference_logits.dims(),
+            batch.n_targets()
+        )));
+    }
+    Ok(v)
+}
+
 /// Each sequence's sequential KL `Σ_t KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))` over its
 /// response positions, `(B,)`, from policy logits `z` and reference logits `r` (`(N, V)` each,
 /// in `targets` order): per position `Σ_v p_ref(v)·(log p_ref(v) − log_softmax(z)(v))`, the
@@ -242,15 +261,7 @@ pub fn sequence_kl(
     reference_logits: &Tensor,
     batch: &SequenceBatch,
 ) -> Result<Tensor> {
-    let (n, v) = policy_logits.dims2()?;
-    if reference_logits.dims() != [n, v] || n != batch.n_targets() {
-        return Err(Error::Input(format!(
-            "policy logits {:?}, reference logits {:?} and {} targets do not agree",
-            policy_logits.dims(),
-            reference_logits.dims(),
-            batch.n_targets()
-        )));
-    }
+    check_pair_logits(policy_logits, reference_logits, batch)?;
     let log_ref = crate::composed::log_softmax_last(&reference_logits.detach())?;
     let p_ref = log_ref.exp()?;
     let log_policy = crate::composed::log_softmax_last(policy_logits)?;
@@ -272,15 +283,7 @@ pub fn mixed_sequence_logps(
     batch: &SequenceBatch,
     mixtures: &[(f32, f32)],
 ) -> Result<Vec<Vec<f64>>> {
-    let (n, v) = policy_logits.dims2()?;
-    if reference_logits.dims() != [n, v] || n != batch.n_targets() {
-        return Err(Error::Input(format!(
-            "policy logits {:?}, reference logits {:?} and {} targets do not agree",
-            policy_logits.dims(),
-            reference_logits.dims(),
-            batch.n_targets()
-        )));
-    }
+    let v = check_pair_logits(policy_logits, reference_logits, batch)?;
     // Read on the host: no gradient flows here, and on the CPU this copies nothing.
     let host = candle_core::Device::Cpu;
     let z = policy_logits

@@ -2,8 +2,9 @@
 //! difference of the two responses' *sequential* KL divergences
 //! `D_SeqKL(x, y) = Σ_t KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))` (full vocabulary, summed over the
 //! response's positions), which the trainer computes from both models' logits and hands in as
-//! an input. Follows the official code (`trainers.py`, `tdpo_loss`): with `u = log π − log π_ref`
-//! summed over the response,
+//! an input. Follows the official code (`Vance0124/Token-level-Direct-Preference-Optimization`,
+//! `trainers.py`: `_tdpo_get_batch_logps` for the per-position KL, `tdpo_loss` for the loss):
+//! with `u = log π − log π_ref` summed over the response,
 //!
 //! - TDPO1: `z = β·((u_w − u_l) − (K_l − K_w))`;
 //! - TDPO2: `z = β·((u_w − u_l) − α·(K_l − sg(K_w)))`, the chosen response's KL detached;

@@ -568,22 +568,14 @@ fn lora_runs_train_adapters_from_the_config() {
 /// them.
 #[test]
 fn online_rounds_sample_label_and_train_on_the_policys_pairs() {
-    let base = [
+    // The tiny synthetic task with 64 pairs (a later `--set` wins) and DPO.
+    let mut base: Vec<&str> = TINY.to_vec();
+    base.extend([
         "--set",
         "task.train_pairs=64",
         "--set",
-        "task.sft_steps=10",
-        "--set",
-        "task.eval_prompts=8",
-        "--set",
-        "task.val_prompts=4",
-        "--set",
-        "task.eval_pairs=4",
-        "--set",
-        "optim.epochs=1",
-        "--set",
         r#"objective={"kind":"dpo","beta":0.1}"#,
-    ];
+    ]);
     let mut first_losses = Vec::new();
     for reference in ["fixed", "previous"] {
         let dir = scratch(&format!("online-{reference}"));
@@ -596,7 +588,7 @@ fn online_rounds_sample_label_and_train_on_the_policys_pairs() {
             "--set",
             &online,
         ];
-        args.extend(base);
+        args.extend(&base);
         let out = edpo(&args);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let run = synthetic_run_dir(&dir);

@@ -710,29 +710,60 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
             judge.remember(&row.prompt_input_ids, &row.prefix)?;
         }
     }
-    let Some(rso) = task.rso else {
-        let mut data = TaskData::from_pairs_stage(
-            Some(Box::new(judge)),
-            eos,
-            reference_dir,
-            &pairs_dir,
-            task.response_tokens,
-            key("pairs"),
-        )?;
-        data.bt_temperature = Some(task.bt_temperature);
-        return Ok(data);
-    };
     // RSO: the plain stage's training prompts, in order, each with a pair accepted from its
     // candidates; everything evaluated on is the plain stage's, so runs pair with its runs.
-    let (rso_dir, _) = cache.get_or_build("rso-pairs", &key("rso-pairs"), |dir| {
-        let reference = CausalLm::load(&reference_dir, &crate::device(), false)?;
+    let (stage_dir, stage_key) = match task.rso {
+        None => (pairs_dir.clone(), key("pairs")),
+        Some(_) => (
+            rso_stage(
+                task,
+                &key("rso-pairs"),
+                &pairs_dir,
+                &reference_dir,
+                &judge,
+                &settings,
+                cache,
+            )?,
+            key("rso-pairs"),
+        ),
+    };
+    let mut data = TaskData::from_pairs_stage(
+        Some(Box::new(judge)),
+        eos,
+        reference_dir,
+        &stage_dir,
+        task.response_tokens,
+        stage_key,
+    )?;
+    // The test prompts are the plain stage's, RSO or not: so is their best-of-n curve.
+    data.prompts_key = key("pairs");
+    data.bt_temperature = Some(task.bt_temperature);
+    Ok(data)
+}
+
+/// RSO's pairs stage: [`rso_pairs`] on the plain stage's training prompts, with the plain
+/// stage's held-out pairs, test and validation prompts (and prompt texts) copied.
+fn rso_stage(
+    task: &SentimentTask,
+    stage_key: &serde_json::Value,
+    pairs_dir: &Path,
+    reference_dir: &Path,
+    judge: &TextJudge,
+    settings: &SamplingSettings,
+    cache: &StageCache,
+) -> Result<PathBuf> {
+    let rso = task
+        .rso
+        .ok_or_else(|| anyhow!("the task samples no RSO pairs"))?;
+    let (rso_dir, _) = cache.get_or_build("rso-pairs", stage_key, |dir| {
+        let reference = CausalLm::load(reference_dir, &crate::device(), false)?;
         let plain: Vec<super::LabelledPair> = super::read_jsonl(&pairs_dir.join("train.jsonl"))?;
         let prompts: Vec<Vec<u32>> = plain.into_iter().map(|p| p.prompt_input_ids).collect();
         let (pairs, summary) = rso_pairs(
             &reference,
-            &judge,
+            judge,
             &prompts,
-            &settings,
+            settings,
             task.bt_temperature,
             rso,
             task.seed ^ 0x7777,
@@ -756,18 +787,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         )?;
         Ok(())
     })?;
-    let mut data = TaskData::from_pairs_stage(
-        Some(Box::new(judge)),
-        eos,
-        reference_dir,
-        &rso_dir,
-        task.response_tokens,
-        key("rso-pairs"),
-    )?;
-    // The test prompts are the plain stage's: so is their best-of-n curve.
-    data.prompts_key = key("pairs");
-    data.bt_temperature = Some(task.bt_temperature);
-    Ok(data)
+    Ok(rso_dir)
 }
 
 #[cfg(test)]
