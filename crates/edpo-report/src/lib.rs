@@ -6,8 +6,12 @@
 //! - [`aggregate`]: mean and a 95% confidence interval over seeds (Student's t), per method
 //!   and setting, with polars.
 //! - [`figures`]: the KL-vs-win-rate frontier, the ε ablation, ε-DPO's base β and step
-//!   fractions over training, and step decisions against label confusion, as SVG and PNG
+//!   fractions over training, and step decisions against label confusion, gold gap and
+//!   implicit margin, as SVG and PNG
 //!   (plotters; the font is embedded so PNGs render the same everywhere).
+//! - [`paired`]: frontiers over checkpoints, values at matched KL, each setting against
+//!   DPO's frontier at its own KL, paired bootstrap intervals and minimum detectable
+//!   differences.
 //! - [`tables`]: Markdown, HTML, LaTeX (`booktabs`) and CSV.
 //! - [`judges`]: AlpacaEval 2, Arena-Hard and MT-Bench results from `SWEEP_DIR/judges/`,
 //!   matched to runs: the paper's main table.
@@ -147,6 +151,21 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
                 )],
                 table: Some(("matched_kl", t)),
                 after: frontier_points(&frontiers),
+            });
+        }
+        if let Some(t) = tables::versus_frontier_table(p, &summary, &frontiers) {
+            sections.push(tables::Section {
+                heading: "Every setting against DPO's frontier at its own KL".into(),
+                paragraphs: vec![
+                    "Each setting's final evaluation against DPO's frontier (above) interpolated at the setting's own \
+                     mean KL, prompt by prompt and seed by seed: the comparison at matched KL for a setting with a single \
+                     checkpoint. A KL below DPO's first checkpoint or beyond its last is not compared (DPO's frontier is \
+                     never interpolated from the reference). Intervals: 95% paired bootstrap over seeds and prompts, \
+                     conditional on DPO's chosen frontier; MDE as above."
+                        .into(),
+                ],
+                table: Some(("versus_dpo_frontier", t)),
+                after: Vec::new(),
             });
         }
         if let Some(t) = tables::versus_baseline_table(p, &summary) {

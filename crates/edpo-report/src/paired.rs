@@ -478,6 +478,45 @@ impl<'a> Paired<'a> {
         paired_bootstrap(&d, RESAMPLES, kl.to_bits() ^ 0xD1FF ^ metric as u64)
     }
 
+    /// Setting `a`'s final evaluation against the frontier `f` at `a`'s own KL (its mean final
+    /// KL over the common seeds), paired by seed and prompt: `a`'s KL, and the interval of
+    /// `a − f` (`None` where `f` does not reach that KL, or a run is missing).
+    pub fn diff_at_own_kl(
+        &self,
+        a: (&str, &str),
+        f: &Frontier,
+        metric: Metric,
+    ) -> Option<(f64, Option<Interval>)> {
+        let mut settings = vec![a];
+        settings.extend(self.frontier_settings(f));
+        let seeds = self.common_seeds(&settings);
+        let mut own = Vec::with_capacity(seeds.len());
+        let mut kl = 0.0;
+        for &seed in &seeds {
+            let k = self.final_values(a.0, a.1, seed, Metric::Kl)?;
+            kl += k.iter().sum::<f64>() / k.len().max(1) as f64;
+            own.push(self.final_values(a.0, a.1, seed, metric)?);
+        }
+        if seeds.is_empty() {
+            return None;
+        }
+        let kl = kl / seeds.len() as f64;
+        let Some(theirs) = self.along(f, kl, &seeds, metric) else {
+            return Some((kl, None));
+        };
+        let mut d = Vec::with_capacity(seeds.len());
+        for (x, y) in own.iter().zip(&theirs) {
+            if x.len() != y.len() {
+                return None;
+            }
+            d.push(x.iter().zip(y).map(|(p, q)| p - q).collect());
+        }
+        Some((
+            kl,
+            paired_bootstrap(&d, RESAMPLES, kl.to_bits() ^ 0x0A1C ^ metric as u64),
+        ))
+    }
+
     /// `a − b` between two settings' final evaluations, paired by seed and prompt.
     pub fn diff_final(&self, a: (&str, &str), b: (&str, &str), metric: Metric) -> Option<Interval> {
         let seeds = self.common_seeds(&[a, b]);
@@ -581,5 +620,47 @@ mod tests {
         assert!((at.mean - 0.6).abs() < 1e-12);
         assert!(paired.at_kl(&f, 1.0, Metric::Win).is_none());
         assert!(paired.at_kl(&f, 2.5, Metric::Win).is_none());
+    }
+
+    /// A single-checkpoint setting against a two-point frontier at its own KL: the frontier's
+    /// value is interpolated there, prompt by prompt; outside the frontier, no comparison.
+    #[test]
+    fn a_setting_is_compared_with_a_frontier_at_its_own_kl() {
+        let run = |method: &str, setting: &str, seed: u64, win: [f64; 2], kl: f64| Trace {
+            method: method.into(),
+            setting: setting.into(),
+            seed,
+            lines: Vec::new(),
+            decisions: None,
+            per_prompt: vec![edpo_rundir::PerPrompt {
+                step: 10,
+                win: win.to_vec(),
+                reward_diff: vec![0.0, 0.0],
+                kl: vec![kl, kl],
+            }],
+            final_val_win: Some(win[0]),
+        };
+        let mut traces = Vec::new();
+        for seed in [0, 1] {
+            traces.push(run("DPO", "β=0.2", seed, [0.6, 0.6], 2.0));
+            traces.push(run("DPO", "β=0.1", seed, [0.8, 0.7], 4.0));
+            traces.push(run("B", "x", seed, [0.7, 0.7], 3.0));
+            traces.push(run("C", "y", seed, [0.9, 0.9], 5.0));
+        }
+        let paired = Paired::new(&traces).expect("paired");
+        let dpo = paired.frontier("DPO");
+        assert_eq!(dpo.kls(), vec![0.0, 2.0, 4.0]);
+        // Halfway: DPO's values are 0.7 and 0.65 on the two prompts.
+        let (kl, d) = paired
+            .diff_at_own_kl(("B", "x"), &dpo, Metric::Win)
+            .expect("compared");
+        assert_eq!(kl, 3.0);
+        let d = d.expect("inside the frontier");
+        assert!((d.mean - 0.025).abs() < 1e-12, "{d:?}");
+        let (kl, d) = paired
+            .diff_at_own_kl(("C", "y"), &dpo, Metric::Win)
+            .expect("known");
+        assert_eq!(kl, 5.0);
+        assert!(d.is_none(), "beyond the frontier");
     }
 }

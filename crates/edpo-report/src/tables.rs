@@ -491,6 +491,61 @@ pub fn versus_baseline_table(paired: &Paired<'_>, summary: &[SettingSummary]) ->
     })
 }
 
+/// Every setting of every other method against DPO's frontier at the setting's own KL: its
+/// final evaluation minus DPO's frontier interpolated at that KL, paired by seed and prompt
+/// (the comparison at matched KL for a method with a single checkpoint).
+pub fn versus_frontier_table(
+    paired: &Paired<'_>,
+    summary: &[SettingSummary],
+    frontiers: &[Frontier],
+) -> Option<Table> {
+    let baseline = frontiers.iter().find(|f| f.method == BASELINE_METHOD)?;
+    let kls = baseline.kls();
+    let reach = match (kls.get(1), kls.last()) {
+        (Some(lo), Some(hi)) => (*lo, *hi),
+        _ => return None,
+    };
+    let rows: Vec<Vec<String>> = summary
+        .iter()
+        .filter(|s| s.method != BASELINE_METHOD)
+        .filter_map(|s| {
+            let a = (s.method.as_str(), s.setting.as_str());
+            let (kl, dwin) = paired.diff_at_own_kl(a, baseline, Metric::Win)?;
+            let dgain = paired
+                .diff_at_own_kl(a, baseline, Metric::RewardGain)
+                .and_then(|(_, d)| d);
+            let outside = if kl < reach.0 {
+                "below DPO's frontier"
+            } else {
+                "beyond DPO's frontier"
+            };
+            Some(vec![
+                s.method.clone(),
+                s.setting.clone(),
+                format!("{kl:.2}"),
+                dwin.map_or_else(|| outside.to_string(), |d| interval_cell(Some(d), 3)),
+                dgain.map_or_else(|| "–".to_string(), |d| interval_cell(Some(d), 3)),
+                dwin.map(|d| format!("{:.3}", mde80(d.se)))
+                    .unwrap_or_else(|| "–".into()),
+            ])
+        })
+        .collect();
+    (!rows.is_empty()).then(|| Table {
+        headers: [
+            "method",
+            "setting",
+            "KL",
+            "Δ win vs DPO's frontier",
+            "Δ reward gain vs DPO's frontier",
+            "MDE (Δ win)",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+        bold: Vec::new(),
+    })
+}
+
 /// What the columns of the settings tables mean.
 pub const NOTE: &str = "Mean over seeds ± half-width of the 95% interval (Student's t over seeds; none with one seed). \
 Win rate: share of test-prompt samples whose gold reward beats the reference's sample drawn from the same random stream (ties ½), \
