@@ -366,7 +366,9 @@ pub fn run(
                 scores.as_ref().map(|s| s[share.clone()].to_vec()),
             ),
         };
-        let round_end = step + round_steps[round];
+        // A round whose policy gave fewer pairs than its prompts (two identical responses for
+        // some) takes the steps its pairs fill, so that no pair is seen twice in an epoch.
+        let round_end = step + round_steps[round].min(total_steps(cfg, pairs.len()));
         // Steps taken while the policy is the reference: the first, and the first of every
         // round that reset the reference to the policy.
         let reset = round > 0
@@ -425,13 +427,15 @@ pub fn run(
                 }
             }
             dir.set_steps_done(step + 1)?;
-            if step % cfg.run.log_every == 0 || step + 1 == steps {
+            if step % cfg.run.log_every == 0 || step + 1 == round_end {
                 dir.log(&step_line(&report, &taken, &pairs))?;
             }
             progress.inc(1);
             step += 1;
         }
     }
+    // The steps taken: the planned ones, less any a short on-policy round could not fill.
+    let steps = step;
     check_stop(steps)?;
     let reference_forwards = trainer.reference.forward_count() - reference_forwards_before;
     // Always judged against the original reference, which TR-DPO's updates have moved away from.
