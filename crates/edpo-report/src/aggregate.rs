@@ -15,6 +15,7 @@ pub const METRICS: &[&str] = &[
     "kl_sampled",
     "label_noise",
     "preference_accuracy",
+    "preference_accuracy_se",
     "logratio_margin",
     "win_rate_vs_chosen",
     "second_judge_win_rate",

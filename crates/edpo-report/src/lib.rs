@@ -373,6 +373,7 @@ fn memorisation_section(
 ) -> Option<tables::Section> {
     let mut rows = Vec::new();
     let mut flagged = Vec::new();
+    let mut within_noise = Vec::new();
     for s in summary {
         let traces: Vec<&runs::Trace> = loaded
             .traces
@@ -396,32 +397,51 @@ fn memorisation_section(
         };
         let t = train.iter().sum::<f64>() / train.len() as f64;
         let gap = t - held.mean;
-        if gap > MEMORISATION_GAP {
+        // The held-out pairs are the same for every seed: their sampling error is one run's,
+        // not reduced by averaging seeds.
+        let se = s.get("preference_accuracy_se").map(|e| e.mean);
+        let beyond_noise = se.is_none_or(|se| gap > 1.96 * se);
+        if gap > MEMORISATION_GAP && beyond_noise {
             flagged.push(format!("{} {} ({gap:+.3})", s.method, s.setting));
+        } else if gap > MEMORISATION_GAP {
+            within_noise.push(format!("{} {} ({gap:+.3})", s.method, s.setting));
         }
         rows.push(vec![
             s.method.clone(),
             s.setting.clone(),
             format!("{t:.3}"),
             format!("{:.3}", held.mean),
+            se.map_or_else(|| "–".into(), |se| format!("{se:.3}")),
             format!("{gap:+.3}"),
         ]);
     }
     if rows.is_empty() {
         return None;
     }
-    let verdict = if flagged.is_empty() {
+    let mut verdict = if flagged.is_empty() {
         format!(
-            "No setting's training-batch accuracy exceeds its held-out accuracy by more than {MEMORISATION_GAP}: \
-             no sign of memorisation."
+            "No setting's training-batch accuracy exceeds its held-out accuracy both by more than \
+             {MEMORISATION_GAP} and by more than 1.96 standard errors of the held-out accuracy: no sign of \
+             memorisation."
         )
     } else {
         format!(
-            "Memorisation: training-batch accuracy exceeds held-out accuracy by more than {MEMORISATION_GAP} in {}. \
-             Numbers from these runs reflect pairs seen more than once.",
+            "Training-batch accuracy exceeds held-out accuracy by more than {MEMORISATION_GAP} and by more than \
+             1.96 held-out standard errors in {}. Where pairs are seen more than once (more than one epoch) this is \
+             memorisation; in a one-pass run no pair repeats, and the gap measures how the training pairs differ \
+             from the held-out pairs: their prompts (training against test prompts), their source (the policy's own \
+             samples in on-policy rounds, RSO's rejection sampling) and the held-out pairs' sampling error, which \
+             every seed shares.",
             flagged.join(", ")
         )
     };
+    if !within_noise.is_empty() {
+        verdict.push_str(&format!(
+            " Gaps above {MEMORISATION_GAP} but within 1.96 held-out standard errors (the held-out pairs are few \
+             and the same for every seed): {}.",
+            within_noise.join(", ")
+        ));
+    }
     Some(tables::Section {
         heading: "Memorisation check".into(),
         paragraphs: vec![
@@ -432,7 +452,14 @@ fn memorisation_section(
             verdict,
         ],
         table: Some(("memorisation", tables::Table {
-            headers: ["method", "setting", "train-batch acc.", "held-out acc.", "gap"]
+            headers: [
+                "method",
+                "setting",
+                "train-batch acc.",
+                "held-out acc.",
+                "held-out s.e.",
+                "gap",
+            ]
                 .map(String::from)
                 .to_vec(),
             rows,

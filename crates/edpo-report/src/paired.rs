@@ -192,8 +192,11 @@ impl Metric {
 pub struct Checkpoint {
     /// The setting label, `None` for the reference.
     pub setting: Option<String>,
-    /// The step evaluated after.
+    /// The step evaluated after (the first seed's).
     pub step: usize,
+    /// Whether this is each run's final evaluation, matched across seeds whatever its step (a
+    /// run's steps may differ by seed: an on-policy round short of pairs takes fewer).
+    pub last: bool,
     /// Mean exact KL on the test prompts.
     pub kl: f64,
     /// Mean win rate on the validation prompts (what the frontier is chosen by).
@@ -202,6 +205,16 @@ pub struct Checkpoint {
     pub win: f64,
     /// Mean reward gain on the test prompts.
     pub reward_gain: f64,
+}
+
+/// A run's evaluation after `step`, or its final one when `last` (matched across seeds whatever
+/// its step).
+fn evaluation(t: &Trace, step: usize, last: bool) -> Option<&edpo_rundir::PerPrompt> {
+    if last {
+        t.per_prompt.iter().max_by_key(|p| p.step)
+    } else {
+        t.per_prompt.iter().find(|p| p.step == step)
+    }
 }
 
 /// Runs indexed for paired comparisons: (method, setting, seed) → per-prompt evaluations and
@@ -244,6 +257,7 @@ impl Checkpoint {
         Self {
             setting: None,
             step: 0,
+            last: false,
             kl: 0.0,
             val_win: 0.5,
             win: 0.5,
@@ -350,15 +364,17 @@ impl<'a> Paired<'a> {
             else {
                 continue;
             };
+            let first_last = first.per_prompt.iter().map(|q| q.step).max();
             for p in &first.per_prompt {
+                let last = Some(p.step) == first_last;
                 let mut sums = [0.0; 4];
                 let mut n = 0usize;
                 for &seed in &seeds {
                     let t = self.runs[&(method.to_string(), setting.clone(), seed)];
-                    let Some(pp) = t.per_prompt.iter().find(|q| q.step == p.step) else {
+                    let Some(pp) = evaluation(t, p.step, last) else {
                         continue;
                     };
-                    let Some(val) = t.val_win_at(p.step) else {
+                    let Some(val) = t.val_win_at(pp.step) else {
                         continue;
                     };
                     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -373,6 +389,7 @@ impl<'a> Paired<'a> {
                     checkpoints.push(Checkpoint {
                         setting: Some(setting.clone()),
                         step: p.step,
+                        last,
                         kl: sums[0] / k,
                         val_win: sums[1] / k,
                         win: sums[2] / k,
@@ -411,12 +428,9 @@ impl<'a> Paired<'a> {
         metric: Metric,
     ) -> Option<Vec<f64>> {
         let c = &f.checkpoints[i];
-        match &c.setting {
-            None => None,
-            Some(s) => self
-                .values_at(&f.method, s, seed, c.step, metric)
-                .map(<[f64]>::to_vec),
-        }
+        let s = c.setting.as_ref()?;
+        let t = self.runs.get(&(f.method.clone(), s.clone(), seed))?;
+        evaluation(t, c.step, c.last).map(|p| metric.of(p).to_vec())
     }
 
     /// Per seed and prompt, the value of `metric` at KL `kl` along the frontier of `f`, for
@@ -662,5 +676,33 @@ mod tests {
             .expect("known");
         assert_eq!(kl, 5.0);
         assert!(d.is_none(), "beyond the frontier");
+    }
+
+    /// Runs of one setting whose final evaluations fall at different steps (an on-policy round
+    /// short of pairs in one seed) still give one final checkpoint, averaged over both seeds.
+    #[test]
+    fn final_evaluations_are_matched_across_seeds_whatever_their_step() {
+        let run = |seed: u64, step: usize, win: f64| Trace {
+            method: "A".into(),
+            setting: "β=0.1".into(),
+            seed,
+            lines: Vec::new(),
+            decisions: None,
+            per_prompt: vec![edpo_rundir::PerPrompt {
+                step,
+                win: vec![win, win],
+                reward_diff: vec![0.0, 0.0],
+                kl: vec![2.0, 2.0],
+            }],
+            final_val_win: Some(win),
+        };
+        let traces = [run(0, 256, 0.6), run(1, 255, 0.8)];
+        let paired = Paired::new(&traces).expect("paired");
+        let f = paired.frontier("A");
+        assert_eq!(f.kls(), vec![0.0, 2.0]);
+        let c = &f.checkpoints[f.frontier[1]];
+        assert!(c.last && (c.win - 0.7).abs() < 1e-12, "{c:?}");
+        let at = paired.at_kl(&f, 2.0, Metric::Win).expect("both seeds");
+        assert!((at.mean - 0.7).abs() < 1e-12);
     }
 }

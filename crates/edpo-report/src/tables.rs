@@ -371,11 +371,17 @@ pub fn matched_kls(frontiers: &[Frontier]) -> Vec<f64> {
             .find(|c| c.setting.is_some())
             .map(|c| c.kl)
     };
-    let hi = frontiers
+    // A method whose frontier is the reference alone (no checkpoint beats it on validation)
+    // has no range to match; it shows – at every KL rather than emptying the table.
+    let reaching: Vec<&Frontier> = frontiers.iter().filter(|f| f.max_kl() > 0.0).collect();
+    let hi = reaching
         .iter()
-        .map(Frontier::max_kl)
+        .map(|f| f.max_kl())
         .fold(f64::INFINITY, f64::min);
-    let lo = frontiers.iter().filter_map(first).fold(0f64, f64::max);
+    let lo = reaching
+        .iter()
+        .filter_map(|f| first(f))
+        .fold(0f64, f64::max);
     if !hi.is_finite() || hi <= 0.0 {
         return Vec::new();
     }
@@ -792,6 +798,7 @@ mod tests {
             checkpoints.push(crate::paired::Checkpoint {
                 setting: Some(format!("s{i}")),
                 step: 10,
+                last: true,
                 kl,
                 val_win: 0.6 + 0.01 * i as f64,
                 win: 0.6,
@@ -816,5 +823,14 @@ mod tests {
             vec![2.0]
         );
         assert!(matched_kls(&[frontier("A", &[])]).is_empty());
+        // A frontier that is the reference alone does not empty the others' range.
+        assert_eq!(
+            matched_kls(&[
+                frontier("A", &[2.0, 5.0, 8.0]),
+                frontier("B", &[3.0, 6.0]),
+                frontier("C", &[])
+            ]),
+            vec![3.0, 4.0, 5.0, 6.0]
+        );
     }
 }
