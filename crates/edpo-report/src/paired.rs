@@ -636,23 +636,37 @@ mod tests {
         assert!(paired.at_kl(&f, 2.5, Metric::Win).is_none());
     }
 
-    /// A single-checkpoint setting against a two-point frontier at its own KL: the frontier's
-    /// value is interpolated there, prompt by prompt; outside the frontier, no comparison.
-    #[test]
-    fn a_setting_is_compared_with_a_frontier_at_its_own_kl() {
-        let run = |method: &str, setting: &str, seed: u64, win: [f64; 2], kl: f64| Trace {
+    /// A run of `method` at `setting` with one evaluation after `step` on two prompts.
+    fn one_eval(
+        method: &str,
+        setting: &str,
+        seed: u64,
+        step: usize,
+        win: [f64; 2],
+        kl: f64,
+    ) -> Trace {
+        Trace {
             method: method.into(),
             setting: setting.into(),
             seed,
             lines: Vec::new(),
             decisions: None,
             per_prompt: vec![edpo_rundir::PerPrompt {
-                step: 10,
+                step,
                 win: win.to_vec(),
                 reward_diff: vec![0.0, 0.0],
                 kl: vec![kl, kl],
             }],
             final_val_win: Some(win[0]),
+        }
+    }
+
+    /// A single-checkpoint setting against a two-point frontier at its own KL: the frontier's
+    /// value is interpolated there, prompt by prompt; outside the frontier, no comparison.
+    #[test]
+    fn a_setting_is_compared_with_a_frontier_at_its_own_kl() {
+        let run = |method: &str, setting: &str, seed: u64, win: [f64; 2], kl: f64| {
+            one_eval(method, setting, seed, 10, win, kl)
         };
         let mut traces = Vec::new();
         for seed in [0, 1] {
@@ -682,20 +696,8 @@ mod tests {
     /// short of pairs in one seed) still give one final checkpoint, averaged over both seeds.
     #[test]
     fn final_evaluations_are_matched_across_seeds_whatever_their_step() {
-        let run = |seed: u64, step: usize, win: f64| Trace {
-            method: "A".into(),
-            setting: "β=0.1".into(),
-            seed,
-            lines: Vec::new(),
-            decisions: None,
-            per_prompt: vec![edpo_rundir::PerPrompt {
-                step,
-                win: vec![win, win],
-                reward_diff: vec![0.0, 0.0],
-                kl: vec![2.0, 2.0],
-            }],
-            final_val_win: Some(win),
-        };
+        let run =
+            |seed: u64, step: usize, win: f64| one_eval("A", "β=0.1", seed, step, [win, win], 2.0);
         let traces = [run(0, 256, 0.6), run(1, 255, 0.8)];
         let paired = Paired::new(&traces).expect("paired");
         let f = paired.frontier("A");

@@ -354,6 +354,11 @@ fn interval_cell(i: Option<Interval>, digits: usize) -> String {
     }
 }
 
+/// The minimum detectable difference at 80% power of a paired difference, or – without one.
+fn mde_cell(d: Option<Interval>) -> String {
+    d.map_or_else(|| "–".into(), |d| format!("{:.3}", mde80(d.se)))
+}
+
 /// The method every other is compared with: DPO.
 pub const BASELINE_METHOD: &str = "DPO";
 
@@ -436,8 +441,7 @@ pub fn matched_kl_table(paired: &Paired<'_>, frontiers: &[Frontier]) -> Option<T
                 interval_cell(gain, 3),
                 interval_cell(dwin, 3),
                 interval_cell(dgain, 3),
-                dwin.map(|d| format!("{:.3}", mde80(d.se)))
-                    .unwrap_or_else(|| "–".into()),
+                mde_cell(dwin),
             ]);
         }
     }
@@ -476,8 +480,7 @@ pub fn versus_baseline_table(paired: &Paired<'_>, summary: &[SettingSummary]) ->
                 interval_cell(dwin, 3),
                 interval_cell(paired.diff_final(a, b, Metric::RewardGain), 3),
                 interval_cell(paired.diff_final(a, b, Metric::Kl), 3),
-                dwin.map(|d| format!("{:.3}", mde80(d.se)))
-                    .unwrap_or_else(|| "–".into()),
+                mde_cell(dwin),
             ]
         })
         .collect();
@@ -531,8 +534,7 @@ pub fn versus_frontier_table(
                 format!("{kl:.2}"),
                 dwin.map_or_else(|| outside.to_string(), |d| interval_cell(Some(d), 3)),
                 dgain.map_or_else(|| "–".to_string(), |d| interval_cell(Some(d), 3)),
-                dwin.map(|d| format!("{:.3}", mde80(d.se)))
-                    .unwrap_or_else(|| "–".into()),
+                mde_cell(dwin),
             ])
         })
         .collect();
