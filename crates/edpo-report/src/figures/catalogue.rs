@@ -110,9 +110,57 @@ pub(super) fn frontier(summary: &[SettingSummary]) -> Option<Figure> {
 
 /// Every evaluation checkpoint of every method (means over seeds, test prompts) and each
 /// method's frontier chosen on the validation prompts, win rate and reward gain against KL.
+/// Methods per frontier figure besides DPO, so that every method of a figure has a colour of
+/// its own and the legend fits beside the plot.
+const FRONTIER_METHODS_PER_FIGURE: usize = 6;
+
+/// The frontier figures: `frontiers` with DPO and the first methods, then `frontiers_2`, … with
+/// DPO again and the next ones, when there are more methods than one figure holds.
 pub(super) fn checkpoint_frontiers(
     frontiers: &[Frontier],
     best_of_n: &[crate::BestOfN],
+) -> Vec<Figure> {
+    let baseline: Vec<&Frontier> = frontiers
+        .iter()
+        .filter(|f| f.method == crate::tables::BASELINE_METHOD)
+        .collect();
+    let others: Vec<&Frontier> = frontiers
+        .iter()
+        .filter(|f| f.method != crate::tables::BASELINE_METHOD)
+        .collect();
+    let groups: Vec<Vec<&Frontier>> = if others.is_empty() {
+        vec![baseline.clone()]
+    } else {
+        others
+            .chunks(FRONTIER_METHODS_PER_FIGURE)
+            .map(|chunk| baseline.iter().chain(chunk).copied().collect())
+            .collect()
+    };
+    let n = groups.len();
+    groups
+        .iter()
+        .enumerate()
+        .filter_map(|(k, group)| {
+            let name = if k == 0 {
+                "frontiers".to_string()
+            } else {
+                format!("frontiers_{}", k + 1)
+            };
+            let part = if n > 1 {
+                format!(" ({} of {n})", k + 1)
+            } else {
+                String::new()
+            };
+            frontier_figure(group, best_of_n, name, part)
+        })
+        .collect()
+}
+
+fn frontier_figure(
+    frontiers: &[&Frontier],
+    best_of_n: &[crate::BestOfN],
+    name: String,
+    part: String,
 ) -> Option<Figure> {
     if frontiers.iter().all(|f| f.checkpoints.len() < 2) {
         return None;
@@ -167,12 +215,23 @@ pub(super) fn checkpoint_frontiers(
                     .collect(),
                 line: true,
             });
-            series.push(Series {
-                label: format!("{} checkpoints", f.method),
-                color: c,
-                points: f.checkpoints.iter().skip(1).map(point).collect(),
-                line: false,
-            });
+            // The checkpoints off the frontier, where there are any.
+            let off: Vec<Point> = f
+                .checkpoints
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(i, _)| !f.frontier.contains(i))
+                .map(|(_, ck)| point(ck))
+                .collect();
+            if !off.is_empty() {
+                series.push(Series {
+                    label: format!("{} checkpoints", f.method),
+                    color: c,
+                    points: off,
+                    line: false,
+                });
+            }
         }
         Panel {
             x_label: "KL(π‖π_ref), nats (exact, mean over prompts and seeds)".into(),
@@ -183,8 +242,8 @@ pub(super) fn checkpoint_frontiers(
         }
     };
     Some(Figure {
-        name: "frontiers".into(),
-        title: "Every evaluation checkpoint and each method's frontier (chosen on validation prompts; test numbers, mean over seeds)".into(),
+        name,
+        title: format!("Every evaluation checkpoint and each method's frontier (chosen on validation prompts; test numbers, mean over seeds){part}"),
         panels: vec![
             panel(|c| c.win, |b| (b.win_rate, b.win_rate_se), "win rate vs π_ref"),
             panel(

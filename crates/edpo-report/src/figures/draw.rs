@@ -192,15 +192,34 @@ fn draw_panel<DB: DrawingBackend>(
             }
         }
         let radius = if s.points.len() > 12 { 2 } else { 4 };
-        chart
-            .draw_series(
-                s.points
-                    .iter()
-                    .map(|p| Circle::new((axis_x(panel, p.x), p.y), radius, color.filled())),
-            )
-            .map_err(|e| format!("{e:?}"))?;
+        if second_cycle(s.color) {
+            // Past the palette's length colours repeat: those series get hollow squares.
+            chart
+                .draw_series(s.points.iter().map(|p| {
+                    EmptyElement::at((axis_x(panel, p.x), p.y))
+                        + Rectangle::new(
+                            [(-radius - 1, -radius - 1), (radius + 1, radius + 1)],
+                            color.stroke_width(2),
+                        )
+                }))
+                .map_err(|e| format!("{e:?}"))?;
+        } else {
+            chart
+                .draw_series(
+                    s.points
+                        .iter()
+                        .map(|p| Circle::new((axis_x(panel, p.x), p.y), radius, color.filled())),
+                )
+                .map_err(|e| format!("{e:?}"))?;
+        }
     }
     draw_legend(&legend_area, &panel.series)
+}
+
+/// Whether a series' colour index lies past the palette, where colours repeat: its markers
+/// are hollow squares instead of filled circles, so no two series look the same.
+fn second_cycle(color: usize) -> bool {
+    color >= PALETTE.len()
 }
 
 /// Legend entries, one per series, top to bottom in the strip beside the plot.
@@ -219,8 +238,16 @@ fn draw_legend<DB: DrawingBackend>(
             ))
             .map_err(|e| format!("{e:?}"))?;
         }
-        area.draw(&Circle::new((12, y), 4, color.filled()))
+        if second_cycle(s.color) {
+            area.draw(&Rectangle::new(
+                [(7, y - 5), (17, y + 5)],
+                color.stroke_width(2),
+            ))
             .map_err(|e| format!("{e:?}"))?;
+        } else {
+            area.draw(&Circle::new((12, y), 4, color.filled()))
+                .map_err(|e| format!("{e:?}"))?;
+        }
         area.draw(&Text::new(s.label.clone(), (28, y - 7), font.clone()))
             .map_err(|e| format!("{e:?}"))?;
     }

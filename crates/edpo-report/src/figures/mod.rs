@@ -1,9 +1,10 @@
 //! Figures as data ([`Figure`]: panels of series of points with error bars) rendered by one
 //! plotters routine to SVG (inline in the HTML report) and PNG.
 //!
-//! - `frontiers`: every evaluation checkpoint (KL, win rate) and (KL, reward gain) of every
-//!   method, each method's frontier chosen on the validation prompts, and best-of-n from the
-//!   reference as the yardstick.
+//! - `frontiers` (and `frontiers_2`, … when there are more than six methods besides DPO, each
+//!   with DPO again, so that every method has a colour of its own): every evaluation checkpoint
+//!   (KL, win rate) and (KL, reward gain) of every method, each method's frontier chosen on the
+//!   validation prompts, and best-of-n from the reference as the yardstick.
 //! - `frontier`: final KL(π‖π_ref) against win rate for every method and setting, error bars
 //!   over seeds both ways, points labelled with their β / ε, each method's points joined in
 //!   order of KL.
@@ -103,18 +104,19 @@ pub fn all(
     frontiers: &[crate::paired::Frontier],
     best_of_n: &[crate::BestOfN],
 ) -> Result<Vec<Figure>> {
-    [
-        catalogue::checkpoint_frontiers(frontiers, best_of_n),
-        catalogue::frontier(summary),
-        catalogue::epsilon_ablation(summary),
-        catalogue::trajectories(sweep, summary),
-        catalogue::beta_dynamics(sweep, summary),
-        catalogue::steps_vs_confusion(sweep, summary),
-        catalogue::steps_by_gap_and_margin(sweep, summary),
-        catalogue::margins_accuracy(sweep, summary),
-    ]
-    .into_iter()
-    .flatten()
-    .map(draw::finish)
-    .collect()
+    let mut figures = catalogue::checkpoint_frontiers(frontiers, best_of_n);
+    figures.extend(
+        [
+            catalogue::frontier(summary),
+            catalogue::epsilon_ablation(summary),
+            catalogue::trajectories(sweep, summary),
+            catalogue::beta_dynamics(sweep, summary),
+            catalogue::steps_vs_confusion(sweep, summary),
+            catalogue::steps_by_gap_and_margin(sweep, summary),
+            catalogue::margins_accuracy(sweep, summary),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    figures.into_iter().map(draw::finish).collect()
 }
