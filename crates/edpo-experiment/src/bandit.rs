@@ -266,17 +266,23 @@ fn loss_and_gradient(
     };
     let ones = vec![1usize; n];
     // TDPO's sequential KL of a one-token response: KL(π_ref(·|x) ‖ π(·|x)), the same for both
-    // responses of a pair; its gradient in θ is π − π_ref.
-    let prompt_kl: Vec<f64> = logp
-        .iter()
-        .zip(&logref)
-        .map(|(lp, lr)| lr.iter().zip(lp).map(|(r, q)| r.exp() * (r - q)).sum())
-        .collect();
-    let pair_kl: Vec<f64> = pairs.iter().map(|&(p, _, _)| prompt_kl[p]).collect();
-    let sequence_kl = SequenceKl {
+    // responses of a pair; its gradient in θ is π − π_ref. Computed for the objectives that
+    // read it only.
+    let reads_kl = matches!(objective, Objective::Method(m) if m.needs_sequence_kl());
+    let pair_kl: Vec<f64> = if reads_kl {
+        let prompt_kl: Vec<f64> = logp
+            .iter()
+            .zip(&logref)
+            .map(|(lp, lr)| lr.iter().zip(lp).map(|(r, q)| r.exp() * (r - q)).sum())
+            .collect();
+        pairs.iter().map(|&(p, _, _)| prompt_kl[p]).collect()
+    } else {
+        Vec::new()
+    };
+    let sequence_kl = reads_kl.then_some(SequenceKl {
         chosen: &pair_kl,
         rejected: &pair_kl,
-    };
+    });
     let inputs = |logps| inputs(logps, &ones, scores, sequence_kl);
     let (out, steps) = match *objective {
         Objective::Dpo { beta } => (
@@ -326,7 +332,7 @@ fn inputs<'a>(
     logps: PairLogps<'a>,
     ones: &'a [usize],
     scores: ResponseScores<'a>,
-    sequence_kl: SequenceKl<'a>,
+    sequence_kl: Option<SequenceKl<'a>>,
 ) -> PairInputs<'a> {
     PairInputs {
         logps,
@@ -334,7 +340,7 @@ fn inputs<'a>(
         rejected_lengths: ones,
         kl_logratios: None,
         scores: Some(scores),
-        sequence_kl: Some(sequence_kl),
+        sequence_kl,
     }
 }
 

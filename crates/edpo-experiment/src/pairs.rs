@@ -10,6 +10,19 @@ use edpo_data::rng::SplitMix64;
 use edpo_eval::{sample, SamplingSettings};
 use edpo_model::CausalLm;
 
+/// How the two responses of a pair are drawn, wherever pairs are sampled (a task's stages,
+/// RSO's candidates, on-policy rounds): ancestral sampling from the full distribution at
+/// temperature 1, up to `max_new_tokens` tokens or `eos`.
+pub fn pair_sampling(max_new_tokens: usize, eos: u32) -> SamplingSettings {
+    SamplingSettings {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_new_tokens,
+        eos,
+    }
+}
+
 /// Samples `count` labelled pairs from `reference` for prompts drawn by `next_prompt`; pairs
 /// whose two responses are identical carry no preference and are skipped.
 pub fn sample_pairs(
@@ -271,13 +284,7 @@ mod tests {
 
     /// Plain sampling of up to 6 tokens, EOS 5 (the tiny model's).
     fn settings() -> SamplingSettings {
-        SamplingSettings {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            max_new_tokens: 6,
-            eos: 5,
-        }
+        pair_sampling(6, 5)
     }
 
     #[test]

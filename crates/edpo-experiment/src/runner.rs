@@ -12,17 +12,18 @@
 
 use crate::config::{OnlineReference, ReferenceLogps, RunConfig};
 use crate::evaluate::{Evaluation, Evaluator};
-use crate::pairs::policy_pairs;
+use crate::pairs::{pair_sampling, policy_pairs};
 use crate::stages::StageCache;
 use crate::task::{LabelledPair, TaskData};
 use anyhow::{anyhow, bail, Result};
 use edpo_data::rng::SplitMix64;
 use edpo_data::TokenizedPair;
-use edpo_eval::{mean_and_stderr, SamplingSettings};
+use edpo_eval::mean_and_stderr;
 use edpo_model::CausalLm;
 use edpo_rundir::{read_status, DecisionContext, Decisions, RunDir, RunState};
 use edpo_train::{AdamWConfig, Schedule, StepReport, Trainer, TrainerConfig};
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -242,6 +243,10 @@ pub fn run(
     }
     let round_steps: Vec<usize> = shares.iter().map(|s| total_steps(cfg, s.len())).collect();
     let steps: usize = round_steps.iter().sum();
+    let reset_reference = cfg
+        .online
+        .as_ref()
+        .is_some_and(|o| o.reference == OnlineReference::Previous);
     let online_labels = match &cfg.online {
         None => None,
         Some(_) => Some((
@@ -318,20 +323,14 @@ pub fn run(
         let (pairs, precomputed, scores) = match online_labels {
             Some((judge, tau)) if round > 0 => {
                 check_stop(step)?;
-                if cfg.online.as_ref().map(|o| o.reference) == Some(OnlineReference::Previous) {
+                if reset_reference {
                     trainer.reference.blend_from(&trainer.policy, 1.0)?;
                 }
                 let prompts: Vec<Vec<u32>> = data.train[share.clone()]
                     .iter()
                     .map(|p| p.prompt_input_ids.clone())
                     .collect();
-                let settings = SamplingSettings {
-                    temperature: 1.0,
-                    top_k: 0,
-                    top_p: 1.0,
-                    max_new_tokens: data.response_tokens,
-                    eos: data.eos,
-                };
+                let settings = pair_sampling(data.response_tokens, data.eos);
                 let seed =
                     cfg.run.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (0x0A11_0000 + round as u64);
                 let (pairs, left_out) =
@@ -358,12 +357,18 @@ pub fn run(
                 };
                 let scores = scores_of(&pairs)?;
                 dir.log(&round_line(step, round, &pairs, left_out))?;
-                (pairs, precomputed, scores)
+                (
+                    Cow::Owned(pairs),
+                    precomputed.map(Cow::Owned),
+                    scores.map(Cow::Owned),
+                )
             }
             _ => (
-                data.train[share.clone()].to_vec(),
-                precomputed.as_ref().map(|p| p[share.clone()].to_vec()),
-                scores.as_ref().map(|s| s[share.clone()].to_vec()),
+                Cow::Borrowed(&data.train[share.clone()]),
+                precomputed
+                    .as_ref()
+                    .map(|p| Cow::Borrowed(&p[share.clone()])),
+                scores.as_ref().map(|s| Cow::Borrowed(&s[share.clone()])),
             ),
         };
         // A round whose policy gave fewer pairs than its prompts (two identical responses for
@@ -371,9 +376,11 @@ pub fn run(
         let round_end = step + round_steps[round].min(total_steps(cfg, pairs.len()));
         // Steps taken while the policy is the reference: the first, and the first of every
         // round that reset the reference to the policy.
-        let reset = round > 0
-            && cfg.online.as_ref().map(|o| o.reference) == Some(OnlineReference::Previous);
-        let at_reference = if step == 0 || reset { Some(step) } else { None };
+        let at_reference = if step == 0 || (round > 0 && reset_reference) {
+            Some(step)
+        } else {
+            None
+        };
         let mut order: Vec<usize> = Vec::new();
         while step < round_end {
             if let Some(d) = delay {
@@ -396,7 +403,7 @@ pub fn run(
                 .map(|c| c.iter().map(|&i| pairs[i].tokenized()).collect())
                 .collect();
             // Per-pair values of the round's pairs, laid out by micro-batch.
-            let per_micro = |values: &Vec<[f64; 2]>| -> Vec<Vec<[f64; 2]>> {
+            let per_micro = |values: &Cow<'_, [[f64; 2]]>| -> Vec<Vec<[f64; 2]>> {
                 taken
                     .chunks(o.batch_size)
                     .map(|c| c.iter().map(|&i| values[i]).collect())

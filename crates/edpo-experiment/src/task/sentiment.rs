@@ -28,7 +28,7 @@
 use super::ModelShape;
 use super::{check_pairs, gpt2_config, pretrained, write_pairs, Judge, TaskData};
 use crate::check::check;
-use crate::pairs::{rso_pairs, sample_pairs, RsoSampling};
+use crate::pairs::{pair_sampling, rso_pairs, sample_pairs, RsoSampling};
 use crate::stages::StageCache;
 use anyhow::{anyhow, bail, Context, Result};
 use edpo_data::bpe::{train_bpe, EOS};
@@ -37,7 +37,6 @@ use edpo_data::rng::SplitMix64;
 use edpo_data::snippets::{self, Snippet};
 use edpo_data::PairTokenizer;
 use edpo_eval::gold::{pearson, GoldModel, Lexicon};
-use edpo_eval::SamplingSettings;
 use edpo_model::CausalLm;
 use edpo_train::{AdamWConfig, SftTrainer};
 use serde::{Deserialize, Serialize};
@@ -554,13 +553,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         lexicon,
         prefixes: Mutex::new(HashMap::new()),
     };
-    let settings = SamplingSettings {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        max_new_tokens: task.response_tokens,
-        eos,
-    };
+    let settings = pair_sampling(task.response_tokens, eos);
     let (pairs_dir, _) = cache.get_or_build("pairs", &key("pairs"), |dir| {
         let reference = CausalLm::load(&reference_dir, &crate::device(), false)?;
         let span = (task.prompt_words_max - task.prompt_words_min + 1) as u64;
@@ -714,14 +707,14 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
     // candidates; everything evaluated on is the plain stage's, so runs pair with its runs.
     let (stage_dir, stage_key) = match task.rso {
         None => (pairs_dir.clone(), key("pairs")),
-        Some(_) => (
+        Some(rso) => (
             rso_stage(
                 task,
+                rso,
                 &key("rso-pairs"),
                 &pairs_dir,
                 &reference_dir,
                 &judge,
-                &settings,
                 cache,
             )?,
             key("rso-pairs"),
@@ -745,16 +738,14 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
 /// stage's held-out pairs, test and validation prompts (and prompt texts) copied.
 fn rso_stage(
     task: &SentimentTask,
+    rso: RsoSampling,
     stage_key: &serde_json::Value,
     pairs_dir: &Path,
     reference_dir: &Path,
     judge: &TextJudge,
-    settings: &SamplingSettings,
     cache: &StageCache,
 ) -> Result<PathBuf> {
-    let rso = task
-        .rso
-        .ok_or_else(|| anyhow!("the task samples no RSO pairs"))?;
+    let settings = &pair_sampling(task.response_tokens, judge.tokenizer.eos_id());
     let (rso_dir, _) = cache.get_or_build("rso-pairs", stage_key, |dir| {
         let reference = CausalLm::load(reference_dir, &crate::device(), false)?;
         let plain: Vec<super::LabelledPair> = super::read_jsonl(&pairs_dir.join("train.jsonl"))?;

@@ -5,12 +5,11 @@
 use super::ModelShape;
 use super::{check_pairs, gpt2_config, write_pairs, Judge, TaskData};
 use crate::check::check;
-use crate::pairs::sample_pairs;
+use crate::pairs::{pair_sampling, sample_pairs};
 use crate::stages::StageCache;
 use anyhow::Result;
 use edpo_data::rng::SplitMix64;
 use edpo_data::synthetic::MarkovTask;
-use edpo_eval::SamplingSettings;
 use edpo_model::CausalLm;
 use edpo_train::{AdamWConfig, SftTrainer};
 use serde::{Deserialize, Serialize};
@@ -179,13 +178,7 @@ pub fn prepare(task: &SyntheticTask, shape: &ModelShape, cache: &StageCache) -> 
         tracing::info!(dir = %reference_dir.display(), "built reference");
     }
     let judge = MarkovJudge(lang.clone());
-    let settings = SamplingSettings {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        max_new_tokens: task.response_tokens,
-        eos: lang.eos(),
-    };
+    let settings = pair_sampling(task.response_tokens, lang.eos());
     let (pairs_dir, _) = cache.get_or_build("pairs", &pairs_key, |dir| {
         let reference = CausalLm::load(&reference_dir, &crate::device(), false)?;
         let mut rng = SplitMix64(task.seed ^ 0x4444);
