@@ -105,6 +105,9 @@ pub(crate) trait Forward: std::fmt::Debug + Send + Sync {
     ) -> Result<Tensor>;
     /// Logits `(N, V)` for hidden states `(N, d)`.
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// The LM head's weight `(V, d)` (tied or not), and whether it trains (a LoRA model's
+    /// base does not).
+    fn head_weight(&self) -> (&Tensor, bool);
 }
 
 /// The architecture description of a config: the one place the family is chosen.

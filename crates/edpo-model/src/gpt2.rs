@@ -223,6 +223,10 @@ impl Forward for Gpt2 {
     }
 
     /// Logits `(N, V)` for hidden states `(N, d)`: the LM head tied to the token embedding.
+    fn head_weight(&self) -> (&Tensor, bool) {
+        (&self.wte, !self.frozen && self.wte.track_op())
+    }
+
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         if self.frozen {
             return Ok(crate::ops::linear_frozen(hidden, &self.wte, None, false)?);

@@ -267,6 +267,10 @@ impl Forward for Llama {
     }
 
     /// Logits `(N, V)` for hidden states `(N, d)`.
+    fn head_weight(&self) -> (&Tensor, bool) {
+        (&self.lm_head, !self.frozen && self.lm_head.track_op())
+    }
+
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         if self.frozen {
             return Ok(crate::ops::linear_frozen(

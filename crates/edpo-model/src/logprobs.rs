@@ -188,8 +188,8 @@ impl SequenceBatch {
     }
 }
 
-/// Logits `(N, V)` at the positions that predict response tokens, in `targets` order.
-pub fn response_logits(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
+/// Hidden states `(N, d)` at the positions that predict response tokens, in `targets` order.
+pub fn response_hidden(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
     let h = match &batch.tree {
         None => model.hidden(
             &batch.input_ids,
@@ -208,15 +208,64 @@ pub fn response_logits(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor
     };
     let d = h.dim(2)?;
     let rows = Tensor::from_slice(&batch.predictor_rows, batch.n_targets(), model.device())?;
-    let h = h
-        .reshape((batch.rows * batch.seq_len, d))?
-        .index_select(&rows, 0)?; // (N, d)
-    model.lm_head(&h)
+    Ok(h.reshape((batch.rows * batch.seq_len, d))?
+        .index_select(&rows, 0)?) // (N, d)
+}
+
+/// Logits `(N, V)` at the positions that predict response tokens, in `targets` order.
+pub fn response_logits(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
+    model.lm_head(&response_hidden(model, batch)?)
 }
 
 /// Per-token log-probs `(N,)` of the targets under `logits (N, V)`.
 pub fn token_logps(logits: &Tensor, batch: &SequenceBatch) -> Result<Tensor> {
     Ok(crate::ops::log_softmax_gather(logits, &batch.targets)?)
+}
+
+/// Rows per chunk when the LM head over hidden states `h (N, d)` runs as the chunked node
+/// ([`crate::kernels::head`]): on the fused path, when the `(N, V)` logits would exceed
+/// [`HEAD_CHUNK_ELEMENTS`] or the head's product is large enough for [`crate::kernels::gemm`].
+/// `None`: the head runs unchunked, as it always did for small models.
+///
+/// [`HEAD_CHUNK_ELEMENTS`]: crate::kernels::head::HEAD_CHUNK_ELEMENTS
+fn head_chunk_rows(model: &CausalLm, h: &Tensor) -> Result<Option<usize>> {
+    let (n, d) = h.dims2()?;
+    let v = model.config.vocab_size();
+    let rows = crate::kernels::head::chunk_rows(v);
+    let large = n > rows || crate::kernels::gemm::eligible(n, v, d);
+    Ok((crate::ops::fused(h) && large).then_some(rows))
+}
+
+/// Per-token log-probs `(N,)` of the batch's response tokens, differentiable with respect to
+/// the model's `Var`s. Over the budget the LM head runs in chunks ([`crate::kernels::head`]):
+/// no `(N, V)` logits are held.
+pub fn response_token_logps(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
+    let h = response_hidden(model, batch)?;
+    let rows = head_chunk_rows(model, &h)?;
+    token_logps_chunked(model, &h, batch, rows)
+}
+
+/// [`response_token_logps`] from the hidden states, the head in chunks of `rows` rows if any.
+fn token_logps_chunked(
+    model: &CausalLm,
+    h: &Tensor,
+    batch: &SequenceBatch,
+    rows: Option<usize>,
+) -> Result<Tensor> {
+    match rows {
+        None => token_logps(&model.lm_head(h)?, batch),
+        Some(rows) => {
+            let (w, weight_grad) = model.arch.head_weight();
+            Ok(crate::kernels::head::head_logps_visiting(
+                h,
+                w,
+                &batch.targets,
+                weight_grad,
+                rows,
+                |_, _| Ok(()),
+            )?)
+        }
+    }
 }
 
 /// Sums per-token values `(N,)` into per-sequence values `(B,)`.
@@ -227,8 +276,140 @@ pub fn sum_per_sequence(per_token: &Tensor, batch: &SequenceBatch) -> Result<Ten
 
 /// `log π(y|x)` of every sequence, `(B,)`, differentiable with respect to the model's `Var`s.
 pub fn sequence_logps(model: &CausalLm, batch: &SequenceBatch) -> Result<Tensor> {
-    let logits = response_logits(model, batch)?;
-    sum_per_sequence(&token_logps(&logits, batch)?, batch)
+    sum_per_sequence(&response_token_logps(model, batch)?, batch)
+}
+
+/// What one forward pass of a policy and its reference gives the pair objectives, per scored
+/// response token (`(N,)`, in `targets` order) and per sequence.
+#[derive(Debug)]
+pub struct PolicyAndReference {
+    /// The policy's token log-probs, in the autograd graph.
+    pub policy: Tensor,
+    /// The reference's token log-probs (a constant).
+    pub reference: Tensor,
+    /// Sequence log-probs under each requested logit mixture ([`mixed_sequence_logps`]).
+    pub mixed: Option<Vec<Vec<f64>>>,
+    /// Each sequence's sequential KL ([`sequence_kl`]), in the graph, when requested.
+    pub sequence_kl: Option<Tensor>,
+}
+
+/// The policy's and the reference's token log-probs on `batch`, with ε-DPO's mixed-logit
+/// sequence log-probs for `mixtures` and TDPO's sequential KLs when asked for.
+///
+/// Within the budget (or for TDPO's KL, which needs the policy's logits in the graph) both
+/// models' `(N, V)` logits are formed, as [`response_logits`], [`token_logps`],
+/// [`mixed_sequence_logps`] and [`sequence_kl`] compute them. Over it, both heads run chunk by
+/// chunk: the policy's through [`crate::kernels::head`], and at each chunk the reference's
+/// logits for the same rows, its log-probs and the mixtures: no `(N, V)` tensor is held, and
+/// the mixtures sum per sequence in the same row order.
+pub fn policy_and_reference(
+    policy: &CausalLm,
+    reference: &CausalLm,
+    batch: &SequenceBatch,
+    mixtures: Option<&[(f32, f32)]>,
+    with_sequence_kl: bool,
+) -> Result<PolicyAndReference> {
+    let h = response_hidden(policy, batch)?;
+    let rows = head_chunk_rows(policy, &h)?;
+    policy_and_reference_chunked(
+        policy,
+        reference,
+        &h,
+        batch,
+        mixtures,
+        with_sequence_kl,
+        rows,
+    )
+}
+
+/// [`policy_and_reference`] from the policy's hidden states, the heads in chunks of `rows`
+/// rows if any.
+fn policy_and_reference_chunked(
+    policy: &CausalLm,
+    reference: &CausalLm,
+    h: &Tensor,
+    batch: &SequenceBatch,
+    mixtures: Option<&[(f32, f32)]>,
+    with_sequence_kl: bool,
+    rows: Option<usize>,
+) -> Result<PolicyAndReference> {
+    let rows = match rows {
+        Some(rows) if !with_sequence_kl => rows,
+        _ => {
+            let policy_logits = policy.lm_head(h)?;
+            let reference_logits = response_logits(reference, batch)?.detach();
+            let mixed = match mixtures {
+                Some(m) => Some(mixed_sequence_logps(
+                    &policy_logits,
+                    &reference_logits,
+                    batch,
+                    m,
+                )?),
+                None => None,
+            };
+            let sequence_kl = match with_sequence_kl {
+                true => Some(sequence_kl(&policy_logits, &reference_logits, batch)?),
+                false => None,
+            };
+            return Ok(PolicyAndReference {
+                policy: token_logps(&policy_logits, batch)?,
+                reference: token_logps(&reference_logits, batch)?,
+                mixed,
+                sequence_kl,
+            });
+        }
+    };
+    let hr = response_hidden(reference, batch)?.detach();
+    let (wr, _) = reference.arch.head_weight();
+    let wr = wr.detach();
+    let (w, weight_grad) = policy.arch.head_weight();
+    if wr.dims() != w.dims() {
+        return Err(Error::Input(format!(
+            "policy and reference LM heads {:?} and {:?} differ",
+            w.dims(),
+            wr.dims()
+        )));
+    }
+    let mut reference_logps = Vec::with_capacity(batch.n_targets());
+    let mut mixed = mixtures.map(|m| vec![vec![0f64; batch.batch]; m.len()]);
+    let policy_logps = crate::kernels::head::head_logps_visiting(
+        h,
+        w,
+        &batch.targets,
+        weight_grad,
+        rows,
+        |range, z| {
+            let r = crate::kernels::head::chunk_logits(&hr, &wr, range)?;
+            reference_logps.extend(
+                crate::ops::log_softmax_gather(&r, &batch.targets[range.clone()])?
+                    .to_vec1::<f32>()?,
+            );
+            if let (Some(m), Some(out)) = (mixtures, mixed.as_mut()) {
+                let v = z.dim(1)?;
+                crate::kernels::with_f32(z, |z| {
+                    crate::kernels::with_f32(&r, |r| {
+                        mixed_rows(
+                            z,
+                            r,
+                            v,
+                            &batch.targets[range.clone()],
+                            &batch.sequence_of[range.clone()],
+                            m,
+                            out,
+                        )
+                    })
+                })??;
+            }
+            Ok(())
+        },
+    )?;
+    let n = reference_logps.len();
+    Ok(PolicyAndReference {
+        policy: policy_logps,
+        reference: Tensor::from_vec(reference_logps, n, h.device())?,
+        mixed,
+        sequence_kl: None,
+    })
 }
 
 /// The vocabulary size of policy and reference logits `(N, V)` at a batch's `N` targets; an
@@ -296,25 +477,41 @@ pub fn mixed_sequence_logps(
         .to_dtype(candle_core::DType::F32)?
         .to_device(&host)?
         .contiguous()?;
+    let mut out = vec![vec![0f64; batch.batch]; mixtures.len()];
     crate::kernels::with_f32(&z, |z| {
-        crate::kernels::with_f32(&r, |r| mixed_rows(z, r, v, batch, mixtures))
-    })??
+        crate::kernels::with_f32(&r, |r| {
+            mixed_rows(
+                z,
+                r,
+                v,
+                &batch.targets,
+                &batch.sequence_of,
+                mixtures,
+                &mut out,
+            )
+        })
+    })??;
+    Ok(out)
 }
 
-/// [`mixed_sequence_logps`] on the logits' elements.
+/// [`mixed_sequence_logps`] on the logits' elements of the rows whose `targets` and
+/// `sequence_of` are given: each row's mixed log-probs added to its sequence's sums in `out`
+/// (one vector per mixture), in row order.
 fn mixed_rows(
     z: &[f32],
     r: &[f32],
     v: usize,
-    batch: &SequenceBatch,
+    targets: &[u32],
+    sequence_of: &[usize],
     mixtures: &[(f32, f32)],
-) -> Result<Vec<Vec<f64>>> {
-    let n = batch.n_targets();
+    out: &mut [Vec<f64>],
+) {
+    let n = targets.len();
     // Row by row (in parallel when kernels may), then summed per sequence in row order, so
     // the result does not depend on the thread count.
     let row = |i: usize| -> Vec<f64> {
         let (zi, ri) = (&z[i * v..(i + 1) * v], &r[i * v..(i + 1) * v]);
-        let target = batch.targets[i] as usize;
+        let target = targets[i] as usize;
         let mut mixed = vec![0f32; v];
         mixtures
             .iter()
@@ -334,13 +531,11 @@ fn mixed_rows(
     } else {
         (0..n).map(row).collect()
     };
-    let mut out = vec![vec![0f64; batch.batch]; mixtures.len()];
     for (i, values) in per_row.iter().enumerate() {
         for (m, value) in values.iter().enumerate() {
-            out[m][batch.sequence_of[i]] += value;
+            out[m][sequence_of[i]] += value;
         }
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -463,6 +658,120 @@ mod tests {
             .expect("grad");
         for (g, e) in grad.iter().zip(&expected_grad) {
             assert!((f64::from(*g) - e).abs() < 1e-5, "{g} vs {e}");
+        }
+    }
+
+    /// The chunked heads give the unchunked log-probs, mixtures and gradients, for a trained
+    /// head (tied GPT-2, untied Mistral) and a frozen one (LoRA).
+    #[test]
+    fn chunked_heads_equal_the_materialised_logits() {
+        for (raw, lora) in [
+            (
+                serde_json::json!({"model_type": "gpt2", "vocab_size": 29, "n_positions": 32,
+                    "n_embd": 16, "n_layer": 2, "n_head": 2}),
+                false,
+            ),
+            (
+                serde_json::json!({"model_type": "mistral", "vocab_size": 29, "hidden_size": 16,
+                    "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "tie_word_embeddings": false}),
+                false,
+            ),
+            (
+                serde_json::json!({"model_type": "llama", "vocab_size": 29, "hidden_size": 16,
+                    "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2}),
+                true,
+            ),
+        ] {
+            let cfg = ModelConfig::from_json(&raw, std::path::Path::new("<test>")).expect("config");
+            let (policy, reference) = if lora {
+                let base = CausalLm::random(cfg, raw, 3, &Device::Cpu, false).expect("base");
+                let lora = crate::LoraConfig {
+                    r: 2,
+                    alpha: 4.0,
+                    targets: vec!["q_proj".into(), "v_proj".into()],
+                    rslora: false,
+                };
+                (base.with_lora(&lora, 5).expect("lora"), base)
+            } else {
+                let reference = CausalLm::random(cfg.clone(), raw.clone(), 4, &Device::Cpu, false)
+                    .expect("ref");
+                (tiny(raw), reference)
+            };
+            let pairs = pairs();
+            let rows: Vec<(&[u32], &[u32], &[u32])> = pairs
+                .iter()
+                .map(|(p, c, r)| (p.as_slice(), c.as_slice(), r.as_slice()))
+                .collect();
+            let batch = SequenceBatch::shared_prompt_pairs(&rows, 0).expect("layout");
+            let mixtures = [(1.0f32, 0.0f32), (0.99, 0.01), (1.01, -0.01)];
+            let run = |chunk: Option<usize>| {
+                let h = response_hidden(&policy, &batch).expect("hidden");
+                let out = policy_and_reference_chunked(
+                    &policy,
+                    &reference,
+                    &h,
+                    &batch,
+                    Some(&mixtures),
+                    false,
+                    chunk,
+                )
+                .expect("scores");
+                let alone = token_logps_chunked(&policy, &h, &batch, chunk).expect("alone");
+                let w: Vec<f32> = (0..batch.n_targets())
+                    .map(|i| 0.1 + 0.01 * i as f32)
+                    .collect();
+                let w = Tensor::from_vec(w, batch.n_targets(), &Device::Cpu).expect("w");
+                let grads = (&out.policy * &w)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.backward())
+                    .expect("backward");
+                let g: Vec<Vec<f32>> = policy
+                    .params()
+                    .iter()
+                    .filter_map(|p| p.var.as_ref())
+                    .map(|var| {
+                        grads
+                            .get(var.as_tensor())
+                            .expect("every trainable parameter gets a gradient")
+                            .flatten_all()
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .expect("grad")
+                    })
+                    .collect();
+                let values = |t: &Tensor| t.to_vec1::<f32>().expect("values");
+                (
+                    values(&out.policy),
+                    values(&alone),
+                    values(&out.reference),
+                    out.mixed.expect("mixtures"),
+                    g,
+                )
+            };
+            let (p, alone, r, m, g) = run(None);
+            assert!(!g.is_empty());
+            for chunk in [1, 4, 7] {
+                let (p2, alone2, r2, m2, g2) = run(Some(chunk));
+                let close = |a: &[f32], b: &[f32]| {
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
+                    }
+                };
+                close(&p, &p2);
+                close(&p, &alone2);
+                close(&alone, &alone2);
+                close(&r, &r2);
+                for (a, b) in m.iter().flatten().zip(m2.iter().flatten()) {
+                    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+                }
+                for (a, b) in g.iter().zip(&g2) {
+                    let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x - y).abs() <= 1e-4 * scale, "{x} vs {y}");
+                    }
+                }
+            }
         }
     }
 

@@ -100,8 +100,17 @@ pub fn linear(
 ) -> Result<Tensor> {
     match bias {
         Some(b) if fused(x) => kernels::linear_bias(x, weight, b, input_major),
+        None if fused(x) && large(x, weight)? => kernels::linear_no_bias(x, weight, input_major),
         _ => composed::linear(x, weight, bias, input_major),
     }
+}
+
+/// Whether `x·W` is large enough for [`kernels::gemm`] (every dimension at its threshold).
+fn large(x: &Tensor, weight: &Tensor) -> Result<bool> {
+    let n_in = x.dims().last().copied().unwrap_or(0);
+    let rows = x.elem_count() / n_in.max(1);
+    let (a, b) = weight.dims2()?;
+    Ok(kernels::gemm::eligible(rows, a.max(b), a.min(b)) && a.min(b) >= kernels::gemm::MIN_DIM)
 }
 
 /// `softmax(scale·q·kᵀ + bias)·v`, `q (B, H, Tq, hd)`, `k`, `v (B, H, Tk, hd)` (as many key

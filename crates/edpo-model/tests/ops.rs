@@ -75,7 +75,49 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
     let padded = causal_mask(bh, t, |n, i, j| n == 1 && j == 2 && i != 2);
     let qkv = var(&[bh, t, 3 * h * hd], 8, 1.0);
     let causal = causal_mask(bh, t, |_, _, _| false);
+    // Large enough for the GEMM kernel (every dimension at least 192) where the CPU has it.
+    let xl = var(&[2, 100, 192], 9, 1.0);
+    let wl_in = var(&[192, 256], 10, 0.1);
+    let wl_out = var(&[256, 192], 11, 0.1);
+    let bl = var(&[256], 12, 0.3);
+    eprintln!(
+        "GEMM kernel {}",
+        if edpo_model::kernels::gemm::eligible(200, 256, 192) {
+            "in use"
+        } else {
+            "not available on this CPU"
+        }
+    );
     let cases: Vec<Case<'_>> = vec![
+        (
+            "large linear (no bias)",
+            Box::new(|| linear(xl.as_tensor(), wl_out.as_tensor(), None, false)),
+            vec![&xl, &wl_out],
+        ),
+        (
+            "large linear (input-major, bias)",
+            Box::new(|| {
+                linear(
+                    xl.as_tensor(),
+                    wl_in.as_tensor(),
+                    Some(bl.as_tensor()),
+                    true,
+                )
+            }),
+            vec![&xl, &wl_in, &bl],
+        ),
+        (
+            "large linear (output-major, bias)",
+            Box::new(|| {
+                linear(
+                    xl.as_tensor(),
+                    wl_out.as_tensor(),
+                    Some(bl.as_tensor()),
+                    false,
+                )
+            }),
+            vec![&xl, &wl_out, &bl],
+        ),
         ("gelu", Box::new(|| gelu(x.as_tensor())), vec![&x]),
         (
             "softmax",
@@ -152,10 +194,12 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
     }
     // A frozen linear map (LoRA's base): the same values and input gradient as the composed
     // map, and no gradient at all for its weight or bias on the fused path.
-    for (w, bias, input_major) in [
-        (&w_in, Some(&b24), true),
-        (&w_out, Some(&b24), false),
-        (&w_out, None, false),
+    for (x, w, bias, input_major) in [
+        (&x, &w_in, Some(&b24), true),
+        (&x, &w_out, Some(&b24), false),
+        (&x, &w_out, None, false),
+        (&xl, &wl_out, None, false),
+        (&xl, &wl_in, Some(&bl), true),
     ] {
         let op = || {
             linear_frozen(

@@ -124,12 +124,15 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Zero moments for `params`.
+    /// Zero moments for the trainable `params` (none for frozen ones, such as a LoRA base).
     pub fn new(params: &[Param], config: AdamWConfig) -> Self {
         let zeros = || {
             params
                 .iter()
-                .map(|p| vec![0.0; p.tensor.elem_count()])
+                .map(|p| match p.var {
+                    Some(_) => vec![0.0; p.tensor.elem_count()],
+                    None => Vec::new(),
+                })
                 .collect()
         };
         Self {
@@ -234,20 +237,27 @@ impl Update<'_> {
             candle_core::bail!("AdamW: parameter, gradient and moments differ in size");
         }
         let (b1, b2) = (self.beta1, self.beta2);
+        let (scale, decay, step_size) = (self.grad_scale, self.decay, self.step_size);
+        let (bc2_sqrt, eps) = (self.bc2_sqrt, self.eps);
         let mut nonfinite = 0usize;
-        for (((p, &g), m), v) in theta
-            .iter_mut()
-            .zip(self.grad)
-            .zip(m.iter_mut())
-            .zip(v.iter_mut())
+        // Blocks small enough to stay in cache: the update (no counter in its loop, so it
+        // vectorises), then the block's non-finite values counted while it is still there.
+        const BLOCK: usize = 4096;
+        for (((p, g), m), v) in theta
+            .chunks_mut(BLOCK)
+            .zip(self.grad.chunks(BLOCK))
+            .zip(m.chunks_mut(BLOCK))
+            .zip(v.chunks_mut(BLOCK))
         {
-            let g = g * self.grad_scale;
-            *p *= self.decay;
-            *m += (1.0 - b1) * (g - *m); // torch's lerp_ form
-            *v = *v * b2 + g * g * (1.0 - b2);
-            let denom = v.sqrt() / self.bc2_sqrt + self.eps;
-            *p -= self.step_size * *m / denom;
-            nonfinite += usize::from(!p.is_finite());
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = g * scale;
+                *p *= decay;
+                *m += (1.0 - b1) * (g - *m); // torch's lerp_ form
+                *v = *v * b2 + g * g * (1.0 - b2);
+                let denom = v.sqrt() / bc2_sqrt + eps;
+                *p -= step_size * *m / denom;
+            }
+            nonfinite += p.iter().filter(|x| !x.is_finite()).count();
         }
         self.nonfinite.set(nonfinite);
         Ok(())

@@ -7,9 +7,7 @@
 use crate::{Error, Result};
 use candle_core::Tensor;
 use edpo_data::TokenizedPair;
-use edpo_model::logprobs::{
-    mixed_sequence_logps, response_logits, sequence_kl, sum_per_sequence, token_logps,
-};
+use edpo_model::logprobs::{policy_and_reference, response_token_logps, sum_per_sequence};
 use edpo_model::{CausalLm, SequenceBatch};
 use edpo_objectives::{
     Objective, PairInputs, PairLogps, PerturbedRatios, ResponseScores, SequenceKl,
@@ -146,33 +144,35 @@ fn forward(
     let n = pairs.len();
     let mut kl_graph = None;
     let batch = pair_batch(pairs, 0)?;
-    let policy_logits = response_logits(policy, &batch)?; // (N, V)
-    let policy_logps = sum_per_sequence(&token_logps(&policy_logits, &batch)?, &batch)?; // (2B,)
-    let lp = to_f64(&policy_logps)?;
     let mut ratios = None;
-    let (reference_chosen, reference_rejected) = match reference {
-        ReferenceSource::None => (Vec::new(), Vec::new()),
-        ReferenceSource::Precomputed(values) => {
-            if values.len() != n {
-                return Err(Error::Config(format!(
-                    "{} precomputed reference log-probs for {n} pairs",
-                    values.len()
-                )));
-            }
-            (
-                values.iter().map(|v| v[0]).collect(),
-                values.iter().map(|v| v[1]).collect(),
-            )
+    let (policy_logps, reference_chosen, reference_rejected) = match reference {
+        ReferenceSource::None | ReferenceSource::Precomputed(_) => {
+            let policy_logps = sum_per_sequence(&response_token_logps(policy, &batch)?, &batch)?;
+            let (chosen, rejected) = match reference {
+                ReferenceSource::Precomputed(values) if values.len() != n => {
+                    return Err(Error::Config(format!(
+                        "{} precomputed reference log-probs for {n} pairs",
+                        values.len()
+                    )));
+                }
+                ReferenceSource::Precomputed(values) => (
+                    values.iter().map(|v| v[0]).collect(),
+                    values.iter().map(|v| v[1]).collect(),
+                ),
+                _ => (Vec::new(), Vec::new()),
+            };
+            (policy_logps, chosen, rejected)
         }
         ReferenceSource::Model(reference) => {
-            let reference_logits = response_logits(reference, &batch)?.detach();
-            let rp = to_f64(&sum_per_sequence(
-                &token_logps(&reference_logits, &batch)?,
+            let scored = policy_and_reference(
+                policy,
+                reference,
                 &batch,
-            )?)?;
-            if let Some(weights) = mixed_weights {
-                let mixed =
-                    mixed_sequence_logps(&policy_logits, &reference_logits, &batch, &weights)?;
+                mixed_weights.as_ref().map(|w| w.as_slice()),
+                with_sequence_kl,
+            )?;
+            let rp = to_f64(&sum_per_sequence(&scored.reference, &batch)?)?;
+            if let Some(mixed) = scored.mixed {
                 let ratio = |m: &Vec<f64>, i: usize| m[i] - m[n + i];
                 ratios = Some(
                     (0..n)
@@ -184,12 +184,15 @@ fn forward(
                         .collect(),
                 );
             }
-            if with_sequence_kl {
-                kl_graph = Some(sequence_kl(&policy_logits, &reference_logits, &batch)?);
-            }
-            (rp[..n].to_vec(), rp[n..].to_vec())
+            kl_graph = scored.sequence_kl;
+            (
+                sum_per_sequence(&scored.policy, &batch)?,
+                rp[..n].to_vec(),
+                rp[n..].to_vec(),
+            )
         }
     };
+    let lp = to_f64(&policy_logps)?;
     if mixed_weights.is_some() && ratios.is_none() {
         return Err(Error::Config(
             "ε-DPO needs the reference model's logits every step".into(),
@@ -336,11 +339,11 @@ fn mismatched_logratios(
         .collect();
     let batch = SequenceBatch::new(&seqs, 0)?;
     let p = to_f64(&sum_per_sequence(
-        &token_logps(&response_logits(policy, &batch)?.detach(), &batch)?,
+        &response_token_logps(policy, &batch)?.detach(),
         &batch,
     )?)?;
     let r = to_f64(&sum_per_sequence(
-        &token_logps(&response_logits(reference, &batch)?, &batch)?,
+        &response_token_logps(reference, &batch)?,
         &batch,
     )?)?;
     Ok(p.iter().zip(&r).map(|(a, b)| a - b).collect())
@@ -377,7 +380,7 @@ pub fn reference_logps(
     for part in pairs.chunks(chunk.max(1)) {
         let batch = pair_batch(part, 0)?;
         let rp = to_f64(&sum_per_sequence(
-            &token_logps(&response_logits(reference, &batch)?, &batch)?,
+            &response_token_logps(reference, &batch)?,
             &batch,
         )?)?;
         let n = part.len();

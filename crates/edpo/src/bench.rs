@@ -12,9 +12,11 @@
 //!
 //! `--workload smollm2`: SmolLM2-135M's architecture (Llama family: 30 layers, width 576,
 //! 9 query and 3 key/value heads, SwiGLU 1536, vocabulary 49,152, tied embeddings), random
-//! weights, 4 pairs per step of prompt 64 + chosen 64 + rejected 64 tokens; no sampling
-//! measurement. `--lora R`: LoRA adapters of rank R (alpha 2R) on every attention and MLP
-//! projection, only they trained, the reference being the same base (one copy of it).
+//! weights, 4 pairs per step of prompt 64 + chosen 64 + rejected 64 tokens; sampling with the
+//! cache only (8 prompts of 64 tokens, 64 new tokens each; the better of two runs, as
+//! `tools/bench_vs_torch.py` times `generate`). `--lora R`: LoRA adapters of rank R (alpha 2R)
+//! on every attention and MLP projection, only they trained, the reference being the same
+//! base (one copy of it).
 
 use anyhow::Result;
 use edpo_data::TokenizedPair;
@@ -228,26 +230,58 @@ fn measure_sampling() -> Result<(f64, f64)> {
         .flat_map(|s| random_pairs(100 + s))
         .map(|p| p.prompt)
         .collect();
-    let settings = SamplingSettings {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        max_new_tokens: 64,
-        eos: (VOCAB - 1) as u32,
-    };
-    let timed = |f: &dyn Fn() -> edpo_eval::Result<Vec<Vec<u32>>>| -> Result<(f64, Vec<Vec<u32>>)> {
-        let start = Instant::now();
-        let out = f()?;
-        let tokens: usize = out.iter().map(Vec::len).sum();
-        Ok((tokens as f64 / start.elapsed().as_secs_f64(), out))
-    };
-    let (cached, a) = timed(&|| sample(&model, &prompts, &settings, 5))?;
-    let (uncached, b) = timed(&|| sample_uncached(&model, &prompts, &settings, 5))?;
+    let settings = sampling_settings(VOCAB);
+    let (cached, a) = timed_sampling(&|| sample(&model, &prompts, &settings, 5))?;
+    let (uncached, b) = timed_sampling(&|| sample_uncached(&model, &prompts, &settings, 5))?;
     anyhow::ensure!(
         a == b,
         "the cached and uncached samplers drew different tokens"
     );
     Ok((cached, uncached))
+}
+
+/// 64 new tokens at temperature 1, nothing truncated, EOS the last id.
+fn sampling_settings(vocab: usize) -> SamplingSettings {
+    SamplingSettings {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_new_tokens: 64,
+        eos: (vocab - 1) as u32,
+    }
+}
+
+/// Generated tokens per second of one sampling call, and what it drew.
+fn timed_sampling(
+    f: &dyn Fn() -> edpo_eval::Result<Vec<Vec<u32>>>,
+) -> Result<(f64, Vec<Vec<u32>>)> {
+    let start = Instant::now();
+    let out = f()?;
+    let tokens: usize = out.iter().map(Vec::len).sum();
+    Ok((tokens as f64 / start.elapsed().as_secs_f64(), out))
+}
+
+/// Cached sampling on a large workload's model: 8 prompts of its prompt length (the ids of
+/// [`random_pairs_for`] with seed 100, as `tools/bench_vs_torch.py` draws them), the better
+/// of two runs.
+fn measure_sampling_at(work: &Workload) -> Result<f64> {
+    let model = CausalLm::random(
+        work.config.clone(),
+        work.raw.clone(),
+        1234,
+        &edpo_experiment::device(),
+        false,
+    )?;
+    let prompts: Vec<Vec<u32>> = random_pairs_for(100, work.vocab, 8, work.prompt, work.response)
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+    let settings = sampling_settings(work.vocab);
+    let mut best = 0f64;
+    for _ in 0..2 {
+        best = best.max(timed_sampling(&|| sample(&model, &prompts, &settings, 5))?.0);
+    }
+    Ok(best)
 }
 
 /// Peak resident set size of this process, from `/proc/self/status` (Linux).
@@ -282,11 +316,14 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         args.steps,
         shards,
     )?;
-    let (sampling, sampling_uncached) = if args.no_sampling || args.workload != "gpt2" {
-        (None, None)
-    } else {
-        let (a, b) = measure_sampling()?;
-        (Some(a), Some(b))
+    let (sampling, sampling_uncached) = match (args.no_sampling, args.workload.as_str()) {
+        (true, _) => (None, None),
+        (false, "gpt2") => {
+            let (a, b) = measure_sampling()?;
+            (Some(a), Some(b))
+        }
+        (false, _) if args.lora.is_some() => (None, None),
+        (false, _) => (Some(measure_sampling_at(&work)?), None),
     };
     let tokens_per_pair = (2 * (work.prompt + work.response)) as f64;
     let out = json!({

@@ -1,4 +1,5 @@
-//! A linear layer with its bias as one autograd node.
+//! A linear layer with its bias as one autograd node, and without one for the matrices large
+//! enough for [`super::gemm`] (smaller bias-free maps keep candle's composed product).
 use super::{slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -12,6 +13,8 @@ struct LinearBias {
     input_major: bool,
     /// `W` and `b` are frozen: the backward pass computes `∂x` only (LoRA's base).
     frozen: bool,
+    /// There is a bias; without one the third operand is an unused placeholder.
+    bias: bool,
 }
 
 impl LinearBias {
@@ -49,7 +52,7 @@ impl CustomOp3 for LinearBias {
         use candle_core::backend::BackendStorage;
         let (rows, n_in, n_out) = self.dims(l1, l2)?;
         let b = slice(s3, l3, "linear bias")?;
-        if b.len() != n_out || !l1.is_contiguous() || !l2.is_contiguous() {
+        if (self.bias && b.len() != n_out) || !l1.is_contiguous() || !l2.is_contiguous() {
             bail!("linear: contiguous x and weight, and a bias of width {n_out}, expected");
         }
         let x_layout = Layout::contiguous_with_offset((rows, n_in), l1.start_offset());
@@ -58,13 +61,18 @@ impl CustomOp3 for LinearBias {
         } else {
             Layout::contiguous_with_offset((n_out, n_in), l2.start_offset()).transpose(0, 1)?
         };
-        let mut y = s1.matmul(s2, (1, rows, n_out, n_in), &x_layout, &w_layout)?;
+        let mut y = match super::gemm::matmul_storage((s1, &x_layout), (s2, &w_layout)) {
+            Some((c, _)) => CpuStorage::F32(c),
+            None => s1.matmul(s2, (1, rows, n_out, n_in), &x_layout, &w_layout)?,
+        };
         let CpuStorage::F32(out) = &mut y else {
             bail!("linear: f32 only");
         };
-        for row in out.chunks_mut(n_out) {
-            for (o, &bk) in row.iter_mut().zip(b) {
-                *o += bk;
+        if self.bias {
+            for row in out.chunks_mut(n_out) {
+                for (o, &bk) in row.iter_mut().zip(b) {
+                    *o += bk;
+                }
             }
         }
         let mut dims = l1.dims().to_vec();
@@ -86,19 +94,23 @@ impl CustomOp3 for LinearBias {
         let g = grad.detach().contiguous()?.reshape((rows, n_out))?;
         let x2 = x.detach().reshape((rows, n_in))?;
         let w = w.detach();
+        let mm = super::gemm::matmul_tensors;
         if self.frozen {
             let dx = if self.input_major {
-                g.matmul(&w.t()?)?
+                mm(&g, &w.t()?)?
             } else {
-                g.matmul(&w)?
+                mm(&g, &w)?
             };
             return Ok((Some(dx.reshape(x.shape())?), None, None));
         }
         let (dx, dw) = if self.input_major {
-            (g.matmul(&w.t()?)?, x2.t()?.matmul(&g)?)
+            (mm(&g, &w.t()?)?, mm(&x2.t()?, &g)?)
         } else {
-            (g.matmul(&w)?, g.t()?.matmul(&x2)?)
+            (mm(&g, &w)?, mm(&g.t()?, &x2)?)
         };
+        if !self.bias {
+            return Ok((Some(dx.reshape(x.shape())?), Some(dw), None));
+        }
         let mut db = vec![0f64; n_out];
         with_f32(&g, |gs| {
             for row in gs.chunks(n_out) {
@@ -130,6 +142,26 @@ pub fn linear_bias(
         LinearBias {
             input_major,
             frozen: false,
+            bias: true,
+        },
+    )
+}
+
+/// `x·W` with a fused backward, for a trained `W` without a bias (Llama's projections); the
+/// product through [`super::gemm`] (the caller uses it where that applies).
+pub fn linear_no_bias(
+    x: &Tensor,
+    weight: &Tensor,
+    input_major: bool,
+) -> candle_core::Result<Tensor> {
+    let zeros = Tensor::zeros(1, weight.dtype(), weight.device())?;
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &zeros,
+        LinearBias {
+            input_major,
+            frozen: false,
+            bias: false,
         },
     )
 }
@@ -162,6 +194,7 @@ pub fn linear_frozen(
         LinearBias {
             input_major,
             frozen: true,
+            bias: true,
         },
     )
 }

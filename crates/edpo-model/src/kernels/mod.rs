@@ -3,8 +3,11 @@
 //! - [`activation`]: GELU (tanh form);
 //! - [`softmax`]: softmax over the last dimension, and the log-softmax over the vocabulary
 //!   gathered at the target token (no `(N, V)` output);
+//! - [`head`]: the LM head, that log-softmax and the gather in chunks of rows (no `(N, V)`
+//!   logits at all);
 //! - [`norm`]: LayerNorm and RMSNorm;
-//! - [`linear`]: a linear layer with its bias;
+//! - [`linear`]: a linear layer with (or, at SmolLM2's size, without) its bias;
+//! - [`gemm`]: the matrix product of large matrices (AVX2/FMA; candle's below its size);
 //! - [`attention`]: scaled masked attention, and GPT-2's attention straight from its packed
 //!   q/k/v projection.
 //!
@@ -20,13 +23,15 @@
 
 pub mod activation;
 pub mod attention;
+pub mod gemm;
+pub mod head;
 pub mod linear;
 pub mod norm;
 pub mod softmax;
 
 pub use activation::gelu;
 pub use attention::{attention, packed_attention};
-pub use linear::{linear_bias, linear_frozen};
+pub use linear::{linear_bias, linear_frozen, linear_no_bias};
 pub use norm::{layer_norm, rms_norm};
 pub use softmax::{log_softmax_gather, softmax_last};
 

@@ -78,10 +78,19 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `log_softmax(z)[target]` for each row of `z (N, V)`: one pass for the log-sum-exp, no
 /// `(N, V)` output. The backward is `g·(onehot(target) − softmax(z))`.
-struct LogSoftmaxGather {
+pub(crate) struct LogSoftmaxGather {
     targets: Arc<Vec<u32>>,
     /// Each row's log-sum-exp, written by the forward pass for the backward pass.
-    lse: std::sync::Mutex<Option<Arc<Vec<f32>>>>,
+    pub(crate) lse: std::sync::Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+impl LogSoftmaxGather {
+    pub(crate) fn new(targets: &[u32]) -> Self {
+        Self {
+            targets: Arc::new(targets.to_vec()),
+            lse: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 fn row_lse(z: &[f32]) -> f32 {
@@ -143,10 +152,10 @@ impl CustomOp1 for LogSoftmaxGather {
     }
 }
 
-struct LogSoftmaxGatherGrad {
-    targets: Arc<Vec<u32>>,
+pub(crate) struct LogSoftmaxGatherGrad {
+    pub(crate) targets: Arc<Vec<u32>>,
     /// The forward pass's log-sum-exp per row (recomputed when absent).
-    lse: Option<Arc<Vec<f32>>>,
+    pub(crate) lse: Option<Arc<Vec<f32>>>,
 }
 
 impl CustomOp2 for LogSoftmaxGatherGrad {
@@ -182,8 +191,7 @@ impl CustomOp2 for LogSoftmaxGatherGrad {
 
 /// Per-row `log_softmax(logits)[targets]` for `logits (N, V)`, differentiable.
 pub fn log_softmax_gather(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    logits.contiguous()?.apply_op1(LogSoftmaxGather {
-        targets: Arc::new(targets.to_vec()),
-        lse: std::sync::Mutex::new(None),
-    })
+    logits
+        .contiguous()?
+        .apply_op1(LogSoftmaxGather::new(targets))
 }
