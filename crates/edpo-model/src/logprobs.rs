@@ -519,7 +519,7 @@ fn mixed_rows(
                 for ((x, &zv), &rv) in mixed.iter_mut().zip(zi).zip(ri) {
                     *x = a * zv + b * rv;
                 }
-                let max = mixed.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = crate::kernels::lane_max(&mixed); // exact, so order-free
                 let sum: f64 = mixed.iter().map(|&x| f64::from(x - max).exp()).sum();
                 f64::from(mixed[target] - max) - sum.ln()
             })

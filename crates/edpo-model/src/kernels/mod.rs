@@ -130,9 +130,10 @@ pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     total
 }
 
-/// The largest element of a row (−∞ for an empty one).
+/// The largest element of a row (−∞ for an empty one; NaNs are skipped, as `f32::max` skips
+/// them).
 #[inline(always)]
-pub(crate) fn lane_max(x: &[f32]) -> f32 {
+pub fn lane_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
