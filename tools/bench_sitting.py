@@ -64,11 +64,11 @@ def measure(args, case):
     lora_args = [] if lora is None else ["--lora", str(lora)]
     yield "edpo", run_json([args.edpo, "bench", *common, *lora_args])
     for peer in PEERS:
-        if peer == "samef-compiled" and args.no_compiled:
+        if peer not in args.peers or (peer == "samef-compiled" and args.no_compiled):
             continue
         yield peer, run_json([sys.executable, os.path.join(HERE, "bench_vs_torch.py"),
                               "--only", peer, *common, *lora_args])
-    if workload == "smollm2" and lora is None:
+    if workload == "smollm2" and lora is None and "sampling" in args.peers:
         yield "sampling", run_json([sys.executable, os.path.join(HERE, "bench_vs_torch.py"),
                                     "--only", "sampling", *common])
 
@@ -127,8 +127,11 @@ def main():
                         help="workload:full|loraR:threads, comma-separated, in order")
     parser.add_argument("--out", default="bench-sitting.jsonl", help="records, appended")
     parser.add_argument("--no-compiled", action="store_true", help="skip torch.compile")
+    parser.add_argument("--peers", default=",".join(PEERS + ["sampling"]),
+                        help="the PyTorch measurements to run beside edpo (comma-separated)")
     parser.add_argument("--table-only", action="store_true", help="render --out and stop")
     args = parser.parse_args()
+    args.peers = args.peers.split(",")
     if not args.table_only:
         with open(args.out, "a") as f:
             f.write(json.dumps({"sitting": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_name(),

@@ -231,6 +231,8 @@ impl Forward for Gpt2 {
         if self.frozen {
             return Ok(crate::ops::linear_frozen(hidden, &self.wte, None, false)?);
         }
-        Ok(hidden.matmul(&self.wte.t()?)?)
+        // Through `ops` (a decoding step's product streams the weight once at real size;
+        // small models keep candle's product, the same call as `hidden·Wᵀ`).
+        Ok(crate::ops::linear(hidden, &self.wte, None, false)?)
     }
 }

@@ -280,6 +280,8 @@ impl Forward for Llama {
                 false,
             )?);
         }
-        Ok(hidden.matmul(&self.lm_head.t()?)?)
+        // Through `ops` (a decoding step's product streams the weight once at real size;
+        // small models keep candle's product, the same call as `hidden·Wᵀ`).
+        Ok(crate::ops::linear(hidden, &self.lm_head, None, false)?)
     }
 }

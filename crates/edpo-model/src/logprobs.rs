@@ -223,16 +223,15 @@ pub fn token_logps(logits: &Tensor, batch: &SequenceBatch) -> Result<Tensor> {
 }
 
 /// Rows per chunk when the LM head over hidden states `h (N, d)` runs as the chunked node
-/// ([`crate::kernels::head`]): on the fused path, when the `(N, V)` logits would exceed
-/// [`HEAD_CHUNK_ELEMENTS`] or the head's product is large enough for [`crate::kernels::gemm`].
-/// `None`: the head runs unchunked, as it always did for small models.
-///
-/// [`HEAD_CHUNK_ELEMENTS`]: crate::kernels::head::HEAD_CHUNK_ELEMENTS
+/// ([`crate::kernels::head`]): on the fused path, when the head's product is of the size
+/// [`crate::kernels::gemm`] takes (`N`, `V` and `d` all at least its threshold: real models).
+/// `None`: the head runs unchunked, as it always did for small models (the default task's,
+/// width 128, whatever the batch), so their numbers do not move.
 fn head_chunk_rows(model: &CausalLm, h: &Tensor) -> Result<Option<usize>> {
     let (n, d) = h.dims2()?;
     let v = model.config.vocab_size();
     let rows = crate::kernels::head::chunk_rows(v);
-    let large = n > rows || crate::kernels::gemm::eligible(n, v, d);
+    let large = crate::kernels::gemm::large(n, v, d);
     Ok((crate::ops::fused(h) && large).then_some(rows))
 }
 

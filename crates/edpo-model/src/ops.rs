@@ -105,12 +105,13 @@ pub fn linear(
     }
 }
 
-/// Whether `x·W` is large enough for [`kernels::gemm`] (every dimension at its threshold).
+/// Whether `x·W` runs through [`kernels::gemm`] (every dimension at its threshold, on a CPU
+/// that has it).
 fn large(x: &Tensor, weight: &Tensor) -> Result<bool> {
     let n_in = x.dims().last().copied().unwrap_or(0);
     let rows = x.elem_count() / n_in.max(1);
     let (a, b) = weight.dims2()?;
-    Ok(kernels::gemm::eligible(rows, a.max(b), a.min(b)) && a.min(b) >= kernels::gemm::MIN_DIM)
+    Ok(kernels::gemm::eligible(rows, a, b))
 }
 
 /// `softmax(scale·q·kᵀ + bias)·v`, `q (B, H, Tq, hd)`, `k`, `v (B, H, Tk, hd)` (as many key

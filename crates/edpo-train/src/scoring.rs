@@ -271,14 +271,17 @@ pub(crate) fn sharded_forward(
 ) -> Result<(PairScores, Vec<ShardGraph>)> {
     use rayon::prelude::*;
     let ranges = shard_ranges(pairs.len(), shards);
+    let sharded = ranges.len() > 1;
     let run = |r: &std::ops::Range<usize>| -> Result<Forward> {
-        forward(
-            policy,
-            request.reference.slice(r.clone())?,
-            &pairs[r.clone()],
-            request.mixed_weights,
-            request.sequence_kl,
-        )
+        edpo_model::kernels::as_shard(sharded, || {
+            forward(
+                policy,
+                request.reference.slice(r.clone())?,
+                &pairs[r.clone()],
+                request.mixed_weights,
+                request.sequence_kl,
+            )
+        })
     };
     let parts: Vec<Forward> = ranges.par_iter().map(run).collect::<Result<_>>()?;
     let mut scores = PairScores {

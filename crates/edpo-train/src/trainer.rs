@@ -291,7 +291,11 @@ impl Trainer {
             };
             let stores: Vec<candle_core::backprop::GradStore> = {
                 use rayon::prelude::*;
-                graphs.par_iter().map(backward).collect::<Result<_>>()?
+                let sharded = graphs.len() > 1;
+                graphs
+                    .par_iter()
+                    .map(|g| edpo_model::kernels::as_shard(sharded, || backward(g)))
+                    .collect::<Result<_>>()?
             };
             for store in &stores {
                 self.grads.add(self.policy.params(), store)?;

@@ -5,7 +5,9 @@
 //! strides, so transposed views cost nothing.
 //!
 //! Used for products whose three dimensions are all at least [`MIN_DIM`] on x86-64 CPUs with
-//! AVX2 and FMA (checked at run time); everything else goes to candle's matrix multiply. The
+//! AVX2 and FMA (checked at run time); a decoding step's few rows against a large weight
+//! ([`skinny`]) stream the weight once instead; everything else goes to candle's matrix
+//! multiply. The
 //! models of the default task (width 128) never reach the threshold, so their numbers are
 //! those of candle's kernel, unchanged; SmolLM2-sized models (width 576) run every linear map
 //! and LM head here. Work is split across threads by blocks of rows of `C` when candle runs
@@ -63,9 +65,82 @@ fn cpu_has_fma() -> bool {
     false
 }
 
-/// Whether an `m × k` by `k × n` product runs here.
+/// Whether an `m × k` by `k × n` product is of the size this kernel takes (whatever the CPU).
+pub fn large(m: usize, n: usize, k: usize) -> bool {
+    m >= MIN_DIM && n >= MIN_DIM && k >= MIN_DIM
+}
+
+/// Whether an `m × k` by `k × n` product runs here: [`large`] on a CPU that has the kernel, or
+/// a decoding step's product ([`skinny`]).
 pub fn eligible(m: usize, n: usize, k: usize) -> bool {
-    m >= MIN_DIM && n >= MIN_DIM && k >= MIN_DIM && available()
+    (large(m, n, k) && available()) || skinny(m, n, k)
+}
+
+/// The most rows of a decoding step's product ([`skinny`]).
+pub const SKINNY_ROWS: usize = 16;
+
+/// Whether an `m × k` by `k × n` product is a decoding step's: a few rows (at most
+/// [`SKINNY_ROWS`]) against a large weight (`n`, `k` at least [`MIN_DIM`]). It runs as one
+/// streaming pass over the weight (dot products in vector lanes, no packing), which is what
+/// bounds it: every weight is read once per step.
+pub fn skinny(m: usize, n: usize, k: usize) -> bool {
+    (1..=SKINNY_ROWS).contains(&m) && n >= MIN_DIM && k >= MIN_DIM
+}
+
+/// [`skinny`] products: `C (m × n) = A·B` reading `B` once, along its contiguous direction.
+fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -> Vec<f32> {
+    let a_rows: Vec<Vec<f32>> = (0..m).map(|i| (0..k).map(|p| a.at(i, p)).collect()).collect();
+    let threads = if super::gemm_parallel() {
+        candle_core::utils::get_num_threads().max(1)
+    } else {
+        1
+    };
+    // Output columns in blocks, each block's `m × width` values computed apart, then placed.
+    let width = n.div_ceil(threads).max(1);
+    let block = |j0: usize| -> Vec<f32> {
+        let w = width.min(n - j0);
+        let mut out = vec![0f32; m * w];
+        if b.row_stride == 1 {
+            // Column j of B is contiguous (a transposed `(out, in)` weight): dot products.
+            for j in 0..w {
+                let column = &b.data[(j0 + j) * b.col_stride..][..k];
+                for (i, row) in a_rows.iter().enumerate() {
+                    out[i * w + j] = super::lane_dot(row, column);
+                }
+            }
+        } else {
+            // Rows of B in turn, each added to every output row it scales.
+            for p in 0..k {
+                for (i, row) in a_rows.iter().enumerate() {
+                    let x = row[p];
+                    let dst = &mut out[i * w..(i + 1) * w];
+                    if b.col_stride == 1 {
+                        let src = &b.data[p * b.row_stride + j0..][..w];
+                        dst.iter_mut().zip(src).for_each(|(d, &y)| *d += x * y);
+                    } else {
+                        for (j, d) in dst.iter_mut().enumerate() {
+                            *d += x * b.at(p, j0 + j);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    };
+    let starts: Vec<usize> = (0..n).step_by(width).collect();
+    let parts: Vec<Vec<f32>> = if threads > 1 {
+        starts.par_iter().map(|&j0| block(j0)).collect()
+    } else {
+        starts.iter().map(|&j0| block(j0)).collect()
+    };
+    let mut c = vec![0f32; m * n];
+    for (&j0, part) in starts.iter().zip(&parts) {
+        let w = width.min(n - j0);
+        for i in 0..m {
+            c[i * n + j0..i * n + j0 + w].copy_from_slice(&part[i * w..(i + 1) * w]);
+        }
+    }
+    c
 }
 
 /// `C = A·B` for `A (m × k)`, `B (k × n)`, into a new row-major `m × n` buffer. Callers check
@@ -102,7 +177,7 @@ pub fn matmul_into(
         }
         return;
     }
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let parallel = super::gemm_parallel();
     // Depth blocks of equal size (at most KC), so that no pass over C is a thin remainder.
     let kc_size = k.div_ceil(k.div_ceil(KC));
     let mut packed_b = Vec::new();
@@ -128,7 +203,7 @@ pub fn matmul_into(
                     }
                 }
             };
-            if threads > 1 && m > MC {
+            if parallel && m > MC {
                 c.par_chunks_mut(MC * n).enumerate().for_each(block);
             } else {
                 c.chunks_mut(MC * n).enumerate().for_each(block);
@@ -181,6 +256,9 @@ fn matmul_storage_with(
         return None;
     }
     let (oa, ob) = (operand(a.0, a.1)?, operand(b.0, b.1)?);
+    if skinny(m, n, k) && !any_size {
+        return Some((skinny_matmul(m, n, k, oa, ob), (m, n)));
+    }
     Some((matmul(m, n, k, oa, ob), (m, n)))
 }
 
@@ -450,6 +528,37 @@ unsafe fn tile_6x16_avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decoding-step products against a float64 product, for both storage orders of `B`.
+    #[test]
+    fn skinny_products_equal_the_definition() {
+        let (m, n, k) = (5, 230, 200);
+        assert!(skinny(m, n, k) && !large(m, n, k));
+        let av: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32) * 0.01 - 0.5).collect();
+        let bv: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32) * 0.02 - 0.9).collect();
+        let mut bt = vec![0f32; k * n];
+        for p in 0..k {
+            for j in 0..n {
+                bt[j * k + p] = bv[p * n + j];
+            }
+        }
+        let a = Operand { data: &av, row_stride: k, col_stride: 1 };
+        for b in [
+            Operand { data: &bv, row_stride: n, col_stride: 1 },
+            Operand { data: &bt, row_stride: 1, col_stride: k },
+        ] {
+            let c = skinny_matmul(m, n, k, a, b);
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k)
+                        .map(|p| f64::from(av[i * k + p]) * f64::from(bv[p * n + j]))
+                        .sum();
+                    let got = f64::from(c[i * n + j]);
+                    assert!((got - exact).abs() <= 1e-4 * exact.abs().max(1.0), "{got} vs {exact}");
+                }
+            }
+        }
+    }
 
     /// Against a float64 product, for shapes off every block size and both storage orders.
     #[test]

@@ -12,10 +12,10 @@
 //! `(N, V)` logits, their softmax and their gradient.
 //!
 //! With a single chunk (`N·V` within the budget) its logits are kept for the backward pass
-//! instead of recomputed. The products run through [`super::gemm`] where it applies. The
-//! callers ([`crate::logprobs`]) use this node where the products are large enough for
-//! [`super::gemm`] or the logits exceed the budget; below both, they keep the unchunked
-//! operations, so small models compute exactly what they always did.
+//! instead of recomputed. The products run through [`super::gemm`] wherever the CPU has it.
+//! The callers ([`crate::logprobs`]) use this node where the head's product is of the size
+//! [`super::gemm`] takes; below it they keep the unchunked operations, so small models
+//! compute exactly what they always did.
 use super::softmax::{LogSoftmaxGather, LogSoftmaxGatherGrad};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use std::ops::Range;

@@ -67,6 +67,27 @@ pub fn parallel() -> bool {
     candle_core::utils::get_num_threads() > 1
 }
 
+thread_local! {
+    static SHARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as one shard among others already running side by side (`parallel` set): the
+/// [`gemm`] kernel then keeps to this thread instead of splitting its blocks across a pool
+/// the other shards occupy. No number depends on it (the kernel's blocks are the same
+/// either way).
+pub fn as_shard<R>(parallel: bool, f: impl FnOnce() -> R) -> R {
+    let before = SHARD.with(|s| s.replace(parallel));
+    let out = f();
+    SHARD.with(|s| s.set(before));
+    out
+}
+
+/// Whether the [`gemm`] kernel may split a product across threads: [`parallel`], and not
+/// inside a shard ([`as_shard`]).
+pub(crate) fn gemm_parallel() -> bool {
+    parallel() && !SHARD.with(std::cell::Cell::get)
+}
+
 /// Applies `f(row_in, row_out)` to every row of width `width`, in parallel when allowed.
 pub(crate) fn rows_map(
     input: &[f32],
