@@ -13,8 +13,9 @@
 //! and LM head here. Work is split across threads by blocks of rows of `C` when candle runs
 //! with more than one. `EDPO_GEMM=candle` in the environment turns it off (for measurement).
 //!
-//! The register tile is the project's one `unsafe` code (vector intrinsics behind a run-time
-//! CPU check); it checks the lengths of everything it reads and writes before it starts.
+//! The register tile and the decoding steps' dot product are the project's only `unsafe` code
+//! (vector intrinsics behind a run-time CPU check); each checks the lengths of everything it
+//! reads and writes before it starts.
 #![allow(unsafe_code)]
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -89,7 +90,9 @@ pub fn skinny(m: usize, n: usize, k: usize) -> bool {
 
 /// [`skinny`] products: `C (m × n) = A·B` reading `B` once, along its contiguous direction.
 fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -> Vec<f32> {
-    let a_rows: Vec<Vec<f32>> = (0..m).map(|i| (0..k).map(|p| a.at(i, p)).collect()).collect();
+    let a_rows: Vec<Vec<f32>> = (0..m)
+        .map(|i| (0..k).map(|p| a.at(i, p)).collect())
+        .collect();
     let threads = if super::gemm_parallel() {
         candle_core::utils::get_num_threads().max(1)
     } else {
@@ -105,7 +108,7 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
             for j in 0..w {
                 let column = &b.data[(j0 + j) * b.col_stride..][..k];
                 for (i, row) in a_rows.iter().enumerate() {
-                    out[i * w + j] = super::lane_dot(row, column);
+                    out[i * w + j] = dot(row, column);
                 }
             }
         } else {
@@ -348,6 +351,62 @@ fn product(
     }
 }
 
+/// `Σ a_i·b_i` over equal-length slices: eight-wide fused multiply-adds in two accumulators
+/// where the CPU has them, else the lanes of [`super::lane_dot`].
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "gemm: dot product of unequal lengths");
+    if available() {
+        dot_checked(a, b)
+    } else {
+        super::lane_dot(a, b)
+    }
+}
+
+/// [`dot_avx2`] behind its checks.
+#[cfg(target_arch = "x86_64")]
+fn dot_checked(a: &[f32], b: &[f32]) -> f32 {
+    assert!(available() && a.len() == b.len());
+    // SAFETY: the CPU has AVX2 and FMA (`available`), and both slices have the length the
+    // kernel reads (checked just above).
+    unsafe { dot_avx2(a, b) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn dot_checked(a: &[f32], b: &[f32]) -> f32 {
+    super::lane_dot(a, b)
+}
+
+/// [`dot`] after its checks.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA, and `a` and `b` must have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+        s1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i + 8)),
+            _mm256_loadu_ps(pb.add(i + 8)),
+            s1,
+        );
+        i += 16;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1));
+    let mut total: f32 = lanes.iter().sum();
+    while i < n {
+        total += a[i] * b[i];
+        i += 1;
+    }
+    total
+}
+
 /// Packs `B[pc..pc+kc, jc..jc+nc]` as `⌈nc/16⌉` panels of `kc × 16`, zero-padded.
 fn pack_b(out: &mut Vec<f32>, b: Operand<'_>, pc: usize, kc: usize, jc: usize, nc: usize) {
     let panels = nc.div_ceil(NR);
@@ -534,18 +593,34 @@ mod tests {
     fn skinny_products_equal_the_definition() {
         let (m, n, k) = (5, 230, 200);
         assert!(skinny(m, n, k) && !large(m, n, k));
-        let av: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32) * 0.01 - 0.5).collect();
-        let bv: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32) * 0.02 - 0.9).collect();
+        let av: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32) * 0.01 - 0.5)
+            .collect();
+        let bv: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 53 % 89) as f32) * 0.02 - 0.9)
+            .collect();
         let mut bt = vec![0f32; k * n];
         for p in 0..k {
             for j in 0..n {
                 bt[j * k + p] = bv[p * n + j];
             }
         }
-        let a = Operand { data: &av, row_stride: k, col_stride: 1 };
+        let a = Operand {
+            data: &av,
+            row_stride: k,
+            col_stride: 1,
+        };
         for b in [
-            Operand { data: &bv, row_stride: n, col_stride: 1 },
-            Operand { data: &bt, row_stride: 1, col_stride: k },
+            Operand {
+                data: &bv,
+                row_stride: n,
+                col_stride: 1,
+            },
+            Operand {
+                data: &bt,
+                row_stride: 1,
+                col_stride: k,
+            },
         ] {
             let c = skinny_matmul(m, n, k, a, b);
             for i in 0..m {
@@ -554,7 +629,10 @@ mod tests {
                         .map(|p| f64::from(av[i * k + p]) * f64::from(bv[p * n + j]))
                         .sum();
                     let got = f64::from(c[i * n + j]);
-                    assert!((got - exact).abs() <= 1e-4 * exact.abs().max(1.0), "{got} vs {exact}");
+                    assert!(
+                        (got - exact).abs() <= 1e-4 * exact.abs().max(1.0),
+                        "{got} vs {exact}"
+                    );
                 }
             }
         }
