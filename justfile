@@ -51,10 +51,17 @@ smoke:
 bench threads="1" steps="20":
     cargo run --release -p edpo -- bench --threads {{threads}} --steps {{steps}}
 
-# The same workload in PyTorch (bare loop and TRL); needs torch, transformers, trl.
+# The same workload in PyTorch (bare loop, same-FLOPs loop eager and compiled, TRL); needs
+# torch, transformers, peft, trl, datasets. `just bench-torch 1 3 smollm2` for SmolLM2's size.
 [group('performance')]
-bench-torch threads="1" steps="20":
-    python3 tools/bench_vs_torch.py --threads {{threads}} --steps {{steps}}
+bench-torch threads="1" steps="20" workload="gpt2":
+    python3 tools/bench_vs_torch.py --threads {{threads}} --steps {{steps}} --workload {{workload}}
+
+# edpo and every PyTorch peer in one sitting, as Markdown tables (records appended to OUT).
+[group('performance')]
+bench-sitting out="bench-sitting.jsonl" steps="2":
+    cargo build --release -p edpo
+    python3 tools/bench_sitting.py --edpo target/release/edpo --steps {{steps}} --out {{out}}
 
 # Sweep --jobs 1 vs 2 and run threads 1 vs 2, as a Markdown table.
 [group('performance')]
