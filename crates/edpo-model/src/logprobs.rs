@@ -295,12 +295,13 @@ pub struct PolicyAndReference {
 /// The policy's and the reference's token log-probs on `batch`, with ε-DPO's mixed-logit
 /// sequence log-probs for `mixtures` and TDPO's sequential KLs when asked for.
 ///
-/// Within the budget (or for TDPO's KL, which needs the policy's logits in the graph) both
-/// models' `(N, V)` logits are formed, as [`response_logits`], [`token_logps`],
-/// [`mixed_sequence_logps`] and [`sequence_kl`] compute them. Over it, both heads run chunk by
-/// chunk: the policy's through [`crate::kernels::head`], and at each chunk the reference's
-/// logits for the same rows, its log-probs and the mixtures: no `(N, V)` tensor is held, and
-/// the mixtures sum per sequence in the same row order.
+/// Below the size of [`crate::kernels::gemm`] (small models), or for TDPO's KL (which needs the
+/// policy's logits in the graph), both models' `(N, V)` logits are formed, as
+/// [`response_logits`], [`token_logps`], [`mixed_sequence_logps`] and [`sequence_kl`] compute
+/// them. At that size both heads run chunk by chunk: the policy's through
+/// [`crate::kernels::head`], and at each chunk the reference's logits for the same rows, its
+/// log-probs and the mixtures: no `(N, V)` tensor is held, and the mixtures sum per sequence
+/// in the same row order.
 pub fn policy_and_reference(
     policy: &CausalLm,
     reference: &CausalLm,

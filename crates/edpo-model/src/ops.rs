@@ -100,14 +100,14 @@ pub fn linear(
 ) -> Result<Tensor> {
     match bias {
         Some(b) if fused(x) => kernels::linear_bias(x, weight, b, input_major),
-        None if fused(x) && large(x, weight)? => kernels::linear_no_bias(x, weight, input_major),
+        None if fused(x) && on_gemm(x, weight)? => kernels::linear_no_bias(x, weight, input_major),
         _ => composed::linear(x, weight, bias, input_major),
     }
 }
 
 /// Whether `x·W` runs through [`kernels::gemm`] (every dimension at its threshold, on a CPU
 /// that has it).
-fn large(x: &Tensor, weight: &Tensor) -> Result<bool> {
+fn on_gemm(x: &Tensor, weight: &Tensor) -> Result<bool> {
     let n_in = x.dims().last().copied().unwrap_or(0);
     let rows = x.elem_count() / n_in.max(1);
     let (a, b) = weight.dims2()?;

@@ -145,23 +145,26 @@ fn forward(
     let mut kl_graph = None;
     let batch = pair_batch(pairs, 0)?;
     let mut ratios = None;
+    let policy_only = || -> Result<Tensor> {
+        Ok(sum_per_sequence(
+            &response_token_logps(policy, &batch)?,
+            &batch,
+        )?)
+    };
     let (policy_logps, reference_chosen, reference_rejected) = match reference {
-        ReferenceSource::None | ReferenceSource::Precomputed(_) => {
-            let policy_logps = sum_per_sequence(&response_token_logps(policy, &batch)?, &batch)?;
-            let (chosen, rejected) = match reference {
-                ReferenceSource::Precomputed(values) if values.len() != n => {
-                    return Err(Error::Config(format!(
-                        "{} precomputed reference log-probs for {n} pairs",
-                        values.len()
-                    )));
-                }
-                ReferenceSource::Precomputed(values) => (
-                    values.iter().map(|v| v[0]).collect(),
-                    values.iter().map(|v| v[1]).collect(),
-                ),
-                _ => (Vec::new(), Vec::new()),
-            };
-            (policy_logps, chosen, rejected)
+        ReferenceSource::None => (policy_only()?, Vec::new(), Vec::new()),
+        ReferenceSource::Precomputed(values) => {
+            if values.len() != n {
+                return Err(Error::Config(format!(
+                    "{} precomputed reference log-probs for {n} pairs",
+                    values.len()
+                )));
+            }
+            (
+                policy_only()?,
+                values.iter().map(|v| v[0]).collect(),
+                values.iter().map(|v| v[1]).collect(),
+            )
         }
         ReferenceSource::Model(reference) => {
             let scored = policy_and_reference(

@@ -4,13 +4,12 @@
 //! twelve vector registers over `KC` steps), reading either operand through any row and column
 //! strides, so transposed views cost nothing.
 //!
-//! Used for products whose three dimensions are all at least [`MIN_DIM`] on x86-64 CPUs with
-//! AVX2 and FMA (checked at run time); a decoding step's few rows against a large weight
-//! ([`skinny`]) stream the weight once instead; everything else goes to candle's matrix
-//! multiply. The
-//! models of the default task (width 128) never reach the threshold, so their numbers are
-//! those of candle's kernel, unchanged; SmolLM2-sized models (width 576) run every linear map
-//! and LM head here. Work is split across threads by blocks of rows of `C` when candle runs
+//! Used on x86-64 CPUs with AVX2 and FMA (checked at run time) for products whose three
+//! dimensions are all at least [`MIN_DIM`], and for a decoding step's few rows against a large
+//! weight ([`skinny`]: the weight streamed once, no packing); everything else goes to candle's
+//! matrix multiply. The models of the default task (width 128) never reach the threshold, so
+//! their numbers are those of candle's kernel, unchanged; SmolLM2-sized models (width 576) run
+//! every linear map and LM head here. Work is split across threads by blocks of rows of `C` when candle runs
 //! with more than one. `EDPO_GEMM=candle` in the environment turns it off (for measurement).
 //!
 //! The register tile and the decoding steps' dot product are the project's only `unsafe` code
@@ -71,10 +70,10 @@ pub fn large(m: usize, n: usize, k: usize) -> bool {
     m >= MIN_DIM && n >= MIN_DIM && k >= MIN_DIM
 }
 
-/// Whether an `m × k` by `k × n` product runs here: [`large`] on a CPU that has the kernel, or
-/// a decoding step's product ([`skinny`]).
+/// Whether an `m × k` by `k × n` product runs here: [`large`] or a decoding step's
+/// ([`skinny`]), on a CPU that has the kernel.
 pub fn eligible(m: usize, n: usize, k: usize) -> bool {
-    (large(m, n, k) && available()) || skinny(m, n, k)
+    (large(m, n, k) || skinny(m, n, k)) && available()
 }
 
 /// The most rows of a decoding step's product ([`skinny`]).
@@ -351,28 +350,21 @@ fn product(
     }
 }
 
-/// `Σ a_i·b_i` over equal-length slices: eight-wide fused multiply-adds in two accumulators
-/// where the CPU has them, else the lanes of [`super::lane_dot`].
+/// `Σ a_i·b_i` over equal-length slices, in eight-wide fused multiply-adds with two
+/// accumulators where the CPU has them (else the lanes of [`super::lane_dot`]).
+#[cfg(target_arch = "x86_64")]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "gemm: dot product of unequal lengths");
-    if available() {
-        dot_checked(a, b)
-    } else {
-        super::lane_dot(a, b)
+    if !available() {
+        return super::lane_dot(a, b);
     }
-}
-
-/// [`dot_avx2`] behind its checks.
-#[cfg(target_arch = "x86_64")]
-fn dot_checked(a: &[f32], b: &[f32]) -> f32 {
-    assert!(available() && a.len() == b.len());
     // SAFETY: the CPU has AVX2 and FMA (`available`), and both slices have the length the
     // kernel reads (checked just above).
     unsafe { dot_avx2(a, b) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_checked(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     super::lane_dot(a, b)
 }
 

@@ -169,26 +169,6 @@ pub fn head_logps_visiting(
     )
 }
 
-/// Log-probs of `targets` under `h·Wᵀ`, chunk by chunk, outside the graph (a reference).
-pub fn head_logps_detached(
-    h: &Tensor,
-    w: &Tensor,
-    targets: &[u32],
-    rows: usize,
-    mut visit: impl FnMut(&Range<usize>, &Tensor) -> candle_core::Result<()>,
-) -> candle_core::Result<Tensor> {
-    let (hd, wd) = (h.detach().contiguous()?, w.detach().contiguous()?);
-    let mut logps = Vec::with_capacity(targets.len());
-    for range in chunks(targets.len(), rows) {
-        let z = chunk_logits(&hd, &wd, &range)?;
-        let (lp, _) = gather(&z, &targets[range.clone()])?;
-        visit(&range, &z)?;
-        logps.extend(lp);
-    }
-    let n = logps.len();
-    Tensor::from_vec(logps, n, h.device())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
