@@ -102,6 +102,11 @@ pub struct ReportSummary {
 }
 
 /// Builds the whole report of the sweep in `sweep_dir` into `out`.
+///
+/// A sweep whose grid varies the task itself (see [`runs::Sweep::tasks`]) gets one full
+/// report per task in `out/<task>/` (runs on different tasks share no pairs, labels or
+/// reference samples, so nothing is compared across them), and at `out/` an index whose
+/// tables put the tasks' own tables side by side.
 pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
     let loaded = runs::load_sweep(sweep_dir)?;
     if loaded.runs.height() == 0 {
@@ -110,6 +115,192 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
             sweep_dir.display()
         )));
     }
+    if loaded.tasks.len() <= 1 {
+        return Ok(build_task_report(sweep_dir, &loaded, out)?.0);
+    }
+    let mut files = Vec::new();
+    let mut per_task = Vec::new();
+    for task in &loaded.tasks {
+        let sub = loaded.subset(task)?;
+        let dir = task_dir(task);
+        let (summary, sections) = build_task_report(sweep_dir, &sub, &out.join(&dir))?;
+        files.extend(summary.files);
+        per_task.push(TaskReport {
+            task: task.clone(),
+            dir,
+            runs: summary.runs,
+            label_noise: shown_range(&sub, "label_noise", |x| format!("{:.1}%", 100.0 * x)),
+            sections,
+        });
+    }
+    let sections = across_tasks(&per_task);
+    for (name, table) in sections.iter().filter_map(|s| s.table.as_ref()) {
+        let csv = out.join("tables").join(format!("{name}.csv"));
+        write(&csv, table.to_csv().as_bytes())?;
+        let tex = out.join("tables").join(format!("{name}.tex"));
+        write(&tex, table.to_latex().as_bytes())?;
+        files.extend([csv, tex]);
+    }
+    let md = tables::report_markdown(sweep_dir, &loaded, &sections, &[]);
+    let html = tables::report_html(sweep_dir, &loaded, &sections, &[]);
+    write(&out.join("report.md"), md.as_bytes())?;
+    write(&out.join("report.html"), html.as_bytes())?;
+    files.extend([out.join("report.md"), out.join("report.html")]);
+    let table_markdown = sections
+        .iter()
+        .find_map(|s| match &s.table {
+            Some(("results", t)) => Some(t.to_markdown()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Ok(ReportSummary {
+        runs: loaded.runs.height(),
+        skipped: loaded.skipped.clone(),
+        table_markdown,
+        files,
+    })
+}
+
+/// One task's report, as the index of a sweep over tasks reads it.
+struct TaskReport {
+    task: String,
+    dir: String,
+    runs: usize,
+    label_noise: Option<String>,
+    sections: Vec<tables::Section>,
+}
+
+/// The directory of a task's report: its label with `key-value` pairs joined by `_`, and
+/// nothing but ASCII letters, digits, `.`, `_` and `-`.
+fn task_dir(task: &str) -> String {
+    task.replace(", ", "_")
+        .replace('=', "-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The tables of a sweep over tasks that are read side by side, by file stem.
+const ACROSS_TASKS: [&str; 6] = [
+    "matched_kl",
+    "versus_dpo_frontier",
+    "versus_dpo",
+    "confusion",
+    "memorisation",
+    "results",
+];
+
+/// The index of a sweep over tasks: which tasks, where their reports are, and each table of
+/// [`ACROSS_TASKS`] with the tasks' rows one after another (a leading `task` column; bold
+/// cells stay those of their own task's test).
+fn across_tasks(per_task: &[TaskReport]) -> Vec<tables::Section> {
+    let mut headers = vec!["task".to_string(), "runs".into()];
+    if per_task.iter().any(|t| t.label_noise.is_some()) {
+        headers.push("label noise".into());
+    }
+    headers.push("report".into());
+    let rows = per_task
+        .iter()
+        .map(|t| {
+            let mut row = vec![t.task.clone(), t.runs.to_string()];
+            if headers.len() == 4 {
+                row.push(t.label_noise.clone().unwrap_or_else(|| "–".into()));
+            }
+            row.push(format!("{}/report.md", t.dir));
+            row
+        })
+        .collect();
+    let mut sections = vec![tables::Section {
+        heading: "Tasks".into(),
+        paragraphs: vec![
+            "The grid varies the task itself. Runs on different tasks share no training pairs, labels or \
+             reference samples, so every comparison (frontiers, matched KL, paired differences, bold values, \
+             the choice of settings on validation prompts) is made within a task: each task has its full \
+             report, with its figures, in its own directory. The tables below put the tasks' own tables side \
+             by side; read a difference between tasks as the difference of two separate experiments (same \
+             seeds, same evaluation prompts), not as a paired one. Label noise: the share of training labels \
+             that contradict the gold ordering."
+                .into(),
+        ],
+        table: Some((
+            "tasks",
+            tables::Table {
+                headers,
+                rows,
+                bold: Vec::new(),
+            },
+        )),
+        after: Vec::new(),
+    }];
+    for stem in ACROSS_TASKS {
+        let mut combined: Option<(tables::Section, tables::Table)> = None;
+        for t in per_task {
+            let Some(section) = t
+                .sections
+                .iter()
+                .find(|s| matches!(&s.table, Some((name, _)) if *name == stem))
+            else {
+                continue;
+            };
+            let Some((_, table)) = &section.table else {
+                continue;
+            };
+            let (_, into) = combined.get_or_insert_with(|| {
+                let mut headers = vec!["task".to_string()];
+                headers.extend(table.headers.iter().cloned());
+                (
+                    tables::Section {
+                        heading: section.heading.clone(),
+                        paragraphs: section.paragraphs.clone(),
+                        table: None,
+                        after: section.after.clone(),
+                    },
+                    tables::Table {
+                        headers,
+                        rows: Vec::new(),
+                        bold: Vec::new(),
+                    },
+                )
+            });
+            if into.headers[1..] != table.headers[..] {
+                // The same table with other columns (a task whose runs lack a number):
+                // its own report has it.
+                continue;
+            }
+            let offset = into.rows.len();
+            into.bold
+                .extend(table.bold.iter().map(|&(r, c)| (r + offset, c + 1)));
+            into.rows.extend(table.rows.iter().map(|row| {
+                let mut r = vec![t.task.clone()];
+                r.extend(row.iter().cloned());
+                r
+            }));
+        }
+        if let Some((mut section, table)) = combined {
+            // A paragraph written for one task's frontier names that task's checkpoints:
+            // those stay in its own report.
+            if stem == "matched_kl" {
+                section.after.clear();
+            }
+            section.table = Some((stem, table));
+            sections.push(section);
+        }
+    }
+    sections
+}
+
+/// One task's report (the whole sweep's when it has one task) into `out`, and its sections.
+fn build_task_report(
+    sweep_dir: &Path,
+    loaded: &runs::Sweep,
+    out: &Path,
+) -> Result<(ReportSummary, Vec<tables::Section>)> {
     let summary = aggregate::by_setting(&loaded.runs)?;
     let mut files = Vec::new();
     let mut svgs: Vec<(String, String, String)> = Vec::new();
@@ -121,8 +312,8 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
         }
         None => Vec::new(),
     };
-    let bon = best_of_n(&loaded);
-    for fig in figures::all(&loaded, &summary, &frontiers, &bon)? {
+    let bon = best_of_n(loaded);
+    for fig in figures::all(loaded, &summary, &frontiers, &bon)? {
         let svg_path = out.join("figures").join(format!("{}.svg", fig.name));
         write(&svg_path, fig.svg.as_bytes())?;
         let png_path = out.join("figures").join(format!("{}.png", fig.name));
@@ -134,8 +325,8 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
     let table_markdown = main.to_markdown();
     let best = tables::best_per_method(&summary, paired.as_ref())?;
     let chosen_by = tables::selection_metric(&summary);
-    let mut sections = vec![design_section(&loaded, &summary)];
-    sections.extend(memorisation_section(&loaded, &summary));
+    let mut sections = vec![design_section(loaded, &summary)];
+    sections.extend(memorisation_section(loaded, &summary));
     if let Some(p) = &paired {
         if let Some(t) = tables::matched_kl_table(p, &frontiers) {
             sections.push(tables::Section {
@@ -182,7 +373,7 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
             });
         }
     }
-    sections.extend(confusion_section(&loaded, &summary));
+    sections.extend(confusion_section(loaded, &summary));
     if !bon.is_empty() {
         let t = tables::Table {
             headers: ["n", "win rate", "reward gain", "KL bound", "KL estimate"]
@@ -231,7 +422,7 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
                      not the seed-to-seed variation.",
                     judges_dir.display()
                 )],
-                table: Some(("judges", judges::table(&results, &loaded))),
+                table: Some(("judges", judges::table(&results, loaded))),
                 after: Vec::new(),
             });
         }
@@ -255,17 +446,20 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
         write(&tex, table.to_latex().as_bytes())?;
         files.extend([csv, tex]);
     }
-    let md = tables::report_markdown(sweep_dir, &loaded, &sections, &svgs);
-    let html = tables::report_html(sweep_dir, &loaded, &sections, &svgs);
+    let md = tables::report_markdown(sweep_dir, loaded, &sections, &svgs);
+    let html = tables::report_html(sweep_dir, loaded, &sections, &svgs);
     write(&out.join("report.md"), md.as_bytes())?;
     write(&out.join("report.html"), html.as_bytes())?;
     files.extend([out.join("report.md"), out.join("report.html")]);
-    Ok(ReportSummary {
-        runs: loaded.runs.height(),
-        skipped: loaded.skipped.clone(),
-        table_markdown,
-        files,
-    })
+    Ok((
+        ReportSummary {
+            runs: loaded.runs.height(),
+            skipped: loaded.skipped.clone(),
+            table_markdown,
+            files,
+        },
+        sections,
+    ))
 }
 
 /// The smallest and largest value of a numeric column of the runs table.

@@ -622,6 +622,7 @@ mod tests {
                 kl: vec![2.0, 2.0],
             }],
             final_val_win: Some(0.6),
+            task: String::new(),
         };
         let traces = [trace(0), trace(1)];
         let paired = Paired::new(&traces).expect("paired");
@@ -658,6 +659,7 @@ mod tests {
                 kl: vec![kl, kl],
             }],
             final_val_win: Some(win[0]),
+            task: String::new(),
         }
     }
 

@@ -6,10 +6,12 @@
 //! LoRA rank of a run that trains adapters). A run on RSO's pairs (`task.rso`) is the method
 //! "RSO (<loss>)", its setting naming the sampling's candidates and β; a run in on-policy
 //! rounds (`online`) is "<method> (online, fixed ref.)" or "(online, reset ref.)", its setting
-//! naming the rounds. Runs that
-//! are not completed (planned in the sweep's manifest and not started: pending), or were
-//! written by another config version, are listed as skipped; a
-//! malformed file is an error naming it.
+//! naming the rounds. A grid that varies the task itself (the label noise's Bradley–Terry
+//! temperature, say) gives each run a `task` label naming the task keys that differ; runs of
+//! different tasks are never compared with each other, and [`Sweep::subset`] narrows the sweep
+//! to one task. Runs that are not completed (planned in the sweep's manifest and not started:
+//! pending), or were written by another config version, are listed as skipped; a malformed
+//! file is an error naming it.
 
 use crate::{Error, Result};
 use polars::prelude::*;
@@ -56,6 +58,8 @@ pub struct Trace {
     pub per_prompt: Vec<PerPrompt>,
     /// The final evaluation's validation win rate.
     pub final_val_win: Option<f64>,
+    /// The run's task label (see [`Sweep::tasks`]).
+    pub task: String,
 }
 
 impl Trace {
@@ -82,6 +86,98 @@ pub struct Sweep {
     pub traces: Vec<Trace>,
     /// Runs not reported, with why.
     pub skipped: Vec<String>,
+    /// The tasks the runs train on, as labels naming the task keys that differ between runs
+    /// (`bt_temperature=0.5`), distinct and in order of their values; one empty label when
+    /// every run shares its task.
+    pub tasks: Vec<String>,
+    /// The task this sweep was narrowed to by [`Sweep::subset`]; `None` for the whole sweep.
+    pub task: Option<String>,
+}
+
+/// Task keys that do not make a task of their own: a run on RSO's pairs is already the
+/// method "RSO (<loss>)", compared on the same prompts as the rest.
+const TASK_KEYS_OF_METHODS: [&str; 1] = ["rso"];
+
+/// A task value as a label shows it: numbers as `f64`, strings bare, a missing key as –.
+fn task_value(v: Option<&Value>) -> String {
+    match v {
+        None => "–".into(),
+        Some(Value::Number(n)) => format!("{}", n.as_f64().unwrap_or(f64::NAN)),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Orders two task values: numbers by value, anything else by its JSON text.
+fn task_order(a: Option<&Value>, b: Option<&Value>) -> std::cmp::Ordering {
+    match (a.and_then(Value::as_f64), b.and_then(Value::as_f64)) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        _ => task_value(a).cmp(&task_value(b)),
+    }
+}
+
+/// Each run's task label (the task keys that differ between runs, `key=value`), and the
+/// distinct labels in order of their values.
+fn task_labels(tasks: &[Value]) -> (Vec<String>, Vec<String>) {
+    let keys: std::collections::BTreeSet<&str> = tasks
+        .iter()
+        .filter_map(Value::as_object)
+        .flat_map(|m| m.keys().map(String::as_str))
+        .filter(|k| !TASK_KEYS_OF_METHODS.contains(k))
+        .collect();
+    let varying: Vec<&str> = keys
+        .into_iter()
+        .filter(|k| tasks.iter().any(|t| t.get(k) != tasks[0].get(k)))
+        .collect();
+    let label = |t: &Value| {
+        varying
+            .iter()
+            .map(|k| format!("{k}={}", task_value(t.get(k))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let labels: Vec<String> = tasks.iter().map(label).collect();
+    let mut order: Vec<usize> = (0..tasks.len()).collect();
+    order.sort_by(|&a, &b| {
+        varying
+            .iter()
+            .map(|k| task_order(tasks[a].get(k), tasks[b].get(k)))
+            .find(|o| o.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut distinct: Vec<String> = Vec::new();
+    for i in order {
+        if !distinct.contains(&labels[i]) {
+            distinct.push(labels[i].clone());
+        }
+    }
+    (labels, distinct)
+}
+
+impl Sweep {
+    /// The runs of one task (a label of [`Sweep::tasks`]): a sweep of its own, since runs
+    /// on different tasks share no pairs, labels or reference samples to be compared by. The
+    /// skipped runs stay with the whole sweep.
+    pub fn subset(&self, task: &str) -> Result<Sweep> {
+        let runs = self
+            .runs
+            .clone()
+            .lazy()
+            .filter(col("task").eq(lit(task)))
+            .collect()?;
+        Ok(Sweep {
+            runs,
+            traces: self
+                .traces
+                .iter()
+                .filter(|t| t.task == task)
+                .cloned()
+                .collect(),
+            skipped: Vec::new(),
+            tasks: vec![task.to_string()],
+            task: Some(task.to_string()),
+        })
+    }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -162,6 +258,7 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
     let (mut method, mut kind, mut setting, mut hash) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut traces = Vec::new();
+    let mut task_configs = Vec::new();
     let mut skipped = Vec::new();
     // Planned runs (the sweep's manifest) that have not started: a report rendered while a
     // sweep runs (on Slurm, say) names what it does not include yet.
@@ -200,6 +297,7 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             continue;
         }
         let eval = read_json(&dir.join(edpo_rundir::EVAL))?;
+        task_configs.push(config["task"].clone());
         let objective = &config["objective"];
         let k = objective["kind"].as_str().unwrap_or("unknown").to_string();
         let seed = config["run"]["seed"].as_u64().unwrap_or(0);
@@ -305,17 +403,23 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
             decisions,
             per_prompt,
             final_val_win: eval["val_win_rate"].as_f64(),
+            task: String::new(),
         });
         method.push(display);
         kind.push(k);
         setting.push(label);
         hash.push(name);
     }
+    let (task_of_run, tasks) = task_labels(&task_configs);
+    for (trace, task) in traces.iter_mut().zip(&task_of_run) {
+        trace.task = task.clone();
+    }
     let mut cols: Vec<Column> = vec![
         Column::new("method".into(), method),
         Column::new("kind".into(), kind),
         Column::new("setting".into(), setting),
         Column::new("hash".into(), hash),
+        Column::new("task".into(), task_of_run),
     ];
     for (name, values) in columns {
         cols.push(Column::new(name.as_str().into(), values));
@@ -325,5 +429,34 @@ pub fn load_sweep(sweep_dir: &Path) -> Result<Sweep> {
         runs,
         traces,
         skipped,
+        tasks,
+        task: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn task_labels_name_the_keys_that_differ_in_the_order_of_their_values() {
+        let tasks = [
+            json!({"bt_temperature": 10.0, "seed": 0, "rso": null}),
+            json!({"bt_temperature": 2.0, "seed": 0, "rso": {"candidates": 8}}),
+            json!({"bt_temperature": 2.0, "seed": 0}),
+        ];
+        let (of_run, distinct) = task_labels(&tasks);
+        assert_eq!(
+            of_run,
+            ["bt_temperature=10", "bt_temperature=2", "bt_temperature=2"]
+        );
+        assert_eq!(distinct, ["bt_temperature=2", "bt_temperature=10"]);
+        // One task (RSO's sampling aside): one empty label.
+        let (of_run, distinct) = task_labels(&tasks[1..]);
+        assert_eq!(
+            (of_run, distinct),
+            (vec![String::new(); 2], vec![String::new()])
+        );
+    }
 }

@@ -593,6 +593,14 @@ pub struct Section {
     pub after: Vec<String>,
 }
 
+/// The title's suffix naming the task a report was narrowed to (` — task bt_temperature=0.5`).
+fn task_title(sweep: &Sweep) -> String {
+    match &sweep.task {
+        Some(task) => format!(" — task {task}"),
+        None => String::new(),
+    }
+}
+
 /// `report.md`: sections in order, figures as links to their SVG files.
 pub fn report_markdown(
     sweep_dir: &Path,
@@ -601,8 +609,9 @@ pub fn report_markdown(
     figures: &[(String, String, String)],
 ) -> String {
     let mut out = format!(
-        "# Report: {}\n\nRegenerate with `edpo report {}`. {} completed runs",
+        "# Report: {}{}\n\nRegenerate with `edpo report {}`. {} completed runs",
         sweep_dir.display(),
+        task_title(sweep),
         sweep_dir.display(),
         sweep.runs.height()
     );
@@ -627,7 +636,9 @@ pub fn report_markdown(
             out.push_str(&format!("{p}\n\n"));
         }
     }
-    out.push_str("## Figures\n\n");
+    if !figures.is_empty() {
+        out.push_str("## Figures\n\n");
+    }
     for (name, title, _) in figures {
         out.push_str(&format!(
             "### {title}\n\n![{title}](figures/{name}.svg)\n\n"
@@ -645,8 +656,9 @@ pub fn report_html(
 ) -> String {
     let mut out = String::from("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>edpo report</title>\n<style>body{font-family:sans-serif;max-width:1300px;margin:2em auto;}table{border-collapse:collapse;margin:1em 0;}th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right;}th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left;}figure{margin:2em 0;}</style></head><body>\n");
     out.push_str(&format!(
-        "<h1>Report: {}</h1>\n<p>{} completed runs",
+        "<h1>Report: {}{}</h1>\n<p>{} completed runs",
         html_escape(&sweep_dir.display().to_string()),
+        html_escape(&task_title(sweep)),
         sweep.runs.height()
     ));
     if !sweep.skipped.is_empty() {
@@ -669,7 +681,9 @@ pub fn report_html(
             out.push_str(&format!("<p>{}</p>\n", html_escape(p)));
         }
     }
-    out.push_str("<h2>Figures</h2>\n");
+    if !figures.is_empty() {
+        out.push_str("<h2>Figures</h2>\n");
+    }
     for (_, title, svg) in figures {
         let body = svg.find("<svg").map(|i| &svg[i..]).unwrap_or(svg);
         out.push_str(&format!(
@@ -740,6 +754,7 @@ mod tests {
                 kl: vec![1.0; n],
             }],
             final_val_win: None,
+            task: String::new(),
         }
     }
 

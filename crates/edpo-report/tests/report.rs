@@ -134,3 +134,84 @@ fn report_from_the_fixture_sweep() -> Result<(), Box<dyn std::error::Error>> {
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A grid that varies the task (here the fixture's seed-1 runs moved to a Bradley–Terry
+/// temperature of 10, the seed-0 runs to 2): one full report per task, nothing compared across
+/// tasks, and an index whose tables carry a task column, the tasks in the order of their
+/// values (2 before 10, not as text).
+#[test]
+fn a_sweep_over_tasks_reports_each_task_apart() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::env::temp_dir().join(format!("edpo-report-tasks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let sweep = root.join("sweep");
+    copy_dir(&fixture(), &sweep)?;
+    for run in ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"] {
+        let path = sweep.join("runs").join(run).join("config.json");
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let temperature = if run.ends_with('1') { 10.0 } else { 2.0 };
+        // RSO's sampling is part of a method's label, never a task of its own.
+        config["task"] = serde_json::json!({"bt_temperature": temperature, "rso": run == "a0"});
+        std::fs::write(&path, serde_json::to_string(&config)?)?;
+    }
+    let out = root.join("report");
+    let summary = edpo_report::build_report(&sweep, &out)?;
+    assert_eq!(summary.runs, 8);
+    assert_eq!(summary.skipped.len(), 4, "{:?}", summary.skipped);
+
+    let tasks = std::fs::read_to_string(out.join("tables/tasks.csv"))?;
+    let rows: Vec<&str> = tasks.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{tasks}");
+    assert!(rows[0].starts_with("bt_temperature=2,4,"), "{tasks}");
+    assert!(rows[1].starts_with("bt_temperature=10,4,"), "{tasks}");
+    assert!(rows[1].ends_with("bt_temperature-10/report.md"), "{tasks}");
+
+    for (task, dir) in [("2", "bt_temperature-2"), ("10", "bt_temperature-10")] {
+        let md = std::fs::read_to_string(out.join(dir).join("report.md"))?;
+        assert!(md.starts_with(&format!(
+            "# Report: {} — task bt_temperature={task}",
+            sweep.display()
+        )));
+        assert!(md.contains(" 4 completed runs."), "{md}");
+        // One seed per setting in each task: the settings' rows, no runs of the other task.
+        let results = std::fs::read_to_string(out.join(dir).join("tables/results.csv"))?;
+        assert_eq!(results.lines().count(), 5, "{results}");
+        for fig in FIGURES {
+            assert!(
+                out.join(dir).join(format!("figures/{fig}.svg")).exists(),
+                "{fig}"
+            );
+        }
+    }
+    // The index's table of all settings: each task's four rows behind a task column.
+    let results = std::fs::read_to_string(out.join("tables/results.csv"))?;
+    let lines: Vec<&str> = results.lines().collect();
+    assert!(lines[0].starts_with("task,method,setting,"), "{results}");
+    assert_eq!(lines.len(), 9, "{results}");
+    assert!(lines[1..5]
+        .iter()
+        .all(|l| l.starts_with("bt_temperature=2,")));
+    assert!(lines[5..]
+        .iter()
+        .all(|l| l.starts_with("bt_temperature=10,")));
+    let md = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(
+        md.contains("## Tasks") && !md.contains("## Figures"),
+        "{md}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
