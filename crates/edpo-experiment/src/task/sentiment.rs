@@ -409,6 +409,51 @@ fn pretrain(
     Ok(())
 }
 
+/// Validation or test prompts, drawn without replacement: the texts in an order shuffled by
+/// `seed`, each giving its first `w` words for a `w` drawn from `words`; a prefix equal to one
+/// in `exclude` (the training prompts) or to one already taken is lengthened word by word up to
+/// the longest allowed, and a text that never becomes distinct is passed over. `candidate`
+/// turns a prefix into prompt ids (and whether a template rendered it; `None`: it cannot be a
+/// prompt), `taken` is told of each prompt taken. Stops at `n` prompts; fewer when the texts
+/// run out.
+fn distinct_prompts(
+    texts: &[&str],
+    words: std::ops::RangeInclusive<usize>,
+    n: usize,
+    seed: u64,
+    exclude: &HashSet<Vec<u32>>,
+    candidate: impl Fn(&str) -> Option<(Vec<u32>, bool)>,
+    mut taken: impl FnMut(&[u32], &str, bool) -> Result<()>,
+) -> Result<Vec<Vec<u32>>> {
+    let (shortest, longest) = (*words.start(), *words.end());
+    let span = (longest + 1).saturating_sub(shortest).max(1) as u64;
+    let mut rng = SplitMix64(seed);
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    rng.shuffle(&mut order);
+    let mut chosen: Vec<Vec<u32>> = Vec::with_capacity(n);
+    let mut seen: HashSet<Vec<u32>> = HashSet::new();
+    for &i in &order {
+        if chosen.len() == n {
+            break;
+        }
+        let first = shortest + (rng.next_u64() % span) as usize;
+        for w in first..=longest {
+            let prefix = prompt_of(texts[i], w);
+            let Some((ids, templated)) = candidate(&prefix) else {
+                break;
+            };
+            if exclude.contains(&ids) || seen.contains(&ids) {
+                continue;
+            }
+            taken(&ids, &prefix, templated)?;
+            seen.insert(ids.clone());
+            chosen.push(ids);
+            break;
+        }
+    }
+    Ok(chosen)
+}
+
 fn prompt_of(text: &str, words: usize) -> String {
     text.split(' ').take(words).collect::<Vec<_>>().join(" ")
 }
@@ -605,34 +650,22 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
                         seed: u64,
                         exclude: &HashSet<Vec<u32>>|
          -> Result<Vec<Vec<u32>>> {
-            let mut rng = SplitMix64(seed);
-            let mut order: Vec<usize> = (0..split.len()).collect();
-            rng.shuffle(&mut order);
-            let mut chosen: Vec<Vec<u32>> = Vec::with_capacity(n);
-            let mut seen: HashSet<Vec<u32>> = HashSet::new();
-            for &i in &order {
-                if chosen.len() == n {
-                    break;
-                }
-                let first = task.prompt_words_min + (rng.next_u64() % span) as usize;
-                // A prefix equal to one already taken is lengthened word by word, up to the
-                // longest prefix allowed; a snippet that never becomes distinct is passed over.
-                for words in first..=task.prompt_words_max {
-                    let prefix = prompt_of(&split[i].text, words);
-                    let Some((ids, templated)) = candidate(&prefix) else {
-                        break;
-                    };
-                    if exclude.contains(&ids) || seen.contains(&ids) {
-                        continue;
-                    }
+            let texts: Vec<&str> = split.iter().map(|s| s.text.as_str()).collect();
+            let words = task.prompt_words_min..=task.prompt_words_max;
+            let chosen = distinct_prompts(
+                &texts,
+                words,
+                n,
+                seed,
+                exclude,
+                &candidate,
+                |ids, prefix, templated| {
                     if templated {
-                        judge.remember(&ids, &prefix)?;
+                        judge.remember(ids, prefix)?;
                     }
-                    seen.insert(ids.clone());
-                    chosen.push(ids);
-                    break;
-                }
-            }
+                    Ok(())
+                },
+            )?;
             if chosen.len() < n {
                 bail!(
                     "key `task.{key}`: {n} prompts asked, but the {name} split gives only {} \
@@ -784,6 +817,79 @@ fn rso_stage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A prefix as ids: its bytes (every prefix a prompt).
+    fn bytes(prefix: &str) -> Option<(Vec<u32>, bool)> {
+        Some((prefix.bytes().map(u32::from).collect(), false))
+    }
+
+    /// A prompt equal to a training prompt never enters the test set: it is lengthened to a
+    /// longer prefix of its snippet, or its snippet is passed over; prompts are distinct and
+    /// each a prefix of its snippet within the word range, whatever the seed.
+    #[test]
+    fn test_prompts_equal_no_training_prompt() -> Result<()> {
+        let ids = |s: &str| bytes(s).map(|(ids, _)| ids).unwrap_or_default();
+        let exclude: HashSet<Vec<u32>> = ["a b", "x y", "x y z"].into_iter().map(ids).collect();
+        for seed in 0..32 {
+            // "a b" is a training prompt: the snippet can only give "a b c".
+            let only =
+                distinct_prompts(
+                    &["a b c"],
+                    2..=3,
+                    1,
+                    seed,
+                    &exclude,
+                    bytes,
+                    |_, _, _| Ok(()),
+                )?;
+            assert_eq!(only, [ids("a b c")]);
+            // Every prefix of "x y z" is a training prompt: passed over, nothing left.
+            let none =
+                distinct_prompts(
+                    &["x y z"],
+                    2..=3,
+                    1,
+                    seed,
+                    &exclude,
+                    bytes,
+                    |_, _, _| Ok(()),
+                )?;
+            assert!(none.is_empty());
+            let texts = ["a b c d", "a b c e", "x y z w", "p q", "p q r s", "x y"];
+            let mut told = Vec::new();
+            let got = distinct_prompts(
+                &texts,
+                2..=3,
+                10,
+                seed,
+                &exclude,
+                bytes,
+                |ids, prefix, _| {
+                    told.push((ids.to_vec(), prefix.to_string()));
+                    Ok(())
+                },
+            )?;
+            assert!(got.iter().all(|p| !exclude.contains(p)), "seed {seed}");
+            let unique: HashSet<&Vec<u32>> = got.iter().collect();
+            assert_eq!(unique.len(), got.len(), "seed {seed}");
+            assert_eq!(
+                told.iter().map(|(ids, _)| ids.clone()).collect::<Vec<_>>(),
+                got
+            );
+            for (_, prefix) in &told {
+                let w = prefix.split(' ').count();
+                assert!((2..=3).contains(&w), "{prefix}");
+                assert!(
+                    texts.iter().any(|t| t.starts_with(prefix.as_str())),
+                    "{prefix}"
+                );
+            }
+            // At most one per snippet: "x y" (a training prompt, not lengthened past its
+            // snippet) never appears, and the other five snippets give at most five prompts.
+            assert!(got.len() <= 5, "seed {seed}");
+        }
+        Ok(())
+    }
 
     /// The gold model must track the human ratings it stands in for. The floor: 0.55 on the
     /// held-out test split, the correlation a bag-of-n-grams model reaches on these snippets
