@@ -658,7 +658,7 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
                 n,
                 seed,
                 exclude,
-                &candidate,
+                candidate,
                 |ids, prefix, templated| {
                     if templated {
                         judge.remember(ids, prefix)?;
