@@ -160,48 +160,26 @@ pub fn read(path: &Path, expected_sha256: Option<&str>) -> Result<(DataFrame, Pr
         splits.push(split_of(&cleaned));
         texts.push(cleaned);
     }
+    // Each split's statistics, summed in file order (a parallel group-by would sum in an
+    // order that varies from build to build, and the stage's summary with it).
+    let mut names: Vec<&'static str> = splits.clone();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let rows: Vec<usize> = (0..splits.len()).filter(|&r| splits[r] == name).collect();
+        let n = rows.len() as f64;
+        summary.splits.push(SplitStats {
+            split: name.to_string(),
+            rows: rows.len(),
+            mean_words: rows.iter().map(|&r| words[r] as f64).sum::<f64>() / n,
+            min_words: rows.iter().map(|&r| words[r]).min().unwrap_or(0),
+            max_words: rows.iter().map(|&r| words[r]).max().unwrap_or(0),
+            mean_rating: rows.iter().map(|&r| ratings[r]).sum::<f64>() / n,
+        });
+    }
     let df =
         df!("id" => ids, "rating" => ratings, "text" => texts, "words" => words, "split" => splits)
             .map_err(polars_err(path))?;
-    let stats = df
-        .clone()
-        .lazy()
-        .group_by([col("split")])
-        .agg([
-            len().alias("rows"),
-            col("words").mean().alias("mean_words"),
-            col("words").min().alias("min_words"),
-            col("words").max().alias("max_words"),
-            col("rating").mean().alias("mean_rating"),
-        ])
-        .sort(["split"], Default::default())
-        .collect()
-        .map_err(polars_err(path))?;
-    for row in 0..stats.height() {
-        let get = |name: &str| {
-            stats
-                .column(name)
-                .and_then(|c| c.get(row).map(|v| v.into_static()))
-        };
-        let as_f64 = |v: PolarsResult<AnyValue<'static>>| {
-            v.ok().and_then(|v| v.extract::<f64>()).unwrap_or(f64::NAN)
-        };
-        let as_i64 = |v: PolarsResult<AnyValue<'static>>| {
-            v.ok().and_then(|v| v.extract::<i64>()).unwrap_or(0)
-        };
-        let split = get("split")
-            .ok()
-            .map(|v| v.str_value().to_string())
-            .unwrap_or_default();
-        summary.splits.push(SplitStats {
-            split,
-            rows: as_i64(get("rows")) as usize,
-            mean_words: as_f64(get("mean_words")),
-            min_words: as_i64(get("min_words")),
-            max_words: as_i64(get("max_words")),
-            mean_rating: as_f64(get("mean_rating")),
-        });
-    }
     for split in ["train", "validation", "test"] {
         if !summary
             .splits
