@@ -120,10 +120,11 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
     }
     let mut files = Vec::new();
     let mut per_task = Vec::new();
+    let mut numbers = Vec::new();
     for task in &loaded.tasks {
         let sub = loaded.subset(task)?;
         let dir = task_dir(task);
-        let (summary, sections) = build_task_report(sweep_dir, &sub, &out.join(&dir))?;
+        let (summary, sections, settings) = build_task_report(sweep_dir, &sub, &out.join(&dir))?;
         files.extend(summary.files);
         per_task.push(TaskReport {
             task: task.clone(),
@@ -132,8 +133,35 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
             label_noise: shown_range(&sub, "label_noise", |x| format!("{:.1}%", 100.0 * x)),
             sections,
         });
+        if let Some(label_noise) = shared_number(&sub, "label_noise") {
+            let relaxed_on_mislabelled = settings
+                .iter()
+                .filter(|s| s.kind == "epsilon_dpo")
+                .filter_map(|s| {
+                    let d = runs::decisions_of(&sub.traces, &s.method, &s.setting)?;
+                    let (diff, se) = Confusion::of(&d.by_p_true)?.difference(0);
+                    Some((s.setting.clone(), diff, se))
+                })
+                .collect();
+            numbers.push(figures::TaskNumbers {
+                label_noise,
+                settings,
+                relaxed_on_mislabelled,
+            });
+        }
     }
     let sections = across_tasks(&per_task);
+    let mut svgs = Vec::new();
+    if numbers.len() == per_task.len() {
+        if let Some(fig) = figures::across_tasks(&numbers)? {
+            let svg_path = out.join("figures").join(format!("{}.svg", fig.name));
+            write(&svg_path, fig.svg.as_bytes())?;
+            let png_path = out.join("figures").join(format!("{}.png", fig.name));
+            figures::render_png(&fig, &png_path)?;
+            files.extend([svg_path, png_path]);
+            svgs.push((fig.name.clone(), fig.title.clone(), fig.svg));
+        }
+    }
     for (name, table) in sections.iter().filter_map(|s| s.table.as_ref()) {
         let csv = out.join("tables").join(format!("{name}.csv"));
         write(&csv, table.to_csv().as_bytes())?;
@@ -141,8 +169,8 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
         write(&tex, table.to_latex().as_bytes())?;
         files.extend([csv, tex]);
     }
-    let md = tables::report_markdown(sweep_dir, &loaded, &sections, &[]);
-    let html = tables::report_html(sweep_dir, &loaded, &sections, &[]);
+    let md = tables::report_markdown(sweep_dir, &loaded, &sections, &svgs);
+    let html = tables::report_html(sweep_dir, &loaded, &sections, &svgs);
     write(&out.join("report.md"), md.as_bytes())?;
     write(&out.join("report.html"), html.as_bytes())?;
     files.extend([out.join("report.md"), out.join("report.html")]);
@@ -295,12 +323,17 @@ fn across_tasks(per_task: &[TaskReport]) -> Vec<tables::Section> {
     sections
 }
 
-/// One task's report (the whole sweep's when it has one task) into `out`, and its sections.
+/// One task's report (the whole sweep's when it has one task) into `out`, its sections and
+/// its settings aggregated over seeds.
 fn build_task_report(
     sweep_dir: &Path,
     loaded: &runs::Sweep,
     out: &Path,
-) -> Result<(ReportSummary, Vec<tables::Section>)> {
+) -> Result<(
+    ReportSummary,
+    Vec<tables::Section>,
+    Vec<aggregate::SettingSummary>,
+)> {
     let summary = aggregate::by_setting(&loaded.runs)?;
     let mut files = Vec::new();
     let mut svgs: Vec<(String, String, String)> = Vec::new();
@@ -459,6 +492,7 @@ fn build_task_report(
             files,
         },
         sections,
+        summary,
     ))
 }
 
@@ -697,6 +731,44 @@ fn frontier_points(frontiers: &[paired::Frontier]) -> Vec<String> {
         .collect()
 }
 
+/// ε-DPO's decisions split by label: `[mislabelled, correct]` × `[relaxed (+1), kept,
+/// strengthened (−1)]`.
+pub(crate) struct Confusion {
+    counts: [[u64; 3]; 2],
+    /// Decisions on mislabelled and on correctly labelled pairs.
+    pub n: [u64; 2],
+}
+
+impl Confusion {
+    /// The split of binned decisions; `None` when either side has none.
+    pub fn of(b: &runs::Binned) -> Option<Confusion> {
+        let mut counts = [[0u64; 3]; 2];
+        for k in 0..b.bins() {
+            // Bins never straddle ½ when their edges include it; one that does counts as
+            // correctly labelled only if its lower edge is at least ½.
+            let side = usize::from(b.edges[k] >= 0.5);
+            counts[side][0] += b.relaxed[k];
+            counts[side][1] += b.kept[k];
+            counts[side][2] += b.strengthened[k];
+        }
+        let n = [counts[0].iter().sum::<u64>(), counts[1].iter().sum::<u64>()];
+        (n[0] > 0 && n[1] > 0).then_some(Confusion { counts, n })
+    }
+
+    /// The share of decision `what` (0: +1, 1: kept, 2: −1) on `side` (0: mislabelled).
+    pub fn share(&self, side: usize, what: usize) -> f64 {
+        self.counts[side][what] as f64 / self.n[side] as f64
+    }
+
+    /// Mislabelled minus correct share of decision `what`, and its standard error (two
+    /// proportions, normal approximation).
+    pub fn difference(&self, what: usize) -> (f64, f64) {
+        let (a, b) = (self.share(0, what), self.share(1, what));
+        let se = (a * (1.0 - a) / self.n[0] as f64 + b * (1.0 - b) / self.n[1] as f64).sqrt();
+        (a - b, se)
+    }
+}
+
 /// ε-DPO's decisions on mislabelled pairs (true preference probability of the chosen response
 /// below ½: the Bradley–Terry draw contradicted the gold ordering) against correctly labelled
 /// ones, per setting over all seeds, with the 95% interval of the difference of shares (normal
@@ -722,35 +794,21 @@ fn confusion_section(
             None => vec![("all steps", &d.by_p_true)],
         };
         for (phase, b) in phases {
-            // [mislabelled, correct] × [relaxed, kept, strengthened]
-            let mut counts = [[0u64; 3]; 2];
-            for k in 0..b.bins() {
-                // Bins never straddle ½ when their edges include it; one that does counts as
-                // correctly labelled only if its lower edge is at least ½.
-                let side = usize::from(b.edges[k] >= 0.5);
-                counts[side][0] += b.relaxed[k];
-                counts[side][1] += b.kept[k];
-                counts[side][2] += b.strengthened[k];
-            }
-            let n = [counts[0].iter().sum::<u64>(), counts[1].iter().sum::<u64>()];
-            if n[0] == 0 || n[1] == 0 {
+            let Some(c) = Confusion::of(b) else {
                 continue;
-            }
-            let share = |side: usize, what: usize| counts[side][what] as f64 / n[side] as f64;
+            };
             let diff = |what: usize| {
-                let (a, b) = (share(0, what), share(1, what));
-                let se = (a * (1.0 - a) / n[0] as f64 + b * (1.0 - b) / n[1] as f64).sqrt();
-                let d = a - b;
+                let (d, se) = c.difference(what);
                 format!("{d:+.3} [{:+.3}, {:+.3}]", d - 1.96 * se, d + 1.96 * se)
             };
             rows.push(vec![
                 s.setting.clone(),
                 phase.to_string(),
-                format!("{}", n[0]),
-                format!("{}", n[1]),
-                format!("{:.3} / {:.3}", share(0, 0), share(1, 0)),
+                format!("{}", c.n[0]),
+                format!("{}", c.n[1]),
+                format!("{:.3} / {:.3}", c.share(0, 0), c.share(1, 0)),
                 diff(0),
-                format!("{:.3} / {:.3}", share(0, 2), share(1, 2)),
+                format!("{:.3} / {:.3}", c.share(0, 2), c.share(1, 2)),
                 diff(2),
             ]);
         }

@@ -166,6 +166,11 @@ fn a_sweep_over_tasks_reports_each_task_apart() -> Result<(), Box<dyn std::error
         // RSO's sampling is part of a method's label, never a task of its own.
         config["task"] = serde_json::json!({"bt_temperature": temperature, "rso": run == "a0"});
         std::fs::write(&path, serde_json::to_string(&config)?)?;
+        // Noisier labels at the higher temperature.
+        let path = sweep.join("runs").join(run).join("eval.json");
+        let mut eval: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        eval["label_noise"] = serde_json::json!(if run.ends_with('1') { 0.3 } else { 0.1 });
+        std::fs::write(&path, serde_json::to_string(&eval)?)?;
     }
     let out = root.join("report");
     let summary = edpo_report::build_report(&sweep, &out)?;
@@ -208,10 +213,17 @@ fn a_sweep_over_tasks_reports_each_task_apart() -> Result<(), Box<dyn std::error
         .iter()
         .all(|l| l.starts_with("bt_temperature=10,")));
     let md = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(md.contains("## Tasks"), "{md}");
     assert!(
-        md.contains("## Tasks") && !md.contains("## Figures"),
-        "{md}"
+        tasks.contains(",10.0%,") && tasks.contains(",30.0%,"),
+        "{tasks}"
     );
+    // The one figure of the index: every setting against the tasks' label noise (x 10 and
+    // 30 %), and ε-DPO's decisions on mislabelled pairs.
+    assert!(md.contains("![Across tasks"), "{md}");
+    let svg = std::fs::read_to_string(out.join("figures/across_tasks.svg"))?;
+    assert!(svg.contains("label noise") && svg.contains("mislabelled − correct"));
+    assert!(out.join("figures/across_tasks.png").exists());
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }

@@ -20,6 +20,9 @@
 //!   implicit margin when the step scored it.
 //! - `margins_accuracy`: implicit reward margins and preference accuracy on the training
 //!   batches over training.
+//! - `across_tasks` (the index of a sweep over tasks): each setting's win rate and KL, and
+//!   ε-DPO's decisions on mislabelled against correctly labelled pairs, against the tasks'
+//!   label noise.
 //!
 //! Every legend sits in a strip beside its plot, never over the data. Figures with traces
 //! draw every setting when they fit the palette, else each method at its best setting.
@@ -90,6 +93,24 @@ pub struct Figure {
     pub panels: Vec<Panel>,
     /// The rendered SVG.
     pub svg: String,
+}
+
+/// One task of a sweep over tasks, as the `across_tasks` figure reads it.
+#[derive(Debug, Clone)]
+pub struct TaskNumbers {
+    /// The share of training labels that contradict the gold ordering.
+    pub label_noise: f64,
+    /// Every setting, aggregated over its seeds.
+    pub settings: Vec<SettingSummary>,
+    /// Per ε-DPO setting (after the first step): the +1 share on mislabelled minus on correctly
+    /// labelled pairs, and its standard error.
+    pub relaxed_on_mislabelled: Vec<(String, f64, f64)>,
+}
+
+/// The figure of a sweep over tasks, rendered; `None` without at least two tasks with label
+/// noise and win rates.
+pub fn across_tasks(tasks: &[TaskNumbers]) -> Result<Option<Figure>> {
+    catalogue::across_tasks(tasks).map(draw::finish).transpose()
 }
 
 /// Renders a figure built elsewhere (the bandit's) to SVG, as the report's own figures are.
