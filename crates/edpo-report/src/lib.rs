@@ -268,6 +268,7 @@ fn across_tasks(per_task: &[TaskReport]) -> Vec<tables::Section> {
     }];
     for stem in ACROSS_TASKS {
         let mut combined: Option<(tables::Section, tables::Table)> = None;
+        let mut other_columns: Vec<String> = Vec::new();
         for t in per_task {
             let Some(section) = t
                 .sections
@@ -299,6 +300,7 @@ fn across_tasks(per_task: &[TaskReport]) -> Vec<tables::Section> {
             if into.headers[1..] != table.headers[..] {
                 // The same table with other columns (a task whose runs lack a number):
                 // its own report has it.
+                other_columns.push(t.task.clone());
                 continue;
             }
             let offset = into.rows.len();
@@ -315,6 +317,12 @@ fn across_tasks(per_task: &[TaskReport]) -> Vec<tables::Section> {
             // those stay in its own report.
             if stem == "matched_kl" {
                 section.after.clear();
+            }
+            if !other_columns.is_empty() {
+                section.after.push(format!(
+                    "Not in this table (its columns differ; see its own report): {}.",
+                    other_columns.join("; ")
+                ));
             }
             section.table = Some((stem, table));
             sections.push(section);
