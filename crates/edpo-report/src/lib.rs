@@ -154,21 +154,10 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
     let mut svgs = Vec::new();
     if numbers.len() == per_task.len() {
         if let Some(fig) = figures::across_tasks(&numbers)? {
-            let svg_path = out.join("figures").join(format!("{}.svg", fig.name));
-            write(&svg_path, fig.svg.as_bytes())?;
-            let png_path = out.join("figures").join(format!("{}.png", fig.name));
-            figures::render_png(&fig, &png_path)?;
-            files.extend([svg_path, png_path]);
-            svgs.push((fig.name.clone(), fig.title.clone(), fig.svg));
+            svgs.push(write_figure(out, fig, &mut files)?);
         }
     }
-    for (name, table) in sections.iter().filter_map(|s| s.table.as_ref()) {
-        let csv = out.join("tables").join(format!("{name}.csv"));
-        write(&csv, table.to_csv().as_bytes())?;
-        let tex = out.join("tables").join(format!("{name}.tex"));
-        write(&tex, table.to_latex().as_bytes())?;
-        files.extend([csv, tex]);
-    }
+    write_tables(out, &sections, &mut files)?;
     let md = tables::report_markdown(sweep_dir, &loaded, &sections, &svgs);
     let html = tables::report_html(sweep_dir, &loaded, &sections, &svgs);
     write(&out.join("report.md"), md.as_bytes())?;
@@ -187,6 +176,33 @@ pub fn build_report(sweep_dir: &Path, out: &Path) -> Result<ReportSummary> {
         table_markdown,
         files,
     })
+}
+
+/// A figure as `out/figures/<name>.svg` and `.png` (both added to `files`); its name, title
+/// and SVG for the report's pages.
+fn write_figure(
+    out: &Path,
+    fig: figures::Figure,
+    files: &mut Vec<PathBuf>,
+) -> Result<(String, String, String)> {
+    let svg_path = out.join("figures").join(format!("{}.svg", fig.name));
+    write(&svg_path, fig.svg.as_bytes())?;
+    let png_path = out.join("figures").join(format!("{}.png", fig.name));
+    figures::render_png(&fig, &png_path)?;
+    files.extend([svg_path, png_path]);
+    Ok((fig.name, fig.title, fig.svg))
+}
+
+/// Each section's table as `out/tables/<stem>.csv` and `.tex` (both added to `files`).
+fn write_tables(out: &Path, sections: &[tables::Section], files: &mut Vec<PathBuf>) -> Result<()> {
+    for (name, table) in sections.iter().filter_map(|s| s.table.as_ref()) {
+        let csv = out.join("tables").join(format!("{name}.csv"));
+        write(&csv, table.to_csv().as_bytes())?;
+        let tex = out.join("tables").join(format!("{name}.tex"));
+        write(&tex, table.to_latex().as_bytes())?;
+        files.extend([csv, tex]);
+    }
+    Ok(())
 }
 
 /// One task's report, as the index of a sweep over tasks reads it.
@@ -355,12 +371,7 @@ fn build_task_report(
     };
     let bon = best_of_n(loaded);
     for fig in figures::all(loaded, &summary, &frontiers, &bon)? {
-        let svg_path = out.join("figures").join(format!("{}.svg", fig.name));
-        write(&svg_path, fig.svg.as_bytes())?;
-        let png_path = out.join("figures").join(format!("{}.png", fig.name));
-        figures::render_png(&fig, &png_path)?;
-        files.extend([svg_path, png_path]);
-        svgs.push((fig.name.clone(), fig.title.clone(), fig.svg));
+        svgs.push(write_figure(out, fig, &mut files)?);
     }
     let main = tables::main_table(&summary)?;
     let table_markdown = main.to_markdown();
@@ -480,13 +491,7 @@ fn build_task_report(
         table: Some(("results", main)),
         after: vec![tables::NOTE.to_string()],
     });
-    for (name, table) in sections.iter().filter_map(|s| s.table.as_ref()) {
-        let csv = out.join("tables").join(format!("{name}.csv"));
-        write(&csv, table.to_csv().as_bytes())?;
-        let tex = out.join("tables").join(format!("{name}.tex"));
-        write(&tex, table.to_latex().as_bytes())?;
-        files.extend([csv, tex]);
-    }
+    write_tables(out, &sections, &mut files)?;
     let md = tables::report_markdown(sweep_dir, loaded, &sections, &svgs);
     let html = tables::report_html(sweep_dir, loaded, &sections, &svgs);
     write(&out.join("report.md"), md.as_bytes())?;
