@@ -449,9 +449,18 @@ fn summarise(
                 .map(|x| format!("{x:.3}"))
                 .unwrap_or_else(|| "-".into())
         };
+        let run_dir = edpo_rundir::sweep::run_dir(root, &r.hash);
         let status = match outcome {
             Outcome::Skipped => "skipped",
             Outcome::Completed => "completed",
+            // Another process (a second sweep on the directory, a Slurm task) held it and has
+            // finished it since: done, by someone else.
+            Outcome::Busy(_)
+                if edpo_rundir::read_status(&run_dir)
+                    .is_some_and(|s| s.state == edpo_rundir::RunState::Completed) =>
+            {
+                "elsewhere"
+            }
             Outcome::Busy(owner) => {
                 failed.push(format!(
                     "run {index} ({}): left to {owner}, which holds it",
