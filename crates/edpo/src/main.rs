@@ -438,18 +438,17 @@ fn summarise(
     let mut failed = Vec::new();
     for (index, outcome) in outcomes {
         let r = &planned.runs[*index];
-        let eval: Option<serde_json::Value> = std::fs::read_to_string(
-            edpo_rundir::sweep::run_dir(root, &r.hash).join(edpo_rundir::EVAL),
-        )
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
+        let run_dir = edpo_rundir::sweep::run_dir(root, &r.hash);
+        let eval: Option<serde_json::Value> =
+            std::fs::read_to_string(run_dir.join(edpo_rundir::EVAL))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
         let get = |k: &str| {
             eval.as_ref()
                 .and_then(|e| e[k].as_f64())
                 .map(|x| format!("{x:.3}"))
                 .unwrap_or_else(|| "-".into())
         };
-        let run_dir = edpo_rundir::sweep::run_dir(root, &r.hash);
         let status = match outcome {
             Outcome::Skipped => "skipped",
             Outcome::Completed => "completed",

@@ -9,8 +9,9 @@
 //! weight ([`skinny`]: the weight streamed once, no packing); everything else goes to candle's
 //! matrix multiply. The models of the default task (width 128) never reach the threshold, so
 //! their numbers are those of candle's kernel, unchanged; SmolLM2-sized models (width 576) run
-//! every linear map and LM head here. Work is split across threads by blocks of rows of `C` when candle runs
-//! with more than one. `EDPO_GEMM=candle` in the environment turns it off (for measurement).
+//! every linear map and LM head here. Work is split across threads by blocks of rows of `C`
+//! when candle runs with more than one. `EDPO_GEMM=candle` in the environment turns it off (for
+//! measurement).
 //!
 //! The register tile and the decoding steps' dot product are the project's only `unsafe` code
 //! (vector intrinsics behind a run-time CPU check); each checks the lengths of everything it
