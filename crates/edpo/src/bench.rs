@@ -17,6 +17,12 @@
 //! `tools/bench_vs_torch.py` times `generate`). `--lora R`: LoRA adapters of rank R (alpha 2R)
 //! on every attention and MLP projection, only they trained, the reference being the same
 //! base (one copy of it).
+//!
+//! `--workload gemm`: the matrix products of a SmolLM2 step ([`GEMM_SHAPES`]: each projection's
+//! forward product, its input gradient and its weight gradient, as the layers lay them out,
+//! and the LM head's at its chunk size), each timed alone through `kernels::gemm` and through
+//! candle's matrix multiply, in GFLOP/s, one JSON line per product; `tools/bench_gemm.py` times
+//! PyTorch on the same products in the same sitting.
 
 use anyhow::Result;
 use edpo_data::TokenizedPair;
@@ -86,7 +92,7 @@ impl Workload {
                     ],
                 }
             }
-            other => anyhow::bail!("--workload: `{other}` is not one of gpt2, smollm2"),
+            other => anyhow::bail!("--workload: `{other}` is not one of gpt2, smollm2, gemm"),
         })
     }
 }
@@ -107,7 +113,11 @@ pub struct BenchArgs {
     /// Skip the sampling measurement (for profiling the training step alone).
     #[arg(long)]
     no_sampling: bool,
-    /// The workload: `gpt2` (the small default) or `smollm2` (SmolLM2-135M's architecture).
+    /// Time sampling only (the training step is not measured).
+    #[arg(long, conflicts_with = "no_sampling")]
+    sampling_only: bool,
+    /// The workload: `gpt2` (the small default), `smollm2` (SmolLM2-135M's architecture) or
+    /// `gemm` (the matrix products of a SmolLM2 step, one at a time, in GFLOP/s).
     #[arg(long, default_value = "gpt2")]
     workload: String,
     /// Train LoRA adapters of this rank on every projection instead of every weight.
@@ -298,7 +308,23 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         args.threads >= 1 && args.steps >= 1,
         "--threads and --steps must be at least 1"
     );
+    if args.workload == "gemm" {
+        return run_gemm();
+    }
     let work = Workload::named(&args.workload)?;
+    if args.sampling_only {
+        let tokens_per_s = match args.workload.as_str() {
+            "gpt2" => measure_sampling()?.0,
+            _ => measure_sampling_at(&work)?,
+        };
+        let out = json!({
+            "sampling_tokens_per_s": tokens_per_s,
+            "workload": args.workload,
+            "threads": args.threads,
+        });
+        say!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
     let dpo = measure(
         &work,
         args.lora,
@@ -345,5 +371,144 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         out["lora_rank"] = json!(args.lora);
     }
     say!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+/// One product of [`GEMM_SHAPES`]: `C (m × n) = op(A)·op(B)`, `a_t`: `A` stored `(k, m)` and
+/// read transposed, `b_t`: `B` stored `(n, k)` and read transposed.
+struct GemmShape {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_t: bool,
+    b_t: bool,
+}
+
+const fn shape(
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_t: bool,
+    b_t: bool,
+) -> GemmShape {
+    GemmShape {
+        name,
+        m,
+        n,
+        k,
+        a_t,
+        b_t,
+    }
+}
+
+/// The products of a SmolLM2 step (4 pairs of 64 + 64 + 64 tokens: 768 rows, 512 of them
+/// response positions for the head): for each projection `W (out, in)`, the forward `x·Wᵀ`,
+/// the input gradient `g·W` and the weight gradient `gᵀ·x`; the head at one chunk of 8,192
+/// vocabulary rows.
+const GEMM_SHAPES: &[GemmShape] = &[
+    shape("q_o.forward", 768, 576, 576, false, true),
+    shape("q_o.input_grad", 768, 576, 576, false, false),
+    shape("q_o.weight_grad", 576, 576, 768, true, false),
+    shape("k_v.forward", 768, 192, 576, false, true),
+    shape("k_v.input_grad", 768, 576, 192, false, false),
+    shape("k_v.weight_grad", 192, 576, 768, true, false),
+    shape("gate_up.forward", 768, 1536, 576, false, true),
+    shape("gate_up.input_grad", 768, 576, 1536, false, false),
+    shape("gate_up.weight_grad", 1536, 576, 768, true, false),
+    shape("down.forward", 768, 576, 1536, false, true),
+    shape("down.input_grad", 768, 1536, 576, false, false),
+    shape("down.weight_grad", 576, 1536, 768, true, false),
+    shape("head.forward", 512, 8192, 576, false, true),
+    shape("head.input_grad", 512, 576, 8192, false, false),
+    shape("head.weight_grad", 8192, 576, 512, true, false),
+];
+
+/// Seconds per call of `f`, the best of five rounds of enough calls to fill 0.2 s.
+fn seconds_per_call(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let start = Instant::now();
+    f()?;
+    let once = start.elapsed().as_secs_f64().max(1e-6);
+    let calls = ((0.2 / once).ceil() as usize).max(1);
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        for _ in 0..calls {
+            f()?;
+        }
+        best = best.min(start.elapsed().as_secs_f64() / calls as f64);
+    }
+    Ok(best)
+}
+
+/// `--workload gemm`: every product of [`GEMM_SHAPES`] through `kernels::gemm` and candle's
+/// matrix multiply, on the current thread pool.
+fn run_gemm() -> Result<()> {
+    use candle_core::{Device, Tensor};
+    use edpo_model::kernels::gemm;
+    anyhow::ensure!(
+        gemm::available(),
+        "--workload gemm: this CPU has no AVX2/FMA, or EDPO_GEMM=candle is set"
+    );
+    let device = Device::Cpu;
+    for s in GEMM_SHAPES {
+        let (a_rows, a_cols) = if s.a_t { (s.k, s.m) } else { (s.m, s.k) };
+        let (b_rows, b_cols) = if s.b_t { (s.n, s.k) } else { (s.k, s.n) };
+        let a = Tensor::randn(0f32, 1.0, (a_rows, a_cols), &device)?;
+        let b = Tensor::randn(0f32, 1.0, (b_rows, b_cols), &device)?;
+        let av: Vec<f32> = a.flatten_all()?.to_vec1()?;
+        let bv: Vec<f32> = b.flatten_all()?.to_vec1()?;
+        let oa = if s.a_t {
+            gemm::Operand {
+                data: &av,
+                row_stride: 1,
+                col_stride: s.m,
+            }
+        } else {
+            gemm::Operand {
+                data: &av,
+                row_stride: s.k,
+                col_stride: 1,
+            }
+        };
+        let ob = if s.b_t {
+            gemm::Operand {
+                data: &bv,
+                row_stride: 1,
+                col_stride: s.k,
+            }
+        } else {
+            gemm::Operand {
+                data: &bv,
+                row_stride: s.n,
+                col_stride: 1,
+            }
+        };
+        let mut c = vec![0f32; s.m * s.n];
+        let ours = seconds_per_call(|| {
+            gemm::matmul_into(s.m, s.n, s.k, oa, ob, &mut c, false);
+            Ok(())
+        })?;
+        let (ta, tb) = (
+            if s.a_t { a.t()? } else { a.clone() },
+            if s.b_t { b.t()? } else { b.clone() },
+        );
+        let theirs = seconds_per_call(|| {
+            ta.matmul(&tb)?;
+            Ok(())
+        })?;
+        let flops = 2.0 * (s.m * s.n * s.k) as f64;
+        say!(
+            "{}",
+            serde_json::to_string(&json!({
+                "product": s.name, "m": s.m, "n": s.n, "k": s.k, "a_t": s.a_t, "b_t": s.b_t,
+                "edpo_gflops": flops / ours / 1e9,
+                "candle_gflops": flops / theirs / 1e9,
+                "threads": candle_core::utils::get_num_threads(),
+            }))?
+        );
+    }
     Ok(())
 }

@@ -2,11 +2,13 @@
 //! cache-blocked GEMM with a 6×16 AVX2/FMA register tile (the BLIS scheme: `B` packed in
 //! `KC × 16` column panels, `A` in `6 × KC` row panels, each 6×16 block of `C` accumulated in
 //! twelve vector registers over `KC` steps), reading either operand through any row and column
-//! strides, so transposed views cost nothing.
+//! strides, so transposed views cost nothing (a transposed `B`, the forward pass's `x·Wᵀ`, is
+//! packed eight columns by eight depths at a time through an in-register transpose).
 //!
 //! Used on x86-64 CPUs with AVX2 and FMA (checked at run time) for products whose three
 //! dimensions are all at least [`MIN_DIM`], and for a decoding step's few rows against a large
-//! weight ([`skinny`]: the weight streamed once, no packing); everything else goes to candle's
+//! weight ([`skinny`]: the weight streamed once, no packing, up to four rows' dot products per
+//! column at once, each in the single dot product's order); everything else goes to candle's
 //! matrix multiply. The models of the default task (width 128) never reach the threshold, so
 //! their numbers are those of candle's kernel, unchanged; SmolLM2-sized models (width 576) run
 //! every linear map and LM head here. Work is split across threads by blocks of rows of `C`
@@ -104,11 +106,17 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
         let w = width.min(n - j0);
         let mut out = vec![0f32; m * w];
         if b.row_stride == 1 {
-            // Column j of B is contiguous (a transposed `(out, in)` weight): dot products.
+            // Column j of B is contiguous (a transposed `(out, in)` weight): dot products,
+            // up to four rows against each column at once, so the column is loaded once per
+            // four rows and four rows' sums advance side by side.
+            let mut sums = [0f32; 4];
             for j in 0..w {
                 let column = &b.data[(j0 + j) * b.col_stride..][..k];
-                for (i, row) in a_rows.iter().enumerate() {
-                    out[i * w + j] = dot(row, column);
+                for (g, rows) in a_rows.chunks(4).enumerate() {
+                    dots(rows, column, &mut sums[..rows.len()]);
+                    for (r, &x) in sums[..rows.len()].iter().enumerate() {
+                        out[(4 * g + r) * w + j] = x;
+                    }
                 }
             }
         } else {
@@ -183,18 +191,18 @@ pub fn matmul_into(
     let parallel = super::gemm_parallel();
     // Depth blocks of equal size (at most KC), so that no pass over C is a thin remainder.
     let kc_size = k.div_ceil(k.div_ceil(KC));
-    let mut packed_b = Vec::new();
+    let mut packed_b_buf = Vec::new();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(kc_size) {
             let kc = kc_size.min(k - pc);
-            pack_b(&mut packed_b, b, pc, kc, jc, nc);
+            let packed_b = pack_b(&mut packed_b_buf, b, pc, kc, jc, nc);
             let add = accumulate || pc > 0;
             let block = |(ib, rows): (usize, &mut [f32])| {
                 let ic = ib * MC;
                 let mc = rows.len() / n;
-                let mut packed_a = Vec::new();
-                pack_a(&mut packed_a, a, ic, mc, pc, kc);
+                let mut packed_a_buf = Vec::new();
+                let packed_a = pack_a(&mut packed_a_buf, a, ic, mc, pc, kc);
                 for jr in (0..nc).step_by(NR) {
                     let nr = NR.min(nc - jr);
                     let bp = &packed_b[(jr / NR) * kc * NR..][..kc * NR];
@@ -369,6 +377,65 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     super::lane_dot(a, b)
 }
 
+/// `out[r] = dot(rows[r], column)` for up to four rows, each sum in exactly [`dot`]'s order
+/// (the same numbers), the column read once for all of them.
+fn dots(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
+    assert!(
+        rows.len() == out.len() && rows.len() <= 4 && rows.iter().all(|r| r.len() == column.len()),
+        "gemm: dot products of unequal lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX2 and FMA (`available`); every row has the column's length
+        // and `out` one element per row (checked just above).
+        unsafe {
+            match rows.len() {
+                4 => dots_avx2::<4>(rows, column, out),
+                3 => dots_avx2::<3>(rows, column, out),
+                2 => dots_avx2::<2>(rows, column, out),
+                _ => dots_avx2::<1>(rows, column, out),
+            }
+        }
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(rows) {
+        *o = dot(row, column);
+    }
+}
+
+/// [`dots`] for `R` rows after its checks.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `rows` and `out` hold `R` elements, every row the
+/// column's length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = column.len();
+    let pb = column.as_ptr();
+    let pa: [*const f32; R] = std::array::from_fn(|r| rows[r].as_ptr());
+    let (mut s0, mut s1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let mut i = 0;
+    while i + 16 <= n {
+        let (b0, b1) = (_mm256_loadu_ps(pb.add(i)), _mm256_loadu_ps(pb.add(i + 8)));
+        for r in 0..R {
+            s0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(pa[r].add(i)), b0, s0[r]);
+            s1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(pa[r].add(i + 8)), b1, s1[r]);
+        }
+        i += 16;
+    }
+    for r in 0..R {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0[r], s1[r]));
+        let mut total: f32 = lanes.iter().sum();
+        for t in i..n {
+            total += rows[r][t] * column[t];
+        }
+        out[r] = total;
+    }
+}
+
 /// [`dot`] after its checks.
 ///
 /// # Safety
@@ -400,12 +467,26 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     total
 }
 
-/// Packs `B[pc..pc+kc, jc..jc+nc]` as `⌈nc/16⌉` panels of `kc × 16`, zero-padded.
-fn pack_b(out: &mut Vec<f32>, b: Operand<'_>, pc: usize, kc: usize, jc: usize, nc: usize) {
-    let panels = nc.div_ceil(NR);
-    out.clear();
-    out.resize(panels * kc * NR, 0.0);
-    for (q, panel) in out.chunks_mut(kc * NR).enumerate() {
+/// `buf` as `len` zeros. (Starting the packed panels at a 64-byte boundary was measured and
+/// made no difference beyond the noise.)
+fn zeroed(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buf.clear();
+    buf.resize(len, 0.0);
+    buf
+}
+
+/// Packs `B[pc..pc+kc, jc..jc+nc]` as `⌈nc/16⌉` panels of `kc × 16`, zero-padded, into `out`;
+/// returns the packed panels.
+fn pack_b<'o>(
+    out: &'o mut Vec<f32>,
+    b: Operand<'_>,
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+) -> &'o [f32] {
+    let packed = zeroed(out, nc.div_ceil(NR) * kc * NR);
+    for (q, panel) in packed.chunks_mut(kc * NR).enumerate() {
         let j0 = jc + q * NR;
         let width = NR.min(jc + nc - j0);
         if b.col_stride == 1 {
@@ -414,11 +495,21 @@ fn pack_b(out: &mut Vec<f32>, b: Operand<'_>, pc: usize, kc: usize, jc: usize, n
                 panel[p * NR..p * NR + width].copy_from_slice(&b.data[start..start + width]);
             }
         } else if b.row_stride == 1 {
-            // A transposed view: each column is contiguous, so read along it.
+            // A transposed view: each column is contiguous, so read along it, eight columns
+            // by eight depths at a time transposed in registers, the rest one by one.
+            let (groups, blocks) = (width / 8, kc / 8);
+            for g in 0..groups {
+                let columns: [&[f32]; 8] =
+                    std::array::from_fn(|j| &b.data[(j0 + 8 * g + j) * b.col_stride + pc..][..kc]);
+                for q in 0..blocks {
+                    transpose_8x8(&columns, 8 * q, &mut panel[8 * q * NR + 8 * g..], NR);
+                }
+            }
             for j in 0..width {
                 let column = &b.data[(j0 + j) * b.col_stride + pc..][..kc];
-                for (dst, &x) in panel.iter_mut().skip(j).step_by(NR).zip(column) {
-                    *dst = x;
+                let done = if j < 8 * groups { 8 * blocks } else { 0 };
+                for (p, &x) in column.iter().enumerate().skip(done) {
+                    panel[p * NR + j] = x;
                 }
             }
         } else {
@@ -429,15 +520,83 @@ fn pack_b(out: &mut Vec<f32>, b: Operand<'_>, pc: usize, kc: usize, jc: usize, n
             }
         }
     }
+    packed
+}
+
+/// `dst[r·stride + j] = columns[j][p + r]` for `r, j < 8`: an 8 × 8 block of eight contiguous
+/// columns written as eight rows. Panics when a column holds fewer than `p + 8` elements or
+/// `dst` fewer than `7·stride + 8`.
+fn transpose_8x8(columns: &[&[f32]; 8], p: usize, dst: &mut [f32], stride: usize) {
+    assert!(
+        columns.iter().all(|c| c.len() >= p + 8) && stride >= 8 && dst.len() >= 7 * stride + 8,
+        "gemm: an 8 × 8 transpose out of bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX2 (`available`), every column is read at `p..p + 8` and
+        // `dst` written at `r·stride..r·stride + 8` for `r < 8`, within the lengths checked.
+        unsafe { transpose_8x8_avx2(columns, p, dst, stride) };
+        return;
+    }
+    for r in 0..8 {
+        for (j, column) in columns.iter().enumerate() {
+            dst[r * stride + j] = column[p + r];
+        }
+    }
+}
+
+/// [`transpose_8x8`] after its checks.
+///
+/// # Safety
+/// The CPU must support AVX2; every column holds `p + 8` elements and `dst` `7·stride + 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_8x8_avx2(columns: &[&[f32]; 8], p: usize, dst: &mut [f32], stride: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(columns[j].as_ptr().add(p)));
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let out = [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ];
+    for (row, v) in out.iter().enumerate() {
+        _mm256_storeu_ps(dst.as_mut_ptr().add(row * stride), *v);
+    }
 }
 
 /// Packs `A[ic..ic+mc, pc..pc+kc]` as `⌈mc/6⌉` panels of `6 × kc` stored column by column,
-/// zero-padded.
-fn pack_a(out: &mut Vec<f32>, a: Operand<'_>, ic: usize, mc: usize, pc: usize, kc: usize) {
-    let panels = mc.div_ceil(MR);
-    out.clear();
-    out.resize(panels * kc * MR, 0.0);
-    for (q, panel) in out.chunks_mut(kc * MR).enumerate() {
+/// zero-padded, into `out`; returns the packed panels.
+fn pack_a<'o>(
+    out: &'o mut Vec<f32>,
+    a: Operand<'_>,
+    ic: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+) -> &'o [f32] {
+    let packed = zeroed(out, mc.div_ceil(MR) * kc * MR);
+    for (q, panel) in packed.chunks_mut(kc * MR).enumerate() {
         let i0 = ic + q * MR;
         let height = MR.min(ic + mc - i0);
         if a.row_stride == 1 && height == MR {
@@ -466,6 +625,7 @@ fn pack_a(out: &mut Vec<f32>, a: Operand<'_>, ic: usize, mc: usize, pc: usize, k
             }
         }
     }
+    packed
 }
 
 /// `C[0..mr, 0..nr] (+)= Ap · Bp` for packed panels `Ap (6 × kc)` and `Bp (kc × 16)`, `C` with
@@ -580,6 +740,34 @@ unsafe fn tile_6x16_avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Several rows' dot products at once are each row's [`dot`], bit for bit.
+    #[test]
+    fn grouped_dot_products_are_single_ones() {
+        for k in [1, 15, 16, 200, 577] {
+            let column: Vec<f32> = (0..k)
+                .map(|i| ((i * 53 % 89) as f32) * 0.02 - 0.9)
+                .collect();
+            let rows: Vec<Vec<f32>> = (0..4)
+                .map(|r| {
+                    (0..k)
+                        .map(|i| (((i + 7 * r) * 37 % 101) as f32) * 0.01 - 0.5)
+                        .collect()
+                })
+                .collect();
+            for count in 1..=4 {
+                let mut out = vec![0f32; count];
+                dots(&rows[..count], &column, &mut out);
+                for (row, got) in rows.iter().zip(&out) {
+                    assert_eq!(
+                        got.to_bits(),
+                        dot(row, &column).to_bits(),
+                        "k {k}, {count} rows"
+                    );
+                }
+            }
+        }
+    }
 
     /// Decoding-step products against a float64 product, for both storage orders of `B`.
     #[test]
