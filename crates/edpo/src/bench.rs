@@ -125,6 +125,19 @@ pub struct BenchArgs {
     lora: Option<usize>,
 }
 
+impl BenchArgs {
+    /// The shards when `--shards` is not given: one per thread for the training workloads;
+    /// one for `gemm`, whose products then use every thread (a shard keeps its products to
+    /// its own thread, and the GEMM workload has no batch to shard).
+    pub fn default_shards(&self) -> usize {
+        if self.workload == "gemm" {
+            1
+        } else {
+            self.threads
+        }
+    }
+}
+
 fn config() -> (ModelConfig, serde_json::Value) {
     let cfg = Gpt2Config {
         vocab_size: VOCAB,

@@ -242,7 +242,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
-            let shards = args.shards.unwrap_or(args.threads);
+            let shards = args.shards.unwrap_or_else(|| args.default_shards());
             with_threads(args.threads, shards, || bench::run(&args, shards))?
         }
         Command::Convert {
