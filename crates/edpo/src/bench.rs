@@ -473,32 +473,8 @@ fn run_gemm() -> Result<()> {
         let b = Tensor::randn(0f32, 1.0, (b_rows, b_cols), &device)?;
         let av: Vec<f32> = a.flatten_all()?.to_vec1()?;
         let bv: Vec<f32> = b.flatten_all()?.to_vec1()?;
-        let oa = if s.a_t {
-            gemm::Operand {
-                data: &av,
-                row_stride: 1,
-                col_stride: s.m,
-            }
-        } else {
-            gemm::Operand {
-                data: &av,
-                row_stride: s.k,
-                col_stride: 1,
-            }
-        };
-        let ob = if s.b_t {
-            gemm::Operand {
-                data: &bv,
-                row_stride: 1,
-                col_stride: s.k,
-            }
-        } else {
-            gemm::Operand {
-                data: &bv,
-                row_stride: s.n,
-                col_stride: 1,
-            }
-        };
+        let oa = gemm::Operand::stored(&av, s.m, s.k, s.a_t);
+        let ob = gemm::Operand::stored(&bv, s.k, s.n, s.b_t);
         let mut c = vec![0f32; s.m * s.n];
         let ours = seconds_per_call(|| {
             gemm::matmul_into(s.m, s.n, s.k, oa, ob, &mut c, false);

@@ -42,7 +42,25 @@ pub struct Operand<'a> {
     pub col_stride: usize,
 }
 
-impl Operand<'_> {
+impl<'a> Operand<'a> {
+    /// A `rows × cols` matrix stored row-major in `data`, or with `transposed` stored as its
+    /// `cols × rows` transpose, row-major, and read in place.
+    pub fn stored(data: &'a [f32], rows: usize, cols: usize, transposed: bool) -> Self {
+        if transposed {
+            Operand {
+                data,
+                row_stride: 1,
+                col_stride: rows,
+            }
+        } else {
+            Operand {
+                data,
+                row_stride: cols,
+                col_stride: 1,
+            }
+        }
+    }
+
     #[inline(always)]
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.row_stride + j * self.col_stride]
@@ -786,22 +804,10 @@ mod tests {
                 bt[j * k + p] = bv[p * n + j];
             }
         }
-        let a = Operand {
-            data: &av,
-            row_stride: k,
-            col_stride: 1,
-        };
+        let a = Operand::stored(&av, m, k, false);
         for b in [
-            Operand {
-                data: &bv,
-                row_stride: n,
-                col_stride: 1,
-            },
-            Operand {
-                data: &bt,
-                row_stride: 1,
-                col_stride: k,
-            },
+            Operand::stored(&bv, k, n, false),
+            Operand::stored(&bt, k, n, true),
         ] {
             let c = skinny_matmul(m, n, k, a, b);
             for i in 0..m {
@@ -850,32 +856,8 @@ mod tests {
                     out
                 };
                 let (sa, sb) = (store(&av, m, k, a_t), store(&bv, k, n, b_t));
-                let a = if a_t {
-                    Operand {
-                        data: &sa,
-                        row_stride: 1,
-                        col_stride: m,
-                    }
-                } else {
-                    Operand {
-                        data: &sa,
-                        row_stride: k,
-                        col_stride: 1,
-                    }
-                };
-                let b = if b_t {
-                    Operand {
-                        data: &sb,
-                        row_stride: 1,
-                        col_stride: k,
-                    }
-                } else {
-                    Operand {
-                        data: &sb,
-                        row_stride: n,
-                        col_stride: 1,
-                    }
-                };
+                let a = Operand::stored(&sa, m, k, a_t);
+                let b = Operand::stored(&sb, k, n, b_t);
                 let c = matmul(m, n, k, a, b);
                 // Accumulating onto C: the same product plus what C held.
                 let mut twice = c.clone();
