@@ -67,6 +67,17 @@ impl From<polars::prelude::PolarsError> for Error {
     }
 }
 
+/// A hidden sibling of `path` to write before renaming it into place, ending in `suffix` and
+/// named after this process, so that two processes writing one report (two sweeps sharing a
+/// directory) never write or rename each other's half-written file.
+pub(crate) fn temporary_sibling(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("report");
+    path.with_file_name(format!(".{name}.{}.tmp-report{suffix}", std::process::id()))
+}
+
 pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::File {
@@ -74,7 +85,7 @@ pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
             message: e.to_string(),
         })?;
     }
-    let tmp = path.with_extension("tmp-report");
+    let tmp = temporary_sibling(path, "");
     std::fs::write(&tmp, bytes).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::File {

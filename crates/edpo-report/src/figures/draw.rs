@@ -287,8 +287,9 @@ pub(super) fn finish(mut fig: Figure) -> Result<Figure> {
     Ok(fig)
 }
 
-/// Writes the figure as PNG: drawn into a temporary sibling and renamed into place, so a
-/// failure (a full disk) leaves no half-written image; the error names the file.
+/// Writes the figure as PNG: drawn into a temporary sibling of this process's and renamed into
+/// place, so a failure (a full disk) leaves no half-written image and two processes writing
+/// one report never rename each other's; the error names the file.
 pub fn render_png(fig: &Figure, path: &Path) -> Result<()> {
     register_font()?;
     if let Some(parent) = path.parent() {
@@ -297,12 +298,8 @@ pub fn render_png(fig: &Figure, path: &Path) -> Result<()> {
             message: e.to_string(),
         })?;
     }
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("figure");
     // The extension tells plotters the image format.
-    let tmp = path.with_file_name(format!(".{stem}.tmp-report.png"));
+    let tmp = crate::temporary_sibling(path, ".png");
     let drawn = draw(BitMapBackend::new(&tmp, size(fig)).into_drawing_area(), fig);
     let done = drawn.and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
     done.map_err(|message| {
