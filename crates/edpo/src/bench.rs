@@ -18,6 +18,8 @@
 //! on every attention and MLP projection, only they trained, the reference being the same
 //! base (one copy of it).
 //!
+//! `--sampling-only`: the sampling measurement alone (no training step).
+//!
 //! `--workload gemm`: the matrix products of a SmolLM2 step ([`GEMM_SHAPES`]: each projection's
 //! forward product, its input gradient and its weight gradient, as the layers lay them out,
 //! and the LM head's at its chunk size), each timed alone through `kernels::gemm` and through
@@ -315,6 +317,19 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The sampling measurements of a workload: cached and uncached tokens/s on the small one,
+/// cached only on a large one (none with LoRA there).
+fn sampling_of(args: &BenchArgs, work: &Workload) -> Result<(Option<f64>, Option<f64>)> {
+    Ok(match (args.workload.as_str(), args.lora) {
+        ("gpt2", _) => {
+            let (cached, uncached) = measure_sampling()?;
+            (Some(cached), Some(uncached))
+        }
+        (_, Some(_)) => (None, None),
+        _ => (Some(measure_sampling_at(work)?), None),
+    })
+}
+
 /// Runs the bench with `shards` groups of pairs per batch, on the current rayon pool.
 pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
     anyhow::ensure!(
@@ -326,12 +341,10 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
     }
     let work = Workload::named(&args.workload)?;
     if args.sampling_only {
-        let tokens_per_s = match args.workload.as_str() {
-            "gpt2" => measure_sampling()?.0,
-            _ => measure_sampling_at(&work)?,
-        };
+        let (sampling, sampling_uncached) = sampling_of(args, &work)?;
         let out = json!({
-            "sampling_tokens_per_s": tokens_per_s,
+            "sampling_tokens_per_s": sampling,
+            "sampling_uncached_tokens_per_s": sampling_uncached,
             "workload": args.workload,
             "threads": args.threads,
         });
@@ -355,14 +368,10 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         args.steps,
         shards,
     )?;
-    let (sampling, sampling_uncached) = match (args.no_sampling, args.workload.as_str()) {
-        (true, _) => (None, None),
-        (false, "gpt2") => {
-            let (a, b) = measure_sampling()?;
-            (Some(a), Some(b))
-        }
-        (false, _) if args.lora.is_some() => (None, None),
-        (false, _) => (Some(measure_sampling_at(&work)?), None),
+    let (sampling, sampling_uncached) = if args.no_sampling {
+        (None, None)
+    } else {
+        sampling_of(args, &work)?
     };
     let tokens_per_pair = (2 * (work.prompt + work.response)) as f64;
     let out = json!({
