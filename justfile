@@ -8,23 +8,23 @@ default:
 # Run the default grid (the ε-ablation on the sentiment task), its report, and print its table.
 [group('experiments')]
 sweep grid="experiments/default.yaml" jobs="2":
-    cargo run --release -p edpo -- sweep {{grid}} --jobs {{jobs}}
+    cargo run -p edpo -- sweep {{grid}} --jobs {{jobs}}
 
 # Train one config, e.g. `just train experiments/synthetic.yaml --set objective.beta=0.2`.
 [group('experiments')]
 train config="experiments/synthetic.yaml" *args="":
-    cargo run --release -p edpo -- train {{config}} {{args}}
+    cargo run -p edpo -- train {{config}} {{args}}
 
 # Hand a grid to Slurm as one job array, e.g. `just sweep-slurm experiments/default.yaml --time 01:00:00`.
 [group('experiments')]
 sweep-slurm grid="experiments/default.yaml" *args="":
-    cargo build --release -p edpo
-    target/release/edpo sweep {{grid}} --launcher slurm {{args}}
+    cargo build -p edpo
+    target/debug/edpo sweep {{grid}} --launcher slurm {{args}}
 
 # Where every run of a sweep is (pending / running / completed / failed).
 [group('experiments')]
 status sweep="runs/default":
-    cargo run --release -p edpo -- sweep status {{sweep}}
+    cargo run -p edpo -- sweep status {{sweep}}
 
 # Start a single-node Slurm on this machine (root; what the Slurm tests run against).
 [group('dev')]
@@ -39,17 +39,17 @@ slurm-down:
 # Show the runs a grid expands to, without running them.
 [group('experiments')]
 plan grid="experiments/synthetic-ablation.yaml":
-    cargo run --release -p edpo -- sweep {{grid}} --dry-run
+    cargo run -p edpo -- sweep {{grid}} --dry-run
 
 # The CI smoke grid.
 [group('experiments')]
 smoke:
-    cargo run --release -p edpo -- sweep experiments/smoke.yaml --jobs 2
+    cargo run -p edpo -- sweep experiments/smoke.yaml --jobs 2
 
 # The fixed training benchmark (prints JSON).
 [group('performance')]
 bench threads="1" steps="20":
-    cargo run --release -p edpo -- bench --threads {{threads}} --steps {{steps}}
+    cargo run -p edpo -- bench --threads {{threads}} --steps {{steps}}
 
 # The same workload in PyTorch (bare loop, same-FLOPs loop eager and compiled, TRL); needs
 # torch, transformers, peft, trl, datasets. `just bench-torch 1 3 smollm2` for SmolLM2's size.
@@ -60,13 +60,13 @@ bench-torch threads="1" steps="20" workload="gpt2":
 # edpo and every PyTorch peer in one sitting, as Markdown tables (records appended to OUT).
 [group('performance')]
 bench-sitting out="bench-sitting.jsonl" steps="2":
-    cargo build --release -p edpo
-    python3 tools/bench_sitting.py --edpo target/release/edpo --steps {{steps}} --out {{out}}
+    cargo build -p edpo
+    python3 tools/bench_sitting.py --edpo target/debug/edpo --steps {{steps}} --out {{out}}
 
 # Sweep --jobs 1 vs 2 and run threads 1 vs 2, as a Markdown table.
 [group('performance')]
 parallelism:
-    cargo build --release -p edpo
+    cargo build -p edpo
     tools/measure_parallelism.sh
 
 # The test suite (the README's test command).

@@ -1,7 +1,7 @@
 """One sitting of the performance comparison: `edpo bench` and every PyTorch peer of
 `tools/bench_vs_torch.py`, on the same machine, one after the other, as Markdown tables.
 
-    python3 tools/bench_sitting.py --edpo target/release/edpo --steps 2 --out sitting.jsonl
+    python3 tools/bench_sitting.py --edpo target/debug/edpo --steps 2 --out sitting.jsonl
 
 Runs, for each case (workload, LoRA rank, threads) in `--cases` order, `edpo bench` and the
 PyTorch measurements (`bare`, `samef`, `trl`, `samef-compiled`, and `sampling` on the SmolLM2
@@ -121,7 +121,7 @@ def table(records):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], allow_abbrev=False)
-    parser.add_argument("--edpo", default="target/release/edpo", help="the edpo binary")
+    parser.add_argument("--edpo", default="target/debug/edpo", help="the edpo binary")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
     parser.add_argument("--cases", default=DEFAULT_CASES,
                         help="workload:full|loraR:threads, comma-separated, in order")

@@ -4,7 +4,7 @@
 # Usage: tools/measure_parallelism.sh [path to edpo binary]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EDPO=${1:-target/release/edpo}
+EDPO=${1:-target/debug/edpo}
 OUT=$(mktemp -d)
 GRID=experiments/synthetic-ablation.yaml
 "$EDPO" train experiments/synthetic.yaml --out "$OUT" >/dev/null 2>&1   # builds the stages

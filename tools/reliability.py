@@ -2,7 +2,7 @@
 """Reliability trials: faults injected into real sweeps, each outcome checked, one Markdown
 table out (the README's "Reliability" table is this script's output, pasted).
 
-    python3 tools/reliability.py [--edpo target/release/edpo] [--crashes 24] [--only crash,disk]
+    python3 tools/reliability.py [--edpo target/debug/edpo] [--crashes 24] [--only crash,disk]
 
 Rows (each a kind of fault; the CI tests that keep a few trials of each true are named in
 the table):
@@ -447,7 +447,7 @@ def corrupted_inputs(t: Trials, flips: int, seed: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--edpo", default="target/release/edpo")
+    ap.add_argument("--edpo", default="target/debug/edpo")
     ap.add_argument("--crashes", type=int, default=24)
     ap.add_argument("--concurrent", type=int, default=5)
     ap.add_argument("--flips", type=int, default=12)

@@ -8,7 +8,7 @@ the token ids of every text with both tokenizers. Prints the table and the large
 differences. Needs torch, transformers, gguf and accelerate (`transformers` loads a GGUF file
 only with it), and peft for `--adapter`; the file from `tools/fetch_smollm2.sh`:
 
-    python3 tools/smollm2_parity.py --edpo target/release/edpo
+    python3 tools/smollm2_parity.py --edpo target/debug/edpo
 
 With `--adapter DIR` (a PEFT LoRA directory, e.g. the `adapter/` a LoRA run writes), edpo
 merges the adapter into the model (`edpo convert --adapter`) and `transformers` loads the same
@@ -41,7 +41,7 @@ PAIRS = [
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=str(ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--edpo", default=str(ROOT / "target/release/edpo"))
+    ap.add_argument("--edpo", default=str(ROOT / "target/debug/edpo"))
     ap.add_argument("--adapter", help="a PEFT LoRA adapter directory written by edpo")
     args = ap.parse_args()
     gguf = pathlib.Path(args.gguf)

@@ -5,8 +5,8 @@
 #   tools/slurm/compare_launchers.sh [GRID] [EDPO]
 set -euo pipefail
 grid=${1:-experiments/smoke.yaml}
-edpo=${2:-target/release/edpo}
-[ -x "$edpo" ] || { echo "no $edpo: cargo build --release -p edpo" >&2; exit 1; }
+edpo=${2:-target/debug/edpo}
+[ -x "$edpo" ] || { echo "no $edpo: cargo build -p edpo" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 name=$("$edpo" sweep "$grid" --dry-run | tail -1 | sed 's|.*/||')
