@@ -167,7 +167,7 @@ fn sample_batch(
             break;
         }
         if kept_rows.len() < active.len() {
-            cache.keep_rows(&kept_rows, model.device())?;
+            cache.keep_rows(&kept_rows)?;
             active = kept_rows.iter().map(|&row| active[row]).collect();
         }
         let next: Vec<u32> = active.iter().map(|&i| responses[i][step]).collect();
@@ -303,6 +303,18 @@ mod tests {
                 "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 5,
                 "tie_word_embeddings": true}),
+            ),
+            // Wide enough (192) for decoding steps to read the cache in place: grouped heads
+            // (three query heads on each key/value head) and a window, and GPT-2's heads.
+            tiny(
+                serde_json::json!({"model_type": "mistral", "vocab_size": 24,
+                "hidden_size": 192, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 6, "num_key_value_heads": 2, "sliding_window": 5,
+                "tie_word_embeddings": true}),
+            ),
+            tiny(
+                serde_json::json!({"model_type": "gpt2", "vocab_size": 24, "n_positions": 64,
+                "n_embd": 192, "n_layer": 2, "n_head": 3}),
             ),
         ]
     }

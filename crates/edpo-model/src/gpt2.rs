@@ -7,7 +7,7 @@
 
 use crate::arch::{Architecture, Forward, Init, TensorSpec, Weights};
 use crate::config::Gpt2Config;
-use crate::nn::{attention, LayerKv, LayerNorm, Linear};
+use crate::nn::{attention, cached_attention, LayerKv, LayerNorm, Linear};
 use crate::Result;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -99,11 +99,10 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?) // (B, H, T, hd)
         };
-        let (k, v) = match cache {
-            Some(cache) => cache.extend(heads(1)?, heads(2)?)?,
-            None => (heads(1)?, heads(2)?),
+        let y = match cache {
+            Some(cache) => cached_attention(cache, &heads(0)?, heads(1)?, heads(2)?, bias)?,
+            None => attention(&heads(0)?, &heads(1)?, &heads(2)?, bias)?, // (B, T, d)
         };
-        let y = attention(&heads(0)?, &k, &v, bias)?; // (B, T, d)
         self.c_proj.forward(&y)
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::arch::{Architecture, Forward, Init, TensorSpec, Weights};
 use crate::config::LlamaConfig;
-use crate::nn::{attention, LayerKv, Linear, RmsNorm, Rotary};
+use crate::nn::{attention, cached_attention, LayerKv, Linear, RmsNorm, Rotary};
 use crate::Result;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -107,11 +107,10 @@ impl Attention {
         let v = split(self.v_proj.forward(x)?, self.n_kv)?;
         let q = Rotary::apply(&q, cos, sin)?;
         let k = Rotary::apply(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.extend(k, v)?,
-            None => (k, v),
+        let y = match cache {
+            Some(cache) => cached_attention(cache, &q, k, v, bias)?,
+            None => attention(&q, &k, &v, bias)?, // (B, T, H·hd)
         };
-        let y = attention(&q, &k, &v, bias)?; // (B, T, H·hd)
         self.o_proj.forward(&y)
     }
 }

@@ -62,17 +62,15 @@ impl KvCache {
     }
 
     /// Keeps only the given rows, in that order (sequences that finished are dropped).
-    pub fn keep_rows(&mut self, rows: &[usize], device: &Device) -> Result<()> {
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch()) {
             return Err(Error::Input(format!(
                 "row {bad} is not in a cache of {} rows",
                 self.batch()
             )));
         }
-        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let index = Tensor::from_vec(index, rows.len(), device)?;
         for layer in &mut self.layers {
-            layer.select_rows(&index)?;
+            layer.select_rows(rows)?;
         }
         self.key_mask = rows.iter().map(|&r| self.key_mask[r].clone()).collect();
         Ok(())

@@ -221,40 +221,186 @@ pub fn attention_bias_rows(
     )?)
 }
 
-/// Keys and values of the positions one layer has already seen, `(B, KV, T_past, hd)` each,
-/// for incremental decoding. Nothing here is differentiated: decoding is inference only, so the
-/// stored tensors are detached. Without that, a trainable model's keys and values carried their
-/// autograd history, and every decoding step kept the previous steps' activations alive
-/// (memory grew by gigabytes over a SmolLM2 evaluation and was killed at 24 GiB).
+/// Keys and values of the positions one layer has already seen, for incremental decoding:
+/// `(B, KV, capacity, hd)` buffers, filled to `len` positions and grown by doubling, so that a
+/// decoding step writes its new positions in place instead of concatenating the whole past
+/// again. Nothing here is differentiated: decoding is inference only, so the buffers hold
+/// plain values. (Before they were plain buffers, the stored tensors kept their autograd
+/// history, and every decoding step kept the previous steps' activations alive: memory grew
+/// by gigabytes over a SmolLM2 evaluation and was killed at 24 GiB.)
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+    len: usize,
+    capacity: usize,
 }
 
 impl LayerKv {
-    /// Appends the new positions' keys and values and returns all of them.
+    /// Appends the new positions' keys and values `(B, KV, T_new, hd)` and returns all of
+    /// them, `(B, KV, T, hd)` in the inputs' dtype and device.
     pub fn extend(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match (self.k.take(), self.v.take()) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            _ => (k, v),
+        self.append(&k, &v)?;
+        let shape = (self.rows, self.heads, self.len, self.head_dim);
+        let all = |buf: &[f32], like: &Tensor| -> Result<Tensor> {
+            let mut out = Vec::with_capacity(self.rows * self.heads * self.len * self.head_dim);
+            for row_head in 0..self.rows * self.heads {
+                let start = row_head * self.capacity * self.head_dim;
+                out.extend_from_slice(&buf[start..start + self.len * self.head_dim]);
+            }
+            Ok(Tensor::from_vec(out, shape, like.device())?.to_dtype(like.dtype())?)
         };
-        let (k, v) = (k.detach(), v.detach());
-        self.k = Some(k.clone());
-        self.v = Some(v.clone());
-        Ok((k, v))
+        Ok((all(&self.k, &k)?, all(&self.v, &v)?))
+    }
+
+    /// Positions stored so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is stored yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes the new positions' keys and values `(B, KV, T_new, hd)` after the stored ones.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (b, kv, t, hd) = k.dims4()?;
+        if v.dims4()? != (b, kv, t, hd) {
+            return Err(crate::Error::Input(format!(
+                "decoding cache: keys {:?} and values {:?} differ in shape",
+                k.dims(),
+                v.dims()
+            )));
+        }
+        if self.len == 0 {
+            (self.rows, self.heads, self.head_dim) = (b, kv, hd);
+        } else if (b, kv, hd) != (self.rows, self.heads, self.head_dim) {
+            return Err(crate::Error::Input(format!(
+                "decoding cache: {b} rows × {kv} heads × {hd} added to a cache of {} × {} × {}",
+                self.rows, self.heads, self.head_dim
+            )));
+        }
+        if self.len + t > self.capacity {
+            self.grow((self.len + t).max(2 * self.capacity));
+        }
+        let plain = |x: &Tensor| -> Result<Vec<f32>> {
+            Ok(x.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let (new_k, new_v) = (plain(k)?, plain(v)?);
+        for row_head in 0..b * kv {
+            let at = (row_head * self.capacity + self.len) * hd;
+            let from = row_head * t * hd;
+            self.k[at..at + t * hd].copy_from_slice(&new_k[from..from + t * hd]);
+            self.v[at..at + t * hd].copy_from_slice(&new_v[from..from + t * hd]);
+        }
+        self.len += t;
+        Ok(())
+    }
+
+    /// Room for `capacity` positions per row and head, the stored ones kept.
+    fn grow(&mut self, capacity: usize) {
+        let hd = self.head_dim;
+        let regrown = |old: &[f32]| -> Vec<f32> {
+            let mut buf = vec![0f32; self.rows * self.heads * capacity * hd];
+            for row_head in 0..self.rows * self.heads {
+                let (from, to) = (row_head * self.capacity * hd, row_head * capacity * hd);
+                buf[to..to + self.len * hd].copy_from_slice(&old[from..from + self.len * hd]);
+            }
+            buf
+        };
+        (self.k, self.v) = (regrown(&self.k), regrown(&self.v));
+        self.capacity = capacity;
     }
 
     /// Keeps only the given batch rows, in that order.
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        if let Some(k) = &self.k {
-            self.k = Some(k.index_select(rows, 0)?);
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if self.len == 0 {
+            return Ok(());
         }
-        if let Some(v) = &self.v {
-            self.v = Some(v.index_select(rows, 0)?);
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
+            return Err(crate::Error::Input(format!(
+                "row {bad} is not in a decoding cache of {} rows",
+                self.rows
+            )));
         }
+        let per_row = self.heads * self.capacity * self.head_dim;
+        let kept = |old: &[f32]| -> Vec<f32> {
+            let mut buf = Vec::with_capacity(rows.len() * per_row);
+            for &r in rows {
+                buf.extend_from_slice(&old[r * per_row..(r + 1) * per_row]);
+            }
+            buf
+        };
+        (self.k, self.v) = (kept(&self.k), kept(&self.v));
+        self.rows = rows.len();
         Ok(())
     }
+
+    /// A decoding step's attention read from the buffers in place: the queries `q (B, H, T, hd)`
+    /// against every stored position, `bias (B, 1, T, len)`; returns `(B, T, H·hd)`
+    /// ([`crate::kernels::attention::decode_attention`]).
+    fn attend(&self, q: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, h, t, hd) = q.dims4()?;
+        if bias.dims4()? != (b, 1, t, self.len) || (b, hd) != (self.rows, self.head_dim) {
+            return Err(crate::Error::Input(format!(
+                "decoding attention: queries {:?} and mask {:?} against a cache of {} rows × {} positions × {}",
+                q.dims(),
+                bias.dims(),
+                self.rows,
+                self.len,
+                self.head_dim
+            )));
+        }
+        let dims = crate::kernels::attention::DecodeDims {
+            batch: b,
+            heads: h,
+            kv_heads: self.heads,
+            queries: t,
+            len: self.len,
+            capacity: self.capacity,
+            head_dim: hd,
+        };
+        let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let bias = bias.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let out = crate::kernels::attention::decode_attention(
+            &q,
+            (&self.k, &self.v),
+            &bias,
+            dims,
+            scale,
+        )?;
+        Ok(Tensor::from_vec(out, (b, t, h * hd), &Device::Cpu)?)
+    }
+}
+
+/// Attention of the new positions `q (B, H, T, hd)` over everything `cache` has seen once
+/// their keys and values `k`, `v (B, KV, T, hd)` are added to it; returns `(B, T, H·hd)`. A
+/// decoding step (`T = 1`) of a model at least [`crate::kernels::gemm::MIN_DIM`] wide (the
+/// models whose products the large-matrix kernel runs) reads the cache in place
+/// ([`crate::kernels::attention::decode_attention`], grouped key/value heads without
+/// repeating them); everything else (prompts, and the default task's narrow models, whose
+/// numbers stay those of the training attention) goes through [`attention`] on copies.
+pub fn cached_attention(
+    cache: &mut LayerKv,
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let (_, h, t, hd) = q.dims4()?;
+    if t == 1 && crate::ops::fused(q) && h * hd >= crate::kernels::gemm::MIN_DIM {
+        cache.append(&k, &v)?;
+        return cache.attend(q, bias);
+    }
+    let (k, v) = cache.extend(k, v)?;
+    attention(q, &k, &v, bias)
 }
 
 /// Position of each token: the count of real tokens before it, so left padding does not
@@ -359,6 +505,58 @@ mod tests {
     fn positions_skip_left_padding() {
         let mask = [0, 0, 1, 1, 1, 1, 1, 0];
         assert_eq!(position_ids(&mask, 2, 4), vec![0, 0, 0, 1, 0, 1, 2, 2]);
+    }
+
+    /// The cache's in-place decoding attention (grouped heads read without repeating them,
+    /// buffers grown past their first capacity, rows dropped on the way) against the training
+    /// attention on the materialised, repeated keys and values.
+    #[test]
+    fn in_place_decoding_attention_equals_the_training_attention() -> Result<()> {
+        let (b, h, kv, hd) = (3, 6, 2, 64);
+        let dev = Device::Cpu;
+        let value = |seed: usize, shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+            let n = shape.0 * shape.1 * shape.2 * shape.3;
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32) / 1001.0 - 1.0)
+                .collect();
+            Ok(Tensor::from_vec(v, shape, &dev)?)
+        };
+        let mut cache = LayerKv::default();
+        let mut rows: Vec<usize> = (0..b).collect();
+        // A prompt of 5 positions, then single steps past the first capacity (5, then 10).
+        cache.extend(value(1, (b, kv, 5, hd))?, value(2, (b, kv, 5, hd))?)?;
+        for step in 0..9 {
+            if step == 4 {
+                // The middle row finished: drop it.
+                rows = vec![0, 2];
+                cache.select_rows(&[0, 2])?;
+            }
+            let n = rows.len();
+            let (k, v) = (
+                value(10 + step, (n, kv, 1, hd))?,
+                value(30 + step, (n, kv, 1, hd))?,
+            );
+            let q = value(50 + step, (n, h, 1, hd))?;
+            let len = cache.len() + 1;
+            // Row r masks its first r positions (left padding).
+            let mask: Vec<u8> = (0..n)
+                .flat_map(|r| (0..len).map(move |j| u8::from(j >= r)))
+                .collect();
+            let bias = Tensor::from_vec(
+                mask.iter()
+                    .map(|&m| if m == 1 { 0f32 } else { -1e30 })
+                    .collect(),
+                (n, 1, 1, len),
+                &dev,
+            )?;
+            let mut reference = cache.clone();
+            let got = cached_attention(&mut cache, &q, k.clone(), v.clone(), &bias)?;
+            let (all_k, all_v) = reference.extend(k, v)?;
+            let want = attention(&q, &all_k, &all_v, &bias)?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "step {step}: {diff}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Scaled masked attention as one autograd node, and GPT-2's attention straight from its
-//! packed q/k/v projection.
+//! Scaled masked attention as one autograd node, GPT-2's attention straight from its packed
+//! q/k/v projection, and a decoding step's attention against the key/value cache read in place
+//! ([`decode_attention`], outside the autograd graph).
 use super::{lane_dot, parallel, rows_map, slice, softmax_in_place, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -325,4 +326,90 @@ pub fn attention(
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The shapes of a decoding step's attention ([`decode_attention`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeDims {
+    /// Rows (sequences).
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (a divisor of `heads`).
+    pub kv_heads: usize,
+    /// New positions per row.
+    pub queries: usize,
+    /// Stored positions per row and key/value head.
+    pub len: usize,
+    /// Positions the cache has room for per row and key/value head (`≥ len`).
+    pub capacity: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// A decoding step's attention against a key/value cache read in place, outside the autograd
+/// graph: `q (B, H, Tq, hd)`, `keys`, `values (B, KV, capacity, hd)` filled to `len`
+/// positions, `bias (B, 1, Tq, len)`; returns `(B, Tq, H·hd)`. Query head `h` reads key/value
+/// head `h / (H / KV)`, so grouped heads are never repeated in memory. Each query's scores are
+/// `scale·(q·k) + bias` ([`lane_dot`]), its weights [`softmax_in_place`], and its output
+/// `Σ_j p_j·v_j` added in position order. Split over (row, head) pairs across threads when
+/// candle runs with more than one; no number depends on the split.
+pub fn decode_attention(
+    q: &[f32],
+    (keys, values): (&[f32], &[f32]),
+    bias: &[f32],
+    d: DecodeDims,
+    scale: f32,
+) -> candle_core::Result<Vec<f32>> {
+    let (hd, tq) = (d.head_dim, d.queries);
+    let stored = d.batch * d.kv_heads * d.capacity * hd;
+    if d.kv_heads == 0
+        || d.heads % d.kv_heads != 0
+        || d.len > d.capacity
+        || q.len() != d.batch * d.heads * tq * hd
+        || keys.len() < stored
+        || values.len() < stored
+        || bias.len() != d.batch * tq * d.len
+    {
+        bail!("decoding attention: buffers do not match {d:?}");
+    }
+    let group = d.heads / d.kv_heads;
+    // One (row, head) pair: its `Tq × hd` outputs.
+    let pair = |bh: usize| -> Vec<f32> {
+        let (b, h) = (bh / d.heads, bh % d.heads);
+        let base = (b * d.kv_heads + h / group) * d.capacity * hd;
+        let (k, v) = (
+            &keys[base..base + d.len * hd],
+            &values[base..base + d.len * hd],
+        );
+        let mut out = vec![0f32; tq * hd];
+        let mut p = vec![0f32; d.len];
+        for i in 0..tq {
+            let query = &q[(bh * tq + i) * hd..][..hd];
+            let mask = &bias[(b * tq + i) * d.len..][..d.len];
+            for ((s, key), &m) in p.iter_mut().zip(k.chunks_exact(hd)).zip(mask) {
+                *s = lane_dot(query, key) * scale + m;
+            }
+            softmax_in_place(&mut p);
+            let o = &mut out[i * hd..(i + 1) * hd];
+            for (&w, value) in p.iter().zip(v.chunks_exact(hd)) {
+                o.iter_mut().zip(value).for_each(|(o, &x)| *o += w * x);
+            }
+        }
+        out
+    };
+    let pairs: Vec<Vec<f32>> = if parallel() {
+        (0..d.batch * d.heads).into_par_iter().map(pair).collect()
+    } else {
+        (0..d.batch * d.heads).map(pair).collect()
+    };
+    let mut out = vec![0f32; d.batch * tq * d.heads * hd];
+    for (bh, part) in pairs.iter().enumerate() {
+        let (b, h) = (bh / d.heads, bh % d.heads);
+        for i in 0..tq {
+            out[((b * tq + i) * d.heads + h) * hd..][..hd]
+                .copy_from_slice(&part[i * hd..(i + 1) * hd]);
+        }
+    }
+    Ok(out)
 }

@@ -8,8 +8,9 @@
 //! - [`norm`]: LayerNorm and RMSNorm;
 //! - [`linear`]: a linear layer with (or, at SmolLM2's size, without) its bias;
 //! - [`gemm`]: the matrix product of large matrices (AVX2/FMA; candle's below its size);
-//! - [`attention`]: scaled masked attention, and GPT-2's attention straight from its packed
-//!   q/k/v projection.
+//! - [`attention`]: scaled masked attention, GPT-2's attention straight from its packed
+//!   q/k/v projection, and a decoding step's attention read from the key/value cache in place
+//!   (no autograd node: inference only).
 //!
 //! Each is a candle custom op whose forward is one pass over memory and whose backward is one
 //! more, instead of a chain of elementwise tensors each allocated, written and read back. They
