@@ -209,6 +209,17 @@ pub fn matmul_into(
     let parallel = super::gemm_parallel();
     // Depth blocks of equal size (at most KC), so that no pass over C is a thin remainder.
     let kc_size = k.div_ceil(k.div_ceil(KC));
+    // Row blocks of at most MC rows (a multiple of MR), as many as a multiple of the threads
+    // when they split them, so that no thread is left with one block more than the others
+    // (768 rows on 2 threads: 12 blocks of 66, not 11 of 72). No number depends on the rows'
+    // blocking: each element of C is accumulated over the same depth blocks either way.
+    let mc_size = if parallel && m > MC {
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
+        m.div_ceil(blocks).div_ceil(MR) * MR
+    } else {
+        MC
+    };
     let mut packed_b_buf = Vec::new();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
@@ -217,7 +228,7 @@ pub fn matmul_into(
             let packed_b = pack_b(&mut packed_b_buf, b, pc, kc, jc, nc);
             let add = accumulate || pc > 0;
             let block = |(ib, rows): (usize, &mut [f32])| {
-                let ic = ib * MC;
+                let ic = ib * mc_size;
                 let mc = rows.len() / n;
                 let mut packed_a_buf = Vec::new();
                 let packed_a = pack_a(&mut packed_a_buf, a, ic, mc, pc, kc);
@@ -233,9 +244,9 @@ pub fn matmul_into(
                 }
             };
             if parallel && m > MC {
-                c.par_chunks_mut(MC * n).enumerate().for_each(block);
+                c.par_chunks_mut(mc_size * n).enumerate().for_each(block);
             } else {
-                c.chunks_mut(MC * n).enumerate().for_each(block);
+                c.chunks_mut(mc_size * n).enumerate().for_each(block);
             }
         }
     }
@@ -647,6 +658,14 @@ unsafe fn tile_6x16_avx2(
 ) {
     use std::arch::x86_64::*;
     let (a, b) = (ap.as_ptr(), bp.as_ptr());
+    // The tile of C is read (or written) only after the loop: ask for its lines now, so that
+    // their misses overlap the loop instead of following it. (A prefetch is a hint: it reads
+    // nothing into the program, and an address past the slice is never dereferenced.)
+    for i in 0..mr {
+        let row = c.as_ptr().wrapping_add(i * ldc);
+        _mm_prefetch::<_MM_HINT_T0>(row.cast());
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(nr - 1).cast());
+    }
     // Twelve accumulators as locals, so they live in registers for the whole loop.
     let z = _mm256_setzero_ps();
     let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
@@ -792,6 +811,7 @@ mod tests {
             (6, 16, 256),
             (73, 35, 257),
             (200, 3100, 300),
+            (770, 40, 200),
         ] {
             let av: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32) * 0.01 - 0.5)
@@ -817,6 +837,16 @@ mod tests {
                 let a = Operand::stored(&sa, m, k, a_t);
                 let b = Operand::stored(&sb, k, n, b_t);
                 let c = matmul(m, n, k, a, b);
+                // Kept on one thread (where candle runs with more, the blocks of rows were
+                // split across them above, in other sizes): the same numbers, bit for bit.
+                let serial = super::super::as_shard(true, || matmul(m, n, k, a, b));
+                assert!(
+                    serial
+                        .iter()
+                        .zip(&c)
+                        .all(|(s, x)| s.to_bits() == x.to_bits()),
+                    "{m}×{n}×{k}: the product depends on the threads"
+                );
                 // Accumulating onto C: the same product plus what C held.
                 let mut twice = c.clone();
                 matmul_into(m, n, k, a, b, &mut twice, true);
