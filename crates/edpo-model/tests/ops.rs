@@ -80,6 +80,14 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
     let wl_in = var(&[192, 256], 10, 0.1);
     let wl_out = var(&[256, 192], 11, 0.1);
     let bl = var(&[256], 12, 0.3);
+    // Heads 256 wide together: their products go through the GEMM kernel too.
+    let (hw, tw, hdw) = (4, 9, 64);
+    let qw = var(&[bh, hw, tw, hdw], 13, 0.5);
+    let kw = var(&[bh, hw, tw, hdw], 14, 0.5);
+    let vw = var(&[bh, hw, tw, hdw], 15, 1.0);
+    let paddedw = causal_mask(bh, tw, |n, i, j| n == 0 && j == 3 && i != 3);
+    let qkvw = var(&[bh, tw, 3 * hw * hdw], 16, 0.5);
+    let causalw = causal_mask(bh, tw, |_, _, _| false);
     eprintln!(
         "GEMM kernel {}",
         if edpo_model::kernels::gemm::eligible(200, 256, 192) {
@@ -170,6 +178,24 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
             "packed attention",
             Box::new(|| packed_attention(qkv.as_tensor(), h, &causal, 0.5)),
             vec![&qkv],
+        ),
+        (
+            "wide attention (causal, a padded key)",
+            Box::new(|| {
+                attention(
+                    qw.as_tensor(),
+                    kw.as_tensor(),
+                    vw.as_tensor(),
+                    &paddedw,
+                    0.125,
+                )
+            }),
+            vec![&qw, &kw, &vw],
+        ),
+        (
+            "wide packed attention",
+            Box::new(|| packed_attention(qkvw.as_tensor(), hw, &causalw, 0.125)),
+            vec![&qkvw],
         ),
     ];
     for (name, op, vars) in &cases {

@@ -15,6 +15,11 @@ use rayon::prelude::*;
 struct Attention {
     bias: Vec<f32>,
     scale: f32,
+    /// The heads are at least [`super::gemm::MIN_DIM`] wide together (`H·hd`, a model whose
+    /// projections [`super::gemm`] runs): the per-head products go through that kernel too
+    /// ([`batched_products`]). Narrower models (the default task's) keep candle's, and their
+    /// numbers.
+    wide: bool,
     /// `P (B·H, Tq, Tk)`, written by the forward pass for the backward pass.
     probs: std::sync::Mutex<Option<Tensor>>,
 }
@@ -37,7 +42,17 @@ impl Attention {
         let bh = b * h;
         let q_layout = Layout::contiguous_with_offset((bh, tq, hd), q_off);
         let kt_layout = Layout::contiguous_with_offset((bh, tk, hd), k_off).transpose(1, 2)?;
-        let mut scores = q.matmul(k, (bh, tq, tk, hd), &q_layout, &kt_layout)?;
+        let mut scores = if self.wide {
+            let q = &slice(q, &q_layout, "attention")?;
+            let k = slice(
+                k,
+                &Layout::contiguous_with_offset((bh, tk, hd), k_off),
+                "attention",
+            )?;
+            CpuStorage::F32(batched_products(bh, (tq, tk, hd), (q, false), (k, true)))
+        } else {
+            q.matmul(k, (bh, tq, tk, hd), &q_layout, &kt_layout)?
+        };
         let CpuStorage::F32(z) = &mut scores else {
             bail!("attention: f32 only");
         };
@@ -60,7 +75,13 @@ impl Attention {
         }
         let p_layout = Layout::contiguous((bh, tq, tk));
         let v_layout = Layout::contiguous_with_offset((bh, tk, hd), v_off);
-        let out = scores.matmul(v, (bh, tq, hd, tk), &p_layout, &v_layout)?;
+        let out = if self.wide {
+            let p = slice(&scores, &p_layout, "attention")?;
+            let v = slice(v, &v_layout, "attention")?;
+            CpuStorage::F32(batched_products(bh, (tq, hd, tk), (p, false), (v, false)))
+        } else {
+            scores.matmul(v, (bh, tq, hd, tk), &p_layout, &v_layout)?
+        };
         let CpuStorage::F32(z) = scores else {
             bail!("attention: f32 only");
         };
@@ -85,8 +106,29 @@ impl Attention {
             None => bail!("attention: backward before forward"),
         };
         let (bh, tq, tk) = p.dims3()?;
-        let dv = p.t()?.matmul(g)?;
-        let dp = g.matmul(&v.t()?)?;
+        let device = q.device();
+        // `a·b` per head, `a` and `b` read as stored or transposed.
+        let product =
+            |a: &Tensor, a_t: bool, b: &Tensor, b_t: bool| -> candle_core::Result<Tensor> {
+                let (m, k) = if a_t {
+                    (a.dim(2)?, a.dim(1)?)
+                } else {
+                    (a.dim(1)?, a.dim(2)?)
+                };
+                let n = if b_t { b.dim(1)? } else { b.dim(2)? };
+                if self.wide {
+                    let c = with_f32(a, |a| {
+                        with_f32(b, |b| batched_products(bh, (m, n, k), (a, a_t), (b, b_t)))
+                    })??;
+                    Tensor::from_vec(c, (bh, m, n), device)
+                } else {
+                    let a = if a_t { a.t()? } else { a.clone() };
+                    let b = if b_t { b.t()? } else { b.clone() };
+                    a.matmul(&b)
+                }
+            };
+        let dv = product(&p, true, g, false)?;
+        let dp = product(g, false, v, true)?;
         let mut ds = vec![0f32; p.elem_count()];
         let scale = self.scale;
         with_f32(&p, |pv| {
@@ -100,9 +142,9 @@ impl Attention {
                 })
             })
         })??;
-        let ds = Tensor::from_vec(ds, (bh, tq, tk), q.device())?;
-        let dq = ds.matmul(k)?;
-        let dk = ds.t()?.matmul(q)?;
+        let ds = Tensor::from_vec(ds, (bh, tq, tk), device)?;
+        let dq = product(&ds, false, k, false)?;
+        let dk = product(&ds, true, q, false)?;
         Ok((dq, dk, dv))
     }
 }
@@ -302,6 +344,7 @@ pub fn packed_attention(
         core: Attention {
             bias: bias.flatten_all()?.to_vec1::<f32>()?,
             scale: scale as f32,
+            wide: wide(qkv.dim(2)? / 3),
             probs: std::sync::Mutex::new(None),
         },
         n_head,
@@ -322,10 +365,45 @@ pub fn attention(
     let op = Attention {
         bias: bias.flatten_all()?.to_vec1::<f32>()?,
         scale: scale as f32,
+        wide: wide(q.dim(1)? * q.dim(3)?),
         probs: std::sync::Mutex::new(None),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// Whether heads `width` wide together (`H·hd`) take their products through
+/// [`super::gemm`]: the width of a model whose projections it runs, on a CPU that has it.
+fn wide(width: usize) -> bool {
+    width >= super::gemm::MIN_DIM && super::gemm::available()
+}
+
+/// `C_i = A_i·B_i` for `batch` products of `m × k` by `k × n` (`dims = (m, n, k)`), each
+/// operand `batch` matrices stored one after another, row-major or (with its flag) as the
+/// transpose, read in place; every product through [`super::gemm::matmul`], the products split
+/// across threads when kernels may (each on one thread, so no number depends on the split).
+fn batched_products(
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    (a, a_t): (&[f32], bool),
+    (b, b_t): (&[f32], bool),
+) -> Vec<f32> {
+    use super::gemm::{matmul_into, Operand};
+    let mut c = vec![0f32; batch * m * n];
+    let one = |(i, c): (usize, &mut [f32])| {
+        let oa = Operand::stored(&a[i * m * k..(i + 1) * m * k], m, k, a_t);
+        let ob = Operand::stored(&b[i * k * n..(i + 1) * k * n], k, n, b_t);
+        super::as_shard(true, || matmul_into(m, n, k, oa, ob, c, false));
+    };
+    if m * n == 0 {
+        return c;
+    }
+    if parallel() {
+        c.par_chunks_mut(m * n).enumerate().for_each(one);
+    } else {
+        c.chunks_mut(m * n).enumerate().for_each(one);
+    }
+    c
 }
 
 /// The shapes of a decoding step's attention ([`decode_attention`]).
