@@ -64,6 +64,14 @@ pub struct Lora {
 impl Linear {
     /// Applies the map to `x` of shape `(…, in)`, giving `(…, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(lora), true) = (&self.lora, self.frozen) {
+            // LoRA's usual case: the base frozen, base and adapter one node.
+            return Ok(crate::ops::lora_linear(
+                x,
+                (&self.weight, self.bias.as_ref(), self.input_major),
+                (&lora.a, &lora.b, lora.scale),
+            )?);
+        }
         let y = if self.frozen {
             crate::ops::linear_frozen(x, &self.weight, self.bias.as_ref(), self.input_major)?
         } else {

@@ -91,6 +91,22 @@ pub fn linear_frozen(
     }
 }
 
+/// A frozen `x·W (+ b)` plus a LoRA adapter `scale·(x·Aᵀ)·Bᵀ` (`A (r, in)`, `B (out, r)`).
+pub fn lora_linear(
+    x: &Tensor,
+    (weight, bias, input_major): (&Tensor, Option<&Tensor>, bool),
+    (a, b, scale): (&Tensor, &Tensor, f64),
+) -> Result<Tensor> {
+    if fused(x) {
+        kernels::lora_linear(x, (weight, bias, input_major), (a, b, scale))
+    } else {
+        let y = composed::linear(x, weight, bias, input_major)?;
+        let down = composed::linear(x, a, None, false)?;
+        let up = composed::linear(&down, b, None, false)?;
+        y + up.affine(scale, 0.0)?
+    }
+}
+
 /// `x·W + b` over the last dimension of `x` (`input_major`: `W` is `(in, out)`).
 pub fn linear(
     x: &Tensor,

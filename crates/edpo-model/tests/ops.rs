@@ -88,6 +88,15 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
     let paddedw = causal_mask(bh, tw, |n, i, j| n == 0 && j == 3 && i != 3);
     let qkvw = var(&[bh, tw, 3 * hw * hdw], 16, 0.5);
     let causalw = causal_mask(bh, tw, |_, _, _| false);
+    // LoRA adapters of rank 4 on a frozen base (the base weights are plain tensors: frozen).
+    let lora_a = var(&[4, 40], 17, 0.3);
+    let lora_b = var(&[24, 4], 18, 0.3);
+    let lora_al = var(&[4, 192], 19, 0.3);
+    let lora_bl = var(&[256, 4], 20, 0.3);
+    let frozen_out = w_out.as_tensor().detach();
+    let frozen_in = w_in.as_tensor().detach();
+    let frozen_bias = b24.as_tensor().detach();
+    let frozen_large = wl_out.as_tensor().detach();
     eprintln!(
         "GEMM kernel {}",
         if edpo_model::kernels::gemm::eligible(200, 256, 192) {
@@ -191,6 +200,39 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
                 )
             }),
             vec![&qw, &kw, &vw],
+        ),
+        (
+            "lora linear (frozen output-major base, bias)",
+            Box::new(|| {
+                lora_linear(
+                    x.as_tensor(),
+                    (&frozen_out, Some(&frozen_bias), false),
+                    (lora_a.as_tensor(), lora_b.as_tensor(), 2.0),
+                )
+            }),
+            vec![&x, &lora_a, &lora_b],
+        ),
+        (
+            "lora linear (frozen input-major base)",
+            Box::new(|| {
+                lora_linear(
+                    x.as_tensor(),
+                    (&frozen_in, None, true),
+                    (lora_a.as_tensor(), lora_b.as_tensor(), 0.5),
+                )
+            }),
+            vec![&x, &lora_a, &lora_b],
+        ),
+        (
+            "large lora linear (frozen base)",
+            Box::new(|| {
+                lora_linear(
+                    xl.as_tensor(),
+                    (&frozen_large, None, false),
+                    (lora_al.as_tensor(), lora_bl.as_tensor(), 4.0),
+                )
+            }),
+            vec![&xl, &lora_al, &lora_bl],
         ),
         (
             "wide packed attention",

@@ -1,5 +1,6 @@
 //! A linear layer with its bias as one autograd node, and without one for the matrices large
-//! enough for [`super::gemm`] (smaller bias-free maps keep candle's composed product).
+//! enough for [`super::gemm`] (smaller bias-free maps keep candle's composed product); a frozen
+//! linear map with its LoRA adapter as one node ([`lora_linear`]).
 use super::{slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -197,4 +198,133 @@ pub fn linear_frozen(
             bias: true,
         },
     )
+}
+
+/// A frozen linear map and its LoRA adapter as one autograd node:
+/// `y = x·W (+ b) + s·(x·Aᵀ)·Bᵀ` for inputs `x`, `A (r, in)`, `B (out, r)`, the frozen `W`
+/// and `b` held by the op. The composed version keeps three output-wide tensors per map alive
+/// until the backward pass (the base's output, `(x·Aᵀ)·Bᵀ` and its scaled copy, besides the
+/// sum); this one keeps the sum and the rank-wide `x·Aᵀ` only. Its backward pass:
+/// `∂(x·Aᵀ) = s·g·B`, `∂B = s·gᵀ·(x·Aᵀ)`, `∂A = ∂(x·Aᵀ)ᵀ·x`, `∂x = g·W(ᵀ) + ∂(x·Aᵀ)·A`.
+struct LoraLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    input_major: bool,
+    scale: f64,
+    /// `x·Aᵀ (rows, r)`, written by the forward pass for the backward pass.
+    down: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "edpo-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let base = LinearBias {
+            input_major: self.input_major,
+            frozen: true,
+            bias: self.bias.is_some(),
+        };
+        let zeros = Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        let bias = self.bias.as_ref().unwrap_or(&zeros).contiguous()?;
+        let weight = self.weight.contiguous()?;
+        let (mut y, shape) = {
+            let (ws, wl) = weight.storage_and_layout();
+            let (bs, bl) = bias.storage_and_layout();
+            match (&*ws, &*bs) {
+                (candle_core::Storage::Cpu(ws), candle_core::Storage::Cpu(bs)) => {
+                    base.cpu_fwd(s1, l1, ws, wl, bs, bl)?
+                }
+                _ => bail!("lora linear: CPU weights expected"),
+            }
+        };
+        let (rows, n_in, n_out) = base.dims(l1, weight.layout())?;
+        let (r, a_in) = l2.shape().dims2()?;
+        let (b_out, b_r) = l3.shape().dims2()?;
+        if a_in != n_in || b_out != n_out || b_r != r || !l2.is_contiguous() || !l3.is_contiguous()
+        {
+            bail!(
+                "lora linear: A {:?} and B {:?} for a map of {n_in} → {n_out}",
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let x_layout = Layout::contiguous_with_offset((rows, n_in), l1.start_offset());
+        let at_layout =
+            Layout::contiguous_with_offset((r, n_in), l2.start_offset()).transpose(0, 1)?;
+        let down = s1.matmul(s2, (1, rows, r, n_in), &x_layout, &at_layout)?;
+        let d_layout = Layout::contiguous((rows, r));
+        let bt_layout =
+            Layout::contiguous_with_offset((n_out, r), l3.start_offset()).transpose(0, 1)?;
+        let up = down.matmul(s3, (1, rows, n_out, r), &d_layout, &bt_layout)?;
+        let (CpuStorage::F32(out), CpuStorage::F32(up), CpuStorage::F32(d)) = (&mut y, &up, down)
+        else {
+            bail!("lora linear: f32 only");
+        };
+        let scale = self.scale as f32;
+        out.iter_mut().zip(up).for_each(|(o, &u)| *o += scale * u);
+        let down = Tensor::from_vec(d, (rows, r), &candle_core::Device::Cpu)?;
+        if let Ok(mut slot) = self.down.lock() {
+            *slot = Some(down);
+        }
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let down = match self.down.lock().ok().and_then(|s| s.clone()) {
+            Some(d) => d,
+            None => bail!("lora linear: backward before forward"),
+        };
+        let rows = down.dim(0)?;
+        let (n_in, n_out) = (a.dim(1)?, b.dim(0)?);
+        let g = grad.detach().contiguous()?.reshape((rows, n_out))?;
+        let x2 = x.detach().reshape((rows, n_in))?;
+        let (a, b, w) = (a.detach(), b.detach(), self.weight.detach());
+        let mm = super::gemm::matmul_tensors;
+        let d_down = mm(&g, &b)?.affine(self.scale, 0.0)?; // (rows, r)
+        let db = mm(&g.t()?, &down)?.affine(self.scale, 0.0)?; // (out, r)
+        let da = mm(&d_down.t()?, &x2)?; // (r, in)
+        let dx_base = if self.input_major {
+            mm(&g, &w.t()?)?
+        } else {
+            mm(&g, &w)?
+        };
+        let dx = (dx_base + mm(&d_down, &a)?)?;
+        Ok((Some(dx.reshape(x.shape())?), Some(da), Some(db)))
+    }
+}
+
+/// A frozen `x·W (+ b)` plus its LoRA adapter `scale·(x·Aᵀ)·Bᵀ` as one node (see
+/// [`LoraLinear`]); `input_major`: `W` is `(in, out)`, else `(out, in)`.
+pub fn lora_linear(
+    x: &Tensor,
+    (weight, bias, input_major): (&Tensor, Option<&Tensor>, bool),
+    (a, b, scale): (&Tensor, &Tensor, f64),
+) -> candle_core::Result<Tensor> {
+    let op = LoraLinear {
+        weight: weight.detach(),
+        bias: bias.map(Tensor::detach),
+        input_major,
+        scale,
+        down: std::sync::Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }

@@ -6,7 +6,8 @@
 //! - [`head`]: the LM head, that log-softmax and the gather in chunks of rows (no `(N, V)`
 //!   logits at all);
 //! - [`norm`]: LayerNorm and RMSNorm;
-//! - [`linear`]: a linear layer with (or, at SmolLM2's size, without) its bias;
+//! - [`linear`]: a linear layer with (or, at SmolLM2's size, without) its bias, and a frozen
+//!   one with its LoRA adapter;
 //! - [`gemm`]: the matrix product of large matrices (AVX2/FMA; candle's below its size);
 //! - [`attention`]: scaled masked attention, GPT-2's attention straight from its packed
 //!   q/k/v projection, and a decoding step's attention read from the key/value cache in place
@@ -32,7 +33,7 @@ pub mod softmax;
 
 pub use activation::gelu;
 pub use attention::{attention, packed_attention};
-pub use linear::{linear_bias, linear_frozen, linear_no_bias};
+pub use linear::{linear_bias, linear_frozen, linear_no_bias, lora_linear};
 pub use norm::{layer_norm, rms_norm};
 pub use softmax::{log_softmax_gather, softmax_last};
 
