@@ -64,6 +64,21 @@ pub fn log_softmax_gather(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     log_softmax_last(logits)?.gather(&t, 1)?.squeeze(1)
 }
 
+/// SwiGLU's gate `silu(a)·b`, elementwise.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.silu()? * b
+}
+
+/// Rotary position embeddings, "rotate half" layout: `x·cos + rotate_half(x)·sin` for
+/// `x (B, H, T, hd)` and tables `(B, 1, T, hd)`, `rotate_half(x) = [−x₂, x₁]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(3)?;
+    let x1 = x.narrow(3, 0, hd / 2)?;
+    let x2 = x.narrow(3, hd / 2, hd / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
+}
+
 /// `x·W + b` over the last dimension of `x`; `input_major`: `W` is `(in, out)` (GPT-2's
 /// `Conv1D`), else `(out, in)` (`nn.Linear`).
 pub fn linear(

@@ -497,11 +497,7 @@ impl Rotary {
 
     /// Rotates `x: (B, H, T, hd)`: `x·cos + rotate_half(x)·sin`.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let hd = x.dim(3)?;
-        let x1 = x.narrow(3, 0, hd / 2)?;
-        let x2 = x.narrow(3, hd / 2, hd / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
-        Ok(x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)?)
+        Ok(crate::ops::rope(x, cos, sin)?)
     }
 }
 

@@ -107,6 +107,25 @@ pub fn lora_linear(
     }
 }
 
+/// SwiGLU's gate `silu(a)·b`, elementwise.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused(a) && fused(b) {
+        kernels::silu_mul(a, b)
+    } else {
+        composed::silu_mul(a, b)
+    }
+}
+
+/// Rotary position embeddings, "rotate half" layout: `x·cos + rotate_half(x)·sin` for
+/// `x (B, H, T, hd)` and tables `(B, 1, T, hd)`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused(x) {
+        kernels::rope(x, cos, sin)
+    } else {
+        composed::rope(x, cos, sin)
+    }
+}
+
 /// `x·W + b` over the last dimension of `x` (`input_major`: `W` is `(in, out)`).
 pub fn linear(
     x: &Tensor,

@@ -97,6 +97,10 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
     let frozen_in = w_in.as_tensor().detach();
     let frozen_bias = b24.as_tensor().detach();
     let frozen_large = wl_out.as_tensor().detach();
+    // Rotary tables (any values: the algebra is what is checked) and SwiGLU's second input.
+    let cos = var(&[bh, 1, t, hd], 21, 1.0).as_tensor().detach();
+    let sin = var(&[bh, 1, t, hd], 22, 1.0).as_tensor().detach();
+    let up = var(&[2, 3, 40], 23, 1.5);
     eprintln!(
         "GEMM kernel {}",
         if edpo_model::kernels::gemm::eligible(200, 256, 192) {
@@ -235,6 +239,16 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
             vec![&xl, &lora_al, &lora_bl],
         ),
         (
+            "rope",
+            Box::new(|| rope(q.as_tensor(), &cos, &sin)),
+            vec![&q],
+        ),
+        (
+            "silu_mul",
+            Box::new(|| silu_mul(x.as_tensor(), up.as_tensor())),
+            vec![&x, &up],
+        ),
+        (
             "wide packed attention",
             Box::new(|| packed_attention(qkvw.as_tensor(), hw, &causalw, 0.125)),
             vec![&qkvw],
@@ -259,6 +273,32 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
                 _ => panic!("{name}: gradient {i} is missing on one side"),
             }
         }
+    }
+    // Rotary embeddings and SwiGLU's gate compute the composed expressions in the same order:
+    // the same values bit for bit.
+    for (name, op) in [
+        (
+            "rope",
+            Box::new(|| rope(q.as_tensor(), &cos, &sin)) as Box<dyn Fn() -> Result<Tensor>>,
+        ),
+        (
+            "silu_mul",
+            Box::new(|| silu_mul(x.as_tensor(), up.as_tensor())),
+        ),
+    ] {
+        let fused_bits: Vec<u32> = op()?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let composed_bits: Vec<u32> = composed_run(op.as_ref())?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(fused_bits, composed_bits, "{name}: not bit-equal");
     }
     // A frozen linear map (LoRA's base): the same values and input gradient as the composed
     // map, and no gradient at all for its weight or bias on the fused path.

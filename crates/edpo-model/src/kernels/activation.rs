@@ -1,4 +1,4 @@
-//! GELU (tanh approximation) with a fused backward.
+//! GELU (tanh approximation) and SwiGLU's `silu(a)·b`, each with a fused backward.
 use super::{rows_map, slice, tanh};
 use crate::composed::{GELU_C, SQRT_2_OVER_PI};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
@@ -77,4 +77,70 @@ impl CustomOp2 for GeluGrad {
 /// GELU (tanh form) with a fused backward.
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
+}
+
+/// SwiGLU's gate: `silu(a)·b` (`silu(a) = a/(1 + e^{−a})`) as one node. The composed version
+/// keeps `silu(a)` alive beside the product until the backward pass; this one keeps the
+/// product only. The forward pass computes `silu(a)` as candle does (the same expression in
+/// f32) and then the product, so its values are the composed version's bit for bit; the
+/// backward pass is `∂a = g·b·σ(a)·(1 + a·(1 − σ(a)))`, `∂b = g·silu(a)`.
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "edpo-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = slice(s1, l1, "silu mul")?;
+        let b = slice(s2, l2, "silu mul")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("silu mul: {:?} against {:?}", l1.dims(), l2.dims());
+        }
+        let y: Vec<f32> = a
+            .iter()
+            .zip(b)
+            .map(|(&v, &u)| (v / (1.0 + (-v).exp())) * u)
+            .collect();
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (a, b, g) = (a.contiguous()?, b.contiguous()?, grad_res.contiguous()?);
+        let n = a.elem_count();
+        let (mut da, mut db) = (vec![0f32; n], vec![0f32; n]);
+        super::with_f32(&a, |a| {
+            super::with_f32(&b, |b| {
+                super::with_f32(&g, |g| {
+                    for i in 0..n {
+                        let (v, u) = (a[i], b[i]);
+                        let sig = 1.0 / (1.0 + (-v).exp());
+                        da[i] = g[i] * u * sig * (1.0 + v * (1.0 - sig));
+                        db[i] = g[i] * (v / (1.0 + (-v).exp()));
+                    }
+                })
+            })
+        })???;
+        Ok((
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `silu(a)·b` with a fused backward (see [`SiluMul`]).
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, SiluMul)
 }

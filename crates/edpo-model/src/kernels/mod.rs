@@ -1,11 +1,12 @@
 //! Fused CPU kernels with explicit backward passes, for the operations that dominate a training
 //! step outside the matrix products, by family:
-//! - [`activation`]: GELU (tanh form);
+//! - [`activation`]: GELU (tanh form) and SwiGLU's `silu(a)·b`;
 //! - [`softmax`]: softmax over the last dimension, and the log-softmax over the vocabulary
 //!   gathered at the target token (no `(N, V)` output);
 //! - [`head`]: the LM head, that log-softmax and the gather in chunks of rows (no `(N, V)`
 //!   logits at all);
 //! - [`norm`]: LayerNorm and RMSNorm;
+//! - [`rope`]: rotary position embeddings;
 //! - [`linear`]: a linear layer with (or, at SmolLM2's size, without) its bias, and a frozen
 //!   one with its LoRA adapter;
 //! - [`gemm`]: the matrix product of large matrices (AVX2/FMA; candle's below its size);
@@ -29,12 +30,14 @@ pub mod gemm;
 pub mod head;
 pub mod linear;
 pub mod norm;
+pub mod rope;
 pub mod softmax;
 
-pub use activation::gelu;
+pub use activation::{gelu, silu_mul};
 pub use attention::{attention, packed_attention};
 pub use linear::{linear_bias, linear_frozen, linear_no_bias, lora_linear};
 pub use norm::{layer_norm, rms_norm};
+pub use rope::rope;
 pub use softmax::{log_softmax_gather, softmax_last};
 
 use candle_core::{bail, CpuStorage, Layout, Tensor};
