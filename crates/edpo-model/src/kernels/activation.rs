@@ -126,9 +126,10 @@ impl CustomOp2 for SiluMul {
                 super::with_f32(&g, |g| {
                     for i in 0..n {
                         let (v, u) = (a[i], b[i]);
-                        let sig = 1.0 / (1.0 + (-v).exp());
+                        let denominator = 1.0 + (-v).exp();
+                        let sig = 1.0 / denominator;
                         da[i] = g[i] * u * sig * (1.0 + v * (1.0 - sig));
-                        db[i] = g[i] * (v / (1.0 + (-v).exp()));
+                        db[i] = g[i] * (v / denominator);
                     }
                 })
             })

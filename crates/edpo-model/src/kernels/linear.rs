@@ -97,17 +97,14 @@ impl CustomOp3 for LinearBias {
         let w = w.detach();
         let mm = super::gemm::matmul_tensors;
         if self.frozen {
-            let dx = if self.input_major {
-                mm(&g, &w.t()?)?
-            } else {
-                mm(&g, &w)?
-            };
+            let dx = input_grad(&g, &w, self.input_major)?;
             return Ok((Some(dx.reshape(x.shape())?), None, None));
         }
-        let (dx, dw) = if self.input_major {
-            (mm(&g, &w.t()?)?, mm(&x2.t()?, &g)?)
+        let dx = input_grad(&g, &w, self.input_major)?;
+        let dw = if self.input_major {
+            mm(&x2.t()?, &g)?
         } else {
-            (mm(&g, &w)?, mm(&g.t()?, &x2)?)
+            mm(&g.t()?, &x2)?
         };
         if !self.bias {
             return Ok((Some(dx.reshape(x.shape())?), Some(dw), None));
@@ -126,6 +123,16 @@ impl CustomOp3 for LinearBias {
             Some(dw),
             Some(Tensor::from_vec(db, b.shape(), b.device())?),
         ))
+    }
+}
+
+/// `∂x = g·Wᵀ` of `x·W` for `g (rows, out)` and `W` stored `(in, out)` with `input_major`, else
+/// `(out, in)`.
+fn input_grad(g: &Tensor, w: &Tensor, input_major: bool) -> candle_core::Result<Tensor> {
+    if input_major {
+        super::gemm::matmul_tensors(g, &w.t()?)
+    } else {
+        super::gemm::matmul_tensors(g, w)
     }
 }
 
@@ -301,12 +308,7 @@ impl CustomOp3 for LoraLinear {
         let d_down = mm(&g, &b)?.affine(self.scale, 0.0)?; // (rows, r)
         let db = mm(&g.t()?, &down)?.affine(self.scale, 0.0)?; // (out, r)
         let da = mm(&d_down.t()?, &x2)?; // (r, in)
-        let dx_base = if self.input_major {
-            mm(&g, &w.t()?)?
-        } else {
-            mm(&g, &w)?
-        };
-        let dx = (dx_base + mm(&d_down, &a)?)?;
+        let dx = (input_grad(&g, &w, self.input_major)? + mm(&d_down, &a)?)?;
         Ok((Some(dx.reshape(x.shape())?), Some(da), Some(db)))
     }
 }
