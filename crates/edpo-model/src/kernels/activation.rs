@@ -19,12 +19,18 @@ impl CustomOp1 for Gelu {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(storage, layout, "gelu")?;
         let mut y = vec![0f32; x.len()];
-        rows_map(x, &mut y, 4096.min(x.len().max(1)), |_, x, y| {
-            for (o, &v) in y.iter_mut().zip(x) {
-                let u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
-                *o = 0.5 * v * (1.0 + tanh(u));
-            }
-        });
+        rows_map(
+            x,
+            &mut y,
+            4096.min(x.len().max(1)),
+            #[inline(always)]
+            |_, x, y| {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    let u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
+                    *o = 0.5 * v * (1.0 + tanh(u));
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -60,16 +66,21 @@ impl CustomOp2 for GeluGrad {
         let dy = slice(s2, l2, "gelu grad")?;
         let mut dx = vec![0f32; x.len()];
         let chunk = 4096.min(x.len().max(1));
-        let f = |i: usize, dy: &[f32], dx: &mut [f32]| {
-            let x = &x[i * chunk..i * chunk + dx.len()];
-            for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
-                let u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
-                let t = tanh(u);
-                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
-                *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-            }
-        };
-        rows_map(dy, &mut dx, chunk, f);
+        rows_map(
+            dy,
+            &mut dx,
+            chunk,
+            #[inline(always)]
+            |i: usize, dy: &[f32], dx: &mut [f32]| {
+                let x = &x[i * chunk..i * chunk + dx.len()];
+                for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+                    let u = SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
+                    let t = tanh(u);
+                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
+                    *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+                }
+            },
+        );
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

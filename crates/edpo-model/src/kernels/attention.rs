@@ -1,7 +1,7 @@
 //! Scaled masked attention as one autograd node, GPT-2's attention straight from its packed
 //! q/k/v projection, and a decoding step's attention against the key/value cache read in place
 //! ([`decode_attention`], outside the autograd graph).
-use super::{lane_dot, parallel, rows_map, slice, softmax_in_place, with_f32};
+use super::{lane_dot, parallel, rows_map, slice, softmax_in_place, vectorised, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -22,6 +22,15 @@ struct Attention {
     wide: bool,
     /// `P (B·H, Tq, Tk)`, written by the forward pass for the backward pass.
     probs: std::sync::Mutex<Option<Tensor>>,
+}
+
+/// `row ← softmax(scale·row + mask)` in place.
+#[inline(always)]
+fn scaled_masked_softmax(row: &mut [f32], mask: &[f32], scale: f32) {
+    for (x, &m) in row.iter_mut().zip(mask) {
+        *x = *x * scale + m;
+    }
+    softmax_in_place(row);
 }
 
 impl Attention {
@@ -57,21 +66,27 @@ impl Attention {
             bail!("attention: f32 only");
         };
         let scale = self.scale;
-        let rows = |i: usize, row: &mut [f32]| {
-            // Row i is query (i % tq) of head-batch (i / tq); the mask is shared by heads.
+        // Row i is query (i % tq) of head-batch (i / tq); the mask is shared by heads.
+        let mask = |i: usize| {
             let (n, t) = (i / tq / h, i % tq);
-            let mask = &self.bias[(n * tq + t) * tk..(n * tq + t + 1) * tk];
-            for (x, &m) in row.iter_mut().zip(mask) {
-                *x = *x * scale + m;
-            }
-            softmax_in_place(row);
+            &self.bias[(n * tq + t) * tk..(n * tq + t + 1) * tk]
         };
         if parallel() && z.len() >= 1 << 15 {
-            z.par_chunks_mut(tk)
-                .enumerate()
-                .for_each(|(i, r)| rows(i, r));
+            z.par_chunks_mut(tk).enumerate().for_each(|(i, r)| {
+                vectorised(
+                    #[inline(always)]
+                    || scaled_masked_softmax(r, mask(i), scale),
+                )
+            });
         } else {
-            z.chunks_mut(tk).enumerate().for_each(|(i, r)| rows(i, r));
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (i, r) in z.chunks_mut(tk).enumerate() {
+                        scaled_masked_softmax(r, mask(i), scale);
+                    }
+                },
+            );
         }
         let p_layout = Layout::contiguous((bh, tq, tk));
         let v_layout = Layout::contiguous_with_offset((bh, tk, hd), v_off);
@@ -133,13 +148,19 @@ impl Attention {
         let scale = self.scale;
         with_f32(&p, |pv| {
             with_f32(&dp, |dp| {
-                rows_map(dp, &mut ds, tk, |i, dp, ds| {
-                    let p = &pv[i * tk..(i + 1) * tk];
-                    let dot = lane_dot(dp, p);
-                    for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
-                        *o = scale * (y * (g - dot));
-                    }
-                })
+                rows_map(
+                    dp,
+                    &mut ds,
+                    tk,
+                    #[inline(always)]
+                    |i, dp, ds| {
+                        let p = &pv[i * tk..(i + 1) * tk];
+                        let dot = lane_dot(dp, p);
+                        for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
+                            *o = scale * (y * (g - dot));
+                        }
+                    },
+                )
             })
         })??;
         let ds = Tensor::from_vec(ds, (bh, tq, tk), device)?;
@@ -454,27 +475,32 @@ pub fn decode_attention(
     let group = d.heads / d.kv_heads;
     // One (row, head) pair: its `Tq × hd` outputs.
     let pair = |bh: usize| -> Vec<f32> {
-        let (b, h) = (bh / d.heads, bh % d.heads);
-        let base = (b * d.kv_heads + h / group) * d.capacity * hd;
-        let (k, v) = (
-            &keys[base..base + d.len * hd],
-            &values[base..base + d.len * hd],
-        );
-        let mut out = vec![0f32; tq * hd];
-        let mut p = vec![0f32; d.len];
-        for i in 0..tq {
-            let query = &q[(bh * tq + i) * hd..][..hd];
-            let mask = &bias[(b * tq + i) * d.len..][..d.len];
-            for ((s, key), &m) in p.iter_mut().zip(k.chunks_exact(hd)).zip(mask) {
-                *s = lane_dot(query, key) * scale + m;
-            }
-            softmax_in_place(&mut p);
-            let o = &mut out[i * hd..(i + 1) * hd];
-            for (&w, value) in p.iter().zip(v.chunks_exact(hd)) {
-                o.iter_mut().zip(value).for_each(|(o, &x)| *o += w * x);
-            }
-        }
-        out
+        vectorised(
+            #[inline(always)]
+            || {
+                let (b, h) = (bh / d.heads, bh % d.heads);
+                let base = (b * d.kv_heads + h / group) * d.capacity * hd;
+                let (k, v) = (
+                    &keys[base..base + d.len * hd],
+                    &values[base..base + d.len * hd],
+                );
+                let mut out = vec![0f32; tq * hd];
+                let mut p = vec![0f32; d.len];
+                for i in 0..tq {
+                    let query = &q[(bh * tq + i) * hd..][..hd];
+                    let mask = &bias[(b * tq + i) * d.len..][..d.len];
+                    for ((s, key), &m) in p.iter_mut().zip(k.chunks_exact(hd)).zip(mask) {
+                        *s = lane_dot(query, key) * scale + m;
+                    }
+                    softmax_in_place(&mut p);
+                    let o = &mut out[i * hd..(i + 1) * hd];
+                    for (&w, value) in p.iter().zip(v.chunks_exact(hd)) {
+                        o.iter_mut().zip(value).for_each(|(o, &x)| *o += w * x);
+                    }
+                }
+                out
+            },
+        )
     };
     let pairs: Vec<Vec<f32>> = if parallel() {
         (0..d.batch * d.heads).into_par_iter().map(pair).collect()

@@ -15,9 +15,9 @@
 //! of rows of `C` when candle runs with more than one. `EDPO_GEMM=candle` in the environment
 //! turns it off (for measurement).
 //!
-//! The register tile, the 8 × 8 transpose and the decoding steps' dot products are the
-//! project's only `unsafe` code (vector intrinsics behind a run-time CPU check); each checks
-//! the lengths of everything it reads and writes before it starts.
+//! The register tile, the 8 × 8 transpose and the decoding steps' dot products are, with
+//! [`super::simd`], the project's only `unsafe` code (vector intrinsics behind a run-time CPU
+//! check); each checks the lengths of everything it reads and writes before it starts.
 #![allow(unsafe_code)]
 use rayon::prelude::*;
 use std::sync::OnceLock;

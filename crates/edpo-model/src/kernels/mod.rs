@@ -7,6 +7,7 @@
 //!   logits at all);
 //! - [`norm`]: LayerNorm and RMSNorm;
 //! - [`rope`]: rotary position embeddings;
+//! - [`simd`]: the kernels' loops compiled for AVX2 where the CPU has it;
 //! - [`linear`]: a linear layer with (or, at SmolLM2's size, without) its bias, and a frozen
 //!   one with its LoRA adapter;
 //! - [`gemm`]: the matrix product of large matrices (AVX2/FMA; candle's below its size);
@@ -21,7 +22,8 @@
 //! and gradients. The golden tests against PyTorch run through these kernels.
 //!
 //! This module holds what the kernels share: reading a tensor's storage in place, splitting
-//! rows across threads, lane-wise reductions, and the vectorising `exp` and `tanh`. Work is
+//! rows across threads, lane-wise reductions, the vectorising `exp` and `tanh`, and
+//! [`simd::vectorised`], which compiles a kernel's loops for AVX2 where the CPU has it. Work is
 //! split across rows with rayon when candle runs with more than one thread.
 
 pub mod activation;
@@ -31,6 +33,7 @@ pub mod head;
 pub mod linear;
 pub mod norm;
 pub mod rope;
+pub mod simd;
 pub mod softmax;
 
 pub use activation::{gelu, silu_mul};
@@ -39,6 +42,8 @@ pub use linear::{linear_bias, linear_frozen, linear_no_bias, lora_linear};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;
 pub use softmax::{log_softmax_gather, softmax_last};
+
+pub(crate) use simd::vectorised;
 
 use candle_core::{bail, CpuStorage, Layout, Tensor};
 use rayon::prelude::*;
@@ -104,11 +109,21 @@ pub(crate) fn rows_map(
         out.par_chunks_mut(width)
             .zip(input.par_chunks(width))
             .enumerate()
-            .for_each(|(i, (o, x))| f(i, x, o));
+            .for_each(|(i, (o, x))| {
+                vectorised(
+                    #[inline(always)]
+                    || f(i, x, o),
+                )
+            });
     } else {
-        for (i, (o, x)) in out.chunks_mut(width).zip(input.chunks(width)).enumerate() {
-            f(i, x, o);
-        }
+        vectorised(
+            #[inline(always)]
+            || {
+                for (i, (o, x)) in out.chunks_mut(width).zip(input.chunks(width)).enumerate() {
+                    f(i, x, o);
+                }
+            },
+        );
     }
 }
 
@@ -203,7 +218,7 @@ pub fn exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((ni + 127) as u32) << 23);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     let y = p * scale;
     if x < -87.0 {
         0.0
@@ -222,6 +237,74 @@ pub(crate) fn tanh(u: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels' loops run through [`vectorised`] (AVX2 code on a CPU that has it) give the
+    /// bits of the same expressions compiled here for the baseline target, over inputs that
+    /// reach `exp`'s clamps and the rows' scalar tails (widths not a multiple of 8).
+    #[test]
+    fn vectorised_code_gives_the_scalar_bits() {
+        use crate::composed::{GELU_C, SQRT_2_OVER_PI};
+        use candle_core::{Device, Tensor};
+        let (rows, width) = (7, 203);
+        let xs: Vec<f32> = (0..rows * width)
+            .map(|i| {
+                let u = ((i as u64).wrapping_mul(2_654_435_761) % 100_003) as f32 / 100_003.0;
+                (u - 0.5) * if i % 17 == 0 { 240.0 } else { 12.0 }
+            })
+            .collect();
+        let t = Tensor::from_vec(xs.clone(), (rows, width), &Device::Cpu).expect("tensor");
+        let values = |r: candle_core::Result<Tensor>| {
+            r.and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("kernel")
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+
+        let gelu: Vec<f32> = xs
+            .iter()
+            .map(|&v| 0.5 * v * (1.0 + tanh(SQRT_2_OVER_PI * (v + GELU_C * v * v * v))))
+            .collect();
+        assert_eq!(bits(&values(super::gelu(&t))), bits(&gelu));
+
+        let mut soft = xs.clone();
+        soft.chunks_mut(width).for_each(softmax_in_place);
+        assert_eq!(bits(&values(super::softmax_last(&t))), bits(&soft));
+
+        let targets: Vec<u32> = (0..rows as u32).map(|i| i * 29).collect();
+        let gathered: Vec<f32> = xs
+            .chunks(width)
+            .zip(&targets)
+            .map(|(z, &k)| {
+                let max = lane_max(z);
+                z[k as usize] - (max + lane_sum(z, |v| exp(v - max)).ln())
+            })
+            .collect();
+        assert_eq!(
+            bits(&values(super::log_softmax_gather(&t, &targets))),
+            bits(&gathered)
+        );
+
+        let w = Tensor::from_vec(
+            (0..width)
+                .map(|k| 0.5 + k as f32 / 97.0)
+                .collect::<Vec<f32>>(),
+            width,
+            &Device::Cpu,
+        )
+        .expect("weight");
+        let ws = values(Ok(w.clone()));
+        let rms: Vec<f32> = xs
+            .chunks(width)
+            .flat_map(|x| {
+                let inv = 1.0 / (lane_sum(x, |v| v * v) / width as f32 + 1e-5).sqrt();
+                x.iter()
+                    .zip(&ws)
+                    .map(|(&v, &wk)| v * inv * wk)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(bits(&values(super::rms_norm(&t, &w, 1e-5))), bits(&rms));
+    }
 
     #[test]
     fn exp_is_accurate_over_its_range() {

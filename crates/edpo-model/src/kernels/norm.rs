@@ -1,5 +1,5 @@
 //! LayerNorm and RMSNorm over the last dimension, with a fused backward.
-use super::{lane_sum, rows_map, slice, with_f32};
+use super::{lane_sum, rows_map, slice, vectorised, with_f32};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 /// LayerNorm (`rms = false`, weight and bias) or RMSNorm (`rms = true`, weight only, the bias
@@ -10,6 +10,7 @@ struct Norm {
 }
 
 /// Per-row statistics: mean (0 for RMSNorm) and 1/σ.
+#[inline(always)]
 fn norm_stats(x: &[f32], eps: f32, rms: bool) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = if rms { 0.0 } else { lane_sum(x, |v| v) / n };
@@ -36,17 +37,23 @@ impl CustomOp3 for Norm {
         let b = slice(s3, l3, "norm bias")?;
         let d = w.len();
         let mut y = vec![0f32; x.len()];
-        rows_map(x, &mut y, d, |_, x, y| {
-            let (mean, inv) = norm_stats(x, self.eps, self.rms);
-            for (k, o) in y.iter_mut().enumerate() {
-                let xhat = (x[k] - mean) * inv;
-                *o = if self.rms {
-                    xhat * w[k]
-                } else {
-                    xhat * w[k] + b[k]
-                };
-            }
-        });
+        rows_map(
+            x,
+            &mut y,
+            d,
+            #[inline(always)]
+            |_, x, y| {
+                let (mean, inv) = norm_stats(x, self.eps, self.rms);
+                for (k, o) in y.iter_mut().enumerate() {
+                    let xhat = (x[k] - mean) * inv;
+                    *o = if self.rms {
+                        xhat * w[k]
+                    } else {
+                        xhat * w[k] + b[k]
+                    };
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -67,28 +74,33 @@ impl CustomOp3 for Norm {
         let mut xhat = vec![0f32; d];
         with_f32(&xt, |xs| {
             with_f32(&gt, |gs| {
-                for ((x, g), o) in xs.chunks(d).zip(gs.chunks(d)).zip(dx.chunks_mut(d)) {
-                    let (mean, inv) = norm_stats(x, self.eps, self.rms);
-                    let mut sum_gw = 0f32;
-                    let mut sum_gwx = 0f32;
-                    for k in 0..d {
-                        xhat[k] = (x[k] - mean) * inv;
-                        let gw = g[k] * ws[k];
-                        sum_gw += gw;
-                        sum_gwx += gw * xhat[k];
-                        dw[k] += f64::from(g[k] * xhat[k]);
-                        db[k] += f64::from(g[k]);
-                    }
-                    let n = d as f32;
-                    for k in 0..d {
-                        let gw = g[k] * ws[k];
-                        o[k] = if self.rms {
-                            inv * (gw - xhat[k] * sum_gwx / n)
-                        } else {
-                            inv * (gw - sum_gw / n - xhat[k] * sum_gwx / n)
-                        };
-                    }
-                }
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for ((x, g), o) in xs.chunks(d).zip(gs.chunks(d)).zip(dx.chunks_mut(d)) {
+                            let (mean, inv) = norm_stats(x, self.eps, self.rms);
+                            let mut sum_gw = 0f32;
+                            let mut sum_gwx = 0f32;
+                            for k in 0..d {
+                                xhat[k] = (x[k] - mean) * inv;
+                                let gw = g[k] * ws[k];
+                                sum_gw += gw;
+                                sum_gwx += gw * xhat[k];
+                                dw[k] += f64::from(g[k] * xhat[k]);
+                                db[k] += f64::from(g[k]);
+                            }
+                            let n = d as f32;
+                            for k in 0..d {
+                                let gw = g[k] * ws[k];
+                                o[k] = if self.rms {
+                                    inv * (gw - xhat[k] * sum_gwx / n)
+                                } else {
+                                    inv * (gw - sum_gw / n - xhat[k] * sum_gwx / n)
+                                };
+                            }
+                        }
+                    },
+                )
             })
         })??;
         let dev = x.device();

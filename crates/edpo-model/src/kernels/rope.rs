@@ -2,7 +2,7 @@
 //! version (a negation, a concatenation, two broadcast products and a sum) keeps four
 //! head-wide tensors per rotated input alive until the backward pass; this one keeps none but
 //! its output (the tables are constants).
-use super::slice;
+use super::{slice, vectorised};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 /// `y = x·cos + rotate_half(x)·sin` for `x (B, H, T, hd)` and tables `(B, 1, T, hd)`, where
@@ -27,16 +27,21 @@ impl Rope {
             bail!("rope: {} inputs for {b}×{h}×{t}×{hd}", x.len());
         }
         let mut out = vec![0f32; x.len()];
-        for (r, (xr, o)) in x.chunks(hd).zip(out.chunks_mut(hd)).enumerate() {
-            let (n, s) = (r / (h * t), r % t);
-            let table = (n * t + s) * hd;
-            f(
-                xr,
-                &self.cos[table..table + hd],
-                &self.sin[table..table + hd],
-                o,
-            );
-        }
+        vectorised(
+            #[inline(always)]
+            || {
+                for (r, (xr, o)) in x.chunks(hd).zip(out.chunks_mut(hd)).enumerate() {
+                    let (n, s) = (r / (h * t), r % t);
+                    let table = (n * t + s) * hd;
+                    f(
+                        xr,
+                        &self.cos[table..table + hd],
+                        &self.sin[table..table + hd],
+                        o,
+                    );
+                }
+            },
+        );
         Ok(out)
     }
 }
@@ -54,12 +59,17 @@ impl CustomOp1 for Rope {
         let x = slice(storage, layout, "rope")?;
         let dims = layout.shape().dims4()?;
         let half = dims.3 / 2;
-        let y = self.rows(x, dims, |x, c, s, y| {
-            for i in 0..half {
-                y[i] = x[i] * c[i] + (-x[half + i]) * s[i];
-                y[half + i] = x[half + i] * c[half + i] + x[i] * s[half + i];
-            }
-        })?;
+        let y = self.rows(
+            x,
+            dims,
+            #[inline(always)]
+            |x, c, s, y| {
+                for i in 0..half {
+                    y[i] = x[i] * c[i] + (-x[half + i]) * s[i];
+                    y[half + i] = x[half + i] * c[half + i] + x[i] * s[half + i];
+                }
+            },
+        )?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -73,12 +83,17 @@ impl CustomOp1 for Rope {
         let half = dims.3 / 2;
         let g = grad_res.contiguous()?;
         let dx = super::with_f32(&g, |g| {
-            self.rows(g, dims, |g, c, s, dx| {
-                for i in 0..half {
-                    dx[i] = g[i] * c[i] + g[half + i] * s[half + i];
-                    dx[half + i] = g[half + i] * c[half + i] - g[i] * s[i];
-                }
-            })
+            self.rows(
+                g,
+                dims,
+                #[inline(always)]
+                |g, c, s, dx| {
+                    for i in 0..half {
+                        dx[i] = g[i] * c[i] + g[half + i] * s[half + i];
+                        dx[half + i] = g[half + i] * c[half + i] - g[i] * s[i];
+                    }
+                },
+            )
         })??;
         Ok(Some(Tensor::from_vec(dx, dims, arg.device())?))
     }

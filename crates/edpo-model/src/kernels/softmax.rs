@@ -1,6 +1,8 @@
 //! Softmax over the last dimension, and the log-softmax over the vocabulary gathered at the
 //! target token, each with a fused backward.
-use super::{exp, lane_dot, lane_max, lane_sum, parallel, rows_map, slice, softmax_in_place};
+use super::{
+    exp, lane_dot, lane_max, lane_sum, parallel, rows_map, slice, softmax_in_place, vectorised,
+};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -21,10 +23,16 @@ impl CustomOp1 for Softmax {
         let x = slice(storage, layout, "softmax")?;
         let width = layout.dims().last().copied().unwrap_or(1);
         let mut y = vec![0f32; x.len()];
-        rows_map(x, &mut y, width, |_, x, y| {
-            y.copy_from_slice(x);
-            softmax_in_place(y);
-        });
+        rows_map(
+            x,
+            &mut y,
+            width,
+            #[inline(always)]
+            |_, x, y| {
+                y.copy_from_slice(x);
+                softmax_in_place(y);
+            },
+        );
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -60,13 +68,19 @@ impl CustomOp2 for SoftmaxGrad {
         let dy = slice(s2, l2, "softmax grad")?;
         let width = l1.dims().last().copied().unwrap_or(1);
         let mut dx = vec![0f32; y.len()];
-        rows_map(dy, &mut dx, width, |i, dy, dx| {
-            let y = &y[i * width..(i + 1) * width];
-            let dot = lane_dot(dy, y);
-            for ((o, &g), &p) in dx.iter_mut().zip(dy).zip(y) {
-                *o = p * (g - dot);
-            }
-        });
+        rows_map(
+            dy,
+            &mut dx,
+            width,
+            #[inline(always)]
+            |i, dy, dx| {
+                let y = &y[i * width..(i + 1) * width];
+                let dot = lane_dot(dy, y);
+                for ((o, &g), &p) in dx.iter_mut().zip(dy).zip(y) {
+                    *o = p * (g - dot);
+                }
+            },
+        );
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -93,6 +107,7 @@ impl LogSoftmaxGather {
     }
 }
 
+#[inline(always)]
 fn row_lse(z: &[f32]) -> f32 {
     let max = lane_max(z);
     let sum = lane_sum(z, |v| exp(v - max));
@@ -120,7 +135,12 @@ impl CustomOp1 for LogSoftmaxGather {
         if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
             bail!("log-softmax gather: target {t} outside the vocabulary of {v}");
         }
-        let lse = |i: usize| row_lse(&z[i * v..(i + 1) * v]);
+        let lse = |i: usize| {
+            vectorised(
+                #[inline(always)]
+                || row_lse(&z[i * v..(i + 1) * v]),
+            )
+        };
         let lses: Vec<f32> = if parallel() && n * v >= 1 << 15 {
             (0..n).into_par_iter().map(lse).collect()
         } else {
@@ -174,17 +194,23 @@ impl CustomOp2 for LogSoftmaxGatherGrad {
         let g = slice(s2, l2, "log-softmax gather grad")?;
         let (_, v) = l1.shape().dims2()?;
         let mut dz = vec![0f32; z.len()];
-        rows_map(z, &mut dz, v, |i, z, dz| {
-            let lse = match &self.lse {
-                Some(l) => l[i],
-                None => row_lse(z),
-            };
-            let gi = g[i];
-            for (o, &x) in dz.iter_mut().zip(z) {
-                *o = -gi * exp(x - lse);
-            }
-            dz[self.targets[i] as usize] += gi;
-        });
+        rows_map(
+            z,
+            &mut dz,
+            v,
+            #[inline(always)]
+            |i, z, dz| {
+                let lse = match &self.lse {
+                    Some(l) => l[i],
+                    None => row_lse(z),
+                };
+                let gi = g[i];
+                for (o, &x) in dz.iter_mut().zip(z) {
+                    *o = -gi * exp(x - lse);
+                }
+                dz[self.targets[i] as usize] += gi;
+            },
+        );
         Ok((CpuStorage::F32(dz), l1.shape().clone()))
     }
 }
