@@ -1,7 +1,7 @@
 //! Scaled masked attention as one autograd node, GPT-2's attention straight from its packed
 //! q/k/v projection, and a decoding step's attention against the key/value cache read in place
 //! ([`decode_attention`], outside the autograd graph).
-use super::{lane_dot, parallel, rows_map, slice, softmax_in_place, vectorised, with_f32};
+use super::{lane_dot, parallel, slice, softmax_in_place, vectorised, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -144,23 +144,9 @@ impl Attention {
             };
         let dv = product(&p, true, g, false)?;
         let dp = product(g, false, v, true)?;
-        let mut ds = vec![0f32; p.elem_count()];
-        let scale = self.scale;
-        with_f32(&p, |pv| {
+        let ds = with_f32(&p, |pv| {
             with_f32(&dp, |dp| {
-                rows_map(
-                    dp,
-                    &mut ds,
-                    tk,
-                    #[inline(always)]
-                    |i, dp, ds| {
-                        let p = &pv[i * tk..(i + 1) * tk];
-                        let dot = lane_dot(dp, p);
-                        for ((o, &g), &y) in ds.iter_mut().zip(dp).zip(p) {
-                            *o = scale * (y * (g - dot));
-                        }
-                    },
-                )
+                super::softmax::softmax_grad(pv, dp, tk, self.scale)
             })
         })??;
         let ds = Tensor::from_vec(ds, (bh, tq, tk), device)?;

@@ -67,22 +67,29 @@ impl CustomOp2 for SoftmaxGrad {
         let y = slice(s1, l1, "softmax grad")?;
         let dy = slice(s2, l2, "softmax grad")?;
         let width = l1.dims().last().copied().unwrap_or(1);
-        let mut dx = vec![0f32; y.len()];
-        rows_map(
-            dy,
-            &mut dx,
-            width,
-            #[inline(always)]
-            |i, dy, dx| {
-                let y = &y[i * width..(i + 1) * width];
-                let dot = lane_dot(dy, y);
-                for ((o, &g), &p) in dx.iter_mut().zip(dy).zip(y) {
-                    *o = p * (g - dot);
-                }
-            },
-        );
+        let dx = softmax_grad(y, dy, width, 1.0);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+}
+
+/// The gradient of a row softmax `y` of width `width` given `dy`, times `scale`:
+/// `scale·(y ⊙ (dy − Σ dy·y))` per row (a scale of 1 changes no bit).
+pub(crate) fn softmax_grad(y: &[f32], dy: &[f32], width: usize, scale: f32) -> Vec<f32> {
+    let mut dx = vec![0f32; y.len()];
+    rows_map(
+        dy,
+        &mut dx,
+        width,
+        #[inline(always)]
+        |i, dy, dx| {
+            let y = &y[i * width..(i + 1) * width];
+            let dot = lane_dot(dy, y);
+            for ((o, &g), &p) in dx.iter_mut().zip(dy).zip(y) {
+                *o = scale * (p * (g - dot));
+            }
+        },
+    );
+    dx
 }
 
 /// Softmax over the last dimension with a fused backward.
