@@ -72,18 +72,8 @@ pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         let off = std::env::var("EDPO_GEMM").is_ok_and(|v| v == "candle");
-        !off && cpu_has_fma()
+        !off && super::simd::cpu_has_avx2_fma()
     })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_fma() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_fma() -> bool {
-    false
 }
 
 /// Whether an `m × k` by `k × n` product is of the size this kernel takes (whatever the CPU).

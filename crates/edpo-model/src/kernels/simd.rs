@@ -4,9 +4,9 @@
 #![allow(unsafe_code)]
 
 /// Runs `f` compiled for AVX2 and FMA when this CPU has them, and for the baseline target
-/// otherwise. The kernels' loops are written lane by lane ([`super::lane_sum`], [`super::exp`]) so that the
-/// compiler vectorises them, but built for baseline x86-64 (SSE2) it keeps most of them
-/// scalar; inlined here they become 8-lane AVX2 code. Rust never fuses a product and a sum
+/// otherwise. The kernels' loops are written lane by lane ([`super::lane_sum`],
+/// [`super::exp`]) so that the compiler vectorises them, but built for baseline x86-64 (SSE2)
+/// it keeps most of them scalar; inlined here they become 8-lane AVX2 code. Rust never fuses a product and a sum
 /// into one FMA on its own and vector lanes round as scalar operations do, so each lane
 /// computes exactly what the scalar code computes: the same bits either way (held by
 /// `kernels::tests::vectorised_code_gives_the_scalar_bits`).
@@ -20,9 +20,16 @@ pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether this CPU has AVX2 and FMA (the one check behind this module and [`super::gemm`]).
 #[cfg(target_arch = "x86_64")]
-fn cpu_has_avx2_fma() -> bool {
+pub(crate) fn cpu_has_avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Whether this CPU has AVX2 and FMA: never off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn cpu_has_avx2_fma() -> bool {
+    false
 }
 
 /// `f()` with AVX2 and FMA enabled for whatever is inlined into it.
