@@ -127,23 +127,30 @@ pub fn run_local(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, O
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs.max(1))
         .build()?;
-    let outcomes: Vec<(usize, Outcome)> = pool.install(|| {
-        sweep
-            .runs
-            .par_iter()
-            .map(|r| {
-                let dir = run_dir(&root, &r.hash);
-                let quiet = indicatif::ProgressBar::hidden();
-                let outcome = run_locked(&r.config, &dir, &shared, &quiet)
-                    .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
-                log_outcome(r.index, &r.hash, &outcome);
-                bar.inc(1);
-                (r.index, outcome)
-            })
-            .collect()
+    let outcomes = each_on_pool(&pool, &sweep.runs, |r| {
+        let dir = run_dir(&root, &r.hash);
+        let quiet = indicatif::ProgressBar::hidden();
+        let outcome = run_locked(&r.config, &dir, &shared, &quiet)
+            .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
+        log_outcome(r.index, &r.hash, &outcome);
+        bar.inc(1);
+        (r.index, outcome)
     });
     bar.finish_and_clear();
     Ok(outcomes)
+}
+
+/// `f` of every item, in item order, computed on `pool` with every item its own task, so a
+/// free thread can take any item not yet started. (A plain `par_iter` hands each thread a
+/// contiguous block of items that it then runs in order: when one block is mostly completed
+/// runs, skipped at once, its thread falls idle while another works through its own block run
+/// by run — a resumed sweep then ran one run at a time on a `--jobs 2` pool.)
+pub fn each_on_pool<T: Sync, R: Send>(
+    pool: &rayon::ThreadPool,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync + Send,
+) -> Vec<R> {
+    pool.install(|| items.par_iter().with_max_len(1).map(f).collect())
 }
 
 /// Logs what happened to one run.
@@ -153,5 +160,38 @@ pub fn log_outcome(index: usize, hash: &str, outcome: &Outcome) {
         Outcome::Completed => tracing::info!(run = index, hash, "completed"),
         Outcome::Busy(owner) => tracing::warn!(run = index, hash, owner, "left to its holder"),
         Outcome::Failed(m) => tracing::error!(run = index, hash, error = %m, "failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// The last two of eight items only finish once both are running at the same time (or
+    /// after a 10 s timeout, reported as `false`): a pool that ran them in order on one thread
+    /// (the first six, "completed", returning at once) fails.
+    #[test]
+    fn a_free_thread_takes_any_pending_item() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
+        let running = AtomicUsize::new(0);
+        let items: Vec<usize> = (0..8).collect();
+        let met = each_on_pool(&pool, &items, |&i| {
+            if i < 6 {
+                return true;
+            }
+            running.fetch_add(1, Ordering::SeqCst);
+            let start = Instant::now();
+            while running.load(Ordering::SeqCst) < 2 {
+                if start.elapsed() > Duration::from_secs(10) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            true
+        });
+        assert_eq!(met, vec![true; 8], "the two pending items never ran together");
+        Ok(())
     }
 }
