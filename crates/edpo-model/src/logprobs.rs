@@ -261,8 +261,10 @@ fn token_logps_chunked(
                 &batch.targets,
                 weight_grad,
                 rows,
-                |_, _| Ok(()),
-            )?)
+                None,
+                |_, _, _| Ok(()),
+            )?
+            .0)
         }
     }
 }
@@ -295,13 +297,13 @@ pub struct PolicyAndReference {
 /// The policy's and the reference's token log-probs on `batch`, with ε-DPO's mixed-logit
 /// sequence log-probs for `mixtures` and TDPO's sequential KLs when asked for.
 ///
-/// Below the size of [`crate::kernels::gemm`] (small models), or for TDPO's KL (which needs the
-/// policy's logits in the graph), both models' `(N, V)` logits are formed, as
-/// [`response_logits`], [`token_logps`], [`mixed_sequence_logps`] and [`sequence_kl`] compute
-/// them. At that size both heads run chunk by chunk: the policy's through
-/// [`crate::kernels::head`], and at each chunk the reference's logits for the same rows, its
-/// log-probs and the mixtures: no `(N, V)` tensor is held, and the mixtures sum per sequence
-/// in the same row order.
+/// Below the size of [`crate::kernels::gemm`] (small models), both models' `(N, V)` logits are
+/// formed, as [`response_logits`], [`token_logps`], [`mixed_sequence_logps`] and
+/// [`sequence_kl`] compute them. At that size both heads run chunk by chunk through
+/// [`crate::kernels::head`]: at each chunk the policy's and the reference's logits for the same
+/// rows, the reference's log-probs, the mixtures and TDPO's per-row KL (a second output of the
+/// policy's head node, with its own backward): no `(N, V)` tensor is held, and the mixtures
+/// sum per sequence in the same row order.
 pub fn policy_and_reference(
     policy: &CausalLm,
     reference: &CausalLm,
@@ -334,8 +336,8 @@ fn policy_and_reference_chunked(
     rows: Option<usize>,
 ) -> Result<PolicyAndReference> {
     let rows = match rows {
-        Some(rows) if !with_sequence_kl => rows,
-        _ => {
+        Some(rows) => rows,
+        None => {
             let policy_logits = policy.lm_head(h)?;
             let reference_logits = response_logits(reference, batch)?.detach();
             let mixed = match mixtures {
@@ -372,22 +374,30 @@ fn policy_and_reference_chunked(
     }
     let mut reference_logps = Vec::with_capacity(batch.n_targets());
     let mut mixed = mixtures.map(|m| vec![vec![0f64; batch.batch]; m.len()]);
-    let policy_logps = crate::kernels::head::head_logps_visiting(
+    let reference_head = crate::kernels::head::ReferenceHead {
+        hidden: &hr,
+        weight: &wr,
+        kl: with_sequence_kl.then_some((batch.sequence_of.as_slice(), batch.batch)),
+    };
+    let (policy_logps, sequence_kl) = crate::kernels::head::head_logps_visiting(
         h,
         w,
         &batch.targets,
         weight_grad,
         rows,
-        |range, z| {
-            let r = crate::kernels::head::chunk_logits(&hr, &wr, range)?;
+        Some(reference_head),
+        |range, z, r| {
+            let Some(r) = r else {
+                candle_core::bail!("LM head: the reference's logits are missing");
+            };
             reference_logps.extend(
-                crate::ops::log_softmax_gather(&r, &batch.targets[range.clone()])?
+                crate::ops::log_softmax_gather(r, &batch.targets[range.clone()])?
                     .to_vec1::<f32>()?,
             );
             if let (Some(m), Some(out)) = (mixtures, mixed.as_mut()) {
                 let v = z.dim(1)?;
                 crate::kernels::with_f32(z, |z| {
-                    crate::kernels::with_f32(&r, |r| {
+                    crate::kernels::with_f32(r, |r| {
                         mixed_rows(
                             z,
                             r,
@@ -408,7 +418,7 @@ fn policy_and_reference_chunked(
         policy: policy_logps,
         reference: Tensor::from_vec(reference_logps, n, h.device())?,
         mixed,
-        sequence_kl: None,
+        sequence_kl,
     })
 }
 
@@ -661,8 +671,9 @@ mod tests {
         }
     }
 
-    /// The chunked heads give the unchunked log-probs, mixtures and gradients, for a trained
-    /// head (tied GPT-2, untied Mistral) and a frozen one (LoRA).
+    /// The chunked heads give the unchunked log-probs, mixtures, sequential KLs and gradients
+    /// (of log-probs and KLs together), for a trained head (tied GPT-2, untied Mistral) and a
+    /// frozen one (LoRA); one chunk of all rows (logits kept for the backward) and several.
     #[test]
     fn chunked_heads_equal_the_materialised_logits() {
         for (raw, lora) in [
@@ -699,6 +710,20 @@ mod tests {
                     .expect("ref");
                 (tiny(raw), reference)
             };
+            // Move the policy's trainable weights well away from the reference's, so the KL
+            // and its gradient are far from zero.
+            for (j, p) in policy.params().iter().enumerate() {
+                if let Some(var) = &p.var {
+                    let t = var.as_tensor();
+                    let noise: Vec<f32> = (0..t.elem_count())
+                        .map(|i| ((i * 31 + j * 7) % 17) as f32 * 0.05 - 0.4)
+                        .collect();
+                    let moved = Tensor::from_vec(noise, t.shape(), &Device::Cpu)
+                        .and_then(|n| t + n)
+                        .expect("moved");
+                    var.set(&moved).expect("set");
+                }
+            }
             let pairs = pairs();
             let rows: Vec<(&[u32], &[u32], &[u32])> = pairs
                 .iter()
@@ -714,17 +739,22 @@ mod tests {
                     &h,
                     &batch,
                     Some(&mixtures),
-                    false,
+                    true,
                     chunk,
                 )
                 .expect("scores");
+                let kl = out.sequence_kl.clone().expect("the sequential KL");
                 let alone = token_logps_chunked(&policy, &h, &batch, chunk).expect("alone");
                 let w: Vec<f32> = (0..batch.n_targets())
                     .map(|i| 0.1 + 0.01 * i as f32)
                     .collect();
                 let w = Tensor::from_vec(w, batch.n_targets(), &Device::Cpu).expect("w");
+                let u: Vec<f32> = (0..batch.batch).map(|b| 0.3 - 0.2 * b as f32).collect();
+                let u = Tensor::from_vec(u, batch.batch, &Device::Cpu).expect("u");
                 let grads = (&out.policy * &w)
                     .and_then(|t| t.sum_all())
+                    .and_then(|a| (&kl * &u)?.sum_all().map(|b| (a, b)))
+                    .and_then(|(a, b)| a + b)
                     .and_then(|t| t.backward())
                     .expect("backward");
                 let g: Vec<Vec<f32>> = policy
@@ -747,12 +777,14 @@ mod tests {
                     values(&out.reference),
                     out.mixed.expect("mixtures"),
                     g,
+                    values(&kl),
                 )
             };
-            let (p, alone, r, m, g) = run(None);
+            let (p, alone, r, m, g, kl) = run(None);
             assert!(!g.is_empty());
-            for chunk in [1, 4, 7] {
-                let (p2, alone2, r2, m2, g2) = run(Some(chunk));
+            assert!(kl.iter().all(|&k| k > 1e-3), "{kl:?}");
+            for chunk in [1, 4, 7, 1000] {
+                let (p2, alone2, r2, m2, g2, kl2) = run(Some(chunk));
                 let close = |a: &[f32], b: &[f32]| {
                     for (x, y) in a.iter().zip(b) {
                         assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
@@ -762,6 +794,7 @@ mod tests {
                 close(&p, &alone2);
                 close(&alone, &alone2);
                 close(&r, &r2);
+                close(&kl, &kl2);
                 for (a, b) in m.iter().flatten().zip(m2.iter().flatten()) {
                     assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
                 }

@@ -191,7 +191,11 @@ mod tests {
             }
             true
         });
-        assert_eq!(met, vec![true; 8], "the two pending items never ran together");
+        assert_eq!(
+            met,
+            vec![true; 8],
+            "the two pending items never ran together"
+        );
         Ok(())
     }
 }

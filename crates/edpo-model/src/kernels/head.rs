@@ -11,13 +11,20 @@
 //! `∂W += ∂zᵀ·h_c`, summed in place. Memory for the head is `O(chunk × V)` instead of the
 //! `(N, V)` logits, their softmax and their gradient.
 //!
+//! TDPO's sequential KL against a reference head ([`ReferenceHead`]) is a second output of the
+//! same node: per chunk the reference's logits `r = h_ref·W_refᵀ`, each row's
+//! `KL(softmax(r) ‖ softmax(z))` summed per sequence; its backward adds
+//! `k·(softmax(z) − softmax(r))` to `∂z`, the reference's logits recomputed there too.
+//!
 //! With a single chunk (`N·V` within the budget) its logits are kept for the backward pass
 //! instead of recomputed. The products run through [`super::gemm`] wherever the CPU has it.
 //! The callers ([`crate::logprobs`]) use this node where the head's product is of the size
 //! [`super::gemm`] takes; below it they keep the unchunked operations, so small models
 //! compute exactly what they always did.
-use super::softmax::{LogSoftmaxGather, LogSoftmaxGatherGrad};
+use super::softmax::{row_lse, LogSoftmaxGather, LogSoftmaxGatherGrad};
+use super::{exp, parallel, simd::vectorised};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -52,6 +59,18 @@ fn gather(z: &Tensor, targets: &[u32]) -> candle_core::Result<(Vec<f32>, Arc<Vec
     Ok((lp, lse))
 }
 
+/// A reference model's head beside the policy's, at the same rows: its hidden states `(N, d)`
+/// and weight `(V, d)` (constants: no gradient flows to them).
+pub struct ReferenceHead<'a> {
+    /// The reference's hidden states at the policy head's rows, `(N, d)`.
+    pub hidden: &'a Tensor,
+    /// The reference's head weight, `(V, d)`.
+    pub weight: &'a Tensor,
+    /// For TDPO's sequential KL: the sequence of every row and the number of sequences. The
+    /// head then also returns, per sequence, `Σ_rows KL(softmax(r) ‖ softmax(z))`.
+    pub kl: Option<(&'a [usize], usize)>,
+}
+
 /// The node: its forward returns the log-probs computed chunk by chunk before it was made.
 struct HeadLogps {
     targets: Arc<Vec<u32>>,
@@ -62,6 +81,76 @@ struct HeadLogps {
     weight_grad: bool,
     /// With a single chunk, its logits (within the budget, so kept instead of recomputed).
     logits: Option<Tensor>,
+    /// The sequential KL, a second output after the log-probs.
+    kl: Option<KlPart>,
+}
+
+/// What the node keeps of the sequential KL.
+struct KlPart {
+    hidden: Tensor,
+    weight: Tensor,
+    sequence_of: Vec<usize>,
+    /// Per sequence, the forward's values.
+    values: Vec<f32>,
+    /// The reference's log-sum-exp per row.
+    lse: Vec<f32>,
+    /// With a single chunk, the reference's logits.
+    logits: Option<Tensor>,
+}
+
+/// `Σ_v p_r(v)·((r_v − lse_r) − (z_v − lse_z))` of one row, `p_r = exp(r − lse_r)`.
+#[inline(always)]
+fn row_kl(z: &[f32], r: &[f32], lse_z: f32, lse_r: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let full = z.len().min(r.len()) / 8 * 8;
+    for (cz, cr) in z[..full].chunks_exact(8).zip(r[..full].chunks_exact(8)) {
+        for k in 0..8 {
+            let lr = cr[k] - lse_r;
+            acc[k] += exp(lr) * (lr - (cz[k] - lse_z));
+        }
+    }
+    let mut total = acc.iter().sum::<f32>();
+    for (&x, &y) in z[full..].iter().zip(&r[full..]) {
+        let lr = y - lse_r;
+        total += exp(lr) * (lr - (x - lse_z));
+    }
+    total
+}
+
+/// Adds `k_i·(softmax(z_i) − softmax(r_i))` to each row `i` of `dz` (width `v`).
+fn add_kl_grad(dz: &mut [f32], z: &[f32], r: &[f32], v: usize, lse: (&[f32], &[f32]), k: &[f32]) {
+    let row = |i: usize, d: &mut [f32], z: &[f32], r: &[f32]| {
+        let (lz, lr, ki) = (lse.0[i], lse.1[i], k[i]);
+        for ((o, &x), &y) in d.iter_mut().zip(z).zip(r) {
+            *o += ki * (exp(x - lz) - exp(y - lr));
+        }
+    };
+    if parallel() && dz.len() >= 1 << 15 {
+        dz.par_chunks_mut(v)
+            .zip(z.par_chunks(v))
+            .zip(r.par_chunks(v))
+            .enumerate()
+            .for_each(|(i, ((d, z), r))| {
+                vectorised(
+                    #[inline(always)]
+                    || row(i, d, z, r),
+                )
+            });
+    } else {
+        vectorised(
+            #[inline(always)]
+            || {
+                for (i, ((d, z), r)) in dz
+                    .chunks_mut(v)
+                    .zip(z.chunks(v))
+                    .zip(r.chunks(v))
+                    .enumerate()
+                {
+                    row(i, d, z, r);
+                }
+            },
+        );
+    }
 }
 
 impl CustomOp2 for HeadLogps {
@@ -80,7 +169,12 @@ impl CustomOp2 for HeadLogps {
         if n != self.logps.len() {
             bail!("LM head: {n} rows for {} log-probs", self.logps.len());
         }
-        Ok((CpuStorage::F32(self.logps.clone()), Shape::from(n)))
+        let mut out = self.logps.clone();
+        if let Some(kl) = &self.kl {
+            out.extend_from_slice(&kl.values);
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 
     fn bwd(
@@ -93,6 +187,15 @@ impl CustomOp2 for HeadLogps {
         let (h, w) = (h.detach(), w.detach());
         let g = grad.detach().contiguous()?;
         let n = self.targets.len();
+        // The KL part's gradient per row: its sequence's.
+        let k_rows = match &self.kl {
+            Some(kl) => {
+                let k = g.narrow(0, n, kl.values.len())?.to_vec1::<f32>()?;
+                Some(kl.sequence_of.iter().map(|&b| k[b]).collect::<Vec<f32>>())
+            }
+            None => None,
+        };
+        let g = g.narrow(0, 0, n)?;
         let mut dh = Vec::with_capacity(n.div_ceil(self.rows));
         let mut dw: Option<Vec<f32>> = self.weight_grad.then(|| vec![0f32; w.elem_count()]);
         for range in chunks(n, self.rows) {
@@ -104,7 +207,28 @@ impl CustomOp2 for HeadLogps {
                 targets: Arc::new(self.targets[range.clone()].to_vec()),
                 lse: Some(Arc::new(self.lse[range.clone()].to_vec())),
             };
-            let dz = z.apply_op2_no_bwd(&g.narrow(0, range.start, range.len())?, &op)?;
+            let mut dz = z.apply_op2_no_bwd(&g.narrow(0, range.start, range.len())?, &op)?;
+            if let (Some(kl), Some(k)) = (&self.kl, &k_rows) {
+                let r = match &kl.logits {
+                    Some(r) => r.clone(),
+                    None => chunk_logits(&kl.hidden, &kl.weight, &range)?,
+                };
+                let v = z.dim(1)?;
+                let mut d = dz.flatten_all()?.to_vec1::<f32>()?;
+                super::with_f32(&z, |z| {
+                    super::with_f32(&r, |r| {
+                        add_kl_grad(
+                            &mut d,
+                            z,
+                            r,
+                            v,
+                            (&self.lse[range.clone()], &kl.lse[range.clone()]),
+                            &k[range.clone()],
+                        )
+                    })
+                })??;
+                dz = Tensor::from_vec(d, z.shape(), z.device())?;
+            }
             dh.push(super::gemm::matmul_tensors_any_size(&dz, &w)?);
             if let Some(acc) = dw.as_mut() {
                 let hc = h.narrow(0, range.start, range.len())?;
@@ -121,16 +245,19 @@ impl CustomOp2 for HeadLogps {
 }
 
 /// `log_softmax(h·Wᵀ)[targets]` per row of `h (N, d)` for `W (V, d)`, in chunks of `rows` rows,
-/// differentiable with respect to `h` and, when `weight_grad`, to `W`. `visit(range, z)` sees
-/// each chunk's logits `(len, V)` once, in row order, during the forward pass.
+/// differentiable with respect to `h` and, when `weight_grad`, to `W`. `visit(range, z, r)`
+/// sees each chunk's logits `(len, V)` once, in row order, during the forward pass, with the
+/// reference's logits `r` of the same rows when a `reference` is given. With the reference's
+/// `kl`, the sequential KL per sequence is returned too, differentiable in the same way.
 pub fn head_logps_visiting(
     h: &Tensor,
     w: &Tensor,
     targets: &[u32],
     weight_grad: bool,
     rows: usize,
-    mut visit: impl FnMut(&Range<usize>, &Tensor) -> candle_core::Result<()>,
-) -> candle_core::Result<Tensor> {
+    reference: Option<ReferenceHead>,
+    mut visit: impl FnMut(&Range<usize>, &Tensor, Option<&Tensor>) -> candle_core::Result<()>,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let (n, d) = h.dims2()?;
     let (_, wd) = w.dims2()?;
     if wd != d || targets.len() != n {
@@ -142,21 +269,96 @@ pub fn head_logps_visiting(
         );
     }
     let (hd, wdet) = (h.detach().contiguous()?, w.detach().contiguous()?);
+    let reference = match reference {
+        Some(r) => {
+            if r.hidden.dims() != h.dims() || r.weight.dims() != w.dims() {
+                bail!(
+                    "LM head: reference hidden {:?} and weight {:?} against the policy's {:?} \
+                     and {:?}",
+                    r.hidden.dims(),
+                    r.weight.dims(),
+                    h.dims(),
+                    w.dims()
+                );
+            }
+            if let Some((of, b)) = r.kl {
+                if of.len() != n || of.iter().any(|&s| s >= b) {
+                    bail!(
+                        "LM head: {} row sequences for {n} rows of {b} sequences",
+                        of.len()
+                    );
+                }
+            }
+            let hidden = r.hidden.detach().contiguous()?;
+            let weight = r.weight.detach().contiguous()?;
+            Some((hidden, weight, r.kl))
+        }
+        None => None,
+    };
     let mut logps = Vec::with_capacity(n);
     let mut lse = Vec::with_capacity(n);
+    let mut kl = reference
+        .as_ref()
+        .and_then(|(_, _, kl)| *kl)
+        .map(|(_, b)| (vec![0f64; b], Vec::with_capacity(n), None));
     let single = n <= rows;
     let mut kept = None;
     for range in chunks(n, rows) {
         let z = chunk_logits(&hd, &wdet, &range)?;
         let (lp, l) = gather(&z, &targets[range.clone()])?;
-        visit(&range, &z)?;
+        let r = match &reference {
+            Some((hr, wr, _)) => Some(chunk_logits(hr, wr, &range)?),
+            None => None,
+        };
+        visit(&range, &z, r.as_ref())?;
+        if let (Some((sums, lse_r, kept_r)), Some(r), Some((_, _, Some((of, _))))) =
+            (kl.as_mut(), &r, &reference)
+        {
+            let v = z.dim(1)?;
+            let values = super::with_f32(&z, |zs| {
+                super::with_f32(r, |rs| {
+                    vectorised(
+                        #[inline(always)]
+                        || {
+                            (0..range.len())
+                                .map(|i| {
+                                    let (zi, ri) =
+                                        (&zs[i * v..(i + 1) * v], &rs[i * v..(i + 1) * v]);
+                                    let lr = row_lse(ri);
+                                    (lr, row_kl(zi, ri, l[i], lr))
+                                })
+                                .collect::<Vec<_>>()
+                        },
+                    )
+                })
+            })??;
+            for (i, (lr, value)) in values.into_iter().enumerate() {
+                lse_r.push(lr);
+                sums[of[range.start + i]] += f64::from(value);
+            }
+            if single {
+                *kept_r = Some(r.clone());
+            }
+        }
         logps.extend(lp);
         lse.extend(l.iter());
         if single {
             kept = Some(z);
         }
     }
-    h.contiguous()?.apply_op2(
+    let kl = match (kl, reference) {
+        (Some((sums, lse_r, kept_r)), Some((hidden, weight, Some((of, _))))) => Some(KlPart {
+            hidden,
+            weight,
+            sequence_of: of.to_vec(),
+            values: sums.iter().map(|&s| s as f32).collect(),
+            lse: lse_r,
+            logits: kept_r,
+        }),
+        _ => None,
+    };
+    let sequences = kl.as_ref().map(|k| k.values.len());
+    let out = h.contiguous()?.apply_op2(
         &w.contiguous()?,
         HeadLogps {
             targets: Arc::new(targets.to_vec()),
@@ -165,8 +367,13 @@ pub fn head_logps_visiting(
             rows,
             weight_grad,
             logits: kept,
+            kl,
         },
-    )
+    )?;
+    match sequences {
+        Some(b) => Ok((out.narrow(0, 0, n)?, Some(out.narrow(0, n, b)?))),
+        None => Ok((out, None)),
+    }
 }
 
 #[cfg(test)]
@@ -191,19 +398,23 @@ mod tests {
             let w = Var::from_vec(wv.clone(), (v, d), &Device::Cpu).expect("w");
             let mut seen = Vec::new();
             let lp = match rows {
-                Some(rows) => head_logps_visiting(
-                    h.as_tensor(),
-                    w.as_tensor(),
-                    &targets,
-                    true,
-                    rows,
-                    |r, z| {
-                        assert_eq!(z.dims(), [r.len(), v]);
-                        seen.push(r.clone());
-                        Ok(())
-                    },
-                )
-                .expect("chunked"),
+                Some(rows) => {
+                    head_logps_visiting(
+                        h.as_tensor(),
+                        w.as_tensor(),
+                        &targets,
+                        true,
+                        rows,
+                        None,
+                        |r, z, _| {
+                            assert_eq!(z.dims(), [r.len(), v]);
+                            seen.push(r.clone());
+                            Ok(())
+                        },
+                    )
+                    .expect("chunked")
+                    .0
+                }
                 None => {
                     let z = h.as_tensor().matmul(&w.as_tensor().t().expect("t"));
                     super::super::log_softmax_gather(&z.expect("z"), &targets).expect("lp")

@@ -115,7 +115,7 @@ impl LogSoftmaxGather {
 }
 
 #[inline(always)]
-fn row_lse(z: &[f32]) -> f32 {
+pub(crate) fn row_lse(z: &[f32]) -> f32 {
     let max = lane_max(z);
     let sum = lane_sum(z, |v| exp(v - max));
     max + sum.ln()
