@@ -202,11 +202,10 @@ pub fn write_splits(df: &DataFrame, dir: &Path) -> Result<Vec<PathBuf>> {
     for split in ["train", "validation", "test"] {
         let path = dir.join(format!("{split}.parquet"));
         let mut part = df
-            .clone()
-            .lazy()
-            .filter(col("split").eq(lit(split)))
-            .select([col("id"), col("rating"), col("text")])
-            .collect()
+            .column("split")
+            .and_then(|c| c.str().map(|c| c.equal(split)))
+            .and_then(|mask| df.filter(&mask))
+            .and_then(|part| part.select(["id", "rating", "text"]))
             .map_err(polars_err(&path))?;
         let file = std::fs::File::create(&path).map_err(|source| Error::Io {
             path: path.clone(),

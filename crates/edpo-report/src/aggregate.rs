@@ -106,48 +106,51 @@ pub fn by_setting(runs: &DataFrame) -> Result<Vec<SettingSummary>> {
         .filter(|n| n.starts_with("param_"))
         .cloned()
         .collect();
-    let mut aggs = vec![len().alias("n")];
+    // The rows of each (method, kind, setting), in order of first appearance.
+    let keys = |name: &str| -> Result<Vec<String>> {
+        let column = runs.column(name)?;
+        (0..runs.height())
+            .map(|i| Ok(column.get(i)?.str_value().to_string()))
+            .collect()
+    };
+    let (method, kind, setting) = (keys("method")?, keys("kind")?, keys("setting")?);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut index: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
+    for row in 0..runs.height() {
+        let key = (
+            method[row].as_str(),
+            kind[row].as_str(),
+            setting[row].as_str(),
+        );
+        let g = *index.entry(key).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(row);
+    }
+    // Each metric as f64 (missing values as None).
+    let mut values: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
     for m in &metrics {
-        aggs.push(col(*m).mean().alias(format!("{m}__mean")));
-        aggs.push(col(*m).std(1).alias(format!("{m}__std")));
-        aggs.push(col(*m).count().alias(format!("{m}__count")));
+        let column = runs.column(m)?.cast(&DataType::Float64)?;
+        values.insert(*m, column.f64()?.iter().collect());
     }
-    for p in &params {
-        aggs.push(col(p.as_str()).first().alias(p.as_str()));
-    }
-    let grouped = runs
-        .clone()
-        .lazy()
-        .group_by_stable([col("method"), col("kind"), col("setting")])
-        .agg(aggs)
-        .collect()?;
-    let text = |name: &str, row: usize| -> String {
-        grouped
-            .column(name)
-            .ok()
-            .and_then(|c| c.get(row).ok().map(|v| v.str_value().to_string()))
-            .unwrap_or_default()
-    };
-    let number = |name: &str, row: usize| -> f64 {
-        grouped
-            .column(name)
-            .ok()
-            .and_then(|c| c.get(row).ok())
-            .and_then(|v| v.extract::<f64>())
-            .unwrap_or(f64::NAN)
-    };
-    let mut out = Vec::with_capacity(grouped.height());
-    for row in 0..grouped.height() {
+    let mut out = Vec::with_capacity(groups.len());
+    for rows in &groups {
+        let first = rows[0];
         let mut summary = SettingSummary {
-            method: text("method", row),
-            kind: text("kind", row),
-            setting: text("setting", row),
-            n: number("n", row) as usize,
+            method: method[first].clone(),
+            kind: kind[first].clone(),
+            setting: setting[first].clone(),
+            n: rows.len(),
             params: BTreeMap::new(),
             metrics: BTreeMap::new(),
         };
         for p in &params {
-            let v = number(p, row);
+            let v = runs
+                .column(p)?
+                .get(first)?
+                .extract::<f64>()
+                .unwrap_or(f64::NAN);
             if v.is_finite() {
                 summary
                     .params
@@ -155,15 +158,13 @@ pub fn by_setting(runs: &DataFrame) -> Result<Vec<SettingSummary>> {
             }
         }
         for m in &metrics {
-            let (mean, std, count) = (
-                number(&format!("{m}__mean"), row),
-                number(&format!("{m}__std"), row),
-                number(&format!("{m}__count"), row),
-            );
-            if count >= 1.0 {
-                let n = count as usize;
+            let present: Vec<f64> = rows.iter().filter_map(|&r| values[m][r]).collect();
+            let n = present.len();
+            if n >= 1 {
+                let mean = present.iter().sum::<f64>() / n as f64;
                 let ci = if n >= 2 {
-                    t_quantile(n - 1) * std / (n as f64).sqrt()
+                    let ss: f64 = present.iter().map(|x| (x - mean).powi(2)).sum();
+                    t_quantile(n - 1) * (ss / (n - 1) as f64).sqrt() / (n as f64).sqrt()
                 } else {
                     f64::NAN
                 };

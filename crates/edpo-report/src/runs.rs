@@ -159,12 +159,8 @@ impl Sweep {
     /// on different tasks share no pairs, labels or reference samples to be compared by. The
     /// skipped runs stay with the whole sweep.
     pub fn subset(&self, task: &str) -> Result<Sweep> {
-        let runs = self
-            .runs
-            .clone()
-            .lazy()
-            .filter(col("task").eq(lit(task)))
-            .collect()?;
+        let mask = self.runs.column("task")?.str()?.equal(task);
+        let runs = self.runs.filter(&mask)?;
         Ok(Sweep {
             runs,
             traces: self
