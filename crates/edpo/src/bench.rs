@@ -126,8 +126,8 @@ pub struct BenchArgs {
     #[arg(long)]
     lora: Option<usize>,
     /// Time this objective alone instead of DPO and ε-DPO: its pairs/s and the process's peak
-    /// memory. A kind (`docs/spec/baselines.md`) and its parameters without defaults:
-    /// `--objective "tdpo2 beta=0.1 alpha=0.5"`.
+    /// memory. Written as a config's `objective` (`docs/spec/baselines.md`):
+    /// `--objective '{kind: tdpo2, beta: 0.1}'`.
     #[arg(long, conflicts_with = "sampling_only")]
     objective: Option<String>,
 }
@@ -197,6 +197,7 @@ fn measure(
     work: &Workload,
     lora: Option<usize>,
     objective: Objective,
+    sft_weight: f64,
     steps: usize,
     shards: usize,
 ) -> Result<f64> {
@@ -222,7 +223,7 @@ fn measure(
     };
     let config = TrainerConfig {
         objective,
-        sft_weight: 0.0,
+        sft_weight,
         adamw: AdamWConfig::default(),
         schedule: Schedule {
             peak_lr: 1e-5,
@@ -335,43 +336,6 @@ fn sampling_of(args: &BenchArgs, work: &Workload) -> Result<(Option<f64>, Option
     })
 }
 
-/// `--objective`'s kind and its `name=value` parameters: `tdpo2 beta=0.1 alpha=0.5`.
-fn bench_objective(spec: &str) -> Result<(&str, Vec<(&str, f64)>)> {
-    let kind = spec.split_whitespace().next().unwrap_or_default();
-    Ok((kind, values_of(spec)?))
-}
-
-/// The `name=value` parameters after the kind in `--objective`.
-fn values_of(spec: &str) -> Result<Vec<(&str, f64)>> {
-    spec.split_whitespace()
-        .skip(1)
-        .map(|kv| {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--objective {spec}: `{kv}` is not NAME=VALUE"))?;
-            let v: f64 = match v {
-                "true" => 1.0,
-                "false" => 0.0,
-                _ => v
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("--objective {spec}: `{v}` is not a number"))?,
-            };
-            Ok((k, v))
-        })
-        .collect()
-}
-
-/// A given parameter the objective does not have.
-fn spec_unknown<'a>(
-    entry: &edpo_objectives::catalogue::Entry,
-    given: &[(&'a str, f64)],
-) -> Option<(&'a str, f64)> {
-    given
-        .iter()
-        .copied()
-        .find(|(k, _)| !entry.params.iter().any(|p| p.name == *k))
-}
-
 /// Runs the bench with `shards` groups of pairs per batch, on the current rayon pool.
 pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
     anyhow::ensure!(
@@ -394,41 +358,21 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         return Ok(());
     }
     if let Some(spec) = &args.objective {
-        let (kind, given) = bench_objective(spec)?;
-        let entry = edpo_objectives::catalogue::entry(kind).ok_or_else(|| {
-            let kinds: Vec<&str> = edpo_objectives::catalogue::CATALOGUE
-                .iter()
-                .map(|e| e.kind)
-                .collect();
-            anyhow::anyhow!(
-                "--objective: unknown objective `{kind}` (known: {})",
-                kinds.join(", ")
-            )
-        })?;
-        let values = entry
-            .params
-            .iter()
-            .map(|p| {
-                let value = given.iter().find(|(k, _)| *k == p.name).map(|&(_, v)| v);
-                value.or(p.default).map(|v| (p.name, v)).ok_or_else(|| {
-                    anyhow::anyhow!("--objective {spec}: give `{}=VALUE` (no default)", p.name)
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if let Some((k, _)) = spec_unknown(entry, &given) {
-            anyhow::bail!("--objective {spec}: `{kind}` has no parameter `{k}`");
-        }
-        let objective = entry.objective(&values, 0);
-        objective
-            .validate(0.0)
-            .map_err(|e| anyhow::anyhow!("--objective {spec}: {e}"))?;
+        // The objective as a config writes it, resolved by the config's own rules.
+        let raw: edpo_experiment::config::raw::RawObjective =
+            serde_yaml::from_str(spec).map_err(|e| anyhow::anyhow!("--objective {spec}: {e}"))?;
+        let resolved = raw
+            .resolve()
+            .map_err(|e| anyhow::anyhow!("--objective {spec}: {e:#}"))?;
         let pairs_per_s = measure(
             &work,
             args.lora,
-            entry.objective(&values, 0),
+            resolved.to_objective(0)?,
+            resolved.sft_weight,
             args.steps,
             shards,
         )?;
+        let kind = &resolved.kind;
         let out = json!({
             "objective": kind,
             "pairs_per_s": pairs_per_s,
@@ -446,6 +390,7 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         &work,
         args.lora,
         Objective::Dpo { beta: 0.1 },
+        0.0,
         args.steps,
         shards,
     )?;
@@ -456,6 +401,7 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
             beta: 0.1,
             epsilon: 0.01,
         },
+        0.0,
         args.steps,
         shards,
     )?;

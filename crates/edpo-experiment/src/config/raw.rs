@@ -113,7 +113,9 @@ pub struct RawLora {
 }
 
 impl RawObjective {
-    fn resolve(self) -> Result<ObjectiveConfig> {
+    /// The objective checked against the catalogue, its defaults filled and its ranges
+    /// checked; errors name the key (`objective.<name>`).
+    pub fn resolve(self) -> Result<ObjectiveConfig> {
         let Some(entry) = catalogue::entry(&self.kind) else {
             let names: Vec<&str> = catalogue::CATALOGUE.iter().map(|e| e.kind).collect();
             bail!(

@@ -22,9 +22,8 @@
 //! [`super::gemm`] takes; below it they keep the unchunked operations, so small models
 //! compute exactly what they always did.
 use super::softmax::{row_lse, LogSoftmaxGather, LogSoftmaxGatherGrad};
-use super::{exp, parallel, simd::vectorised};
+use super::{exp, lane_sum2, rows_map, simd::vectorised};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -101,56 +100,31 @@ struct KlPart {
 /// `Σ_v p_r(v)·((r_v − lse_r) − (z_v − lse_z))` of one row, `p_r = exp(r − lse_r)`.
 #[inline(always)]
 fn row_kl(z: &[f32], r: &[f32], lse_z: f32, lse_r: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let full = z.len().min(r.len()) / 8 * 8;
-    for (cz, cr) in z[..full].chunks_exact(8).zip(r[..full].chunks_exact(8)) {
-        for k in 0..8 {
-            let lr = cr[k] - lse_r;
-            acc[k] += exp(lr) * (lr - (cz[k] - lse_z));
-        }
-    }
-    let mut total = acc.iter().sum::<f32>();
-    for (&x, &y) in z[full..].iter().zip(&r[full..]) {
-        let lr = y - lse_r;
-        total += exp(lr) * (lr - (x - lse_z));
-    }
-    total
+    lane_sum2(
+        z,
+        r,
+        #[inline(always)]
+        |x, y| {
+            let lr = y - lse_r;
+            exp(lr) * (lr - (x - lse_z))
+        },
+    )
 }
 
 /// Adds `k_i·(softmax(z_i) − softmax(r_i))` to each row `i` of `dz` (width `v`).
 fn add_kl_grad(dz: &mut [f32], z: &[f32], r: &[f32], v: usize, lse: (&[f32], &[f32]), k: &[f32]) {
-    let row = |i: usize, d: &mut [f32], z: &[f32], r: &[f32]| {
-        let (lz, lr, ki) = (lse.0[i], lse.1[i], k[i]);
-        for ((o, &x), &y) in d.iter_mut().zip(z).zip(r) {
-            *o += ki * (exp(x - lz) - exp(y - lr));
-        }
-    };
-    if parallel() && dz.len() >= 1 << 15 {
-        dz.par_chunks_mut(v)
-            .zip(z.par_chunks(v))
-            .zip(r.par_chunks(v))
-            .enumerate()
-            .for_each(|(i, ((d, z), r))| {
-                vectorised(
-                    #[inline(always)]
-                    || row(i, d, z, r),
-                )
-            });
-    } else {
-        vectorised(
-            #[inline(always)]
-            || {
-                for (i, ((d, z), r)) in dz
-                    .chunks_mut(v)
-                    .zip(z.chunks(v))
-                    .zip(r.chunks(v))
-                    .enumerate()
-                {
-                    row(i, d, z, r);
-                }
-            },
-        );
-    }
+    rows_map(
+        z,
+        dz,
+        v,
+        #[inline(always)]
+        |i, z, d| {
+            let (lz, lr, ki) = (lse.0[i], lse.1[i], k[i]);
+            for ((o, &x), &y) in d.iter_mut().zip(z).zip(&r[i * v..(i + 1) * v]) {
+                *o += ki * (exp(x - lz) - exp(y - lr));
+            }
+        },
+    );
 }
 
 impl CustomOp2 for HeadLogps {

@@ -152,6 +152,12 @@ pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// `Σ a_i·b_i`, accumulated in [`LANES`] partial sums.
 #[inline(always)]
 pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    lane_sum2(a, b, |x, y| x * y)
+}
+
+/// `Σ f(a_i, b_i)` over two rows (the shorter one's length), in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -161,12 +167,12 @@ pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
         .zip(b[..full].chunks_exact(LANES))
     {
         for k in 0..LANES {
-            acc[k] += ca[k] * cb[k];
+            acc[k] += f(ca[k], cb[k]);
         }
     }
     let mut total = acc.iter().sum::<f32>();
-    for (x, y) in a[full..].iter().zip(&b[full..]) {
-        total += x * y;
+    for (&x, &y) in a[full..].iter().zip(&b[full..]) {
+        total += f(x, y);
     }
     total
 }

@@ -6,10 +6,10 @@
 /// Runs `f` compiled for AVX2 and FMA when this CPU has them, and for the baseline target
 /// otherwise. The kernels' loops are written lane by lane ([`super::lane_sum`],
 /// [`super::exp`]) so that the compiler vectorises them, but built for baseline x86-64 (SSE2)
-/// it keeps most of them scalar; inlined here they become 8-lane AVX2 code. Rust never fuses a product and a sum
-/// into one FMA on its own and vector lanes round as scalar operations do, so each lane
-/// computes exactly what the scalar code computes: the same bits either way (held by
-/// `kernels::tests::vectorised_code_gives_the_scalar_bits`).
+/// it keeps most of them scalar; inlined here they become 8-lane AVX2 code. Rust never fuses
+/// a product and a sum into one FMA on its own and vector lanes round as scalar operations do,
+/// so each lane computes exactly what the scalar code computes: the same bits either way (held
+/// by `kernels::tests::vectorised_code_gives_the_scalar_bits`).
 #[inline(always)]
 pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
