@@ -769,7 +769,7 @@ mod tests {
                     .map(|p| ((p * 37 + seed as usize * 11) % 100) as f64 / 100.0)
                     .collect();
                 let wobble = |p: usize, k: usize| {
-                    if (p * 7 + k + seed as usize) % 2 == 0 {
+                    if (p * 7 + k + seed as usize).is_multiple_of(2) {
                         0.05
                     } else {
                         -0.05

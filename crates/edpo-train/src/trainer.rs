@@ -339,7 +339,7 @@ impl Trainer {
             }
             State::TrDpo { updates } => {
                 if let Objective::TrDpo { alpha, tau, .. } = objective {
-                    if (self.step + 1) % tau == 0 {
+                    if (self.step + 1).is_multiple_of(tau) {
                         self.reference.blend_from(&self.policy, alpha)?;
                         *updates += 1;
                     }

@@ -240,7 +240,7 @@ impl RawConfig {
             n_head: self.model.n_head.unwrap_or(default.n_head),
         };
         check(
-            model.n_head >= 1 && model.n_embd % model.n_head == 0,
+            model.n_head >= 1 && model.n_embd.is_multiple_of(model.n_head),
             "model.n_head",
             format!(
                 "{} heads do not divide width {}",

@@ -449,7 +449,7 @@ pub fn decode_attention(
     let (hd, tq) = (d.head_dim, d.queries);
     let stored = d.batch * d.kv_heads * d.capacity * hd;
     if d.kv_heads == 0
-        || d.heads % d.kv_heads != 0
+        || !d.heads.is_multiple_of(d.kv_heads)
         || d.len > d.capacity
         || q.len() != d.batch * d.heads * tq * hd
         || keys.len() < stored

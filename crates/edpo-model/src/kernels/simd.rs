@@ -26,6 +26,18 @@ pub(crate) fn cpu_has_avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+/// Whether this CPU has AVX-512F (the GEMM's wider register tile).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn cpu_has_avx512f() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+/// Whether this CPU has AVX-512F: never off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn cpu_has_avx512f() -> bool {
+    false
+}
+
 /// Whether this CPU has AVX2 and FMA: never off x86-64.
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) fn cpu_has_avx2_fma() -> bool {
