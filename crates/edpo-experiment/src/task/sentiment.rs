@@ -761,8 +761,13 @@ pub fn prepare(task: &SentimentTask, shape: &ModelShape, cache: &StageCache) -> 
         task.response_tokens,
         stage_key,
     )?;
-    // The test prompts are the plain stage's, RSO or not: so is their best-of-n curve.
+    // The test prompts are the plain stage's, RSO or not, and do not depend on how its pairs
+    // are labelled (the prompts and responses are drawn before and apart from the labels): so
+    // is their best-of-n curve, one for every Bradley–Terry temperature.
     data.prompts_key = key("pairs");
+    if let Some(fields) = data.prompts_key.as_object_mut() {
+        fields.remove("bt_temperature");
+    }
     data.bt_temperature = Some(task.bt_temperature);
     Ok(data)
 }
@@ -1002,6 +1007,47 @@ mod tests {
     /// RSO's pairs: the plain stage's training prompts in order, one accepted pair each, and
     /// its held-out pairs, test and validation prompts unchanged (so runs pair across the two),
     /// with the reference log-probs keyed on the RSO stage and best-of-n on the test prompts.
+    /// Two temperatures of the labels: other pairs stages, the same prompts and responses, the
+    /// same test and validation prompts, so one best-of-n curve for both.
+    #[test]
+    fn the_labels_temperature_leaves_the_prompts_alone() -> Result<()> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let gguf = root.join("testdata/gguf/tiny-llama-f32.gguf");
+        let yaml = |tau: f64| {
+            format!(
+                "{{data: {data:?}, lexicon: {lexicon:?}, reference: {gguf:?}, response_tokens: 4,
+                  train_pairs: 8, eval_pairs: 2, eval_prompts: 3, val_prompts: 2,
+                  gold_buckets: 256, bt_temperature: {tau}}}",
+                data = root.join(SNIPPETS_PATH).display().to_string(),
+                lexicon = root.join(LEXICON_PATH).display().to_string(),
+                gguf = gguf.display().to_string(),
+            )
+        };
+        let dir = std::env::temp_dir().join(format!("edpo-tau-{}", std::process::id()));
+        let cache = StageCache::new(&dir);
+        let a = prepare(&raw(&yaml(0.05))?, &DEFAULT_SHAPE, &cache)?;
+        let b = prepare(&raw(&yaml(2.0))?, &DEFAULT_SHAPE, &cache)?;
+        assert_ne!(a.pairs_key, b.pairs_key);
+        assert_eq!(a.prompts_key, b.prompts_key);
+        assert_eq!(a.eval_prompts, b.eval_prompts);
+        assert_eq!(a.val_prompts, b.val_prompts);
+        let responses = |d: &TaskData| -> Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+            d.train
+                .iter()
+                .map(|p| {
+                    let (mut x, mut y) = (p.chosen_input_ids.clone(), p.rejected_input_ids.clone());
+                    if x > y {
+                        std::mem::swap(&mut x, &mut y);
+                    }
+                    (p.prompt_input_ids.clone(), x, y)
+                })
+                .collect()
+        };
+        assert_eq!(responses(&a), responses(&b));
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
+
     #[test]
     fn rso_pairs_reuse_the_plain_stage_prompts() -> Result<()> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
