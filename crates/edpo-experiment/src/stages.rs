@@ -127,7 +127,8 @@ impl StageCache {
         key: &impl Serialize,
         build: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<(PathBuf, bool)> {
-        let dir = self.root.join(entry_name(name, key)?);
+        let entry = entry_name(name, key)?;
+        let dir = self.root.join(&entry);
         let lock = {
             let mut locks = self
                 .locks
@@ -150,9 +151,12 @@ impl StageCache {
         }
         std::fs::create_dir_all(&self.root)
             .with_context(|| format!("cannot create {}", self.root.display()))?;
+        // Named by the entry (with its key's hash) and the process: two runs of one process
+        // building two stages of one kind (a best-of-n curve for each of two tasks) each have
+        // their own, and the lock above keeps one builder per entry in a process.
         let tmp = self
             .root
-            .join(format!(".tmp-{name}-{}", std::process::id()));
+            .join(format!(".tmp-{entry}-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)
                 .with_context(|| format!("cannot clear {}", tmp.display()))?;
@@ -189,5 +193,50 @@ impl StageCache {
             }
             Err(e) => Err(e).with_context(|| format!("cannot move stage into {}", dir.display())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two threads of one process building two stages of one kind at once: both built, each
+    /// with its own files.
+    #[test]
+    fn two_stages_of_one_kind_build_at_once() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("edpo-stages-{}", std::process::id()));
+        let cache = StageCache::new(&root);
+        let results: Vec<Result<(PathBuf, bool)>> = std::thread::scope(|scope| {
+            let builds: Vec<_> = [1, 2]
+                .map(|k| {
+                    let cache = &cache;
+                    scope.spawn(move || {
+                        cache.get_or_build("curve", &serde_json::json!({"task": k}), |dir| {
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                            std::fs::write(dir.join("value.txt"), k.to_string())?;
+                            Ok(())
+                        })
+                    })
+                })
+                .into_iter()
+                .collect();
+            builds
+                .into_iter()
+                .map(|b| {
+                    b.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a build panicked")))
+                })
+                .collect()
+        });
+        for (k, result) in [1, 2].into_iter().zip(results) {
+            let (dir, built) = result?;
+            assert!(built);
+            assert_eq!(
+                std::fs::read_to_string(dir.join("value.txt"))?,
+                k.to_string()
+            );
+        }
+        std::fs::remove_dir_all(&root).ok();
+        Ok(())
     }
 }
