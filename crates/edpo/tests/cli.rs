@@ -191,7 +191,7 @@ fn a_closed_output_pipe_is_not_a_panic() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
-    // Close the read end before the command writes its 80 lines.
+    // Close the read end before the command writes its 40 lines.
     drop(child.stdout.take());
     let out = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr);
