@@ -738,12 +738,7 @@ unsafe fn tile_6x16_avx2(
             _mm256_storeu_ps(tile.as_mut_ptr().add(i * NR), row[0]);
             _mm256_storeu_ps(tile.as_mut_ptr().add(i * NR + 8), row[1]);
         }
-        for i in 0..mr {
-            let dst = &mut c[i * ldc..i * ldc + nr];
-            for (d, &v) in dst.iter_mut().zip(&tile[i * NR..i * NR + nr]) {
-                *d = if accumulate { *d + v } else { v };
-            }
-        }
+        write_partial(&tile, NR, c, ldc, mr, nr, accumulate);
     }
 }
 
@@ -888,11 +883,25 @@ unsafe fn tile_wide_avx512<const RA: usize, const RB: usize>(
                 _mm512_storeu_ps(tile.as_mut_ptr().add(i * WIDE_COLS + q * NR), v);
             }
         }
-        for i in 0..mr {
-            let dst = &mut c[i * ldc..i * ldc + nr];
-            for (d, &v) in dst.iter_mut().zip(&tile[i * WIDE_COLS..i * WIDE_COLS + nr]) {
-                *d = if accumulate { *d + v } else { v };
-            }
+        write_partial(&tile, WIDE_COLS, c, ldc, mr, nr, accumulate);
+    }
+}
+
+/// The `mr × nr` corner of a register tile stored row by row (`stride` apart) written to `C`
+/// (row stride `ldc`), or added to it with `accumulate`: a partial tile's edge.
+fn write_partial(
+    tile: &[f32],
+    stride: usize,
+    c: &mut [f32],
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    for i in 0..mr {
+        let dst = &mut c[i * ldc..i * ldc + nr];
+        for (d, &v) in dst.iter_mut().zip(&tile[i * stride..i * stride + nr]) {
+            *d = if accumulate { *d + v } else { v };
         }
     }
 }
