@@ -1004,9 +1004,6 @@ mod tests {
             .unwrap_or_default()
     }
 
-    /// RSO's pairs: the plain stage's training prompts in order, one accepted pair each, and
-    /// its held-out pairs, test and validation prompts unchanged (so runs pair across the two),
-    /// with the reference log-probs keyed on the RSO stage and best-of-n on the test prompts.
     /// Two temperatures of the labels: other pairs stages, the same prompts and responses, the
     /// same test and validation prompts, so one best-of-n curve for both.
     #[test]
@@ -1048,6 +1045,9 @@ mod tests {
         Ok(())
     }
 
+    /// RSO's pairs: the plain stage's training prompts in order, one accepted pair each, and
+    /// its held-out pairs, test and validation prompts unchanged (so runs pair across the two),
+    /// with the reference log-probs keyed on the RSO stage and best-of-n on the test prompts.
     #[test]
     fn rso_pairs_reuse_the_plain_stage_prompts() -> Result<()> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");

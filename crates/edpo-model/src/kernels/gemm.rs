@@ -15,7 +15,7 @@
 //! threshold, so their numbers are those of candle's kernel, unchanged; SmolLM2-sized models
 //! (width 576) run every linear map and LM head here. Work is split across threads by blocks
 //! of rows of `C` when candle runs with more than one. `EDPO_GEMM=candle` in the environment
-//! turns it off (for measurement).
+//! turns it off, `EDPO_GEMM=avx2` keeps the AVX2 tile on AVX-512 CPUs (for measurement).
 //!
 //! The register tile, the 8 × 8 transpose and the decoding steps' dot products are, with
 //! [`super::simd`], the project's only `unsafe` code (vector intrinsics behind a run-time CPU
