@@ -14,7 +14,8 @@
 //! to candle's matrix multiply. The models of the default task (width 128) never reach the
 //! threshold, so their numbers are those of candle's kernel, unchanged; SmolLM2-sized models
 //! (width 576) run every linear map and LM head here. Work is split across threads by blocks
-//! of rows of `C` when candle runs with more than one. `EDPO_GEMM=candle` in the environment
+//! of rows of `C` when candle runs with more than one: one block per thread, each packing its
+//! own panels and running every depth block on its rows, so a product forks and joins once. `EDPO_GEMM=candle` in the environment
 //! turns it off, `EDPO_GEMM=avx2` keeps the AVX2 tile on AVX-512 CPUs (for measurement).
 //!
 //! The register tile, the 8 × 8 transpose and the decoding steps' dot products are, with
@@ -215,32 +216,50 @@ pub fn matmul_into(
         }
         return;
     }
-    let parallel = super::gemm_parallel();
+    let threads = candle_core::utils::get_num_threads().max(1);
+    if super::gemm_parallel() && threads > 1 && m > MC {
+        // One contiguous block of rows of C per thread, each thread packing its own panels
+        // of B and running every depth block on its rows: one fork and join per product, not
+        // one per depth block. No number depends on the split: each element of C is
+        // accumulated over the same depth blocks either way.
+        let rows = m.div_ceil(threads).div_ceil(MR) * MR;
+        c.par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(t, part)| {
+                let a = Operand {
+                    data: &a.data[t * rows * a.row_stride..],
+                    ..a
+                };
+                serial_into(n, k, a, b, part, accumulate);
+            });
+    } else {
+        serial_into(n, k, a, b, c, accumulate);
+    }
+}
+
+/// `C (+)= A·B` on this thread alone, `C`'s rows (and `A`'s) as many as `c` holds rows of `n`.
+fn serial_into(
+    n: usize,
+    k: usize,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     let wide = wide();
     // Depth blocks of equal size (at most KC), so that no pass over C is a thin remainder.
     let kc_size = k.div_ceil(k.div_ceil(KC));
-    // Row blocks of at most MC rows (a multiple of MR), as many as a multiple of the threads
-    // when they split them, so that no thread is left with one block more than the others
-    // (768 rows on 2 threads: 12 blocks of 66, not 11 of 72). No number depends on the rows'
-    // blocking: each element of C is accumulated over the same depth blocks either way.
-    let mc_size = if parallel && m > MC {
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
-        m.div_ceil(blocks).div_ceil(MR) * MR
-    } else {
-        MC
-    };
     let mut packed_b_buf = Vec::new();
+    let mut packed_a_buf = Vec::new();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(kc_size) {
             let kc = kc_size.min(k - pc);
-            let packed_b = pack_b(&mut packed_b_buf, b, pc, kc, jc, nc, parallel && m > MC);
+            let packed_b = pack_b(&mut packed_b_buf, b, pc, kc, jc, nc);
             let add = accumulate || pc > 0;
-            let block = |(ib, rows): (usize, &mut [f32])| {
-                let ic = ib * mc_size;
+            for (ib, rows) in c.chunks_mut(MC * n).enumerate() {
+                let ic = ib * MC;
                 let mc = rows.len() / n;
-                let mut packed_a_buf = Vec::new();
                 let packed_a = pack_a(&mut packed_a_buf, a, ic, mc, pc, kc);
                 if wide {
                     wide_tiles(kc, packed_a, packed_b, rows, n, jc, mc, nc, add);
@@ -256,11 +275,6 @@ pub fn matmul_into(
                         }
                     }
                 }
-            };
-            if parallel && m > MC {
-                c.par_chunks_mut(mc_size * n).enumerate().for_each(block);
-            } else {
-                c.chunks_mut(mc_size * n).enumerate().for_each(block);
             }
         }
     }
@@ -463,16 +477,16 @@ unsafe fn dots_avx2<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut
     }
 }
 
-/// `buf` as `len` zeros. (Starting the packed panels at a 64-byte boundary was measured and
+/// `buf` as `len` elements, left as they were (every panel is written in full, a partial one
+/// zeroed first, so nothing is cleared twice). (Starting the packed panels at a 64-byte boundary was measured and
 /// made no difference beyond the noise.)
-fn zeroed(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    buf.clear();
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buf.resize(len, 0.0);
     buf
 }
 
-/// Packs `B[pc..pc+kc, jc..jc+nc]` as `⌈nc/16⌉` panels of `kc × 16`, zero-padded, into `out`
-/// (the panels split across the threads with `parallel`); returns the packed panels.
+/// Packs `B[pc..pc+kc, jc..jc+nc]` as `⌈nc/16⌉` panels of `kc × 16`, zero-padded, into `out`;
+/// returns the packed panels.
 fn pack_b<'o>(
     out: &'o mut Vec<f32>,
     b: Operand<'_>,
@@ -480,12 +494,14 @@ fn pack_b<'o>(
     kc: usize,
     jc: usize,
     nc: usize,
-    parallel: bool,
 ) -> &'o [f32] {
-    let packed = zeroed(out, nc.div_ceil(NR) * kc * NR);
+    let packed = sized(out, nc.div_ceil(NR) * kc * NR);
     let pack = |(q, panel): (usize, &mut [f32])| {
         let j0 = jc + q * NR;
         let width = NR.min(jc + nc - j0);
+        if width < NR {
+            panel.fill(0.0);
+        }
         if b.col_stride == 1 {
             for p in 0..kc {
                 let start = (pc + p) * b.row_stride + j0;
@@ -517,11 +533,7 @@ fn pack_b<'o>(
             }
         }
     };
-    if parallel {
-        packed.par_chunks_mut(kc * NR).enumerate().for_each(pack);
-    } else {
-        packed.chunks_mut(kc * NR).enumerate().for_each(pack);
-    }
+    packed.chunks_mut(kc * NR).enumerate().for_each(pack);
     packed
 }
 
@@ -597,7 +609,7 @@ fn pack_a<'o>(
     pc: usize,
     kc: usize,
 ) -> &'o [f32] {
-    let packed = zeroed(out, mc.div_ceil(MR) * kc * MR);
+    let packed = sized(out, mc.div_ceil(MR) * kc * MR);
     for (q, panel) in packed.chunks_mut(kc * MR).enumerate() {
         let i0 = ic + q * MR;
         let height = MR.min(ic + mc - i0);
@@ -620,6 +632,9 @@ fn pack_a<'o>(
                 dst[5] = r5[p];
             }
         } else {
+            if height < MR {
+                panel.fill(0.0);
+            }
             for p in 0..kc {
                 for i in 0..height {
                     panel[p * MR + i] = a.at(i0 + i, pc + p);
