@@ -197,8 +197,11 @@ fn set_threads(threads: usize) {
 /// products and kernels split their work); with several, each shard's operations run on one
 /// thread and the shards run side by side, which keeps both cores busy on independent work
 /// instead of synchronising inside every operation (measured in `edpo bench`).
+/// The kernels of `edpo-model` get every thread either way (`edpo_model::kernels::set_threads`):
+/// inside a shard they keep to its thread, outside (decoding, evaluation) they use them all.
 fn with_threads<R: Send>(threads: usize, shards: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
     set_threads(if shards > 1 { 1 } else { threads });
+    edpo_model::kernels::set_threads(threads);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;

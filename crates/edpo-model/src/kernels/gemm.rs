@@ -124,7 +124,7 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
         .map(|i| (0..k).map(|p| a.at(i, p)).collect())
         .collect();
     let threads = if super::gemm_parallel() {
-        candle_core::utils::get_num_threads().max(1)
+        super::threads()
     } else {
         1
     };
@@ -216,7 +216,7 @@ pub fn matmul_into(
         }
         return;
     }
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = super::threads();
     if super::gemm_parallel() && threads > 1 && m > MC {
         // One contiguous block of rows of C per thread, each thread packing its own panels
         // of B and running every depth block on its rows: one fork and join per product, not
@@ -980,7 +980,14 @@ mod tests {
             Operand::stored(&bv, k, n, false),
             Operand::stored(&bt, k, n, true),
         ] {
+            // Columns split across two threads or kept to one: the same bits.
+            super::super::set_threads(2);
             let c = skinny_matmul(m, n, k, a, b);
+            let serial = super::super::as_shard(true, || skinny_matmul(m, n, k, a, b));
+            assert!(c
+                .iter()
+                .zip(&serial)
+                .all(|(x, s)| x.to_bits() == s.to_bits()));
             for i in 0..m {
                 for j in 0..n {
                     let exact: f64 = (0..k)

@@ -72,19 +72,42 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Resu
     }
 }
 
-/// Whether kernels may split work across threads: candle runs with more than one.
-pub fn parallel() -> bool {
-    candle_core::utils::get_num_threads() > 1
+/// The threads this crate's kernels split their work across, when set ([`set_threads`]);
+/// 0 until then.
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the threads this crate's kernels split their work across (the rayon pool they run
+/// on should have as many), apart from candle's own operations, which follow candle's
+/// setting (`CANDLE_NUM_THREADS`). A run whose batch is split into shards gives candle one
+/// thread, so that each shard's operations keep to its thread, and the kernels all of them:
+/// inside a shard ([`as_shard`]) they keep to its thread too, and everywhere else (decoding,
+/// scoring for evaluation, the optimizer step) they use every thread. No number depends on
+/// the threads: every kernel splits work by rows, columns or items, never inside a sum.
+pub fn set_threads(threads: usize) {
+    THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The threads of [`set_threads`], or candle's when it was not called.
+pub fn threads() -> usize {
+    match THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => candle_core::utils::get_num_threads().max(1),
+        n => n,
+    }
 }
 
 thread_local! {
     static SHARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether kernels may split work across threads: [`threads`] is more than one, and this is
+/// not a shard among others ([`as_shard`]).
+pub fn parallel() -> bool {
+    threads() > 1 && !SHARD.with(std::cell::Cell::get)
+}
+
 /// Runs `f` as one shard among others already running side by side (`parallel` set): the
-/// [`gemm`] kernel then keeps to this thread instead of splitting its blocks across a pool
-/// the other shards occupy. No number depends on it (the kernel's blocks are the same
-/// either way).
+/// kernels then keep to this thread instead of splitting their work across a pool the other
+/// shards occupy. No number depends on it (the kernels' blocks are the same either way).
 pub fn as_shard<R>(parallel: bool, f: impl FnOnce() -> R) -> R {
     let before = SHARD.with(|s| s.replace(parallel));
     let out = f();
@@ -92,10 +115,9 @@ pub fn as_shard<R>(parallel: bool, f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// Whether the [`gemm`] kernel may split a product across threads: [`parallel`], and not
-/// inside a shard ([`as_shard`]).
+/// Whether the [`gemm`] kernel may split a product across threads: [`parallel`].
 pub(crate) fn gemm_parallel() -> bool {
-    parallel() && !SHARD.with(std::cell::Cell::get)
+    parallel()
 }
 
 /// Applies `f(row_in, row_out)` to every row of width `width`, in parallel when allowed.
