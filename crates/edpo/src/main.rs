@@ -23,6 +23,7 @@ mod data;
 mod generate;
 mod grid;
 mod holders;
+mod malloc;
 mod score;
 mod slurm;
 mod status;
@@ -209,6 +210,9 @@ fn with_threads<R: Send>(threads: usize, shards: usize, f: impl FnOnce() -> R + 
 }
 
 fn main() -> ExitCode {
+    if !malloc::configure() {
+        eprintln!("warning: the C allocator refused a setting; running with its defaults");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
