@@ -32,11 +32,13 @@ pub fn configure() -> bool {
             (libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD),
         ]
         .into_iter()
+        // Every setting is applied, whichever is refused.
         // SAFETY: `mallopt` takes two integers and changes only the allocator's parameters;
         // glibc takes its own lock for it, and the values are within its documented ranges
         // (it returns 0 for one it refuses).
-        .map(|(param, value)| unsafe { libc::mallopt(param, value) } == 1)
-        .fold(true, |all, ok| all && ok)
+        .filter(|&(param, value)| unsafe { libc::mallopt(param, value) } != 1)
+        .count()
+            == 0
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
