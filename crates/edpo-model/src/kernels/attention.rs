@@ -438,7 +438,7 @@ pub struct DecodeDims {
 /// head `h / (H / KV)`, so grouped heads are never repeated in memory. Each query's scores are
 /// `scale·(q·k) + bias` ([`lane_dot`]), its weights [`softmax_in_place`], and its output
 /// `Σ_j p_j·v_j` added in position order. Split over (row, head) pairs across threads when
-/// candle runs with more than one; no number depends on the split.
+/// [`super::parallel`] allows it; no number depends on the split.
 pub fn decode_attention(
     q: &[f32],
     (keys, values): (&[f32], &[f32]),

@@ -13,13 +13,14 @@
 //! column at once, a row's sum the same whichever rows stand beside it); everything else goes
 //! to candle's matrix multiply. The models of the default task (width 128) never reach the
 //! threshold, so their numbers are those of candle's kernel, unchanged; SmolLM2-sized models
-//! (width 576) run every linear map and LM head here. Work is split across threads by blocks
-//! of rows of `C` when candle runs with more than one: one block per thread, each packing its
-//! own panels and running every depth block on its rows, so a product forks and joins once. `EDPO_GEMM=candle` in the environment
-//! turns it off, `EDPO_GEMM=avx2` keeps the AVX2 tile on AVX-512 CPUs (for measurement).
+//! (width 576) run every linear map and LM head here. Work is split across the kernels'
+//! threads ([`super::parallel`]) by blocks of rows of `C`: one block per thread, each packing
+//! its own panels and running every depth block on its rows, so a product forks and joins
+//! once. `EDPO_GEMM=candle` in the environment turns it off, `EDPO_GEMM=avx2` keeps the AVX2
+//! tile on AVX-512 CPUs (for measurement).
 //!
 //! The register tile, the 8 × 8 transpose and the decoding steps' dot products are, with
-//! [`super::simd`], the project's only `unsafe` code (vector intrinsics behind a run-time CPU
+//! [`super::simd`], the model's only `unsafe` code (vector intrinsics behind a run-time CPU
 //! check); each checks the lengths of everything it reads and writes before it starts.
 #![allow(unsafe_code)]
 use rayon::prelude::*;
@@ -123,7 +124,7 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
     let a_rows: Vec<Vec<f32>> = (0..m)
         .map(|i| (0..k).map(|p| a.at(i, p)).collect())
         .collect();
-    let threads = if super::gemm_parallel() {
+    let threads = if super::parallel() {
         super::threads()
     } else {
         1
@@ -216,13 +217,12 @@ pub fn matmul_into(
         }
         return;
     }
-    let threads = super::threads();
-    if super::gemm_parallel() && threads > 1 && m > MC {
+    if super::parallel() && m > MC {
         // One contiguous block of rows of C per thread, each thread packing its own panels
         // of B and running every depth block on its rows: one fork and join per product, not
         // one per depth block. No number depends on the split: each element of C is
         // accumulated over the same depth blocks either way.
-        let rows = m.div_ceil(threads).div_ceil(MR) * MR;
+        let rows = m.div_ceil(super::threads()).div_ceil(MR) * MR;
         c.par_chunks_mut(rows * n)
             .enumerate()
             .for_each(|(t, part)| {
@@ -478,8 +478,8 @@ unsafe fn dots_avx2<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut
 }
 
 /// `buf` as `len` elements, left as they were (every panel is written in full, a partial one
-/// zeroed first, so nothing is cleared twice). (Starting the packed panels at a 64-byte boundary was measured and
-/// made no difference beyond the noise.)
+/// zeroed first, so nothing is cleared twice). (Starting the packed panels at a 64-byte
+/// boundary was measured and made no difference beyond the noise.)
 fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buf.resize(len, 0.0);
     buf

@@ -24,7 +24,7 @@
 //! This module holds what the kernels share: reading a tensor's storage in place, splitting
 //! rows across threads, lane-wise reductions, the vectorising `exp` and `tanh`, and
 //! [`simd::vectorised`], which compiles a kernel's loops for AVX2 where the CPU has it. Work is
-//! split across rows with rayon when candle runs with more than one thread.
+//! split across rows with rayon when [`parallel`] allows it.
 
 pub mod activation;
 pub mod attention;
@@ -113,11 +113,6 @@ pub fn as_shard<R>(parallel: bool, f: impl FnOnce() -> R) -> R {
     let out = f();
     SHARD.with(|s| s.set(before));
     out
-}
-
-/// Whether the [`gemm`] kernel may split a product across threads: [`parallel`].
-pub(crate) fn gemm_parallel() -> bool {
-    parallel()
 }
 
 /// Applies `f(row_in, row_out)` to every row of width `width`, in parallel when allowed.

@@ -1,6 +1,6 @@
 //! Compiling the kernels' elementwise and row loops for AVX2 + FMA where the CPU has them,
 //! with no change to a single bit of their results ([`vectorised`]). With [`super::gemm`], the
-//! only `unsafe` code of the project: one call behind a run-time CPU check.
+//! model's only `unsafe` code: one call behind a run-time CPU check.
 #![allow(unsafe_code)]
 
 /// Runs `f` compiled for AVX2 and FMA when this CPU has them, and for the baseline target
