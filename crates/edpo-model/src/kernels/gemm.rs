@@ -449,6 +449,7 @@ fn dots(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
 /// # Safety
 /// The CPU must support AVX2 and FMA; `rows` and `out` hold `R` elements, every row the
 /// column's length.
+const PREFETCH: usize = 4096;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dots_avx2<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
@@ -459,6 +460,7 @@ unsafe fn dots_avx2<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut
     let (mut s0, mut s1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
     let mut i = 0;
     while i + 16 <= n {
+        _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(i + PREFETCH).cast());
         let (b0, b1) = (_mm256_loadu_ps(pb.add(i)), _mm256_loadu_ps(pb.add(i + 8)));
         for r in 0..R {
             s0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(pa[r].add(i)), b0, s0[r]);
