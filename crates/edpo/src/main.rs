@@ -210,6 +210,7 @@ fn with_threads<R: Send>(threads: usize, shards: usize, f: impl FnOnce() -> R + 
 }
 
 fn main() -> ExitCode {
+    malloc::restart_with_huge_pages();
     if !malloc::configure() {
         eprintln!("warning: the C allocator refused a setting; running with its defaults");
     }
