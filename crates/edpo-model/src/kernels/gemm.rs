@@ -10,7 +10,8 @@
 //! Used on x86-64 CPUs with AVX2 and FMA (checked at run time) for products whose three
 //! dimensions are all at least [`MIN_DIM`], and for a decoding step's few rows against a large
 //! weight ([`skinny`]: the weight streamed once, no packing, up to four rows' dot products per
-//! column at once, a row's sum the same whichever rows stand beside it); everything else goes
+//! column at once, eight on AVX-512, a row's sum the same whichever rows stand beside it and
+//! on either instruction set); everything else goes
 //! to candle's matrix multiply. The models of the default task (width 128) never reach the
 //! threshold, so their numbers are those of candle's kernel, unchanged; SmolLM2-sized models
 //! (width 576) run every linear map and LM head here. Work is split across the kernels'
@@ -19,7 +20,7 @@
 //! once. `EDPO_GEMM=candle` in the environment turns it off, `EDPO_GEMM=avx2` keeps the AVX2
 //! tile on AVX-512 CPUs (for measurement).
 //!
-//! The register tile, the 8 × 8 transpose and the decoding steps' dot products are, with
+//! The register tiles, the 8 × 8 transpose and the decoding steps' dot products are, with
 //! [`super::simd`], the model's only `unsafe` code (vector intrinsics behind a run-time CPU
 //! check); each checks the lengths of everything it reads and writes before it starts.
 #![allow(unsafe_code)]
@@ -138,13 +139,14 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
             // Column j of B is contiguous (a transposed `(out, in)` weight): dot products,
             // up to four rows against each column at once, so the column is loaded once per
             // four rows and four rows' sums advance side by side.
-            let mut sums = [0f32; 4];
+            let per = if wide() { DOTS_WIDE } else { 4 };
+            let mut sums = [0f32; DOTS_WIDE];
             for j in 0..w {
                 let column = &b.data[(j0 + j) * b.col_stride..][..k];
-                for (g, rows) in a_rows.chunks(4).enumerate() {
+                for (g, rows) in a_rows.chunks(per).enumerate() {
                     dots(rows, column, &mut sums[..rows.len()]);
                     for (r, &x) in sums[..rows.len()].iter().enumerate() {
-                        out[(4 * g + r) * w + j] = x;
+                        out[(per * g + r) * w + j] = x;
                     }
                 }
             }
@@ -422,8 +424,32 @@ fn product(
 /// it.
 fn dots(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
     assert!(
-        rows.len() == out.len() && rows.len() <= 4 && rows.iter().all(|r| r.len() == column.len()),
+        rows.len() == out.len()
+            && rows.len() <= DOTS_WIDE
+            && rows.iter().all(|r| r.len() == column.len()),
         "gemm: dot products of unequal lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: the CPU has AVX-512F (`wide`); every row has the column's length and `out`
+        // one element per row (checked just above).
+        unsafe {
+            match rows.len() {
+                8 => dots_avx512::<8>(rows, column, out),
+                7 => dots_avx512::<7>(rows, column, out),
+                6 => dots_avx512::<6>(rows, column, out),
+                5 => dots_avx512::<5>(rows, column, out),
+                4 => dots_avx512::<4>(rows, column, out),
+                3 => dots_avx512::<3>(rows, column, out),
+                2 => dots_avx512::<2>(rows, column, out),
+                _ => dots_avx512::<1>(rows, column, out),
+            }
+        }
+        return;
+    }
+    assert!(
+        rows.len() <= 4,
+        "gemm: more than four rows' dot products without AVX-512"
     );
     #[cfg(target_arch = "x86_64")]
     if available() {
@@ -471,6 +497,49 @@ unsafe fn dots_avx2<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut
     for r in 0..R {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0[r], s1[r]));
+        let mut total: f32 = lanes.iter().sum();
+        for t in i..n {
+            total += rows[r][t] * column[t];
+        }
+        out[r] = total;
+    }
+}
+
+/// Rows whose dot products with one column [`dots`] takes at once on an AVX-512 CPU.
+const DOTS_WIDE: usize = 8;
+
+/// [`dots`] for `R` rows on AVX-512: each row's sum in one 16-lane register, whose lane `l`
+/// is the chain [`dots_avx2`] accumulates in lane `l % 8` of its first (`l < 8`) or second
+/// register, then the two halves added and the eight lanes summed in order as there: the same
+/// bits, with one load of the column per sixteen elements for all `R` rows.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `rows` and `out` hold `R` elements, every row the column's
+/// length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dots_avx512<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = column.len();
+    let pb = column.as_ptr();
+    let pa: [*const f32; R] = std::array::from_fn(|r| rows[r].as_ptr());
+    let mut s = [_mm512_setzero_ps(); R];
+    let mut i = 0;
+    while i + 16 <= n {
+        _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(i + PREFETCH).cast());
+        let b = _mm512_loadu_ps(pb.add(i));
+        for r in 0..R {
+            s[r] = _mm512_fmadd_ps(_mm512_loadu_ps(pa[r].add(i)), b, s[r]);
+        }
+        i += 16;
+    }
+    for r in 0..R {
+        let (low, high) = (
+            _mm512_castps512_ps256(s[r]),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s[r]))),
+        );
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(low, high));
         let mut total: f32 = lanes.iter().sum();
         for t in i..n {
             total += rows[r][t] * column[t];
@@ -935,7 +1004,8 @@ mod tests {
             let column: Vec<f32> = (0..k)
                 .map(|i| ((i * 53 % 89) as f32) * 0.02 - 0.9)
                 .collect();
-            let rows: Vec<Vec<f32>> = (0..4)
+            let most = if wide() { DOTS_WIDE } else { 4 };
+            let rows: Vec<Vec<f32>> = (0..most)
                 .map(|r| {
                     (0..k)
                         .map(|i| (((i + 7 * r) * 37 % 101) as f32) * 0.01 - 0.5)
@@ -951,11 +1021,43 @@ mod tests {
                     .map(|(&a, &b)| f64::from(a) * f64::from(b))
                     .sum();
                 assert!((f64::from(alone[0]) - exact).abs() <= 1e-5 * exact.abs().max(1.0));
-                for count in r + 1..=4 {
+                for count in r + 1..=most {
                     let mut out = vec![0f32; count];
                     dots(&rows[..count], &column, &mut out);
                     assert_eq!(out[r].to_bits(), alone[0].to_bits(), "k {k}, {count} rows");
                 }
+            }
+        }
+    }
+
+    /// On an AVX-512 CPU, the 16-lane dot products give the 8-lane ones' bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn wide_dot_products_give_the_narrow_ones_bits() {
+        if !wide() {
+            return;
+        }
+        for k in [1, 15, 16, 17, 200, 576, 1539] {
+            let column: Vec<f32> = (0..k)
+                .map(|i| ((i * 53 % 89) as f32) * 0.021 - 0.9)
+                .collect();
+            let rows: Vec<Vec<f32>> = (0..DOTS_WIDE)
+                .map(|r| {
+                    (0..k)
+                        .map(|i| (((i + 5 * r) * 37 % 103) as f32) * 0.013 - 0.6)
+                        .collect()
+                })
+                .collect();
+            let (mut narrow, mut wide_out) = ([0f32; DOTS_WIDE], [0f32; DOTS_WIDE]);
+            // SAFETY: the CPU has AVX-512F (`wide`), hence AVX2 and FMA; every row has the
+            // column's length and each output one element per row.
+            unsafe {
+                dots_avx2::<4>(&rows[..4], &column, &mut narrow[..4]);
+                dots_avx2::<4>(&rows[4..], &column, &mut narrow[4..]);
+                dots_avx512::<DOTS_WIDE>(&rows, &column, &mut wide_out);
+            }
+            for (n, w) in narrow.iter().zip(&wide_out) {
+                assert_eq!(n.to_bits(), w.to_bits(), "k {k}");
             }
         }
     }
