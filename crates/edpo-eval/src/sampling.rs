@@ -37,6 +37,38 @@ pub fn draw(logits: &[f32], s: &SamplingSettings, rng: &mut SplitMix64) -> u32 {
         return argmax(logits);
     }
     let truncate = (s.top_k > 0 && s.top_k < logits.len()) || s.top_p < 1.0;
+    if !truncate && !logits.is_empty() {
+        return draw_all(logits, s.temperature, rng);
+    }
+    draw_kept(logits, s, truncate, rng)
+}
+
+/// [`draw`] over every token: the same operations in the same order as [`draw_kept`] without
+/// a truncation (each probability divided by the total as the cumulative sum reaches it, so
+/// the same bits), without its index and pair vectors, stopping at the drawn token.
+fn draw_all(logits: &[f32], temperature: f64, rng: &mut SplitMix64) -> u32 {
+    let max = logits
+        .iter()
+        .map(|&l| f64::from(l))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((f64::from(l) - max) / temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let u = rng.uniform();
+    let mut cum = 0.0;
+    for (i, w) in weights.iter().enumerate() {
+        cum += w / total;
+        if u < cum {
+            return i as u32;
+        }
+    }
+    (logits.len() - 1) as u32
+}
+
+/// [`draw`] through the kept set of tokens (all of them without `truncate`).
+fn draw_kept(logits: &[f32], s: &SamplingSettings, truncate: bool, rng: &mut SplitMix64) -> u32 {
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     if truncate {
         idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
@@ -156,8 +188,11 @@ fn sample_batch(
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
         let mut kept_rows = Vec::with_capacity(active.len());
-        for (row, &i) in active.iter().enumerate() {
-            let tok = draw(&logits[row], settings, &mut rngs[i]);
+        for (row, (&i, tok)) in active
+            .iter()
+            .zip(draw_rows(&logits, &active, settings, rngs))
+            .enumerate()
+        {
             responses[i].push(tok);
             if tok != settings.eos {
                 kept_rows.push(row);
@@ -176,6 +211,37 @@ fn sample_batch(
         last = hidden.reshape((active.len(), d))?;
     }
     Ok(())
+}
+
+/// One token per row of `logits`, row `row` drawn with the stream of sequence `active[row]`;
+/// the rows split across the kernels' threads where they may ([`edpo_model::kernels::parallel`]).
+/// Each row's draw reads only its logits and its own stream, so the tokens are the same.
+fn draw_rows(
+    logits: &[Vec<f32>],
+    active: &[usize],
+    settings: &SamplingSettings,
+    rngs: &mut [SplitMix64],
+) -> Vec<u32> {
+    let mut streams: Vec<SplitMix64> = active.iter().map(|&i| rngs[i].clone()).collect();
+    let draw_one = |(row, rng): (&Vec<f32>, &mut SplitMix64)| draw(row, settings, rng);
+    let tokens: Vec<u32> = if edpo_model::kernels::parallel() && logits.len() > 1 {
+        use rayon::prelude::*;
+        logits
+            .par_iter()
+            .zip(streams.par_iter_mut())
+            .map(draw_one)
+            .collect()
+    } else {
+        logits
+            .iter()
+            .zip(streams.iter_mut())
+            .map(draw_one)
+            .collect()
+    };
+    for (&i, stream) in active.iter().zip(streams) {
+        rngs[i] = stream;
+    }
+    tokens
 }
 
 /// Right-padded ids (padding 0) and mask of a batch of sequences, and the padded length.
@@ -259,6 +325,29 @@ pub fn sample_uncached(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drawing_from_all_tokens_gives_the_kept_set_path_s_tokens() {
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919 % 1013) as f32) * 0.011 - 4.0)
+            .collect();
+        for temperature in [0.3, 1.0, 1.7] {
+            let s = SamplingSettings {
+                temperature,
+                top_k: 0,
+                top_p: 1.0,
+                max_new_tokens: 1,
+                eos: 0,
+            };
+            let (mut fast, mut general) = (SplitMix64(11), SplitMix64(11));
+            for _ in 0..300 {
+                assert_eq!(
+                    draw(&logits, &s, &mut fast),
+                    draw_kept(&logits, &s, false, &mut general)
+                );
+            }
+        }
+    }
 
     #[test]
     fn top_k_one_is_greedy_and_top_p_truncates() {
