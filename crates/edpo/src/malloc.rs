@@ -51,21 +51,22 @@ pub fn configure() -> bool {
     }
 }
 
-/// The glibc tunable that has the allocator advise the memory it takes from the kernel (the
-/// heap as it grows, each block mapped on its own) onto transparent huge pages, and grow the
-/// heap by whole huge pages.
-const HUGE_PAGES: &str = "glibc.malloc.hugetlb=1";
+/// The glibc tunable that, set to 1, has the allocator advise the memory it takes from the
+/// kernel (the heap as it grows, each block mapped on its own) onto transparent huge pages,
+/// and grow the heap by whole huge pages.
+const HUGE_PAGES: &str = "glibc.malloc.hugetlb";
 
-/// Restarts this process with [`HUGE_PAGES`] among its glibc tunables, unless the environment
-/// already names that tunable (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps 4 KiB pages).
-/// Returns only where nothing was restarted. Call it first thing in `main`.
+/// Restarts this process with `glibc.malloc.hugetlb=1` among its glibc tunables, unless the
+/// environment already names that tunable (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps
+/// 4 KiB pages). Returns only where nothing was restarted. Call it first thing in `main`.
 ///
 /// A decoding step streams every weight from memory once; on 4 KiB pages one core read the
 /// SmolLM2 weights at 9.4 GB/s and on 2 MiB pages at 16 GB/s, and SmolLM2 sampling ran at
 /// 104–106 tokens/s against 95–97 with `hugetlb=0` on one thread, 139 against 131–134 on two
-/// (`reports/bench/`, sitting p), with training speed and peak memory unchanged. glibc reads its tunables only at start-up, hence the
-/// restart: the same program and arguments, the same process id, one environment variable
-/// more (which the processes it starts inherit, so they are not restarted again).
+/// (`reports/bench/`, sitting p), with training speed and peak memory unchanged. glibc reads
+/// its tunables only at start-up, hence the restart: the same program and arguments, the same
+/// process id, one environment variable more (which the processes it starts inherit, so they
+/// are not restarted again).
 pub fn restart_with_huge_pages() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -85,14 +86,14 @@ pub fn restart_with_huge_pages() {
     }
 }
 
-/// `GLIBC_TUNABLES` with [`HUGE_PAGES`] added to the tunables already there, or `None` where
-/// they already name its tunable (whatever its value).
+/// `GLIBC_TUNABLES` with [`HUGE_PAGES`]`=1` added to the tunables already there, or `None`
+/// where they already name that tunable (whatever its value).
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
 fn with_huge_pages(current: &std::ffi::OsStr) -> Option<std::ffi::OsString> {
-    let name = HUGE_PAGES.split('=').next().unwrap_or(HUGE_PAGES);
     let named = current
         .to_string_lossy()
         .split(':')
-        .any(|t| t.split('=').next() == Some(name));
+        .any(|t| t.split('=').next() == Some(HUGE_PAGES));
     if named {
         return None;
     }
@@ -101,6 +102,7 @@ fn with_huge_pages(current: &std::ffi::OsStr) -> Option<std::ffi::OsString> {
         value.push(":");
     }
     value.push(HUGE_PAGES);
+    value.push("=1");
     Some(value)
 }
 

@@ -137,8 +137,8 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
         let mut out = vec![0f32; m * w];
         if b.row_stride == 1 {
             // Column j of B is contiguous (a transposed `(out, in)` weight): dot products,
-            // up to four rows against each column at once, so the column is loaded once per
-            // four rows and four rows' sums advance side by side.
+            // up to four rows (eight on AVX-512) against each column at once, so the column
+            // is loaded once per group of rows and the group's sums advance side by side.
             let per = if wide() { DOTS_WIDE } else { 4 };
             let mut sums = [0f32; DOTS_WIDE];
             for j in 0..w {
