@@ -222,24 +222,15 @@ fn draw_rows(
     settings: &SamplingSettings,
     rngs: &mut [SplitMix64],
 ) -> Vec<u32> {
-    let mut streams: Vec<SplitMix64> = active.iter().map(|&i| rngs[i].clone()).collect();
-    let draw_one = |(row, rng): (&Vec<f32>, &mut SplitMix64)| draw(row, settings, rng);
-    let tokens: Vec<u32> = if edpo_model::kernels::parallel() && logits.len() > 1 {
-        use rayon::prelude::*;
-        logits
-            .par_iter()
-            .zip(streams.par_iter_mut())
-            .map(draw_one)
-            .collect()
-    } else {
-        logits
-            .iter()
-            .zip(streams.iter_mut())
-            .map(draw_one)
-            .collect()
-    };
-    for (&i, stream) in active.iter().zip(streams) {
+    let drawn = edpo_model::kernels::team::map(logits.len(), |row| {
+        let mut stream = rngs[active[row]].clone();
+        let token = draw(&logits[row], settings, &mut stream);
+        (token, stream)
+    });
+    let mut tokens = Vec::with_capacity(drawn.len());
+    for (&i, (token, stream)) in active.iter().zip(drawn) {
         rngs[i] = stream;
+        tokens.push(token);
     }
     tokens
 }

@@ -488,11 +488,7 @@ pub fn decode_attention(
             },
         )
     };
-    let pairs: Vec<Vec<f32>> = if parallel() {
-        (0..d.batch * d.heads).into_par_iter().map(pair).collect()
-    } else {
-        (0..d.batch * d.heads).map(pair).collect()
-    };
+    let pairs: Vec<Vec<f32>> = super::team::map(d.batch * d.heads, pair);
     let mut out = vec![0f32; d.batch * tq * d.heads * hd];
     for (bh, part) in pairs.iter().enumerate() {
         let (b, h) = (bh / d.heads, bh % d.heads);

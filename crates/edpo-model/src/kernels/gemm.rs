@@ -170,11 +170,7 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
         out
     };
     let starts: Vec<usize> = (0..n).step_by(width).collect();
-    let parts: Vec<Vec<f32>> = if threads > 1 {
-        starts.par_iter().map(|&j0| block(j0)).collect()
-    } else {
-        starts.iter().map(|&j0| block(j0)).collect()
-    };
+    let parts: Vec<Vec<f32>> = super::team::map(starts.len(), |s| block(starts[s]));
     let mut c = vec![0f32; m * n];
     for (&j0, part) in starts.iter().zip(&parts) {
         let w = width.min(n - j0);

@@ -11,6 +11,7 @@
 //! - [`linear`]: a linear layer with (or, at SmolLM2's size, without) its bias, and a frozen
 //!   one with its LoRA adapter;
 //! - [`gemm`]: the matrix product of large matrices (AVX2/FMA; candle's below its size);
+//! - [`team`]: the threads of a decoding step's parallel sections, kept awake between them;
 //! - [`attention`]: scaled masked attention, GPT-2's attention straight from its packed
 //!   q/k/v projection, and a decoding step's attention read from the key/value cache in place
 //!   (no autograd node: inference only).
@@ -35,6 +36,7 @@ pub mod norm;
 pub mod rope;
 pub mod simd;
 pub mod softmax;
+pub mod team;
 
 pub use activation::{gelu, silu_mul};
 pub use attention::{attention, packed_attention};
