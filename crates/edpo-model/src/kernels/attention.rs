@@ -459,8 +459,14 @@ pub fn decode_attention(
         bail!("decoding attention: buffers do not match {d:?}");
     }
     let group = d.heads / d.kv_heads;
-    // One (row, head) pair: its `Tq × hd` outputs.
-    let pair = |bh: usize| -> Vec<f32> {
+    let mut out = vec![0f32; d.batch * tq * d.heads * hd];
+    // Each (row, head) pair's `Tq` output rows, written in place by the thread computing it.
+    let mut pieces: Vec<Vec<&mut [f32]>> = (0..d.batch * d.heads).map(|_| Vec::new()).collect();
+    for (c, piece) in out.chunks_mut(hd).enumerate() {
+        let (bi, h) = (c / d.heads, c % d.heads);
+        pieces[(bi / tq) * d.heads + h].push(piece);
+    }
+    super::team::for_each_mut(&mut pieces, |bh, out| {
         vectorised(
             #[inline(always)]
             || {
@@ -470,32 +476,20 @@ pub fn decode_attention(
                     &keys[base..base + d.len * hd],
                     &values[base..base + d.len * hd],
                 );
-                let mut out = vec![0f32; tq * hd];
                 let mut p = vec![0f32; d.len];
-                for i in 0..tq {
+                for (i, o) in out.iter_mut().enumerate() {
                     let query = &q[(bh * tq + i) * hd..][..hd];
                     let mask = &bias[(b * tq + i) * d.len..][..d.len];
                     for ((s, key), &m) in p.iter_mut().zip(k.chunks_exact(hd)).zip(mask) {
                         *s = lane_dot(query, key) * scale + m;
                     }
                     softmax_in_place(&mut p);
-                    let o = &mut out[i * hd..(i + 1) * hd];
                     for (&w, value) in p.iter().zip(v.chunks_exact(hd)) {
                         o.iter_mut().zip(value).for_each(|(o, &x)| *o += w * x);
                     }
                 }
-                out
             },
         )
-    };
-    let pairs: Vec<Vec<f32>> = super::team::map(d.batch * d.heads, pair);
-    let mut out = vec![0f32; d.batch * tq * d.heads * hd];
-    for (bh, part) in pairs.iter().enumerate() {
-        let (b, h) = (bh / d.heads, bh % d.heads);
-        for i in 0..tq {
-            out[((b * tq + i) * d.heads + h) * hd..][..hd]
-                .copy_from_slice(&part[i * hd..(i + 1) * hd]);
-        }
-    }
+    });
     Ok(out)
 }

@@ -122,19 +122,37 @@ pub fn skinny(m: usize, n: usize, k: usize) -> bool {
 
 /// [`skinny`] products: `C (m × n) = A·B` reading `B` once, along its contiguous direction.
 fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -> Vec<f32> {
-    let a_rows: Vec<Vec<f32>> = (0..m)
-        .map(|i| (0..k).map(|p| a.at(i, p)).collect())
-        .collect();
+    // A's rows read in place where they are contiguous, else copied out.
+    let copied: Vec<Vec<f32>> = if a.col_stride == 1 {
+        Vec::new()
+    } else {
+        (0..m)
+            .map(|i| (0..k).map(|p| a.at(i, p)).collect())
+            .collect()
+    };
+    let a_rows: Vec<&[f32]> = if a.col_stride == 1 {
+        (0..m).map(|i| &a.data[i * a.row_stride..][..k]).collect()
+    } else {
+        copied.iter().map(Vec::as_slice).collect()
+    };
     let threads = if super::parallel() {
         super::threads()
     } else {
         1
     };
-    // Output columns in blocks, each block's `m × width` values computed apart, then placed.
+    // Output columns in blocks, one per thread, each block's part of every row of C written
+    // in place by the thread computing it.
     let width = n.div_ceil(threads).max(1);
-    let block = |j0: usize| -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    let mut blocks: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(width)).map(|_| Vec::new()).collect();
+    for row in c.chunks_mut(n) {
+        for (s, part) in row.chunks_mut(width).enumerate() {
+            blocks[s].push(part);
+        }
+    }
+    super::team::for_each_mut(&mut blocks, |s, out| {
+        let j0 = s * width;
         let w = width.min(n - j0);
-        let mut out = vec![0f32; m * w];
         if b.row_stride == 1 {
             // Column j of B is contiguous (a transposed `(out, in)` weight): dot products,
             // up to four rows (eight on AVX-512) against each column at once, so the column
@@ -146,16 +164,15 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
                 for (g, rows) in a_rows.chunks(per).enumerate() {
                     dots(rows, column, &mut sums[..rows.len()]);
                     for (r, &x) in sums[..rows.len()].iter().enumerate() {
-                        out[(per * g + r) * w + j] = x;
+                        out[per * g + r][j] = x;
                     }
                 }
             }
         } else {
             // Rows of B in turn, each added to every output row it scales.
             for p in 0..k {
-                for (i, row) in a_rows.iter().enumerate() {
+                for (row, dst) in a_rows.iter().zip(out.iter_mut()) {
                     let x = row[p];
-                    let dst = &mut out[i * w..(i + 1) * w];
                     if b.col_stride == 1 {
                         let src = &b.data[p * b.row_stride + j0..][..w];
                         dst.iter_mut().zip(src).for_each(|(d, &y)| *d += x * y);
@@ -167,17 +184,7 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
                 }
             }
         }
-        out
-    };
-    let starts: Vec<usize> = (0..n).step_by(width).collect();
-    let parts: Vec<Vec<f32>> = super::team::map(starts.len(), |s| block(starts[s]));
-    let mut c = vec![0f32; m * n];
-    for (&j0, part) in starts.iter().zip(&parts) {
-        let w = width.min(n - j0);
-        for i in 0..m {
-            c[i * n + j0..i * n + j0 + w].copy_from_slice(&part[i * w..(i + 1) * w]);
-        }
-    }
+    });
     c
 }
 
@@ -418,7 +425,7 @@ fn product(
 /// them: in eight-wide fused multiply-adds with two accumulators per row where the CPU has
 /// them (else the lanes of [`super::lane_dot`]). A row's sum does not depend on the rows beside
 /// it.
-fn dots(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
+fn dots(rows: &[&[f32]], column: &[f32], out: &mut [f32]) {
     assert!(
         rows.len() == out.len()
             && rows.len() <= DOTS_WIDE
@@ -484,7 +491,7 @@ const PREFETCH: usize = 640;
 /// column's length.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
+unsafe fn dots_avx2<const R: usize>(rows: &[&[f32]], column: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let n = column.len();
     let pb = column.as_ptr();
@@ -524,7 +531,7 @@ const DOTS_WIDE: usize = 8;
 /// length.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dots_avx512<const R: usize>(rows: &[Vec<f32>], column: &[f32], out: &mut [f32]) {
+unsafe fn dots_avx512<const R: usize>(rows: &[&[f32]], column: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let n = column.len();
     let pb = column.as_ptr();
@@ -1018,9 +1025,10 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            for (r, row) in rows.iter().enumerate() {
+            let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            for (r, &row) in rows.iter().enumerate() {
                 let mut alone = [0f32];
-                dots(std::slice::from_ref(row), &column, &mut alone);
+                dots(&[row], &column, &mut alone);
                 let exact: f64 = row
                     .iter()
                     .zip(&column)
@@ -1054,6 +1062,7 @@ mod tests {
                         .collect()
                 })
                 .collect();
+            let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
             let (mut narrow, mut wide_out) = ([0f32; DOTS_WIDE], [0f32; DOTS_WIDE]);
             // SAFETY: the CPU has AVX-512F (`wide`), hence AVX2 and FMA; every row has the
             // column's length and each output one element per row.

@@ -7,7 +7,7 @@
 //! started on first use and never stopped) wait for the next section spinning, for up to
 //! [`SPIN`] after each, and only then park; a section is posted by bumping one atomic word.
 //!
-//! [`map`] is the only entry: the calling thread leads, the helpers take the other parts. One
+//! [`for_each_mut`] (and [`map`] on it) is the only entry: the calling thread leads, the helpers take the other parts. One
 //! caller at a time holds the team; a second caller meanwhile (another thread, or a part that
 //! itself splits) runs on rayon as before. No number depends on which runs it: each part is
 //! computed whole by one thread.
@@ -81,36 +81,41 @@ static LEADER: Mutex<()> = Mutex::new(());
 /// allows it (by this team, or on rayon while another caller holds it), on this thread
 /// otherwise. Member `t` of `T` computes parts `t, t + T, …`.
 pub fn map<R: Send>(parts: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
+    let mut slots: Vec<Option<R>> = (0..parts).map(|_| None).collect();
+    for_each_mut(&mut slots, |i, slot| *slot = Some(f(i)));
+    slots
+        .into_iter()
+        .map(|slot| slot.expect("every part of a section is computed before it returns"))
+        .collect()
+}
+
+/// `f(i, &mut items[i])` for every item, split as [`map`] splits its parts. The items are
+/// where the parts write their results in place (disjoint pieces of one output), so nothing a
+/// helper allocates is freed by another thread.
+pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync + Send) {
+    let parts = items.len();
     let members = if super::parallel() {
         super::threads().min(parts).min((1 << MEMBER_BITS) - 1)
     } else {
         1
     };
     if members <= 1 {
-        return (0..parts).map(f).collect();
+        items.iter_mut().enumerate().for_each(|(i, x)| f(i, x));
+        return;
     }
     let Ok(_lead) = LEADER.try_lock() else {
-        return (0..parts).into_par_iter().map(f).collect();
+        items.par_iter_mut().enumerate().for_each(|(i, x)| f(i, x));
+        return;
     };
-    let slots: Vec<Mutex<Option<R>>> = (0..parts).map(|_| Mutex::new(None)).collect();
+    let slots: Vec<Mutex<&mut T>> = items.iter_mut().map(Mutex::new).collect();
     let section = |member: usize, members: usize| {
         for i in (member..parts).step_by(members) {
-            let out = f(i);
-            if let Ok(mut slot) = slots[i].lock() {
-                *slot = Some(out);
-            }
+            // Each slot is locked by its one member only: never contended.
+            let mut item = slots[i].lock().unwrap_or_else(|e| e.into_inner());
+            f(i, &mut item);
         }
     };
     lead(members, &section);
-    slots
-        .into_iter()
-        .map(|slot| {
-            slot.into_inner()
-                .ok()
-                .flatten()
-                .expect("every part of a section is computed before it returns")
-        })
-        .collect()
 }
 
 /// Runs `section` on this thread (member 0) and `members − 1` helpers, and returns when all
