@@ -159,6 +159,8 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
             // is loaded once per group of rows and the group's sums advance side by side.
             let per = if wide() { DOTS_WIDE } else { 4 };
             let mut sums = [0f32; DOTS_WIDE];
+            // Column j is written across every output row, so j indexes rather than iterates.
+            #[allow(clippy::needless_range_loop)]
             for j in 0..w {
                 let column = &b.data[(j0 + j) * b.col_stride..][..k];
                 for (g, rows) in a_rows.chunks(per).enumerate() {
