@@ -266,4 +266,21 @@ mod tests {
             assert_eq!(total, (0..200).map(|r| c + r + 8).sum::<usize>());
         }
     }
+
+    /// A part that panics, on the leader or on a helper, fails the caller's call only after
+    /// every member has stopped, and the team serves the next section.
+    #[test]
+    fn a_panicking_part_fails_its_section_only() {
+        super::super::set_threads(3);
+        for bad in [0usize, 1, 2] {
+            let failed = std::panic::catch_unwind(|| {
+                map(3, |i| {
+                    assert_ne!(i, bad, "part {bad} fails");
+                    i
+                })
+            });
+            assert!(failed.is_err(), "part {bad}'s panic reached the caller");
+            assert_eq!(map(6, |i| 2 * i), vec![0, 2, 4, 6, 8, 10]);
+        }
+    }
 }
