@@ -77,6 +77,22 @@ fn shared() -> &'static Shared {
 /// Held by the caller leading a section.
 static LEADER: Mutex<()> = Mutex::new(());
 
+/// The team, unless another caller leads it now. A section that panicked leaves the lock
+/// poisoned but the team sound (its leader waited for every member before unwinding), so the
+/// poison is ignored.
+fn take_the_lead() -> Option<std::sync::MutexGuard<'static, ()>> {
+    match LEADER.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+thread_local! {
+    /// Sections this thread has led (for the tests: whether the team, not rayon, ran them).
+    static LED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// `f(0), …, f(parts − 1)` in order, computed across the kernels' threads when [`super::parallel`]
 /// allows it (by this team, or on rayon while another caller holds it), on this thread
 /// otherwise. Member `t` of `T` computes parts `t, t + T, …`.
@@ -103,7 +119,7 @@ pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync +
         items.iter_mut().enumerate().for_each(|(i, x)| f(i, x));
         return;
     }
-    let Ok(_lead) = LEADER.try_lock() else {
+    let Some(_lead) = take_the_lead() else {
         items.par_iter_mut().enumerate().for_each(|(i, x)| f(i, x));
         return;
     };
@@ -122,6 +138,7 @@ pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync +
 /// are done; a panic in any member resumes here after every member has stopped.
 fn lead(members: usize, section: &(dyn Fn(usize, usize) + Sync + '_)) {
     let team = shared();
+    LED.with(|led| led.set(led.get() + 1));
     let helpers: Vec<&'static Helper> = {
         let mut helpers = team.helpers.lock().unwrap_or_else(|e| e.into_inner());
         while helpers.len() < members - 1 {
@@ -282,5 +299,17 @@ mod tests {
             assert!(failed.is_err(), "part {bad}'s panic reached the caller");
             assert_eq!(map(6, |i| 2 * i), vec![0, 2, 4, 6, 8, 10]);
         }
+        // The team itself (not rayon's fallback) still leads sections: another test may hold
+        // it for a moment, so a few tries.
+        let before = LED.with(std::cell::Cell::get);
+        let mut tries = 0;
+        while LED.with(std::cell::Cell::get) == before && tries < 1000 {
+            assert_eq!(map(3, |i| i), vec![0, 1, 2]);
+            tries += 1;
+        }
+        assert!(
+            LED.with(std::cell::Cell::get) > before,
+            "the team was not used again"
+        );
     }
 }
