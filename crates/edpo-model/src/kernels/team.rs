@@ -7,10 +7,10 @@
 //! started on first use and never stopped) wait for the next section spinning, for up to
 //! [`SPIN`] after each, and only then park; a section is posted by bumping one atomic word.
 //!
-//! [`for_each_mut`] (and [`map`] on it) is the only entry: the calling thread leads, the helpers take the other parts. One
-//! caller at a time holds the team; a second caller meanwhile (another thread, or a part that
-//! itself splits) runs on rayon as before. No number depends on which runs it: each part is
-//! computed whole by one thread.
+//! [`for_each_mut`] (and [`map`] on it) is the only entry: the calling thread leads, the
+//! helpers take the other parts. One caller at a time holds the team; a second caller
+//! meanwhile (another thread, or a part that itself splits) runs on rayon as before. No number
+//! depends on which runs it: each part is computed whole by one thread.
 //!
 //! Depends on std and rayon only. The one unsafe step is handing helpers a borrowed closure
 //! for the span of a section, which the leader outlives by waiting for every member.
@@ -202,8 +202,8 @@ fn lead(members: usize, section: &(dyn Fn(usize, usize) + Sync + '_)) {
     }
 }
 
-/// A helper's loop from section number `seen` on: wait for a section it is a member of (spinning for [`SPIN`], then
-/// parked), run its part, report it done.
+/// A helper's loop from section number `seen` on: wait for a section it is a member of
+/// (spinning for [`SPIN`], then parked), run its part, report it done.
 fn serve(index: usize, me: &Helper, mut seen: u64) {
     let team = shared();
     loop {
