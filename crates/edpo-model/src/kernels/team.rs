@@ -88,6 +88,7 @@ fn take_the_lead() -> Option<std::sync::MutexGuard<'static, ()>> {
     }
 }
 
+#[cfg(test)]
 thread_local! {
     /// Sections this thread has led (for the tests: whether the team, not rayon, ran them).
     static LED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
@@ -138,6 +139,7 @@ pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync +
 /// are done; a panic in any member resumes here after every member has stopped.
 fn lead(members: usize, section: &(dyn Fn(usize, usize) + Sync + '_)) {
     let team = shared();
+    #[cfg(test)]
     LED.with(|led| led.set(led.get() + 1));
     let helpers: Vec<&'static Helper> = {
         let mut helpers = team.helpers.lock().unwrap_or_else(|e| e.into_inner());
