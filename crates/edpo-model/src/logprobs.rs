@@ -467,7 +467,9 @@ pub fn sequence_kl(
 /// `(1−ε)·z + ε·r`, each log-softmaxed over the full vocabulary. Computed outside the autograd
 /// graph (the decision it feeds is a constant for the gradient): the mixture is formed in f32
 /// as PyTorch forms it, and the log-sum-exp and the sums over tokens are accumulated in f64 so
-/// that the three log-ratios ε-DPO compares are not decided by rounding.
+/// that the three log-ratios ε-DPO compares are not decided by rounding (the exponentials by
+/// [`crate::kernels::exp_f64`], within a unit in the last place of the library's, in eight
+/// vectorised partial sums).
 pub fn mixed_sequence_logps(
     policy_logits: &Tensor,
     reference_logits: &Tensor,
@@ -526,12 +528,21 @@ fn mixed_rows(
         mixtures
             .iter()
             .map(|&(a, b)| {
-                for ((x, &zv), &rv) in mixed.iter_mut().zip(zi).zip(ri) {
-                    *x = a * zv + b * rv;
-                }
-                let max = crate::kernels::lane_max(&mixed); // exact, so order-free
-                let sum: f64 = mixed.iter().map(|&x| f64::from(x - max).exp()).sum();
-                f64::from(mixed[target] - max) - sum.ln()
+                crate::kernels::vectorised(
+                    #[inline(always)]
+                    || {
+                        for ((x, &zv), &rv) in mixed.iter_mut().zip(zi).zip(ri) {
+                            *x = a * zv + b * rv;
+                        }
+                        let max = crate::kernels::lane_max(&mixed); // exact, so order-free
+                        let sum = crate::kernels::lane_sum_f64(
+                            &mixed,
+                            #[inline(always)]
+                            |x| crate::kernels::exp_f64(f64::from(x - max)),
+                        );
+                        f64::from(mixed[target] - max) - sum.ln()
+                    },
+                )
             })
             .collect()
     };

@@ -23,9 +23,10 @@
 //! and gradients. The golden tests against PyTorch run through these kernels.
 //!
 //! This module holds what the kernels share: reading a tensor's storage in place, splitting
-//! rows across threads, lane-wise reductions, the vectorising `exp` and `tanh`, and
-//! [`simd::vectorised`], which compiles a kernel's loops for AVX2 where the CPU has it. Work is
-//! split across rows with rayon when [`parallel`] allows it.
+//! rows across threads, lane-wise reductions, the vectorising `exp` and `tanh` (and an f64
+//! `exp` for ε-DPO's mixed log-softmaxes), and [`simd::vectorised`], which compiles a kernel's
+//! loops for AVX2 where the CPU has it. Work is split across rows with rayon when [`parallel`]
+//! allows it.
 
 pub mod activation;
 pub mod attention;
@@ -252,6 +253,67 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// `eˣ` in f64 without a library call, so loops over it vectorise: `x = n·ln2 + r` with ln 2
+/// split in two (its high part has 32 bits, so `n·ln2_hi` is exact) and `|r| ≤ ln2/2`, a
+/// degree-13 Taylor polynomial for `eʳ` (truncation error below 1e-17 relative), and `2ⁿ` built
+/// from its bits: within about one unit in the last place of `f64::exp` (test). Inputs below
+/// −708 give 0 (where `exp` is subnormal or 0, nothing beside a term near 1 in a sum), above
+/// 709 give +∞, and NaN gives NaN. Its multiply-adds are fused (`mul_add`, exact on every
+/// target: one instruction where [`simd::vectorised`] runs, the C library's `fma` elsewhere),
+/// so every target and every vector width gives the same bits.
+#[inline(always)]
+pub fn exp_f64(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // 0.693 147 180 369 …
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // ln 2 − LN2_HI
+    const ROUND: f64 = 6_755_399_441_055_744.0; // 1.5·2⁵²: adding and subtracting it rounds
+    let xc = x.clamp(-708.0, 709.0);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    let ni = (t.to_bits() as i64).wrapping_sub(ROUND.to_bits() as i64);
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+    // Horner's scheme written out (a loop over the coefficients would keep the lanes scalar).
+    let p = r.mul_add(1.0 / 6_227_020_800.0, 1.0 / 479_001_600.0);
+    let p = r.mul_add(p, 1.0 / 39_916_800.0);
+    let p = r.mul_add(p, 1.0 / 3_628_800.0);
+    let p = r.mul_add(p, 1.0 / 362_880.0);
+    let p = r.mul_add(p, 1.0 / 40_320.0);
+    let p = r.mul_add(p, 1.0 / 5_040.0);
+    let p = r.mul_add(p, 1.0 / 720.0);
+    let p = r.mul_add(p, 1.0 / 120.0);
+    let p = r.mul_add(p, 1.0 / 24.0);
+    let p = r.mul_add(p, 1.0 / 6.0);
+    let p = r.mul_add(p, 0.5);
+    let p = r.mul_add(r.mul_add(p, 1.0), 1.0);
+    let scale = f64::from_bits((ni.wrapping_add(1023) as u64) << 52);
+    let y = p * scale;
+    // Selects, not branches, so that the lanes stay in vector registers.
+    let y = if x > 709.0 { f64::INFINITY } else { y };
+    if x < -708.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// `Σ f(x_i)` over a row, accumulated in f64 in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn lane_sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += f(c[k]);
+        }
+    }
+    let mut total = acc.iter().sum::<f64>();
+    for &v in tail {
+        total += f(v);
+    }
+    total
+}
+
 /// `tanh(u) = 1 − 2/(e^{2u} + 1)`, with the absolute error of f32 (about 1e-7) near 0, which is
 /// what GELU needs.
 #[inline(always)]
@@ -329,6 +391,47 @@ mod tests {
             })
             .collect();
         assert_eq!(bits(&values(super::rms_norm(&t, &w, 1e-5))), bits(&rms));
+    }
+
+    #[test]
+    fn exp_f64_is_within_a_few_ulps_of_the_library() {
+        let mut worst = 0f64;
+        let mut x = -708.0f64;
+        while x < 709.0 {
+            for dx in [0.0, 1e-9, 0.346_573_6, -0.346_573_6] {
+                if !(-708.0..=709.0).contains(&(x + dx)) {
+                    continue;
+                }
+                let e = (x + dx).exp();
+                worst = worst.max((exp_f64(x + dx) - e).abs() / e);
+            }
+            x += 0.003_7;
+        }
+        assert!(worst < 3e-16, "worst relative error {worst:e}");
+        assert_eq!(exp_f64(0.0), 1.0);
+        assert_eq!(exp_f64(-709.0), 0.0);
+        assert_eq!(exp_f64(f64::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f64(710.0), f64::INFINITY);
+        assert!(exp_f64(f64::NAN).is_nan());
+        // The same bits from the vectorised loop as from the scalar one.
+        let xs: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.731).sin() * 90.0).collect();
+        let scalar: f64 = {
+            let mut acc = [0f64; LANES];
+            let full = xs.len() - xs.len() % LANES;
+            for (i, &v) in xs[..full].iter().enumerate() {
+                acc[i % LANES] += exp_f64(f64::from(v - 3.0));
+            }
+            let mut total = acc.iter().sum::<f64>();
+            for &v in &xs[full..] {
+                total += exp_f64(f64::from(v - 3.0));
+            }
+            total
+        };
+        let vector = vectorised(
+            #[inline(always)]
+            || lane_sum_f64(&xs, |v| exp_f64(f64::from(v - 3.0))),
+        );
+        assert_eq!(vector.to_bits(), scalar.to_bits());
     }
 
     #[test]
