@@ -1224,6 +1224,24 @@ mod tests {
                 let a = Operand::stored(&sa, m, k, a_t);
                 let b = Operand::stored(&sb, k, n, b_t);
                 let c = matmul(m, n, k, a, b);
+                // `A` with neither its rows nor its columns contiguous (every other element of a
+                // buffer twice as long), which packs element by element: the same bits.
+                if !a_t {
+                    let spread: Vec<f32> = sa.iter().flat_map(|&x| [x, f32::NAN]).collect();
+                    let strided = Operand {
+                        data: &spread,
+                        row_stride: 2 * k,
+                        col_stride: 2,
+                    };
+                    let packed = matmul(m, n, k, strided, b);
+                    assert!(
+                        packed
+                            .iter()
+                            .zip(&c)
+                            .all(|(p, x)| p.to_bits() == x.to_bits()),
+                        "{m}×{n}×{k}: a strided A gives other bits ({b_t})"
+                    );
+                }
                 // Packed the same whichever way the operands are stored: the same bits.
                 let first = first.get_or_insert_with(|| c.clone());
                 assert!(
