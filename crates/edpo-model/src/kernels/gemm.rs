@@ -253,21 +253,49 @@ fn serial_into(
     c: &mut [f32],
     accumulate: bool,
 ) {
+    PACKED.with(|buffers| match buffers.try_borrow_mut() {
+        Ok(mut buffers) => {
+            let (packed_b_buf, packed_a_buf) = &mut *buffers;
+            serial_with(n, k, a, b, c, accumulate, packed_b_buf, packed_a_buf);
+        }
+        // Not reached (a product never runs inside another on one thread); fresh buffers then.
+        Err(_) => serial_with(n, k, a, b, c, accumulate, &mut Vec::new(), &mut Vec::new()),
+    });
+}
+
+thread_local! {
+    /// Each thread's buffers for packed panels of `B` and `A`, kept between products: a
+    /// product's panels are written in full before they are read, so what a buffer held is
+    /// never seen, and a buffer grows (and is zeroed) only when a product needs more.
+    static PACKED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// [`serial_into`] with its buffers for packed panels.
+#[allow(clippy::too_many_arguments)]
+fn serial_with(
+    n: usize,
+    k: usize,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+    packed_b_buf: &mut Vec<f32>,
+    packed_a_buf: &mut Vec<f32>,
+) {
     let wide = wide();
     // Depth blocks of equal size (at most KC), so that no pass over C is a thin remainder.
     let kc_size = k.div_ceil(k.div_ceil(KC));
-    let mut packed_b_buf = Vec::new();
-    let mut packed_a_buf = Vec::new();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(kc_size) {
             let kc = kc_size.min(k - pc);
-            let packed_b = pack_b(&mut packed_b_buf, b, pc, kc, jc, nc);
+            let packed_b = pack_b(packed_b_buf, b, pc, kc, jc, nc);
             let add = accumulate || pc > 0;
             for (ib, rows) in c.chunks_mut(MC * n).enumerate() {
                 let ic = ib * MC;
                 let mc = rows.len() / n;
-                let packed_a = pack_a(&mut packed_a_buf, a, ic, mc, pc, kc);
+                let packed_a = pack_a(packed_a_buf, a, ic, mc, pc, kc);
                 if wide {
                     wide_tiles(kc, packed_a, packed_b, rows, n, jc, mc, nc, add);
                 } else {
@@ -563,12 +591,15 @@ unsafe fn dots_avx512<const R: usize>(rows: &[&[f32]], column: &[f32], out: &mut
     }
 }
 
-/// `buf` as `len` elements, left as they were (every panel is written in full, a partial one
-/// zeroed first, so nothing is cleared twice). (Starting the packed panels at a 64-byte
-/// boundary was measured and made no difference beyond the noise.)
+/// The first `len` elements of `buf`, grown (never shrunk) to hold them, left as they were
+/// (every panel is written in full, a partial one zeroed first, so nothing is cleared twice).
+/// (Starting the packed panels at a 64-byte boundary was measured and made no difference
+/// beyond the noise.)
 fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    buf.resize(len, 0.0);
-    buf
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
 
 /// Packs `B[pc..pc+kc, jc..jc+nc]` as `⌈nc/16⌉` panels of `kc × 16`, zero-padded, into `out`;
