@@ -535,7 +535,7 @@ fn mixed_rows(
                             *x = a * zv + b * rv;
                         }
                         let max = crate::kernels::lane_max(&mixed); // exact, so order-free
-                        let sum = crate::kernels::lane_sum_f64(
+                        let sum = crate::kernels::lane_sum(
                             &mixed,
                             #[inline(always)]
                             |x| crate::kernels::exp_f64(f64::from(x - max)),

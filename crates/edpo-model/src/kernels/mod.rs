@@ -151,10 +151,14 @@ pub(crate) fn rows_map(
 /// (a single running f32 sum is a serial dependency the compiler must keep in order).
 const LANES: usize = 8;
 
-/// `Σ f(x_i)` over a row, accumulated in [`LANES`] partial sums.
+/// `Σ f(x_i)` over a row, accumulated in [`LANES`] partial sums of `f`'s type (f32, or f64
+/// where a sum must not be decided by rounding).
 #[inline(always)]
-pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
+pub(crate) fn lane_sum<T>(x: &[f32], f: impl Fn(f32) -> T) -> T
+where
+    T: Copy + Default + std::ops::AddAssign + std::iter::Sum<T>,
+{
+    let mut acc = [T::default(); LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
@@ -162,7 +166,7 @@ pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
             acc[k] += f(c[k]);
         }
     }
-    let mut total = acc.iter().sum::<f32>();
+    let mut total = acc.into_iter().sum::<T>();
     for &v in tail {
         total += f(v);
     }
@@ -296,24 +300,6 @@ pub fn exp_f64(x: f64) -> f64 {
     }
 }
 
-/// `Σ f(x_i)` over a row, accumulated in f64 in [`LANES`] partial sums.
-#[inline(always)]
-pub(crate) fn lane_sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for k in 0..LANES {
-            acc[k] += f(c[k]);
-        }
-    }
-    let mut total = acc.iter().sum::<f64>();
-    for &v in tail {
-        total += f(v);
-    }
-    total
-}
-
 /// `tanh(u) = 1 − 2/(e^{2u} + 1)`, with the absolute error of f32 (about 1e-7) near 0, which is
 /// what GELU needs.
 #[inline(always)]
@@ -429,7 +415,7 @@ mod tests {
         };
         let vector = vectorised(
             #[inline(always)]
-            || lane_sum_f64(&xs, |v| exp_f64(f64::from(v - 3.0))),
+            || lane_sum(&xs, |v| exp_f64(f64::from(v - 3.0))),
         );
         assert_eq!(vector.to_bits(), scalar.to_bits());
     }
