@@ -117,6 +117,46 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     softmax_last(&scores)?.matmul(&v.contiguous()?)
 }
 
+/// Llama-family attention from the projections `q (B, T, H·hd)`, `k`, `v (B, T, KV·hd)`:
+/// each split into heads, q and k rotated ([`rope`]), each key/value head repeated for its
+/// `H / KV` query heads ([`repeat_kv`]), [`attention`], heads merged back: `(B, T, H·hd)`.
+pub fn rotary_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (n_head, n_kv): (usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, width) = q.dims3()?;
+    let hd = width / n_head;
+    let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+        x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let q = rope(&heads(q, n_head)?, cos, sin)?;
+    let k = rope(&heads(k, n_kv)?, cos, sin)?;
+    let v = heads(v, n_kv)?;
+    let (k, v) = if n_kv == n_head {
+        (k, v)
+    } else {
+        (repeat_kv(&k, n_head / n_kv)?, repeat_kv(&v, n_head / n_kv)?)
+    };
+    attention(&q, &k, &v, bias, scale)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, t, width))
+}
+
+/// Repeats each key/value head `n` times: `(B, KV, T, hd) → (B, KV·n, T, hd)`.
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, kv, t, hd) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, hd))?
+        .contiguous()?
+        .reshape((b, kv * n, t, hd))
+}
+
 /// GPT-2 attention from the packed projection `qkv (B, T, 3·H·hd)`: q, k and v sliced out,
 /// split into heads, [`attention`], heads merged back: `(B, T, H·hd)`.
 pub fn packed_attention(qkv: &Tensor, n_head: usize, bias: &Tensor, scale: f64) -> Result<Tensor> {

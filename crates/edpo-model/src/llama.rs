@@ -7,7 +7,7 @@
 
 use crate::arch::{Architecture, Forward, Init, TensorSpec, Weights};
 use crate::config::LlamaConfig;
-use crate::nn::{attention, cached_attention, LayerKv, Linear, RmsNorm, Rotary};
+use crate::nn::{cached_attention, LayerKv, Linear, RmsNorm, Rotary};
 use crate::Result;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -97,19 +97,30 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (cos, sin) = rope;
-        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.q_proj.forward(x)?, self.n_head)?; // (B, H, T, hd)
-        let k = split(self.k_proj.forward(x)?, self.n_kv)?; // (B, KV, T, hd)
-        let v = split(self.v_proj.forward(x)?, self.n_kv)?;
-        let q = Rotary::apply(&q, cos, sin)?;
-        let k = Rotary::apply(&k, cos, sin)?;
+        let q = self.q_proj.forward(x)?; // (B, T, H·hd)
+        let k = self.k_proj.forward(x)?; // (B, T, KV·hd)
+        let v = self.v_proj.forward(x)?;
         let y = match cache {
-            Some(cache) => cached_attention(cache, &q, k, v, bias)?,
-            None => attention(&q, &k, &v, bias)?, // (B, T, H·hd)
+            Some(cache) => {
+                let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+                    Ok(y.reshape((b, t, heads, self.head_dim))?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
+                let q = Rotary::apply(&split(q, self.n_head)?, cos, sin)?; // (B, H, T, hd)
+                let k = Rotary::apply(&split(k, self.n_kv)?, cos, sin)?; // (B, KV, T, hd)
+                cached_attention(cache, &q, k, split(v, self.n_kv)?, bias)?
+            }
+            // Training and scoring: split, rotation, repetition and merge inside one node.
+            None => crate::ops::rotary_attention(
+                &q,
+                &k,
+                &v,
+                (self.n_head, self.n_kv),
+                rope,
+                bias,
+                1.0 / (self.head_dim as f64).sqrt(),
+            )?, // (B, T, H·hd)
         };
         self.o_proj.forward(&y)
     }

@@ -434,20 +434,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
     let (k, v) = if kv == h {
         (k.clone(), v.clone())
     } else {
-        (repeat_kv(k, h / kv)?, repeat_kv(v, h / kv)?)
+        (
+            crate::composed::repeat_kv(k, h / kv)?,
+            crate::composed::repeat_kv(v, h / kv)?,
+        )
     };
     let scale = 1.0 / (hd as f64).sqrt();
     let out = crate::ops::attention(q, &k, &v, bias, scale)?; // (B, H, T, hd)
     Ok(out.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?)
-}
-
-/// Repeats each key/value head `n` times: `(B, KV, T, hd) → (B, KV·n, T, hd)`.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    let (b, kv, t, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, kv, n, t, hd))?
-        .contiguous()?
-        .reshape((b, kv * n, t, hd))?)
 }
 
 /// Rotary position embeddings in the Hugging Face "rotate half" layout: the first and second

@@ -159,6 +159,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     }
 }
 
+/// Llama-family attention from its projections `q (B, T, H·hd)`, `k`, `v (B, T, KV·hd)`:
+/// q's and k's heads rotated by the tables `cos`, `sin (B, 1, T, hd)`, each key/value head
+/// serving `H / KV` query heads, `bias (B, 1, T, T)`; gives `(B, T, H·hd)`.
+pub fn rotary_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: (usize, usize),
+    rope: (&Tensor, &Tensor),
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    if fused(q) {
+        kernels::rotary_attention(q, k, v, heads, rope, bias, scale)
+    } else {
+        composed::rotary_attention(q, k, v, heads, rope, bias, scale)
+    }
+}
+
 /// GPT-2 attention from its packed projection `qkv (B, T, 3·H·hd)`, giving `(B, T, H·hd)`.
 pub fn packed_attention(qkv: &Tensor, n_head: usize, bias: &Tensor, scale: f64) -> Result<Tensor> {
     if fused(qkv) {

@@ -101,6 +101,17 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
     let cos = var(&[bh, 1, t, hd], 21, 1.0).as_tensor().detach();
     let sin = var(&[bh, 1, t, hd], 22, 1.0).as_tensor().detach();
     let up = var(&[2, 3, 40], 23, 1.5);
+    // A Llama-family model's projections: 6 query heads over 2 key/value heads, narrow (4 wide)
+    // and wide (64 wide: 384 together, the GEMM kernel's), with their rotary tables.
+    let (hq, hkv) = (6, 2);
+    let qr = var(&[bh, t, hq * hd], 24, 1.0);
+    let kr = var(&[bh, t, hkv * hd], 25, 1.0);
+    let vr = var(&[bh, t, hkv * hd], 26, 1.0);
+    let qrw = var(&[bh, tw, hq * hdw], 27, 0.5);
+    let krw = var(&[bh, tw, hkv * hdw], 28, 0.5);
+    let vrw = var(&[bh, tw, hkv * hdw], 29, 1.0);
+    let cosw = var(&[bh, 1, tw, hdw], 30, 1.0).as_tensor().detach();
+    let sinw = var(&[bh, 1, tw, hdw], 31, 1.0).as_tensor().detach();
     eprintln!(
         "GEMM kernel {}",
         if edpo_model::kernels::gemm::eligible(200, 256, 192) {
@@ -252,6 +263,51 @@ fn every_op_fused_equals_composed_in_values_and_gradients() -> Result<()> {
             "wide packed attention",
             Box::new(|| packed_attention(qkvw.as_tensor(), hw, &causalw, 0.125)),
             vec![&qkvw],
+        ),
+        (
+            "rotary attention (grouped heads, a padded key)",
+            Box::new(|| {
+                rotary_attention(
+                    qr.as_tensor(),
+                    kr.as_tensor(),
+                    vr.as_tensor(),
+                    (hq, hkv),
+                    (&cos, &sin),
+                    &padded,
+                    0.5,
+                )
+            }),
+            vec![&qr, &kr, &vr],
+        ),
+        (
+            "rotary attention (one key/value head per query head)",
+            Box::new(|| {
+                rotary_attention(
+                    &q.as_tensor().transpose(1, 2)?.reshape((bh, t, h * hd))?,
+                    &k.as_tensor().transpose(1, 2)?.reshape((bh, t, h * hd))?,
+                    &v.as_tensor().transpose(1, 2)?.reshape((bh, t, h * hd))?,
+                    (h, h),
+                    (&cos, &sin),
+                    &causal,
+                    0.5,
+                )
+            }),
+            vec![&q, &k, &v],
+        ),
+        (
+            "wide rotary attention (grouped heads, a padded key)",
+            Box::new(|| {
+                rotary_attention(
+                    qrw.as_tensor(),
+                    krw.as_tensor(),
+                    vrw.as_tensor(),
+                    (hq, hkv),
+                    (&cosw, &sinw),
+                    &paddedw,
+                    0.125,
+                )
+            }),
+            vec![&qrw, &krw, &vrw],
         ),
     ];
     for (name, op, vars) in &cases {

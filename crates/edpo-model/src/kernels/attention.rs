@@ -1,5 +1,6 @@
 //! Scaled masked attention as one autograd node, GPT-2's attention straight from its packed
-//! q/k/v projection, and a decoding step's attention against the key/value cache read in place
+//! q/k/v projection, a Llama-family model's straight from its three projections (rotary
+//! embeddings and grouped key/value heads inside the node), and a decoding step's attention against the key/value cache read in place
 //! ([`decode_attention`], outside the autograd graph).
 use super::{lane_dot, parallel, slice, softmax_in_place, vectorised, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -360,6 +361,246 @@ pub fn packed_attention(
     qkv.contiguous()?.apply_op1(op)
 }
 
+/// Llama-family attention straight from its three projections: `q (B, T, H·hd)`,
+/// `k`, `v (B, T, KV·hd)` in, the heads' outputs side by side `(B, T, H·hd)` out, as one
+/// autograd node. Inside it, q's and k's heads are rotated ([`super::rope::rotate`]), each
+/// key/value head is repeated for its `H / KV` query heads, and [`Attention`] runs on the
+/// head-major copies; the backward pass sums each repeated head's gradient over its group in
+/// the group's order from zero (as candle's sum over the broadcast dimension does) and rotates
+/// back. So the numbers are those of the chain of split, [`super::rope`], repeat, [`attention`]
+/// and merge it replaces, without that chain's fourteen nodes per layer, their copies and
+/// their zero-filled gradient buffers.
+struct RotaryAttention {
+    core: Attention,
+    n_head: usize,
+    n_kv: usize,
+    /// Rotary tables `(B, T, hd)`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Head-major rotated q, rotated and repeated k, repeated v `(B·H, T, hd)` of the forward
+    /// pass, for the backward pass.
+    heads: std::sync::Mutex<Option<[Tensor; 3]>>,
+}
+
+impl RotaryAttention {
+    /// `(B, T, H, KV, hd)` of the three inputs' layouts, checked against each other and the
+    /// tables.
+    fn dims(
+        &self,
+        q: &Layout,
+        k: &Layout,
+        v: &Layout,
+    ) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
+        let (b, t, wq) = q.shape().dims3()?;
+        let (h, kv) = (self.n_head, self.n_kv);
+        if h == 0 || kv == 0 || h % kv != 0 || wq % h != 0 || (wq / h) % 2 != 0 {
+            bail!("attention: width {wq} for {h} heads over {kv} key/value heads");
+        }
+        let hd = wq / h;
+        if k.dims() != [b, t, kv * hd] || v.dims() != [b, t, kv * hd] {
+            bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not agree",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        if self.cos.len() != b * t * hd || self.sin.len() != b * t * hd {
+            bail!(
+                "attention: rotary tables of {} for {b}×{t}×{hd}",
+                self.cos.len()
+            );
+        }
+        Ok((b, t, h, kv, hd))
+    }
+
+    /// Head-major `(B·H, T, hd)` from a token-major `(B, T, heads·hd)` input of `heads` heads,
+    /// head `j` of the output taken from input head `j / (H / heads)`, rotated when `rotate`.
+    fn heads_of(
+        &self,
+        x: &[f32],
+        heads: usize,
+        rotate: bool,
+        (b, t, h, hd): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let group = h / heads;
+        let mut out = vec![0f32; b * h * t * hd];
+        vectorised(
+            #[inline(always)]
+            || {
+                for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
+                    let (n, j, s) = (r / (h * t), (r / t) % h, r % t);
+                    let src = &x[((n * t + s) * heads + j / group) * hd..][..hd];
+                    if rotate {
+                        let table = (n * t + s) * hd;
+                        super::rope::rotate(
+                            src,
+                            &self.cos[table..table + hd],
+                            &self.sin[table..table + hd],
+                            dst,
+                        );
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            },
+        );
+        out
+    }
+
+    /// The gradient of [`Self::heads_of`]: a head-major `(B·H, T, hd)` gradient summed over
+    /// each group of `H / heads` heads (from zero, in the group's order) and rotated back when
+    /// `rotate`, written token-major `(B, T, heads·hd)`.
+    fn heads_grad(
+        &self,
+        g: &[f32],
+        heads: usize,
+        rotate: bool,
+        (b, t, h, hd): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let group = h / heads;
+        let mut out = vec![0f32; b * t * heads * hd];
+        let mut sum = vec![0f32; hd];
+        vectorised(
+            #[inline(always)]
+            || {
+                for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
+                    let (n, s, i) = (r / (t * heads), (r / heads) % t, r % heads);
+                    sum.fill(0.0);
+                    for j in i * group..(i + 1) * group {
+                        let src = &g[((n * h + j) * t + s) * hd..][..hd];
+                        sum.iter_mut().zip(src).for_each(|(a, &x)| *a += x);
+                    }
+                    if rotate {
+                        let table = (n * t + s) * hd;
+                        super::rope::rotate_grad(
+                            &sum,
+                            &self.cos[table..table + hd],
+                            &self.sin[table..table + hd],
+                            dst,
+                        );
+                    } else {
+                        dst.copy_from_slice(&sum);
+                    }
+                }
+            },
+        );
+        out
+    }
+}
+
+impl CustomOp3 for RotaryAttention {
+    fn name(&self) -> &'static str {
+        "edpo-rotary-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, h, kv, hd) = self.dims(l1, l2, l3)?;
+        let dims = (b, t, h, hd);
+        let q = self.heads_of(slice(s1, l1, "attention")?, h, true, dims);
+        let k = self.heads_of(slice(s2, l2, "attention")?, kv, true, dims);
+        let v = self.heads_of(slice(s3, l3, "attention")?, kv, false, dims);
+        let [q, k, v] = [q, k, v].map(CpuStorage::F32);
+        let out = self
+            .core
+            .forward_heads((&q, 0), (&k, 0), (&v, 0), (b, h, t, t, hd))?;
+        let CpuStorage::F32(out) = out else {
+            bail!("attention: f32 only");
+        };
+        let mut merged = vec![0f32; b * t * h * hd];
+        pack_heads(&out, &mut merged, (0, 1), dims);
+        let device = candle_core::Device::Cpu;
+        let mut kept = Vec::with_capacity(3);
+        for part in [q, k, v] {
+            let CpuStorage::F32(part) = part else {
+                bail!("attention: f32 only");
+            };
+            kept.push(Tensor::from_vec(part, (b * h, t, hd), &device)?);
+        }
+        if let (Ok(mut slot), Ok(kept)) = (self.heads.lock(), <[Tensor; 3]>::try_from(kept)) {
+            *slot = Some(kept);
+        }
+        Ok((CpuStorage::F32(merged), Shape::from((b, t, h * hd))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, h, kv, hd) = self.dims(q.layout(), k.layout(), v.layout())?;
+        let dims = (b, t, h, hd);
+        let Some([qh, kh, vh]) = self.heads.lock().ok().and_then(|s| s.clone()) else {
+            bail!("attention: backward before forward");
+        };
+        let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
+        // The gradient arrives token-major; bring it to head-major as the forward did.
+        let gh = with_f32(&g, |gs| unpack_heads(gs, (0, 1), dims))?;
+        let g = Tensor::from_vec(gh, (b * h, t, hd), q.device())?;
+        let (dq, dk, dv) = self.core.backward_heads(&qh, &kh, &vh, &g)?;
+        let back = |d: &Tensor, heads: usize, rotate: bool| -> candle_core::Result<Tensor> {
+            let d = d.contiguous()?;
+            let out = with_f32(&d, |d| self.heads_grad(d, heads, rotate, dims))?;
+            Tensor::from_vec(out, (b, t, heads * hd), q.device())
+        };
+        Ok((
+            Some(back(&dq, h, true)?),
+            Some(back(&dk, kv, true)?),
+            Some(back(&dv, kv, false)?),
+        ))
+    }
+}
+
+/// Llama-family attention from its projections (see [`RotaryAttention`]): `q (B, T, H·hd)`,
+/// `k`, `v (B, T, KV·hd)` with `n_head = H` query heads over `n_kv = KV` key/value heads, the
+/// rotary tables `cos`, `sin (B, 1, T, hd)` and `bias (B, 1, T, T)`; gives `(B, T, H·hd)`.
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (n_head, n_kv): (usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
+    bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = q.dims3()?;
+    if n_head == 0 || cos.dims() != [b, 1, t, q.dim(2)? / n_head] || sin.dims() != cos.dims() {
+        bail!(
+            "attention: q {:?} of {n_head} heads against rotary tables {:?}, {:?}",
+            q.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let op = RotaryAttention {
+        core: Attention {
+            bias: bias.flatten_all()?.to_vec1::<f32>()?,
+            scale: scale as f32,
+            wide: wide(q.dim(2)?),
+            probs: std::sync::Mutex::new(None),
+        },
+        n_head,
+        n_kv,
+        cos: cos.flatten_all()?.to_vec1::<f32>()?,
+        sin: sin.flatten_all()?.to_vec1::<f32>()?,
+        heads: std::sync::Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
 /// `softmax(scale·q·kᵀ + bias)·v` as one node (see [`Attention`]): `q (B, H, Tq, hd)`,
 /// `k`, `v (B, H, Tk, hd)` with as many key heads as query heads, `bias (B, 1, Tq, Tk)`.
 pub fn attention(
@@ -492,4 +733,101 @@ pub fn decode_attention(
         )
     });
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    fn var(shape: &[usize], seed: usize, scale: f32) -> Var {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((((i + seed) * 7919 % 1000) as f32 / 500.0) - 1.0) * scale)
+            .collect();
+        Var::from_vec(v, shape, &Device::Cpu).expect("var")
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
+    }
+
+    /// The one-node Llama attention against the chain of fused nodes it replaced (split into
+    /// heads, rotary node, repeated key/value heads, attention node, merge): the same outputs
+    /// and the same gradients for q, k and v, as numbers (a zero's sign aside), narrow and
+    /// wide (the GEMM kernel's products), grouped or not.
+    #[test]
+    fn rotary_attention_equals_the_chain_of_nodes_it_replaces() -> candle_core::Result<()> {
+        for (seed, (b, t, h, kv, hd)) in [(2, 5, 4, 4, 8), (2, 7, 6, 3, 16), (2, 9, 6, 2, 64)]
+            .into_iter()
+            .enumerate()
+        {
+            let q = var(&[b, t, h * hd], 10 * seed + 1, 0.7);
+            let k = var(&[b, t, kv * hd], 10 * seed + 2, 0.7);
+            let v = var(&[b, t, kv * hd], 10 * seed + 3, 1.0);
+            let cos = var(&[b, 1, t, hd], 10 * seed + 4, 1.0).as_tensor().detach();
+            let sin = var(&[b, 1, t, hd], 10 * seed + 5, 1.0).as_tensor().detach();
+            let mut mask = vec![0f32; b * t * t];
+            for (r, m) in mask.iter_mut().enumerate() {
+                let (n, i, j) = (r / (t * t), (r / t) % t, r % t);
+                if j > i || (n == 1 && j == 1 && i != 1) {
+                    *m = -1e30;
+                }
+            }
+            let bias = Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu)?;
+            let scale = 1.0 / (hd as f64).sqrt();
+            let fused = super::rotary_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                (h, kv),
+                (&cos, &sin),
+                &bias,
+                scale,
+            )?;
+            let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let qh = super::super::rope(&heads(q.as_tensor(), h)?, &cos, &sin)?;
+            let kh = super::super::rope(&heads(k.as_tensor(), kv)?, &cos, &sin)?;
+            let vh = heads(v.as_tensor(), kv)?;
+            let (kh, vh) = if kv == h {
+                (kh, vh)
+            } else {
+                (
+                    crate::composed::repeat_kv(&kh, h / kv)?,
+                    crate::composed::repeat_kv(&vh, h / kv)?,
+                )
+            };
+            let chain = super::attention(&qh, &kh, &vh, &bias, scale)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, t, h * hd))?;
+            assert_eq!(
+                values(&fused),
+                values(&chain),
+                "outputs, {h} over {kv} heads"
+            );
+            let probe = Tensor::from_vec(
+                (0..fused.elem_count())
+                    .map(|i| ((i * 31 % 17) as f32) / 17.0 - 0.5)
+                    .collect::<Vec<f32>>(),
+                fused.dims(),
+                &Device::Cpu,
+            )?;
+            let gf = (&fused * &probe)?.sum_all()?.backward()?;
+            let gc = (&chain * &probe)?.sum_all()?.backward()?;
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (f, c) = (gf.get(x.as_tensor()), gc.get(x.as_tensor()));
+                let (Some(f), Some(c)) = (f, c) else {
+                    panic!("gradient of {name} missing");
+                };
+                assert_eq!(
+                    values(f),
+                    values(c),
+                    "gradient of {name}, {h} over {kv} heads"
+                );
+            }
+        }
+        Ok(())
+    }
 }

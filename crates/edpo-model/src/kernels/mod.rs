@@ -40,7 +40,7 @@ pub mod softmax;
 pub mod team;
 
 pub use activation::{gelu, silu_mul};
-pub use attention::{attention, packed_attention};
+pub use attention::{attention, packed_attention, rotary_attention};
 pub use linear::{linear_bias, linear_frozen, linear_no_bias, lora_linear};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;

@@ -14,6 +14,28 @@ struct Rope {
     sin: Vec<f32>,
 }
 
+/// One head's row rotated: `y = x·cos + rotate_half(x)·sin` with the row's tables `c`, `s`
+/// (all four of one even length). The one definition of the forward arithmetic, shared with
+/// [`super::attention::rotary_attention`], so the two give the same bits.
+#[inline(always)]
+pub(crate) fn rotate(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        y[i] = x[i] * c[i] + (-x[half + i]) * s[i];
+        y[half + i] = x[half + i] * c[half + i] + x[i] * s[half + i];
+    }
+}
+
+/// The gradient of [`rotate`] for one row: `∂x = g·cos + [g₂·sin₂, −g₁·sin₁]`.
+#[inline(always)]
+pub(crate) fn rotate_grad(g: &[f32], c: &[f32], s: &[f32], dx: &mut [f32]) {
+    let half = g.len() / 2;
+    for i in 0..half {
+        dx[i] = g[i] * c[i] + g[half + i] * s[half + i];
+        dx[half + i] = g[half + i] * c[half + i] - g[i] * s[i];
+    }
+}
+
 impl Rope {
     /// Applies `f(x row, cos row, sin row, out row)` to every `(b, h, t)` row of width `hd`.
     fn rows(
@@ -58,18 +80,7 @@ impl CustomOp1 for Rope {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(storage, layout, "rope")?;
         let dims = layout.shape().dims4()?;
-        let half = dims.3 / 2;
-        let y = self.rows(
-            x,
-            dims,
-            #[inline(always)]
-            |x, c, s, y| {
-                for i in 0..half {
-                    y[i] = x[i] * c[i] + (-x[half + i]) * s[i];
-                    y[half + i] = x[half + i] * c[half + i] + x[i] * s[half + i];
-                }
-            },
-        )?;
+        let y = self.rows(x, dims, rotate)?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -80,21 +91,8 @@ impl CustomOp1 for Rope {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let dims = arg.dims4()?;
-        let half = dims.3 / 2;
         let g = grad_res.contiguous()?;
-        let dx = super::with_f32(&g, |g| {
-            self.rows(
-                g,
-                dims,
-                #[inline(always)]
-                |g, c, s, dx| {
-                    for i in 0..half {
-                        dx[i] = g[i] * c[i] + g[half + i] * s[half + i];
-                        dx[half + i] = g[half + i] * c[half + i] - g[i] * s[i];
-                    }
-                },
-            )
-        })??;
+        let dx = super::with_f32(&g, |g| self.rows(g, dims, rotate_grad))??;
         Ok(Some(Tensor::from_vec(dx, dims, arg.device())?))
     }
 }
