@@ -619,7 +619,14 @@ fn pack_b<'o>(
         if width < NR {
             panel.fill(0.0);
         }
-        if b.col_stride == 1 {
+        if b.col_stride == 1 && width == NR {
+            // Runs of a constant sixteen: copied in vector registers, not by a call to the
+            // C library's memmove per run (a twelfth of the wider products' time).
+            for (p, dst) in panel.chunks_exact_mut(NR).enumerate().take(kc) {
+                let start = (pc + p) * b.row_stride + j0;
+                dst.copy_from_slice(&b.data[start..][..NR]);
+            }
+        } else if b.col_stride == 1 {
             for p in 0..kc {
                 let start = (pc + p) * b.row_stride + j0;
                 panel[p * NR..p * NR + width].copy_from_slice(&b.data[start..start + width]);
