@@ -368,8 +368,8 @@ pub fn packed_attention(
 /// head-major copies; the backward pass sums each repeated head's gradient over its group in
 /// the group's order from zero (as candle's sum over the broadcast dimension does) and rotates
 /// back. So the numbers are those of the chain of split, [`super::rope`], repeat, [`attention`]
-/// and merge it replaces, without that chain's fourteen nodes per layer, their copies and
-/// their zero-filled gradient buffers.
+/// and merge it replaces, without that chain's twenty-three nodes per layer (fifteen without
+/// grouped heads), their copies and their zero-filled gradient buffers.
 struct RotaryAttention {
     core: Attention,
     n_head: usize,
