@@ -57,11 +57,12 @@ bench threads="1" steps="20":
 bench-torch threads="1" steps="20" workload="gpt2":
     python3 tools/bench_vs_torch.py --threads {{threads}} --steps {{steps}} --workload {{workload}}
 
-# edpo and every PyTorch peer in one sitting, as Markdown tables (records appended to OUT).
+# edpo and every PyTorch peer in one sitting, ROUNDS times alternating, as Markdown tables
+# (records appended to OUT).
 [group('performance')]
-bench-sitting out="bench-sitting.jsonl" steps="2":
+bench-sitting out="bench-sitting.jsonl" steps="2" rounds="3":
     cargo build -p edpo
-    python3 tools/bench_sitting.py --edpo target/debug/edpo --steps {{steps}} --out {{out}}
+    python3 tools/bench_sitting.py --edpo target/debug/edpo --steps {{steps}} --rounds {{rounds}} --out {{out}}
 
 # Sweep --jobs 1 vs 2 and run threads 1 vs 2, as a Markdown table.
 [group('performance')]
