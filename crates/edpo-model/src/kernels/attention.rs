@@ -157,6 +157,56 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// [`Self::forward_heads`] on head-major `q`, `k`, `v` buffers `(B·H, T, hd)` of one
+    /// length `T`, its output merged back token-major `(B, T, H·hd)`; the three buffers are
+    /// kept in `heads` for [`Self::backward_merged`].
+    fn forward_merged(
+        &self,
+        [q, k, v]: [Vec<f32>; 3],
+        dims @ (b, t, h, hd): (usize, usize, usize, usize),
+        heads: &std::sync::Mutex<Option<[Tensor; 3]>>,
+    ) -> candle_core::Result<Vec<f32>> {
+        let [q, k, v] = [q, k, v].map(CpuStorage::F32);
+        let out = self.forward_heads((&q, 0), (&k, 0), (&v, 0), (b, h, t, t, hd))?;
+        let CpuStorage::F32(out) = out else {
+            bail!("attention: f32 only");
+        };
+        let mut merged = vec![0f32; b * t * h * hd];
+        pack_heads(&out, &mut merged, (0, 1), dims);
+        let device = candle_core::Device::Cpu;
+        let mut kept = Vec::with_capacity(3);
+        for part in [q, k, v] {
+            let CpuStorage::F32(part) = part else {
+                bail!("attention: f32 only");
+            };
+            kept.push(Tensor::from_vec(part, (b * h, t, hd), &device)?);
+        }
+        if let (Ok(mut slot), Ok(kept)) = (heads.lock(), <[Tensor; 3]>::try_from(kept)) {
+            *slot = Some(kept);
+        }
+        Ok(merged)
+    }
+
+    /// The backward pass of [`Self::forward_merged`] for a token-major gradient
+    /// `(B, T, H·hd)`: head-major `(∂q, ∂k, ∂v)`, each `(B·H, T, hd)`.
+    fn backward_merged(
+        &self,
+        grad: &Tensor,
+        dims @ (b, t, h, hd): (usize, usize, usize, usize),
+        heads: &std::sync::Mutex<Option<[Tensor; 3]>>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let Some([q, k, v]) = heads.lock().ok().and_then(|s| s.clone()) else {
+            bail!("attention: backward before forward");
+        };
+        let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
+        // The gradient arrives token-major; bring it to head-major as the forward did.
+        let gh = with_f32(&g, |gs| unpack_heads(gs, (0, 1), dims))?;
+        let g = Tensor::from_vec(gh, (b * h, t, hd), grad.device())?;
+        self.backward_heads(&q, &k, &v, &g)
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "edpo-attention"
@@ -292,26 +342,8 @@ impl CustomOp1 for PackedAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(storage, layout, "attention")?;
         let dims @ (b, t, h, hd) = self.dims(layout)?;
-        let [q, k, v] = [0, 1, 2].map(|w| CpuStorage::F32(unpack_heads(x, (w, 3), dims)));
-        let out = self
-            .core
-            .forward_heads((&q, 0), (&k, 0), (&v, 0), (b, h, t, t, hd))?;
-        let CpuStorage::F32(out) = out else {
-            bail!("attention: f32 only");
-        };
-        let mut merged = vec![0f32; b * t * h * hd];
-        pack_heads(&out, &mut merged, (0, 1), dims);
-        let device = candle_core::Device::Cpu;
-        let mut kept = Vec::with_capacity(3);
-        for part in [q, k, v] {
-            let CpuStorage::F32(part) = part else {
-                bail!("attention: f32 only");
-            };
-            kept.push(Tensor::from_vec(part, (b * h, t, hd), &device)?);
-        }
-        if let (Ok(mut slot), Ok(kept)) = (self.heads.lock(), <[Tensor; 3]>::try_from(kept)) {
-            *slot = Some(kept);
-        }
+        let heads = [0, 1, 2].map(|w| unpack_heads(x, (w, 3), dims));
+        let merged = self.core.forward_merged(heads, dims, &self.heads)?;
         Ok((CpuStorage::F32(merged), Shape::from((b, t, h * hd))))
     }
 
@@ -322,14 +354,7 @@ impl CustomOp1 for PackedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let dims @ (b, t, h, hd) = self.dims(arg.layout())?;
-        let Some([q, k, v]) = self.heads.lock().ok().and_then(|s| s.clone()) else {
-            bail!("attention: backward before forward");
-        };
-        let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
-        // The gradient arrives token-major; bring it to head-major as the forward did.
-        let gh = with_f32(&g, |gs| unpack_heads(gs, (0, 1), dims))?;
-        let g = Tensor::from_vec(gh, (b * h, t, hd), arg.device())?;
-        let (dq, dk, dv) = self.core.backward_heads(&q, &k, &v, &g)?;
+        let (dq, dk, dv) = self.core.backward_merged(grad, dims, &self.heads)?;
         let mut dx = vec![0f32; b * t * 3 * h * hd];
         for (which, part) in [dq, dk, dv].iter().enumerate() {
             with_f32(&part.contiguous()?, |part| {
@@ -508,26 +533,7 @@ impl CustomOp3 for RotaryAttention {
         let q = self.heads_of(slice(s1, l1, "attention")?, h, true, dims);
         let k = self.heads_of(slice(s2, l2, "attention")?, kv, true, dims);
         let v = self.heads_of(slice(s3, l3, "attention")?, kv, false, dims);
-        let [q, k, v] = [q, k, v].map(CpuStorage::F32);
-        let out = self
-            .core
-            .forward_heads((&q, 0), (&k, 0), (&v, 0), (b, h, t, t, hd))?;
-        let CpuStorage::F32(out) = out else {
-            bail!("attention: f32 only");
-        };
-        let mut merged = vec![0f32; b * t * h * hd];
-        pack_heads(&out, &mut merged, (0, 1), dims);
-        let device = candle_core::Device::Cpu;
-        let mut kept = Vec::with_capacity(3);
-        for part in [q, k, v] {
-            let CpuStorage::F32(part) = part else {
-                bail!("attention: f32 only");
-            };
-            kept.push(Tensor::from_vec(part, (b * h, t, hd), &device)?);
-        }
-        if let (Ok(mut slot), Ok(kept)) = (self.heads.lock(), <[Tensor; 3]>::try_from(kept)) {
-            *slot = Some(kept);
-        }
+        let merged = self.core.forward_merged([q, k, v], dims, &self.heads)?;
         Ok((CpuStorage::F32(merged), Shape::from((b, t, h * hd))))
     }
 
@@ -541,14 +547,7 @@ impl CustomOp3 for RotaryAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t, h, kv, hd) = self.dims(q.layout(), k.layout(), v.layout())?;
         let dims = (b, t, h, hd);
-        let Some([qh, kh, vh]) = self.heads.lock().ok().and_then(|s| s.clone()) else {
-            bail!("attention: backward before forward");
-        };
-        let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
-        // The gradient arrives token-major; bring it to head-major as the forward did.
-        let gh = with_f32(&g, |gs| unpack_heads(gs, (0, 1), dims))?;
-        let g = Tensor::from_vec(gh, (b * h, t, hd), q.device())?;
-        let (dq, dk, dv) = self.core.backward_heads(&qh, &kh, &vh, &g)?;
+        let (dq, dk, dv) = self.core.backward_merged(grad, dims, &self.heads)?;
         let back = |d: &Tensor, heads: usize, rotate: bool| -> candle_core::Result<Tensor> {
             let d = d.contiguous()?;
             let out = with_f32(&d, |d| self.heads_grad(d, heads, rotate, dims))?;
