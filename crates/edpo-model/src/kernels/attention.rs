@@ -1,7 +1,8 @@
 //! Scaled masked attention as one autograd node, GPT-2's attention straight from its packed
 //! q/k/v projection, a Llama-family model's straight from its three projections (rotary
-//! embeddings and grouped key/value heads inside the node), and a decoding step's attention against the key/value cache read in place
-//! ([`decode_attention`], outside the autograd graph).
+//! embeddings and grouped key/value heads inside the node), and a decoding step's attention
+//! against the key/value cache read in place ([`decode_attention`], outside the autograd
+//! graph).
 use super::{lane_dot, parallel, slice, softmax_in_place, vectorised, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -155,9 +156,7 @@ impl Attention {
         let dk = product(&ds, true, q, false)?;
         Ok((dq, dk, dv))
     }
-}
 
-impl Attention {
     /// [`Self::forward_heads`] on head-major `q`, `k`, `v` buffers `(B·H, T, hd)` of one
     /// length `T`, its output merged back token-major `(B, T, H·hd)`; the three buffers are
     /// kept in `heads` for [`Self::backward_merged`].
@@ -564,7 +563,6 @@ impl CustomOp3 for RotaryAttention {
 /// Llama-family attention from its projections (see [`RotaryAttention`]): `q (B, T, H·hd)`,
 /// `k`, `v (B, T, KV·hd)` with `n_head = H` query heads over `n_kv = KV` key/value heads, the
 /// rotary tables `cos`, `sin (B, 1, T, hd)` and `bias (B, 1, T, T)`; gives `(B, T, H·hd)`.
-#[allow(clippy::too_many_arguments)]
 pub fn rotary_attention(
     q: &Tensor,
     k: &Tensor,
