@@ -212,8 +212,8 @@ impl Forward for Gpt2 {
         let (b, t) = ids.dims2()?;
         let positions = Tensor::from_slice(positions, (b, t), ids.device())?;
         let d = self.wte.dim(1)?;
-        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
-        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
+        let tok = crate::kernels::sink::embedding(&self.wte, ids)?;
+        let pos = crate::kernels::sink::embedding(&self.wpe, &positions)?;
         let mut x = (tok + pos)?.reshape((b, t, d))?;
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, bias, cache.as_deref_mut().map(|c| &mut c[i]))?;

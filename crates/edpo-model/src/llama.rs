@@ -262,10 +262,7 @@ impl Forward for Llama {
         let (b, t) = ids.dims2()?;
         let d = self.embed_tokens.dim(1)?;
         let (cos, sin) = self.rotary.tables(positions, b, t, ids.device())?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, d))?;
+        let mut x = crate::kernels::sink::embedding(&self.embed_tokens, ids)?.reshape((b, t, d))?;
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(
                 &x,

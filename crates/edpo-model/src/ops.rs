@@ -101,8 +101,8 @@ pub fn lora_linear(
         kernels::lora_linear(x, (weight, bias, input_major), (a, b, scale))
     } else {
         let y = composed::linear(x, weight, bias, input_major)?;
-        let down = composed::linear(x, a, None, false)?;
-        let up = composed::linear(&down, b, None, false)?;
+        let down = composed::linear(x, &kernels::sink::tap(a)?, None, false)?;
+        let up = composed::linear(&down, &kernels::sink::tap(b)?, None, false)?;
         y + up.affine(scale, 0.0)?
     }
 }
@@ -136,7 +136,8 @@ pub fn linear(
     match bias {
         Some(b) if fused(x) => kernels::linear_bias(x, weight, b, input_major),
         None if fused(x) && on_gemm(x, weight)? => kernels::linear_no_bias(x, weight, input_major),
-        _ => composed::linear(x, weight, bias, input_major),
+        // A weight with a gradient sink is tapped: candle's product returns its gradient.
+        _ => composed::linear(x, &kernels::sink::tap(weight)?, bias, input_major),
     }
 }
 

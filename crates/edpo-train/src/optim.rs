@@ -8,6 +8,7 @@
 
 use crate::{Error, Result};
 use candle_core::{CpuStorage, InplaceOp1, Layout};
+use edpo_model::kernels::sink::SinkSet;
 use edpo_model::Param;
 use std::cell::RefCell;
 
@@ -39,9 +40,17 @@ impl Default for AdamWConfig {
 /// parameter (a frozen one, such as the base under LoRA adapters, has an empty buffer: candle's
 /// backward pass computes its gradient too, but it is neither kept, clipped nor counted in the
 /// norm).
+///
+/// Made [`with_sinks`](Self::with_sinks), the trainable matrices (every linear map's weight,
+/// the embeddings, the LM head) get gradient sinks ([`edpo_model::kernels::sink`]): the fused
+/// kernels write their gradients there instead of into candle's store, which saves the store's
+/// zero-filled tensors and sums at every contribution. The sums are the same numbers.
 #[derive(Debug, Clone)]
 pub struct GradBuffers {
     grads: Vec<Vec<f32>>,
+    /// Per buffer: nothing has been added since it was zeroed.
+    zeroed: Vec<bool>,
+    sinks: Option<std::sync::Arc<SinkSet>>,
 }
 
 impl GradBuffers {
@@ -55,6 +64,22 @@ impl GradBuffers {
                     None => Vec::new(),
                 })
                 .collect(),
+            zeroed: vec![true; params.len()],
+            sinks: None,
+        }
+    }
+
+    /// [`new`](Self::new), with gradient sinks installed for the trainable matrices while these
+    /// buffers (or a clone of them) live.
+    pub fn with_sinks(params: &[Param]) -> Self {
+        let sinks = SinkSet::install(
+            params
+                .iter()
+                .map(|p| (&p.tensor, p.var.is_some() && p.tensor.rank() == 2)),
+        );
+        Self {
+            sinks: Some(std::sync::Arc::new(sinks)),
+            ..Self::new(params)
         }
     }
 
@@ -65,11 +90,57 @@ impl GradBuffers {
         params: &[Param],
         store: &candle_core::backprop::GradStore,
     ) -> Result<()> {
-        for (buf, p) in self.grads.iter_mut().zip(params) {
+        self.add_shard(params, store, 0)
+    }
+
+    /// Adds the gradients of the backward pass of shard `shard` (run inside
+    /// [`edpo_model::kernels::sink::in_shard`] with that index): its `store`, and for a
+    /// parameter with a sink, what the sink holds for the shard.
+    pub fn add_shard(
+        &mut self,
+        params: &[Param],
+        store: &candle_core::backprop::GradStore,
+        shard: usize,
+    ) -> Result<()> {
+        if self.grads.len() != params.len() {
+            return Err(crate::Error::Config(format!(
+                "gradient buffers for {} parameters given {}",
+                self.grads.len(),
+                params.len()
+            )));
+        }
+        for (i, (buf, p)) in self.grads.iter_mut().zip(params).enumerate() {
             if p.var.is_none() {
                 continue;
             }
-            if let Some(g) = store.get(&p.tensor) {
+            let stored = store.get(&p.tensor);
+            if let Some(sink) = self.sinks.as_ref().and_then(|s| s.get(i)) {
+                let zeroed = &mut self.zeroed[i];
+                let sunk = sink.take(shard, |g| {
+                    if *zeroed && g.len() == buf.len() {
+                        // `0 + g` is `g` (but for the sign of a zero, which neither the
+                        // norm nor AdamW reads): the sum itself becomes the buffer.
+                        std::mem::swap(buf, g);
+                    } else {
+                        for (b, x) in buf.iter_mut().zip(g.iter()) {
+                            *b += x;
+                        }
+                    }
+                })?;
+                *zeroed &= !sunk;
+                if sunk {
+                    if stored.is_some() {
+                        return Err(crate::Error::Config(format!(
+                            "parameter `{}`: its gradient came partly through its sink and \
+                             partly through candle's store, so their sum's order is unknown",
+                            p.name
+                        )));
+                    }
+                    continue;
+                }
+            }
+            if let Some(g) = stored {
+                self.zeroed[i] = false;
                 // Read on the host: the buffers are host memory whatever the device.
                 let g = g.to_device(&candle_core::Device::Cpu)?.contiguous()?;
                 edpo_model::kernels::with_f32(&g, |g| {
@@ -87,14 +158,11 @@ impl GradBuffers {
         &self.grads
     }
 
-    /// Global L2 norm over all parameters (accumulated in f64).
+    /// Global L2 norm over all parameters: the squares summed in f64 one after the other, in
+    /// parameter order (computed a block at a time, with the same bits:
+    /// [`edpo_model::kernels::sequential_sum_of_squares`]).
     pub fn global_norm(&self) -> f64 {
-        self.grads
-            .iter()
-            .flat_map(|g| g.iter())
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt()
+        edpo_model::kernels::sequential_sum_of_squares(self.grads.iter().map(Vec::as_slice)).sqrt()
     }
 
     /// The factor `torch.nn.utils.clip_grad_norm_` multiplies gradients by:
@@ -106,10 +174,16 @@ impl GradBuffers {
         }
     }
 
-    /// Sets every buffer to zero.
+    /// Sets every buffer to zero, and drops what the sinks hold.
     pub fn zero(&mut self) {
-        for g in &mut self.grads {
-            g.fill(0.0);
+        for (g, zeroed) in self.grads.iter_mut().zip(&mut self.zeroed) {
+            if !*zeroed {
+                g.fill(0.0);
+                *zeroed = true;
+            }
+        }
+        if let Some(s) = &self.sinks {
+            s.clear();
         }
     }
 }

@@ -19,7 +19,7 @@ impl SftTrainer {
     pub fn new(model: &CausalLm, adamw: AdamWConfig, max_grad_norm: Option<f64>) -> Self {
         Self {
             optimizer: AdamW::new(model.params(), adamw),
-            grads: GradBuffers::new(model.params()),
+            grads: GradBuffers::with_sinks(model.params()),
             max_grad_norm,
             step: 0,
         }

@@ -102,7 +102,7 @@ impl Trainer {
         }
         let state = initial_state(&config.objective, config.sft_weight)?;
         let optimizer = AdamW::new(policy.params(), config.adamw);
-        let grads = GradBuffers::new(policy.params());
+        let grads = GradBuffers::with_sinks(policy.params());
         Ok(Self {
             policy,
             reference,
@@ -294,11 +294,16 @@ impl Trainer {
                 let sharded = graphs.len() > 1;
                 graphs
                     .par_iter()
-                    .map(|g| edpo_model::kernels::as_shard(sharded, || backward(g)))
+                    .enumerate()
+                    .map(|(i, g)| {
+                        edpo_model::kernels::as_shard(sharded, || {
+                            edpo_model::kernels::sink::in_shard(i, || backward(g))
+                        })
+                    })
                     .collect::<Result<_>>()?
             };
-            for store in &stores {
-                self.grads.add(self.policy.params(), store)?;
+            for (i, store) in stores.iter().enumerate() {
+                self.grads.add_shard(self.policy.params(), store, i)?;
             }
             loss += out.loss() / k;
             if stats.is_empty() {

@@ -420,6 +420,42 @@ pub fn matmul_tensors(
     product(a, b, false)
 }
 
+/// [`matmul_tensors`] written into `c` (row-major, `m × n`): the same numbers, without a new
+/// buffer where this kernel runs the product.
+pub fn matmul_tensors_into(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    c: &mut [f32],
+) -> candle_core::Result<()> {
+    let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+    if k != k2 || c.len() != m * n {
+        candle_core::bail!("gemm: {m} × {k} by {k2} × {n} into {} elements", c.len());
+    }
+    let done = {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        match (&*sa, &*sb) {
+            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb))
+                if eligible(m, n, k) && !skinny(m, n, k) =>
+            {
+                match (operand(ca, la), operand(cb, lb)) {
+                    (Some(oa), Some(ob)) => {
+                        matmul_into(m, n, k, oa, ob, c, false);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    };
+    if !done {
+        let p = matmul_tensors(a, b)?.contiguous()?;
+        super::with_f32(&p, |p| c.copy_from_slice(p))?;
+    }
+    Ok(())
+}
+
 /// [`matmul_tensors`] through this kernel whatever the sizes, wherever it is available: for
 /// operations whose numbers are new anyway (the chunked LM head), where a thin dimension
 /// should not send a product back to the slower kernel.

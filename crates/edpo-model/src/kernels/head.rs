@@ -158,8 +158,48 @@ impl CustomOp2 for HeadLogps {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let sink = if self.weight_grad {
+            super::sink::sink_for(w)
+        } else {
+            None
+        };
         let (h, w) = (h.detach(), w.detach());
         let g = grad.detach().contiguous()?;
+        if !self.weight_grad {
+            return Ok((Some(self.backward(&h, &w, &g, None)?), None));
+        }
+        match sink {
+            Some(sink) => {
+                let mut dh = None;
+                sink.contribute(|dw| {
+                    dw.fill(0.0);
+                    dh = Some(self.backward(&h, &w, &g, Some(dw))?);
+                    Ok(())
+                })?;
+                match dh {
+                    Some(dh) => Ok((Some(dh), None)),
+                    None => bail!("LM head: the gradient sink did not run the backward pass"),
+                }
+            }
+            None => {
+                let mut dw = vec![0f32; w.elem_count()];
+                let dh = self.backward(&h, &w, &g, Some(&mut dw))?;
+                Ok((Some(dh), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
+            }
+        }
+    }
+}
+
+impl HeadLogps {
+    /// The backward pass of the node for the output gradient `g`: `∂h`, and `∂W` added to `dw`
+    /// when given.
+    fn backward(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        mut dw: Option<&mut [f32]>,
+    ) -> candle_core::Result<Tensor> {
         let n = self.targets.len();
         // The KL part's gradient per row: its sequence's.
         let k_rows = match &self.kl {
@@ -171,11 +211,10 @@ impl CustomOp2 for HeadLogps {
         };
         let g = g.narrow(0, 0, n)?;
         let mut dh = Vec::with_capacity(n.div_ceil(self.rows));
-        let mut dw: Option<Vec<f32>> = self.weight_grad.then(|| vec![0f32; w.elem_count()]);
         for range in chunks(n, self.rows) {
             let z = match &self.logits {
                 Some(z) => z.clone(),
-                None => chunk_logits(&h, &w, &range)?,
+                None => chunk_logits(h, w, &range)?,
             };
             let op = LogSoftmaxGatherGrad {
                 targets: Arc::new(self.targets[range.clone()].to_vec()),
@@ -203,18 +242,13 @@ impl CustomOp2 for HeadLogps {
                 })??;
                 dz = Tensor::from_vec(d, z.shape(), z.device())?;
             }
-            dh.push(super::gemm::matmul_tensors_any_size(&dz, &w)?);
-            if let Some(acc) = dw.as_mut() {
+            dh.push(super::gemm::matmul_tensors_any_size(&dz, w)?);
+            if let Some(acc) = dw.as_deref_mut() {
                 let hc = h.narrow(0, range.start, range.len())?;
                 super::gemm::matmul_add_into(&dz.t()?, &hc, acc)?;
             }
         }
-        let dh = Tensor::cat(&dh, 0)?;
-        let dw = match dw {
-            Some(values) => Some(Tensor::from_vec(values, w.shape(), w.device())?),
-            None => None,
-        };
-        Ok((Some(dh), dw))
+        Tensor::cat(&dh, 0)
     }
 }
 

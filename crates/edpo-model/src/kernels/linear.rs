@@ -94,6 +94,7 @@ impl CustomOp3 for LinearBias {
         let (rows, n_in, n_out) = self.dims(x.layout(), w.layout())?;
         let g = grad.detach().contiguous()?.reshape((rows, n_out))?;
         let x2 = x.detach().reshape((rows, n_in))?;
+        let sink = super::sink::sink_for(w);
         let w = w.detach();
         let mm = super::gemm::matmul_tensors;
         if self.frozen {
@@ -101,13 +102,21 @@ impl CustomOp3 for LinearBias {
             return Ok((Some(dx.reshape(x.shape())?), None, None));
         }
         let dx = input_grad(&g, &w, self.input_major)?;
-        let dw = if self.input_major {
-            mm(&x2.t()?, &g)?
+        let (xt, gt) = (x2.t()?, g.t()?);
+        let (lhs, rhs) = if self.input_major {
+            (&xt, &g)
         } else {
-            mm(&g.t()?, &x2)?
+            (&gt, &x2)
+        };
+        let dw = match sink {
+            Some(sink) => {
+                sink.contribute(|dst| super::gemm::matmul_tensors_into(lhs, rhs, dst))?;
+                None
+            }
+            None => Some(mm(lhs, rhs)?),
         };
         if !self.bias {
-            return Ok((Some(dx.reshape(x.shape())?), Some(dw), None));
+            return Ok((Some(dx.reshape(x.shape())?), dw, None));
         }
         let mut db = vec![0f64; n_out];
         with_f32(&g, |gs| {
@@ -120,7 +129,7 @@ impl CustomOp3 for LinearBias {
         let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
         Ok((
             Some(dx.reshape(x.shape())?),
-            Some(dw),
+            dw,
             Some(Tensor::from_vec(db, b.shape(), b.device())?),
         ))
     }

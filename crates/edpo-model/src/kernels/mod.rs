@@ -8,6 +8,8 @@
 //! - [`norm`]: LayerNorm and RMSNorm;
 //! - [`rope`]: rotary position embeddings;
 //! - [`simd`]: the kernels' loops compiled for AVX2 where the CPU has it;
+//! - [`sink`]: gradient sinks, where the kernels write a trained weight's gradient instead of
+//!   returning it to candle, and the embedding lookup that writes one;
 //! - [`linear`]: a linear layer with (or, at SmolLM2's size, without) its bias, and a frozen
 //!   one with its LoRA adapter;
 //! - [`gemm`]: the matrix product of large matrices (AVX2/FMA; candle's below its size);
@@ -36,6 +38,7 @@ pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod simd;
+pub mod sink;
 pub mod softmax;
 pub mod team;
 
@@ -307,9 +310,149 @@ pub(crate) fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u) + 1.0)
 }
 
+/// `Σ x²` over the elements of `parts` in order, accumulated in f64 one element after the
+/// other: bit for bit the sequential sum (`iter().map(|x| x·x as f64).sum::<f64>()`), but
+/// computed a block at a time in vector lanes.
+///
+/// Why that is exact: a square of an f32 is exact in f64, and every term is `≥ 0`, so the
+/// running sum `s` only grows. While it stays within one binade `[2ᵉ, 2ᵉ⁺¹)`, where doubles
+/// are spaced `u = 2ᵉ⁻⁵²` apart, adding `q` rounds `s + q` to the multiple of `u` nearest it,
+/// and `s` is itself a multiple of `u`: so `fl(s + q) = s + u·round(q/u)`, the same whatever
+/// `s` is, except on a tie (`q/u` exactly halfway between two integers), which rounds to the
+/// even multiple and so depends on `s`. A block of terms is therefore summed as the integers
+/// `round(q/u)` (exact in f64 below 2⁵³, in any order), checked for ties, and accepted if the
+/// result is still below `2ᵉ⁺¹` (had the sequential sum crossed into the next binade, this sum
+/// would be at or above it too). A block with a tie, that crosses a binade or starts from a
+/// sum too small (or not finite) is summed one term after the other instead.
+pub fn sequential_sum_of_squares<'a>(parts: impl IntoIterator<Item = &'a [f32]>) -> f64 {
+    const BLOCK: usize = 512;
+    // Where `Sum` starts (the value of an empty sum).
+    let mut acc: f64 = std::iter::empty::<f64>().sum();
+    for part in parts {
+        for block in part.chunks(BLOCK) {
+            match block_in_binade(acc, block) {
+                Some(next) => acc = next,
+                None => {
+                    for &x in block {
+                        acc += f64::from(x) * f64::from(x);
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// `s + Σ x²` over `block` by [`sequential_sum_of_squares`]'s binade argument, or `None` where
+/// it does not apply (then the block is summed term by term).
+fn block_in_binade(s: f64, block: &[f32]) -> Option<f64> {
+    // Biased exponent of `s`; `u = 2^(E − 1075)` must be a normal number and `2ᵉ⁺¹` finite.
+    let biased = (s.to_bits() >> 52) as i64;
+    if s.is_nan() || s <= 0.0 || !s.is_finite() || !(60..=2045).contains(&biased) {
+        return None;
+    }
+    let u = f64::from_bits(((biased - 52) as u64) << 52);
+    let inv_u = f64::from_bits(((2 * 1023 + 52 - biased) as u64) << 52);
+    let limit = f64::from_bits(((biased + 1) as u64) << 52);
+    const MAGIC: f64 = 4_503_599_627_370_496.0; // 2⁵²: `(q + 2⁵²) − 2⁵²` rounds to an integer
+    const LANES: usize = 8;
+    let (total, tie, largest) = vectorised(
+        #[inline(always)]
+        || {
+            let mut k = [0f64; LANES];
+            let mut tie = [false; LANES];
+            let mut largest = [0f64; LANES];
+            let mut lanes = block.chunks_exact(LANES);
+            for c in &mut lanes {
+                for l in 0..LANES {
+                    let q = (f64::from(c[l]) * f64::from(c[l])) * inv_u;
+                    let r = (q + MAGIC) - MAGIC;
+                    let d = q - r;
+                    tie[l] |= d == 0.5 || d == -0.5;
+                    largest[l] = largest[l].max(q);
+                    k[l] += r;
+                }
+            }
+            for (l, &x) in lanes.remainder().iter().enumerate() {
+                let q = (f64::from(x) * f64::from(x)) * inv_u;
+                let r = (q + MAGIC) - MAGIC;
+                let d = q - r;
+                tie[l] |= d == 0.5 || d == -0.5;
+                largest[l] = largest[l].max(q);
+                k[l] += r;
+            }
+            let total = k.iter().sum::<f64>();
+            (
+                total,
+                tie.iter().any(|&t| t),
+                largest.iter().fold(0f64, |a, &b| a.max(b)),
+            )
+        },
+    );
+    // Each term below 2⁵¹ (the rounding trick's range; NaN fails too), no tie, and the sum
+    // still inside the binade (so every integer above was exact, and so is `s + total·u`).
+    let ok = !tie && largest < MAGIC / 2.0 && total.is_finite();
+    let next = s + total * u;
+    (ok && next < limit).then_some(next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The blocked sum of squares is the sequential one bit for bit: on gradients of many
+    /// scales (so that the sum crosses binades inside blocks), with powers of two and halves
+    /// (terms that round to a tie), zeros, a NaN, an infinity, tiny and huge values, empty
+    /// parts and parts of every length around the block's.
+    #[test]
+    fn the_blocked_sum_of_squares_is_the_sequential_sum() {
+        let oracle = |parts: &[Vec<f32>]| -> f64 {
+            parts
+                .iter()
+                .flat_map(|p| p.iter())
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+        };
+        let mut rng = edpo_data::rng::SplitMix64(17);
+        let mut cases: Vec<Vec<Vec<f32>>> = vec![vec![], vec![vec![]], vec![vec![0.0; 700]]];
+        for scale in [1e-30f64, 1e-6, 1e-3, 1.0, 1e3, 1e15] {
+            let parts: Vec<Vec<f32>> = [1usize, 7, 511, 512, 513, 1024, 5000, 100_000]
+                .iter()
+                .map(|&n| (0..n).map(|_| (rng.normal() * scale) as f32).collect())
+                .collect();
+            cases.push(parts);
+        }
+        // Ties: a large sum, then terms that are exact powers of two around its spacing.
+        let mut ties = vec![vec![1.0f32; 3000]];
+        ties.push((0..4000).map(|i| 2f32.powi(-(i % 30))).collect());
+        // 2⁻²¹ squared is half the spacing of doubles near 3000: every such term is a tie.
+        ties.push(
+            (0..4000)
+                .map(|i| if i % 3 == 0 { 2f32.powi(-21) } else { 0.0 })
+                .collect(),
+        );
+        cases.push(ties);
+        // Growing terms: the sum crosses a binade in most blocks.
+        cases.push(vec![(0..20_000).map(|i| (i as f32).sqrt() * 3.0).collect()]);
+        // Not finite.
+        let mut nan = vec![vec![0.5f32; 2000]];
+        nan[0][1500] = f32::NAN;
+        cases.push(nan);
+        let mut inf = vec![vec![0.5f32; 2000]];
+        inf[0][700] = f32::INFINITY;
+        cases.push(inf);
+        cases.push(vec![vec![f32::MAX; 600], vec![f32::MIN_POSITIVE; 600]]);
+        for (i, parts) in cases.iter().enumerate() {
+            let expected = oracle(parts);
+            let found = sequential_sum_of_squares(parts.iter().map(Vec::as_slice));
+            assert!(
+                found.to_bits() == expected.to_bits() || (found.is_nan() && expected.is_nan()),
+                "case {i}: {found:e} against the sequential {expected:e}"
+            );
+        }
+        // And the fast path was taken: a large sum then small terms is not summed term by term.
+        assert!(block_in_binade(1e6, &[1e-3; 512]).is_some());
+    }
 
     /// The kernels' loops run through [`vectorised`] (AVX2 code on a CPU that has it) give the
     /// bits of the same expressions compiled here for the baseline target, over inputs that
