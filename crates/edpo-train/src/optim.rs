@@ -70,17 +70,17 @@ impl GradBuffers {
     }
 
     /// [`new`](Self::new), with gradient sinks installed for the trainable matrices while these
-    /// buffers (or a clone of them) live.
-    pub fn with_sinks(params: &[Param]) -> Self {
+    /// buffers (or a clone of them) live. Fails if another trainer's sinks hold one of them.
+    pub fn with_sinks(params: &[Param]) -> Result<Self> {
         let sinks = SinkSet::install(
             params
                 .iter()
                 .map(|p| (&p.tensor, p.var.is_some() && p.tensor.rank() == 2)),
-        );
-        Self {
+        )?;
+        Ok(Self {
             sinks: Some(std::sync::Arc::new(sinks)),
             ..Self::new(params)
-        }
+        })
     }
 
     /// Adds the gradients of `store` (from one backward pass). A parameter the loss does not

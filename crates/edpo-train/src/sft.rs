@@ -15,14 +15,15 @@ pub struct SftTrainer {
 }
 
 impl SftTrainer {
-    /// Fresh optimizer state for `model`'s parameters.
-    pub fn new(model: &CausalLm, adamw: AdamWConfig, max_grad_norm: Option<f64>) -> Self {
-        Self {
+    /// Fresh optimizer state for `model`'s parameters (fails if another trainer in this
+    /// process trains them at the same time: [`GradBuffers::with_sinks`]).
+    pub fn new(model: &CausalLm, adamw: AdamWConfig, max_grad_norm: Option<f64>) -> Result<Self> {
+        Ok(Self {
             optimizer: AdamW::new(model.params(), adamw),
-            grads: GradBuffers::with_sinks(model.params()),
+            grads: GradBuffers::with_sinks(model.params())?,
             max_grad_norm,
             step: 0,
-        }
+        })
     }
 
     /// One step on `(prompt, response)` sequences: loss `−Σ log π(y_t) / Σ |y|`, the mean

@@ -102,7 +102,7 @@ impl Trainer {
         }
         let state = initial_state(&config.objective, config.sft_weight)?;
         let optimizer = AdamW::new(policy.params(), config.adamw);
-        let grads = GradBuffers::with_sinks(policy.params());
+        let grads = GradBuffers::with_sinks(policy.params())?;
         Ok(Self {
             policy,
             reference,

@@ -100,7 +100,7 @@ fn sinks_give_the_stores_gradients_bit_for_bit() -> TestResult {
         // Without sinks first: installed, they change what the kernels return to candle.
         let mut plain = GradBuffers::new(params);
         plain.add(params, &surrogate(&model, vocab)?.backward()?)?;
-        let mut sunk = GradBuffers::with_sinks(params);
+        let mut sunk = GradBuffers::with_sinks(params)?;
         for shard in [0, 1] {
             sunk.zero();
             let store = edpo_model::kernels::sink::in_shard(shard, || {
@@ -148,7 +148,7 @@ fn a_split_gradient_is_refused_and_zero_clears_the_sinks() -> TestResult {
     let model = random(llama(true))?;
     let params = model.params();
     let early = surrogate(&model, 256)?;
-    let mut sunk = GradBuffers::with_sinks(params);
+    let mut sunk = GradBuffers::with_sinks(params)?;
     let store = early.backward()?;
     let err = sunk
         .add(params, &store)
@@ -168,5 +168,20 @@ fn a_split_gradient_is_refused_and_zero_clears_the_sinks() -> TestResult {
         sunk.grads()[q].iter().all(|&x| x == 0.0),
         "a sink kept its gradient through `zero`"
     );
+    Ok(())
+}
+
+/// One model trained by two trainers at once would have each see the other's gradients: the
+/// second set of sinks is refused, and installs once the first is gone.
+#[test]
+fn a_model_gets_one_set_of_sinks_at_a_time() -> TestResult {
+    let model = random(llama(true))?;
+    let first = GradBuffers::with_sinks(model.params())?;
+    let err = GradBuffers::with_sinks(model.params())
+        .err()
+        .ok_or("a second set of sinks was installed")?;
+    assert!(err.to_string().contains("already has one"), "{err}");
+    drop(first);
+    GradBuffers::with_sinks(model.params())?;
     Ok(())
 }

@@ -379,7 +379,7 @@ fn pretrain(
             ..AdamWConfig::default()
         },
         Some(1.0),
-    );
+    )?;
     let mut rng = SplitMix64(task.seed ^ 0xBEEF);
     let warmup = (task.pretrain_steps / 20).max(1);
     let bar = indicatif::ProgressBar::new(task.pretrain_steps as u64)

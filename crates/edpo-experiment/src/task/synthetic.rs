@@ -126,7 +126,7 @@ fn build_synthetic_reference(
         .max(16);
     let (cfg, raw) = gpt2_config(task.vocab + 1, positions, shape, lang.eos());
     let model = CausalLm::random(cfg, raw, task.seed ^ 0x5EED, &crate::device(), true)?;
-    let mut trainer = SftTrainer::new(&model, AdamWConfig::default(), Some(1.0));
+    let mut trainer = SftTrainer::new(&model, AdamWConfig::default(), Some(1.0))?;
     let mut rng = SplitMix64(task.seed ^ 0xC0FFEE);
     let warmup = (task.sft_steps / 10).max(1);
     for step in 0..task.sft_steps {

@@ -193,25 +193,41 @@ pub struct SinkSet {
 
 impl SinkSet {
     /// Installs a sink for each weight marked `true` (f32 CPU tensors only; others are left
-    /// to candle), in the order given.
-    pub fn install<'a>(weights: impl IntoIterator<Item = (&'a Tensor, bool)>) -> Self {
+    /// to candle), in the order given. Fails, installing none, if one of them already has a
+    /// sink: the same tensor trained twice at once in one process, where each trainer would
+    /// see gradients of the other's steps.
+    pub fn install<'a>(
+        weights: impl IntoIterator<Item = (&'a Tensor, bool)>,
+    ) -> candle_core::Result<Self> {
         let mut map = match registry().write() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let sinks = weights
+        let chosen: Vec<Option<(TensorId, usize)>> = weights
             .into_iter()
             .map(|(w, on)| {
                 let eligible = on && w.device().is_cpu() && w.dtype() == candle_core::DType::F32;
-                eligible.then(|| {
-                    let sink = Arc::new(GradSink::new(w.elem_count()));
-                    map.insert(w.id(), sink.clone());
+                eligible.then(|| (w.id(), w.elem_count()))
+            })
+            .collect();
+        if let Some((_, len)) = chosen.iter().flatten().find(|(id, _)| map.contains_key(id)) {
+            bail!(
+                "gradient sink: a weight of {len} elements already has one (is the same model \
+                 trained twice at once?)"
+            );
+        }
+        let sinks = chosen
+            .into_iter()
+            .map(|c| {
+                c.map(|(id, len)| {
+                    let sink = Arc::new(GradSink::new(len));
+                    map.insert(id, sink.clone());
                     INSTALLED.fetch_add(1, Ordering::Relaxed);
-                    (w.id(), sink)
+                    (id, sink)
                 })
             })
             .collect();
-        Self { sinks }
+        Ok(Self { sinks })
     }
 
     /// The sink of the `i`-th weight, if it has one.
@@ -233,8 +249,9 @@ impl Drop for SinkSet {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        for (id, _) in self.sinks.iter().flatten() {
-            if map.remove(id).is_some() {
+        for (id, sink) in self.sinks.iter().flatten() {
+            if map.get(id).is_some_and(|s| Arc::ptr_eq(s, sink)) {
+                map.remove(id);
                 INSTALLED.fetch_sub(1, Ordering::Relaxed);
             }
         }
