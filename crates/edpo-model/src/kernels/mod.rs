@@ -319,11 +319,12 @@ pub(crate) fn tanh(u: f32) -> f32 {
 /// are spaced `u = 2ᵉ⁻⁵²` apart, adding `q` rounds `s + q` to the multiple of `u` nearest it,
 /// and `s` is itself a multiple of `u`: so `fl(s + q) = s + u·round(q/u)`, the same whatever
 /// `s` is, except on a tie (`q/u` exactly halfway between two integers), which rounds to the
-/// even multiple and so depends on `s`. A block of terms is therefore summed as the integers
-/// `round(q/u)` (exact in f64 below 2⁵³, in any order), checked for ties, and accepted if the
-/// result is still below `2ᵉ⁺¹` (had the sequential sum crossed into the next binade, this sum
-/// would be at or above it too). A block with a tie, that crosses a binade or starts from a
-/// sum too small (or not finite) is summed one term after the other instead.
+/// even multiple and so depends on `s`. A block of terms is therefore summed as the terms
+/// rounded to multiples of `u` (`(q + 2ᵉ) − 2ᵉ`; their sums are exact, in any order, while below
+/// `2ᵉ⁺¹`), checked for ties (`|q − round(q)| = u/2`), and accepted if the result is still below
+/// `2ᵉ⁺¹` (had the sequential sum crossed into the next binade, this sum would be at or above it
+/// too). A block with a tie, that crosses a binade or starts from a sum too small (or not
+/// finite) is summed one term after the other instead.
 pub fn sequential_sum_of_squares<'a>(parts: impl IntoIterator<Item = &'a [f32]>) -> f64 {
     const BLOCK: usize = 512;
     // Where `Sum` starts (the value of an empty sum).
@@ -346,54 +347,49 @@ pub fn sequential_sum_of_squares<'a>(parts: impl IntoIterator<Item = &'a [f32]>)
 /// `s + Σ x²` over `block` by [`sequential_sum_of_squares`]'s binade argument, or `None` where
 /// it does not apply (then the block is summed term by term).
 fn block_in_binade(s: f64, block: &[f32]) -> Option<f64> {
-    // Biased exponent of `s`; `u = 2^(E − 1075)` must be a normal number and `2ᵉ⁺¹` finite.
-    let biased = (s.to_bits() >> 52) as i64;
-    if s.is_nan() || s <= 0.0 || !s.is_finite() || !(60..=2045).contains(&biased) {
+    // `s` in `[p, 2p)`, `p = 2ᵉ` normal and `2p` finite, doubles there spaced `u = p·2⁻⁵²`.
+    let biased = s.to_bits() >> 52;
+    if s.is_nan() || s <= 0.0 || !(60..=2045).contains(&biased) {
         return None;
     }
-    let u = f64::from_bits(((biased - 52) as u64) << 52);
-    let inv_u = f64::from_bits(((2 * 1023 + 52 - biased) as u64) << 52);
-    let limit = f64::from_bits(((biased + 1) as u64) << 52);
-    const MAGIC: f64 = 4_503_599_627_370_496.0; // 2⁵²: `(q + 2⁵²) − 2⁵²` rounds to an integer
+    let p = f64::from_bits(biased << 52);
+    let half_u = f64::from_bits((biased - 53) << 52);
     const LANES: usize = 8;
-    let (total, tie, largest) = vectorised(
+    let (total, widest) = vectorised(
         #[inline(always)]
         || {
-            let mut k = [0f64; LANES];
-            let mut tie = [false; LANES];
-            let mut largest = [0f64; LANES];
+            // `(q + p) − p` is `q` rounded to a multiple of `u` (ties to even multiples), as
+            // `s + q` rounds it, for `q < p`; a larger `q` puts the total past the binade.
+            // `|q − r| ≤ u/2`, with equality exactly on a tie: the widest says whether any was.
+            let mut total = [0f64; LANES];
+            let mut widest = [0f64; LANES];
             let mut lanes = block.chunks_exact(LANES);
             for c in &mut lanes {
                 for l in 0..LANES {
-                    let q = (f64::from(c[l]) * f64::from(c[l])) * inv_u;
-                    let r = (q + MAGIC) - MAGIC;
-                    let d = q - r;
-                    tie[l] |= d == 0.5 || d == -0.5;
-                    largest[l] = largest[l].max(q);
-                    k[l] += r;
+                    let q = f64::from(c[l]) * f64::from(c[l]);
+                    let r = (q + p) - p;
+                    let d = (q - r).abs();
+                    total[l] += r;
+                    widest[l] = if d > widest[l] { d } else { widest[l] };
                 }
             }
             for (l, &x) in lanes.remainder().iter().enumerate() {
-                let q = (f64::from(x) * f64::from(x)) * inv_u;
-                let r = (q + MAGIC) - MAGIC;
-                let d = q - r;
-                tie[l] |= d == 0.5 || d == -0.5;
-                largest[l] = largest[l].max(q);
-                k[l] += r;
+                let q = f64::from(x) * f64::from(x);
+                let r = (q + p) - p;
+                let d = (q - r).abs();
+                total[l] += r;
+                widest[l] = if d > widest[l] { d } else { widest[l] };
             }
-            let total = k.iter().sum::<f64>();
             (
-                total,
-                tie.iter().any(|&t| t),
-                largest.iter().fold(0f64, |a, &b| a.max(b)),
+                total.iter().sum::<f64>(),
+                widest.iter().fold(0f64, |a, &b| if b > a { b } else { a }),
             )
         },
     );
-    // Each term below 2⁵¹ (the rounding trick's range; NaN fails too), no tie, and the sum
-    // still inside the binade (so every integer above was exact, and so is `s + total·u`).
-    let ok = !tie && largest < MAGIC / 2.0 && total.is_finite();
-    let next = s + total * u;
-    (ok && next < limit).then_some(next)
+    // No tie, and the sum still inside the binade: every rounded term and every partial sum
+    // (multiples of `u` below `2p`) was exact, and so is `s + total`. (NaN fails here too.)
+    let next = s + total;
+    (widest < half_u && next < 2.0 * p).then_some(next)
 }
 
 #[cfg(test)]
