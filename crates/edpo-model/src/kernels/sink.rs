@@ -13,8 +13,8 @@
 //! pass meets them, from zero, and so does a sink (the first contribution is written, each
 //! later one computed on its own and then added, as candle adds it; a lookup's rows are added
 //! one by one into the sum so far, as candle's `index_add` adds them). The only difference is the
-//! sign of a zero (`0 + (−0) = +0` in candle, `−0` here), which nothing downstream can see: a
-//! gradient buffer is `+0` before it is added to, and `+0 + (−0) = +0`.
+//! sign of a zero (`0 + (−0) = +0` in candle, `−0` here), which nothing downstream reads: squared
+//! in the norm, or scaled into AdamW's moments (which start at `+0`), it gives what `+0` gives.
 //!
 //! The kernels ask [`sink_for`] for the weight they differentiate; a weight without a sink, or
 //! a run without any, is differentiated as before. A weight's every use must then go through a
