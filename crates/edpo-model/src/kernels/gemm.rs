@@ -374,25 +374,8 @@ pub fn matmul_add_into(
     b: &candle_core::Tensor,
     c: &mut [f32],
 ) -> candle_core::Result<()> {
-    let ((m, k), (_, n)) = (a.dims2()?, b.dims2()?);
-    let done = {
-        let (sa, la) = a.storage_and_layout();
-        let (sb, lb) = b.storage_and_layout();
-        match (&*sa, &*sb) {
-            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb))
-                if available() && c.len() == m * n =>
-            {
-                match (operand(ca, la), operand(cb, lb)) {
-                    (Some(oa), Some(ob)) => {
-                        matmul_into(m, n, k, oa, ob, c, true);
-                        true
-                    }
-                    _ => false,
-                }
-            }
-            _ => false,
-        }
-    };
+    let ((m, _), (_, n)) = (a.dims2()?, b.dims2()?);
+    let done = c.len() == m * n && on_kernel_into(a, b, c, true, available());
     if !done {
         let part = a.matmul(b)?.contiguous()?;
         super::with_f32(&part, |p| {
@@ -409,6 +392,37 @@ pub fn matmul_add_into(
         })??;
     }
     Ok(())
+}
+
+/// `c (+)= a·b` through this kernel for 2-D f32 CPU tensors (`c` row-major, of `a`'s rows by
+/// `b`'s columns) when `allowed`; whether it ran.
+fn on_kernel_into(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    c: &mut [f32],
+    accumulate: bool,
+    allowed: bool,
+) -> bool {
+    let (Ok((m, k)), Ok((k2, n))) = (a.dims2(), b.dims2()) else {
+        return false;
+    };
+    if k != k2 || c.len() != m * n {
+        return false;
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    match (&*sa, &*sb) {
+        (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) if allowed => {
+            match (operand(ca, la), operand(cb, lb)) {
+                (Some(oa), Some(ob)) => {
+                    matmul_into(m, n, k, oa, ob, c, accumulate);
+                    true
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// `a·b` for 2-D tensors, outside the autograd graph: through this kernel for eligible f32
@@ -431,24 +445,7 @@ pub fn matmul_tensors_into(
     if k != k2 || c.len() != m * n {
         candle_core::bail!("gemm: {m} × {k} by {k2} × {n} into {} elements", c.len());
     }
-    let done = {
-        let (sa, la) = a.storage_and_layout();
-        let (sb, lb) = b.storage_and_layout();
-        match (&*sa, &*sb) {
-            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb))
-                if eligible(m, n, k) && !skinny(m, n, k) =>
-            {
-                match (operand(ca, la), operand(cb, lb)) {
-                    (Some(oa), Some(ob)) => {
-                        matmul_into(m, n, k, oa, ob, c, false);
-                        true
-                    }
-                    _ => false,
-                }
-            }
-            _ => false,
-        }
-    };
+    let done = on_kernel_into(a, b, c, false, eligible(m, n, k) && !skinny(m, n, k));
     if !done {
         let p = matmul_tensors(a, b)?.contiguous()?;
         super::with_f32(&p, |p| c.copy_from_slice(p))?;
