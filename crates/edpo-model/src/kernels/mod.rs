@@ -26,8 +26,9 @@
 //!
 //! This module holds what the kernels share: reading a tensor's storage in place, splitting
 //! rows across threads, lane-wise reductions, the vectorising `exp` and `tanh` (and an f64
-//! `exp` for ε-DPO's mixed log-softmaxes), and [`simd::vectorised`], which compiles a kernel's
-//! loops for AVX2 where the CPU has it. Work is split across rows with rayon when [`parallel`]
+//! `exp` for ε-DPO's mixed log-softmaxes), the gradient norm's sequential sum of squares
+//! computed a block at a time with its bits ([`sequential_sum_of_squares`]), and
+//! [`simd::vectorised`], which compiles a kernel's loops for AVX2 where the CPU has it. Work is split across rows with rayon when [`parallel`]
 //! allows it.
 
 pub mod activation;
