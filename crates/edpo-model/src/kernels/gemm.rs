@@ -374,8 +374,7 @@ pub fn matmul_add_into(
     b: &candle_core::Tensor,
     c: &mut [f32],
 ) -> candle_core::Result<()> {
-    let ((m, _), (_, n)) = (a.dims2()?, b.dims2()?);
-    let done = c.len() == m * n && on_kernel_into(a, b, c, true, available());
+    let done = on_kernel_into(a, b, c, true, available());
     if !done {
         let part = a.matmul(b)?.contiguous()?;
         super::with_f32(&part, |p| {

@@ -158,28 +158,22 @@ impl CustomOp2 for HeadLogps {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let sink = if self.weight_grad {
-            super::sink::sink_for(w)
-        } else {
-            None
-        };
-        let (h, w) = (h.detach(), w.detach());
         let g = grad.detach().contiguous()?;
         if !self.weight_grad {
-            return Ok((Some(self.backward(&h, &w, &g, None)?), None));
+            return Ok((
+                Some(self.backward(&h.detach(), &w.detach(), &g, None)?),
+                None,
+            ));
         }
+        let sink = super::sink::sink_for(w);
+        let (h, w) = (h.detach(), w.detach());
         match sink {
             Some(sink) => {
-                let mut dh = None;
-                sink.contribute(|dw| {
+                let dh = sink.contribute(|dw| {
                     dw.fill(0.0);
-                    dh = Some(self.backward(&h, &w, &g, Some(dw))?);
-                    Ok(())
+                    self.backward(&h, &w, &g, Some(dw))
                 })?;
-                match dh {
-                    Some(dh) => Ok((Some(dh), None)),
-                    None => bail!("LM head: the gradient sink did not run the backward pass"),
-                }
+                Ok((Some(dh), None))
             }
             None => {
                 let mut dw = vec![0f32; w.elem_count()];

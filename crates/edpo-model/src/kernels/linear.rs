@@ -102,18 +102,17 @@ impl CustomOp3 for LinearBias {
             return Ok((Some(dx.reshape(x.shape())?), None, None));
         }
         let dx = input_grad(&g, &w, self.input_major)?;
-        let (xt, gt) = (x2.t()?, g.t()?);
         let (lhs, rhs) = if self.input_major {
-            (&xt, &g)
+            (x2.t()?, g.clone())
         } else {
-            (&gt, &x2)
+            (g.t()?, x2.clone())
         };
         let dw = match sink {
             Some(sink) => {
-                sink.contribute(|dst| super::gemm::matmul_tensors_into(lhs, rhs, dst))?;
+                sink.contribute(|dst| super::gemm::matmul_tensors_into(&lhs, &rhs, dst))?;
                 None
             }
-            None => Some(mm(lhs, rhs)?),
+            None => Some(mm(&lhs, &rhs)?),
         };
         if !self.bias {
             return Ok((Some(dx.reshape(x.shape())?), dw, None));

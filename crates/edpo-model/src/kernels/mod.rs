@@ -28,8 +28,8 @@
 //! rows across threads, lane-wise reductions, the vectorising `exp` and `tanh` (and an f64
 //! `exp` for ε-DPO's mixed log-softmaxes), the gradient norm's sequential sum of squares
 //! computed a block at a time with its bits ([`sequential_sum_of_squares`]), and
-//! [`simd::vectorised`], which compiles a kernel's loops for AVX2 where the CPU has it. Work is split across rows with rayon when [`parallel`]
-//! allows it.
+//! [`simd::vectorised`], which compiles a kernel's loops for AVX2 where the CPU has it. Work is
+//! split across rows with rayon when [`parallel`] allows it.
 
 pub mod activation;
 pub mod attention;

@@ -90,29 +90,29 @@ impl GradSink {
     }
 
     /// Adds one contribution: `write` sets every element of the slice it is given (of the
-    /// weight's size) to the contribution.
-    pub fn contribute(
+    /// weight's size) to the contribution; what it returns is returned.
+    pub fn contribute<R>(
         &self,
-        write: impl FnOnce(&mut [f32]) -> candle_core::Result<()>,
-    ) -> candle_core::Result<()> {
+        write: impl FnOnce(&mut [f32]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
         let slot = self.slot(SHARD_INDEX.with(std::cell::Cell::get))?;
         let Ok(mut pending) = slot.lock() else {
             bail!("gradient sink: a backward pass panicked")
         };
         if !pending.live {
             pending.data.resize(self.len, 0.0);
-            write(&mut pending.data)?;
+            let out = write(&mut pending.data)?;
             pending.live = true;
-            return Ok(());
+            return Ok(out);
         }
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             scratch.resize(self.len, 0.0);
-            write(&mut scratch)?;
+            let out = write(&mut scratch)?;
             for (p, &c) in pending.data.iter_mut().zip(scratch.iter()) {
                 *p += c;
             }
-            Ok(())
+            Ok(out)
         })
     }
 
