@@ -1,7 +1,8 @@
 //! GELU (tanh approximation) and SwiGLU's `silu(a)·b`, each with a fused backward.
-use super::{rows_map, slice, tanh};
+use super::{exp_as_libm, rows_map, slice, tanh, vectorised, LIBM_EXP_BLOCK};
 use crate::composed::{GELU_C, SQRT_2_OVER_PI};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 /// GELU, tanh approximation (`gelu_new` / `gelu_pytorch_tanh`):
 /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
@@ -93,8 +94,9 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
 /// SwiGLU's gate: `silu(a)·b` (`silu(a) = a/(1 + e^{−a})`) as one node. The composed version
 /// keeps `silu(a)` alive beside the product until the backward pass; this one keeps the
 /// product only. The forward pass computes `silu(a)` as candle does (the same expression in
-/// f32) and then the product, so its values are the composed version's bit for bit; the
-/// backward pass is `∂a = g·b·σ(a)·(1 + a·(1 − σ(a)))`, `∂b = g·silu(a)`.
+/// f32, its `e^{−a}` the C library's bits computed in vector lanes by
+/// [`super::exp_as_libm`]) and then the product, so its values are the composed version's bit
+/// for bit; the backward pass is `∂a = g·b·σ(a)·(1 + a·(1 − σ(a)))`, `∂b = g·silu(a)`.
 struct SiluMul;
 
 impl CustomOp2 for SiluMul {
@@ -114,11 +116,29 @@ impl CustomOp2 for SiluMul {
         if l1.shape() != l2.shape() {
             candle_core::bail!("silu mul: {:?} against {:?}", l1.dims(), l2.dims());
         }
-        let y: Vec<f32> = a
-            .iter()
-            .zip(b)
-            .map(|(&v, &u)| (v / (1.0 + (-v).exp())) * u)
-            .collect();
+        let mut y = vec![0f32; a.len()];
+        let chunk = 4096.min(a.len().max(1));
+        rows_map(
+            a,
+            &mut y,
+            chunk,
+            #[inline(always)]
+            |i: usize, a: &[f32], y: &mut [f32]| {
+                let b = &b[i * chunk..i * chunk + y.len()];
+                let mut e = [0f32; LIBM_EXP_BLOCK];
+                for ((a, y), b) in a
+                    .chunks(LIBM_EXP_BLOCK)
+                    .zip(y.chunks_mut(LIBM_EXP_BLOCK))
+                    .zip(b.chunks(LIBM_EXP_BLOCK))
+                {
+                    let e = &mut e[..a.len()];
+                    neg_exp(a, e);
+                    for (((o, &v), &u), &ev) in y.iter_mut().zip(a).zip(b).zip(e.iter()) {
+                        *o = (v / (1.0 + ev)) * u;
+                    }
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -135,12 +155,45 @@ impl CustomOp2 for SiluMul {
         super::with_f32(&a, |a| {
             super::with_f32(&b, |b| {
                 super::with_f32(&g, |g| {
-                    for i in 0..n {
-                        let (v, u) = (a[i], b[i]);
-                        let denominator = 1.0 + (-v).exp();
-                        let sig = 1.0 / denominator;
-                        da[i] = g[i] * u * sig * (1.0 + v * (1.0 - sig));
-                        db[i] = g[i] * (v / denominator);
+                    // Blocks of 4096 elements, each block's e^{−a} computed in lanes first.
+                    let block = |i: usize, da: &mut [f32], db: &mut [f32]| {
+                        let at = i * 4096..i * 4096 + da.len();
+                        let (a, b, g) = (&a[at.clone()], &b[at.clone()], &g[at]);
+                        vectorised(
+                            #[inline(always)]
+                            || {
+                                let mut e = [0f32; LIBM_EXP_BLOCK];
+                                let parts = a
+                                    .chunks(LIBM_EXP_BLOCK)
+                                    .zip(b.chunks(LIBM_EXP_BLOCK))
+                                    .zip(g.chunks(LIBM_EXP_BLOCK))
+                                    .zip(da.chunks_mut(LIBM_EXP_BLOCK))
+                                    .zip(db.chunks_mut(LIBM_EXP_BLOCK));
+                                for ((((a, b), g), da), db) in parts {
+                                    let e = &mut e[..a.len()];
+                                    neg_exp(a, e);
+                                    let each = a.iter().zip(b).zip(g).zip(e.iter());
+                                    let out = da.iter_mut().zip(db.iter_mut());
+                                    for ((((&v, &u), &gk), &ek), (dak, dbk)) in each.zip(out) {
+                                        let denominator = 1.0 + ek;
+                                        let sig = 1.0 / denominator;
+                                        *dak = gk * u * sig * (1.0 + v * (1.0 - sig));
+                                        *dbk = gk * (v / denominator);
+                                    }
+                                }
+                            },
+                        )
+                    };
+                    if super::parallel() && n >= 1 << 15 {
+                        da.par_chunks_mut(4096)
+                            .zip(db.par_chunks_mut(4096))
+                            .enumerate()
+                            .for_each(|(i, (da, db))| block(i, da, db));
+                    } else {
+                        da.chunks_mut(4096)
+                            .zip(db.chunks_mut(4096))
+                            .enumerate()
+                            .for_each(|(i, (da, db))| block(i, da, db));
                     }
                 })
             })
@@ -150,6 +203,16 @@ impl CustomOp2 for SiluMul {
             Some(Tensor::from_vec(db, b.shape(), b.device())?),
         ))
     }
+}
+
+/// `e[j] = e^{−a[j]}` as the C library computes it ([`exp_as_libm`]: the bits of candle's
+/// `silu`), for at most [`LIBM_EXP_BLOCK`] elements.
+#[inline(always)]
+fn neg_exp(a: &[f32], e: &mut [f32]) {
+    let mut neg = [0f32; LIBM_EXP_BLOCK];
+    let neg = &mut neg[..a.len()];
+    neg.iter_mut().zip(a).for_each(|(m, &v)| *m = -v);
+    exp_as_libm(neg, e);
 }
 
 /// `silu(a)·b` with a fused backward (see [`SiluMul`]).

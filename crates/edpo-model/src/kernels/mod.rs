@@ -26,7 +26,8 @@
 //!
 //! This module holds what the kernels share: reading a tensor's storage in place, splitting
 //! rows across threads, lane-wise reductions, the vectorising `exp` and `tanh` (and an f64
-//! `exp` for ε-DPO's mixed log-softmaxes), the gradient norm's sequential sum of squares
+//! `exp` for ε-DPO's mixed log-softmaxes), the C library's `expf` in vector lanes with its bits
+//! ([`exp_as_libm`], for SwiGLU), the gradient norm's sequential sum of squares
 //! computed a block at a time with its bits ([`sequential_sum_of_squares`]), and
 //! [`simd::vectorised`], which compiles a kernel's loops for AVX2 where the CPU has it. Work is
 //! split across rows with rayon when [`parallel`] allows it.
@@ -304,6 +305,126 @@ pub fn exp_f64(x: f64) -> f64 {
     }
 }
 
+/// Elements per call of [`exp_as_libm`].
+pub(crate) const LIBM_EXP_BLOCK: usize = 64;
+
+/// `out[j] = xs[j].exp()` for up to [`LIBM_EXP_BLOCK`] elements, bit for bit what the C library
+/// returns (the `expf` that Rust's `f32::exp` and candle's `exp` call, so SwiGLU's values stay
+/// those of the composed path), but in vector lanes instead of one call per element.
+///
+/// On x86-64 Linux with glibc and a CPU with AVX2 and FMA, glibc's `expf` is its FMA build of
+/// one algorithm (glibc 2.28 and later): in f64, `z = x·32/ln 2` rounded to an integer `k` with
+/// the `1.5·2⁵²` trick (one fused multiply-add), `r = z − k` (a second one, from the unrounded
+/// product), `2^(k/32)` from a 32-entry table with `k/32`'s integer part added to its exponent,
+/// a cubic in `r` evaluated with three fused multiply-adds as the library's machine code does,
+/// one product and one rounding to f32. [`libm_exp_lane`] is that sequence with the library's
+/// constants; inputs the library treats apart (`|x| ≥ 88`, ±∞, NaN) are handed to `f32::exp`
+/// itself. Anywhere else (another C library, a CPU without FMA, whose `expf` is the library's
+/// other build) every element calls `f32::exp`. The test
+/// `kernels::tests::exp_as_libm_gives_the_library_bits` compares the two over a sweep of every
+/// 61st f32 bit pattern.
+#[inline(always)]
+pub(crate) fn exp_as_libm(xs: &[f32], out: &mut [f32]) {
+    let n = xs.len().min(out.len()).min(LIBM_EXP_BLOCK);
+    let (xs, out) = (&xs[..n], &mut out[..n]);
+    if !libm_exp_in_lanes() {
+        out.iter_mut().zip(xs).for_each(|(o, &x)| *o = x.exp());
+        return;
+    }
+    let mut apart = false;
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = libm_exp_lane(x);
+        apart |= libm_exp_apart(x);
+    }
+    if apart {
+        for (o, &x) in out.iter_mut().zip(xs) {
+            if libm_exp_apart(x) {
+                *o = x.exp();
+            }
+        }
+    }
+}
+
+/// Whether [`exp_as_libm`] computes in lanes here: glibc on x86-64 and a CPU with AVX2 and FMA
+/// (the CPUs glibc gives its FMA build of `expf`).
+#[inline(always)]
+fn libm_exp_in_lanes() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    {
+        simd::cpu_has_avx2_fma()
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Whether glibc's `expf` leaves its main path for `x`: `|x| ≥ 88`, ±∞ or NaN (the top twelve
+/// bits of `|x|` at least those of 88).
+#[inline(always)]
+fn libm_exp_apart(x: f32) -> bool {
+    ((x.to_bits() >> 20) & 0x7ff) >= 0x42b
+}
+
+/// glibc's `2^(i/32)` table, each entry less `i << 47` (so that adding `k << 47` for `k ≡ i`
+/// mod 32 gives `2^(k/32)`'s bits).
+const LIBM_EXP2_TABLE: [u64; 32] = [
+    0x3ff0_0000_0000_0000,
+    0x3fef_d9b0_d315_8574,
+    0x3fef_b558_6cf9_890f,
+    0x3fef_9301_d012_5b51,
+    0x3fef_72b8_3c7d_517b,
+    0x3fef_5487_3168_b9aa,
+    0x3fef_387a_6e75_6238,
+    0x3fef_1e9d_f51f_dee1,
+    0x3fef_06fe_0a31_b715,
+    0x3fee_f1a7_373a_a9cb,
+    0x3fee_dea6_4c12_3422,
+    0x3fee_ce08_6061_892d,
+    0x3fee_bfda_d536_2a27,
+    0x3fee_b42b_569d_4f82,
+    0x3fee_ab07_dd48_5429,
+    0x3fee_a47e_b03a_5585,
+    0x3fee_a09e_667f_3bcd,
+    0x3fee_9f75_e8ec_5f74,
+    0x3fee_a114_73eb_0187,
+    0x3fee_a589_994c_ce13,
+    0x3fee_ace5_422a_a0db,
+    0x3fee_b737_b0cd_c5e5,
+    0x3fee_c491_82a3_f090,
+    0x3fee_d503_b23e_255d,
+    0x3fee_e89f_995a_d3ad,
+    0x3fee_ff76_f2fb_5e47,
+    0x3fef_199b_dd85_529c,
+    0x3fef_3720_dcef_9069,
+    0x3fef_5818_dcfb_a487,
+    0x3fef_7c97_337b_9b5f,
+    0x3fef_a4af_a2a4_90da,
+    0x3fef_d076_5b6e_4540,
+];
+
+/// glibc's `expf` main path for one lane (see [`exp_as_libm`]); meaningless where
+/// [`libm_exp_apart`].
+#[inline(always)]
+fn libm_exp_lane(x: f32) -> f32 {
+    const INV_LN2_32: f64 = f64::from_bits(0x4047_1547_652b_82fe); // 32/ln 2
+    const SHIFT: f64 = f64::from_bits(0x4338_0000_0000_0000); // 1.5·2⁵²
+    const C0: f64 = f64::from_bits(0x3ebc_6af8_4b91_2394);
+    const C1: f64 = f64::from_bits(0x3f2e_bfce_50fa_c4f3);
+    const C2: f64 = f64::from_bits(0x3f96_2e42_ff0c_52d6);
+    let xd = f64::from(x);
+    let shifted = INV_LN2_32.mul_add(xd, SHIFT);
+    let ki = shifted.to_bits();
+    let kd = shifted - SHIFT;
+    let r = INV_LN2_32.mul_add(xd, -kd);
+    let s = f64::from_bits(LIBM_EXP2_TABLE[(ki & 31) as usize].wrapping_add(ki << 47));
+    let z = C0.mul_add(r, C1);
+    let r2 = r * r;
+    let y = C2.mul_add(r, 1.0);
+    let y = z.mul_add(r2, y);
+    (y * s) as f32
+}
+
 /// `tanh(u) = 1 − 2/(e^{2u} + 1)`, with the absolute error of f32 (about 1e-7) near 0, which is
 /// what GELU needs.
 #[inline(always)]
@@ -517,6 +638,85 @@ mod tests {
             })
             .collect();
         assert_eq!(bits(&values(super::rms_norm(&t, &w, 1e-5))), bits(&rms));
+    }
+
+    #[test]
+    fn exp_as_libm_gives_the_library_bits() {
+        // Every 61st bit pattern (all signs, exponents and most mantissa residues); every 5th
+        // of the library's main path where `e^x` is not 1 (`2⁻⁵ ≤ |x| < 88`, where a rounding
+        // of `r` would show); the boundaries where the library leaves its main path; ties of
+        // `x·32/ln 2`'s rounding.
+        let mut special: Vec<f32> = Vec::new();
+        for b in [
+            0.0f32,
+            -0.0,
+            88.0,
+            -88.0,
+            88.722_83,
+            -103.972_07,
+            -103.278_92,
+            1e-30,
+            -1e-30,
+        ] {
+            for d in -3i32..=3 {
+                special.push(f32::from_bits(b.to_bits().wrapping_add_signed(d)));
+            }
+        }
+        special.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+        ]);
+        special.extend((-2816..2816).map(|k| (k as f32 + 0.5) * (std::f32::consts::LN_2 / 32.0)));
+        let main = 0x3d00_0000u32..0x42b0_0000;
+        let inputs = (0..=u32::MAX)
+            .step_by(61)
+            .chain(main.clone().step_by(5))
+            .chain(main.step_by(5).map(|b| b | 0x8000_0000))
+            .map(f32::from_bits)
+            .chain(special);
+        let (mut block, mut out) = (Vec::with_capacity(LIBM_EXP_BLOCK), [0f32; LIBM_EXP_BLOCK]);
+        let mut wrong = Vec::new();
+        let mut check = |block: &mut Vec<f32>, wrong: &mut Vec<(f32, f32, f32)>| {
+            vectorised(
+                #[inline(always)]
+                || exp_as_libm(block, &mut out),
+            );
+            for (&x, &o) in block.iter().zip(&out) {
+                if o.to_bits() != x.exp().to_bits() && wrong.len() < 5 {
+                    wrong.push((x, o, x.exp()));
+                }
+            }
+            // The baseline build of the same code (its fused multiply-adds through the
+            // library's `fma`) on some blocks: the same bits.
+            if block[0].to_bits() % 4099 < 61 {
+                let mut plain = [0f32; LIBM_EXP_BLOCK];
+                exp_as_libm(block, &mut plain);
+                assert_eq!(
+                    plain[..block.len()]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    out[..block.len()]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>()
+                );
+            }
+            block.clear();
+        };
+        for x in inputs {
+            block.push(x);
+            if block.len() == LIBM_EXP_BLOCK {
+                check(&mut block, &mut wrong);
+            }
+        }
+        if !block.is_empty() {
+            check(&mut block, &mut wrong);
+        }
+        assert!(wrong.is_empty(), "(x, lanes, library): {wrong:?}");
     }
 
     #[test]
