@@ -625,30 +625,22 @@ fn wide(width: usize) -> bool {
 
 /// `C_i = A_i·B_i` for `batch` products of `m × k` by `k × n` (`dims = (m, n, k)`), each
 /// operand `batch` matrices stored one after another, row-major or (with its flag) as the
-/// transpose, read in place; every product through [`super::gemm::matmul`], the products split
-/// across threads when kernels may (each on one thread, so no number depends on the split).
+/// transpose, read in place; every product through [`super::gemm::matmul_batched`] (one output
+/// buffer, not zeroed first), the products split across threads when kernels may (each on one
+/// thread, so no number depends on the split).
 fn batched_products(
     batch: usize,
     (m, n, k): (usize, usize, usize),
     (a, a_t): (&[f32], bool),
     (b, b_t): (&[f32], bool),
 ) -> Vec<f32> {
-    use super::gemm::{matmul_into, Operand};
-    let mut c = vec![0f32; batch * m * n];
-    let one = |(i, c): (usize, &mut [f32])| {
-        let oa = Operand::stored(&a[i * m * k..(i + 1) * m * k], m, k, a_t);
-        let ob = Operand::stored(&b[i * k * n..(i + 1) * k * n], k, n, b_t);
-        super::as_shard(true, || matmul_into(m, n, k, oa, ob, c, false));
-    };
-    if m * n == 0 {
-        return c;
-    }
-    if parallel() {
-        c.par_chunks_mut(m * n).enumerate().for_each(one);
-    } else {
-        c.chunks_mut(m * n).enumerate().for_each(one);
-    }
-    c
+    use super::gemm::{matmul_batched, Operand};
+    matmul_batched(batch, (m, n, k), |i| {
+        (
+            Operand::stored(&a[i * m * k..(i + 1) * m * k], m, k, a_t),
+            Operand::stored(&b[i * k * n..(i + 1) * k * n], k, n, b_t),
+        )
+    })
 }
 
 /// The shapes of a decoding step's attention ([`decode_attention`]).

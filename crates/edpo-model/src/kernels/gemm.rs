@@ -25,6 +25,7 @@
 //! check); each checks the lengths of everything it reads and writes before it starts.
 #![allow(unsafe_code)]
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// The smallest `m`, `n` and `k` a product needs to run here.
@@ -193,8 +194,67 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
 /// `C = A·B` for `A (m × k)`, `B (k × n)`, into a new row-major `m × n` buffer. Callers check
 /// [`eligible`] first; on a CPU without the kernel this computes the product naively.
 pub fn matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -> Vec<f32> {
-    let mut c = vec![0f32; m * n];
-    matmul_into(m, n, k, a, b, &mut c, false);
+    let mut c = Vec::with_capacity(m * n);
+    write_product(m, n, k, a, b, &mut c.spare_capacity_mut()[..m * n]);
+    // SAFETY: `write_product` wrote every one of the `m·n` elements (its contract), and the
+    // vector's capacity holds them.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// `C = A·B` into `c` (`m × n`, row-major), every element written, none read: the product's
+/// output needs no zeroing first (which cost a `memset` of every fresh output, 2% of a
+/// SmolLM2 step).
+fn write_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: &mut [MaybeUninit<f32>],
+) {
+    assert_eq!(c.len(), m * n, "gemm: C must hold m × n elements");
+    if !available() {
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j].write((0..k).map(|p| a.at(i, p) * b.at(p, j)).sum());
+            }
+        }
+    } else if k == 0 {
+        c.iter_mut().for_each(|x| {
+            x.write(0.0);
+        });
+    } else {
+        split_rows(m, n, k, a, b, c, false);
+    }
+}
+
+/// `C_i = A_i·B_i` for `batch` products of `m × k` by `k × n` (`dims = (m, n, k)`), the
+/// `i`-th pair of operands `operands(i)`, into one new buffer of `batch` row-major `m × n`
+/// blocks (not zeroed first): each product on one thread ([`super::as_shard`]), the products
+/// split across the kernels' threads when they may, so no number depends on the split.
+pub fn matmul_batched<'a>(
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    operands: impl Fn(usize) -> (Operand<'a>, Operand<'a>) + Sync,
+) -> Vec<f32> {
+    let len = batch * m * n;
+    let mut c = Vec::with_capacity(len);
+    if len > 0 {
+        let one = |(i, c): (usize, &mut [MaybeUninit<f32>])| {
+            let (a, b) = operands(i);
+            super::as_shard(true, || write_product(m, n, k, a, b, c));
+        };
+        let spare = &mut c.spare_capacity_mut()[..len];
+        if super::parallel() {
+            spare.par_chunks_mut(m * n).enumerate().for_each(one);
+        } else {
+            spare.chunks_mut(m * n).enumerate().for_each(one);
+        }
+    }
+    // SAFETY: each of the `batch` blocks of `m·n` elements was written in full by
+    // `write_product` (or there are none), within the vector's capacity.
+    unsafe { c.set_len(len) };
     c
 }
 
@@ -209,26 +269,41 @@ pub fn matmul_into(
     accumulate: bool,
 ) {
     assert_eq!(c.len(), m * n, "gemm: C must hold m × n elements");
-    if !available() {
+    if !accumulate {
+        write_product(m, n, k, a, b, as_uninit(c));
+    } else if !available() {
         for i in 0..m {
             for j in 0..n {
-                let dot: f32 = (0..k).map(|p| a.at(i, p) * b.at(p, j)).sum();
-                c[i * n + j] = if accumulate { c[i * n + j] + dot } else { dot };
+                c[i * n + j] += (0..k).map(|p| a.at(i, p) * b.at(p, j)).sum::<f32>();
             }
         }
-        return;
+    } else if k > 0 {
+        split_rows(m, n, k, a, b, as_uninit(c), true);
     }
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
-        return;
-    }
+}
+
+/// `c`'s elements as the kernel's output type. Sound: `MaybeUninit<f32>` has `f32`'s layout,
+/// every element of `c` is initialised, and the kernel writes only initialised values.
+fn as_uninit(c: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: as above; the returned slice borrows `c` exclusively for its lifetime.
+    unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// `C (+)= A·B` on the kernels' threads: one contiguous block of rows of `C` per thread, each
+/// thread packing its own panels of `B` and running every depth block on its rows: one fork
+/// and join per product, not one per depth block. No number depends on the split: each
+/// element of `C` is accumulated over the same depth blocks either way. With `accumulate`,
+/// every element of `c` must be initialised; without, every element is written.
+fn split_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: &mut [MaybeUninit<f32>],
+    accumulate: bool,
+) {
     if super::parallel() && m > MC {
-        // One contiguous block of rows of C per thread, each thread packing its own panels
-        // of B and running every depth block on its rows: one fork and join per product, not
-        // one per depth block. No number depends on the split: each element of C is
-        // accumulated over the same depth blocks either way.
         let rows = m.div_ceil(super::threads()).div_ceil(MR) * MR;
         c.par_chunks_mut(rows * n)
             .enumerate()
@@ -250,7 +325,7 @@ fn serial_into(
     k: usize,
     a: Operand<'_>,
     b: Operand<'_>,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     accumulate: bool,
 ) {
     PACKED.with(|buffers| match buffers.try_borrow_mut() {
@@ -278,7 +353,7 @@ fn serial_with(
     k: usize,
     a: Operand<'_>,
     b: Operand<'_>,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     accumulate: bool,
     packed_b_buf: &mut Vec<f32>,
     packed_a_buf: &mut Vec<f32>,
@@ -808,7 +883,7 @@ fn tile_6x16(
     kc: usize,
     ap: &[f32],
     bp: &[f32],
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     mr: usize,
     nr: usize,
@@ -841,7 +916,7 @@ unsafe fn tile_6x16_avx2(
     kc: usize,
     ap: &[f32],
     bp: &[f32],
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     mr: usize,
     nr: usize,
@@ -853,7 +928,7 @@ unsafe fn tile_6x16_avx2(
     // their misses overlap the loop instead of following it. (A prefetch is a hint: it reads
     // nothing into the program, and an address past the slice is never dereferenced.)
     for i in 0..mr {
-        let row = c.as_ptr().wrapping_add(i * ldc);
+        let row = c.as_ptr().cast::<f32>().wrapping_add(i * ldc);
         _mm_prefetch::<_MM_HINT_T0>(row.cast());
         _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(nr - 1).cast());
     }
@@ -894,7 +969,7 @@ unsafe fn tile_6x16_avx2(
     ];
     if mr == MR && nr == NR {
         for (i, row) in acc.iter().enumerate() {
-            let dst = c.as_mut_ptr().add(i * ldc);
+            let dst = c.as_mut_ptr().cast::<f32>().add(i * ldc);
             let (mut v0, mut v1) = (row[0], row[1]);
             if accumulate {
                 v0 = _mm256_add_ps(v0, _mm256_loadu_ps(dst));
@@ -920,7 +995,7 @@ fn wide_tiles(
     kc: usize,
     packed_a: &[f32],
     packed_b: &[f32],
-    rows: &mut [f32],
+    rows: &mut [MaybeUninit<f32>],
     n: usize,
     jc: usize,
     mc: usize,
@@ -963,7 +1038,7 @@ fn tile_wide<const RA: usize, const RB: usize>(
     kc: usize,
     ap: &[f32],
     bp: &[f32],
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     mr: usize,
     nr: usize,
@@ -1006,7 +1081,7 @@ unsafe fn tile_wide_avx512<const RA: usize, const RB: usize>(
     kc: usize,
     ap: &[f32],
     bp: &[f32],
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     mr: usize,
     nr: usize,
@@ -1015,7 +1090,7 @@ unsafe fn tile_wide_avx512<const RA: usize, const RB: usize>(
     use std::arch::x86_64::*;
     let (a, b) = (ap.as_ptr(), bp.as_ptr());
     for i in 0..mr {
-        let row = c.as_ptr().wrapping_add(i * ldc);
+        let row = c.as_ptr().cast::<f32>().wrapping_add(i * ldc);
         _mm_prefetch::<_MM_HINT_T0>(row.cast());
         _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(nr - 1).cast());
     }
@@ -1037,7 +1112,7 @@ unsafe fn tile_wide_avx512<const RA: usize, const RB: usize>(
     }
     if mr == MR * RA && nr == NR * RB {
         for i in 0..MR * RA {
-            let dst = c.as_mut_ptr().add(i * ldc);
+            let dst = c.as_mut_ptr().cast::<f32>().add(i * ldc);
             for (q, &v) in acc[i / MR][i % MR].iter().enumerate() {
                 let v = if accumulate {
                     _mm512_add_ps(v, _mm512_loadu_ps(dst.add(q * NR)))
@@ -1063,7 +1138,7 @@ unsafe fn tile_wide_avx512<const RA: usize, const RB: usize>(
 fn write_partial(
     tile: &[f32],
     stride: usize,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     mr: usize,
     nr: usize,
@@ -1072,7 +1147,14 @@ fn write_partial(
     for i in 0..mr {
         let dst = &mut c[i * ldc..i * ldc + nr];
         for (d, &v) in dst.iter_mut().zip(&tile[i * stride..i * stride + nr]) {
-            *d = if accumulate { *d + v } else { v };
+            let sum = if accumulate {
+                // SAFETY: with `accumulate`, C's elements were written before (by the caller,
+                // or by an earlier depth block of the same product).
+                (unsafe { d.assume_init() }) + v
+            } else {
+                v
+            };
+            d.write(sum);
         }
     }
 }
@@ -1211,7 +1293,7 @@ mod tests {
             .map(|i| ((i * 53 % 89) as f32) * 0.021 - 0.9)
             .collect();
         let ldc = 50;
-        type Tile = fn(usize, &[f32], &[f32], &mut [f32], usize, usize, usize, bool);
+        type Tile = fn(usize, &[f32], &[f32], &mut [MaybeUninit<f32>], usize, usize, usize, bool);
         let tiles: [(usize, usize, Tile); 4] = [
             (1, 1, tile_wide::<1, 1>),
             (1, 2, tile_wide::<1, 2>),
@@ -1229,7 +1311,16 @@ mod tests {
                 for accumulate in [false, true] {
                     let start: Vec<f32> = (0..2 * MR * ldc).map(|i| (i % 7) as f32 * 0.3).collect();
                     let mut wide_c = start.clone();
-                    tile(kc, &ap, &bp, &mut wide_c, ldc, mr, nr, accumulate);
+                    tile(
+                        kc,
+                        &ap,
+                        &bp,
+                        as_uninit(&mut wide_c),
+                        ldc,
+                        mr,
+                        nr,
+                        accumulate,
+                    );
                     let mut narrow_c = start.clone();
                     for i0 in (0..mr).step_by(MR) {
                         for j0 in (0..nr).step_by(NR) {
@@ -1237,7 +1328,7 @@ mod tests {
                                 kc,
                                 &ap[(i0 / MR) * MR * kc..],
                                 &bp[(j0 / NR) * NR * kc..],
-                                &mut narrow_c[i0 * ldc + j0..],
+                                as_uninit(&mut narrow_c[i0 * ldc + j0..]),
                                 ldc,
                                 MR.min(mr - i0),
                                 NR.min(nr - j0),
@@ -1331,6 +1422,21 @@ mod tests {
                         .all(|(s, x)| s.to_bits() == x.to_bits()),
                     "{m}×{n}×{k}: the product depends on the threads"
                 );
+                // Written over whatever C held (every element written, none read): the same
+                // bits; and one block of a batch of two, the other a different product.
+                let mut over = vec![f32::NAN; m * n];
+                matmul_into(m, n, k, a, b, &mut over, false);
+                assert!(over.iter().zip(&c).all(|(o, x)| o.to_bits() == x.to_bits()));
+                let zero = vec![0f32; av.len().max(bv.len())];
+                let batched = matmul_batched(2, (m, n, k), |i| match i {
+                    0 => (Operand::stored(&zero[..m * k], m, k, false), b),
+                    _ => (a, b),
+                });
+                assert!(batched[..m * n].iter().all(|&x| x == 0.0));
+                assert!(batched[m * n..]
+                    .iter()
+                    .zip(&c)
+                    .all(|(o, x)| o.to_bits() == x.to_bits()));
                 // Accumulating onto C: the same product plus what C held.
                 let mut twice = c.clone();
                 matmul_into(m, n, k, a, b, &mut twice, true);
