@@ -20,9 +20,15 @@
 //! once. `EDPO_GEMM=candle` in the environment turns it off, `EDPO_GEMM=avx2` keeps the AVX2
 //! tile on AVX-512 CPUs (for measurement).
 //!
-//! The register tiles, the 8 × 8 transpose and the decoding steps' dot products are, with
-//! [`super::simd`], the model's only `unsafe` code (vector intrinsics behind a run-time CPU
-//! check); each checks the lengths of everything it reads and writes before it starts.
+//! A product's output is not zeroed before the kernel writes it ([`matmul`],
+//! [`matmul_batched`]): the kernel's writers take `C` as `MaybeUninit<f32>`, the first depth
+//! block writes every element and only later ones (or a caller's `C` with `accumulate`) read
+//! it back, and the buffer's length is set once the product has run.
+//!
+//! The register tiles, the 8 × 8 transpose, the decoding steps' dot products and that
+//! uninitialised output are, with [`super::simd`] and [`super::team`], the model's only
+//! `unsafe` code (vector intrinsics behind a run-time CPU check); each checks the lengths of
+//! everything it reads and writes before it starts.
 #![allow(unsafe_code)]
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
