@@ -4,6 +4,9 @@ use crate::composed::{GELU_C, SQRT_2_OVER_PI};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+/// Elements per block of the elementwise loops (a thread's unit of work when they are split).
+const CHUNK: usize = 4096;
+
 /// GELU, tanh approximation (`gelu_new` / `gelu_pytorch_tanh`):
 /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
 struct Gelu;
@@ -23,7 +26,7 @@ impl CustomOp1 for Gelu {
         rows_map(
             x,
             &mut y,
-            4096.min(x.len().max(1)),
+            CHUNK.min(x.len().max(1)),
             #[inline(always)]
             |_, x, y| {
                 for (o, &v) in y.iter_mut().zip(x) {
@@ -66,7 +69,7 @@ impl CustomOp2 for GeluGrad {
         let x = slice(s1, l1, "gelu grad")?;
         let dy = slice(s2, l2, "gelu grad")?;
         let mut dx = vec![0f32; x.len()];
-        let chunk = 4096.min(x.len().max(1));
+        let chunk = CHUNK.min(x.len().max(1));
         rows_map(
             dy,
             &mut dx,
@@ -117,7 +120,7 @@ impl CustomOp2 for SiluMul {
             candle_core::bail!("silu mul: {:?} against {:?}", l1.dims(), l2.dims());
         }
         let mut y = vec![0f32; a.len()];
-        let chunk = 4096.min(a.len().max(1));
+        let chunk = CHUNK.min(a.len().max(1));
         rows_map(
             a,
             &mut y,
@@ -155,9 +158,9 @@ impl CustomOp2 for SiluMul {
         super::with_f32(&a, |a| {
             super::with_f32(&b, |b| {
                 super::with_f32(&g, |g| {
-                    // Blocks of 4096 elements, each block's e^{−a} computed in lanes first.
+                    // Blocks of `CHUNK` elements, each block's e^{−a} computed in lanes first.
                     let block = |i: usize, da: &mut [f32], db: &mut [f32]| {
-                        let at = i * 4096..i * 4096 + da.len();
+                        let at = i * CHUNK..i * CHUNK + da.len();
                         let (a, b, g) = (&a[at.clone()], &b[at.clone()], &g[at]);
                         vectorised(
                             #[inline(always)]
@@ -185,13 +188,13 @@ impl CustomOp2 for SiluMul {
                         )
                     };
                     if super::parallel() && n >= 1 << 15 {
-                        da.par_chunks_mut(4096)
-                            .zip(db.par_chunks_mut(4096))
+                        da.par_chunks_mut(CHUNK)
+                            .zip(db.par_chunks_mut(CHUNK))
                             .enumerate()
                             .for_each(|(i, (da, db))| block(i, da, db));
                     } else {
-                        da.chunks_mut(4096)
-                            .zip(db.chunks_mut(4096))
+                        da.chunks_mut(CHUNK)
+                            .zip(db.chunks_mut(CHUNK))
                             .enumerate()
                             .for_each(|(i, (da, db))| block(i, da, db));
                     }
