@@ -10,20 +10,23 @@ use rayon::prelude::*;
 /// Scaled dot-product attention for one set of heads as one node of the autograd graph:
 /// `softmax(scale·q·kᵀ + bias)·v` for `q (B, H, Tq, hd)`, `k`, `v (B, H, Tk, hd)` and an
 /// additive mask `bias (B, 1, Tq, Tk)`. The scaling, the mask and the softmax are one pass over
-/// the scores, and the probabilities are kept for the backward pass, which computes
+/// the scores. The probabilities are not kept: the backward pass computes them again from `q`
+/// and `k` by the same code ([`Self::probabilities`], so the same bits), as the flash-attention
+/// kernels PyTorch's fused attention uses do, which keeps `B·H·Tq·Tk` floats per layer out of
+/// the memory a step holds between its passes (a SmolLM2 bench batch: 5.3 MB per layer, 159 MB
+/// over 30 layers) for one more `q·kᵀ` and softmax per layer. It then computes
 /// `∂v = Pᵀ·g`, `∂P = g·vᵀ`, `∂S = scale·P ⊙ (∂P − Σ ∂P·P)`, `∂q = ∂S·k`, `∂k = ∂Sᵀ·q`
 /// without the chain of scaled, masked and broadcast intermediates (and their zero-filled
 /// gradient buffers) that the composed version records.
 struct Attention {
-    bias: Vec<f32>,
+    /// The mask `(B, 1, Tq, Tk)`, contiguous (shared with the caller and every layer).
+    bias: Tensor,
     scale: f32,
     /// The heads are at least [`super::gemm::MIN_DIM`] wide together (`H·hd`, a model whose
     /// projections [`super::gemm`] runs): the per-head products go through that kernel too
     /// ([`batched_products`]). Narrower models (the default task's) keep candle's, and their
     /// numbers.
     wide: bool,
-    /// `P (B·H, Tq, Tk)`, written by the forward pass for the backward pass.
-    probs: std::sync::Mutex<Option<Tensor>>,
 }
 
 /// `row ← softmax(scale·row + mask)` in place.
@@ -35,20 +38,37 @@ fn scaled_masked_softmax(row: &mut [f32], mask: &[f32], scale: f32) {
     softmax_in_place(row);
 }
 
+/// Runs `f` on a contiguous CPU tensor's storage and the offset of its first element.
+fn on_storage<R>(
+    t: &Tensor,
+    f: impl FnOnce(&CpuStorage, usize) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() {
+        bail!("attention: a contiguous tensor expected");
+    }
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(cpu, layout.start_offset()),
+        _ => bail!("attention: a CPU tensor expected"),
+    }
+}
+
 impl Attention {
-    /// The forward pass on head-major `q (B·H, Tq, hd)`, `k`, `v (B·H, Tk, hd)` given as
-    /// storages with start offsets; returns `(B·H, Tq, hd)` and keeps the probabilities.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_heads(
+    /// `P = softmax(scale·q·kᵀ + bias) (B·H, Tq, Tk)` from head-major `q (B·H, Tq, hd)` and
+    /// `k (B·H, Tk, hd)` given as storages with start offsets: the one definition the forward
+    /// pass and the backward pass's recomputation share.
+    fn probabilities(
         &self,
         (q, q_off): (&CpuStorage, usize),
         (k, k_off): (&CpuStorage, usize),
-        (v, v_off): (&CpuStorage, usize),
         (b, h, tq, tk, hd): (usize, usize, usize, usize, usize),
     ) -> candle_core::Result<CpuStorage> {
         use candle_core::backend::BackendStorage;
-        if self.bias.len() != b * tq * tk {
-            bail!("attention: a mask of {} for {b}×{tq}×{tk}", self.bias.len());
+        if self.bias.elem_count() != b * tq * tk {
+            bail!(
+                "attention: a mask of {} for {b}×{tq}×{tk}",
+                self.bias.elem_count()
+            );
         }
         let bh = b * h;
         let q_layout = Layout::contiguous_with_offset((bh, tq, hd), q_off);
@@ -68,62 +88,84 @@ impl Attention {
             bail!("attention: f32 only");
         };
         let scale = self.scale;
-        // Row i is query (i % tq) of head-batch (i / tq); the mask is shared by heads.
-        let mask = |i: usize| {
-            let (n, t) = (i / tq / h, i % tq);
-            &self.bias[(n * tq + t) * tk..(n * tq + t + 1) * tk]
-        };
-        if parallel() && z.len() >= 1 << 15 {
-            z.par_chunks_mut(tk).enumerate().for_each(|(i, r)| {
+        with_f32(&self.bias, |bias| {
+            // Row i is query (i % tq) of head-batch (i / tq); the mask is shared by heads.
+            let mask = |i: usize| {
+                let (n, t) = (i / tq / h, i % tq);
+                &bias[(n * tq + t) * tk..(n * tq + t + 1) * tk]
+            };
+            if parallel() && z.len() >= 1 << 15 {
+                z.par_chunks_mut(tk).enumerate().for_each(|(i, r)| {
+                    vectorised(
+                        #[inline(always)]
+                        || scaled_masked_softmax(r, mask(i), scale),
+                    )
+                });
+            } else {
                 vectorised(
                     #[inline(always)]
-                    || scaled_masked_softmax(r, mask(i), scale),
-                )
-            });
-        } else {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (i, r) in z.chunks_mut(tk).enumerate() {
-                        scaled_masked_softmax(r, mask(i), scale);
-                    }
-                },
-            );
-        }
+                    || {
+                        for (i, r) in z.chunks_mut(tk).enumerate() {
+                            scaled_masked_softmax(r, mask(i), scale);
+                        }
+                    },
+                );
+            }
+        })?;
+        Ok(scores)
+    }
+
+    /// The forward pass on head-major `q (B·H, Tq, hd)`, `k`, `v (B·H, Tk, hd)` given as
+    /// storages with start offsets; returns `(B·H, Tq, hd)`.
+    fn forward_heads(
+        &self,
+        q: (&CpuStorage, usize),
+        k: (&CpuStorage, usize),
+        (v, v_off): (&CpuStorage, usize),
+        dims @ (b, h, tq, tk, hd): (usize, usize, usize, usize, usize),
+    ) -> candle_core::Result<CpuStorage> {
+        use candle_core::backend::BackendStorage;
+        let scores = self.probabilities(q, k, dims)?;
+        let bh = b * h;
         let p_layout = Layout::contiguous((bh, tq, tk));
         let v_layout = Layout::contiguous_with_offset((bh, tk, hd), v_off);
-        let out = if self.wide {
+        if self.wide {
             let p = slice(&scores, &p_layout, "attention")?;
             let v = slice(v, &v_layout, "attention")?;
-            CpuStorage::F32(batched_products(bh, (tq, hd, tk), (p, false), (v, false)))
+            Ok(CpuStorage::F32(batched_products(
+                bh,
+                (tq, hd, tk),
+                (p, false),
+                (v, false),
+            )))
         } else {
-            scores.matmul(v, (bh, tq, hd, tk), &p_layout, &v_layout)?
-        };
-        let CpuStorage::F32(z) = scores else {
-            bail!("attention: f32 only");
-        };
-        let probs = Tensor::from_vec(z, (bh, tq, tk), &candle_core::Device::Cpu)?;
-        if let Ok(mut slot) = self.probs.lock() {
-            *slot = Some(probs);
+            scores.matmul(v, (bh, tq, hd, tk), &p_layout, &v_layout)
         }
-        Ok(out)
     }
 
     /// The backward pass on head-major `q (B·H, Tq, hd)`, `k`, `v (B·H, Tk, hd)` and
-    /// `g (B·H, Tq, hd)`: `(∂q, ∂k, ∂v)` in the same layout.
+    /// `g (B·H, Tq, hd)` of `B` sequences and `H` heads: `(∂q, ∂k, ∂v)` in the same layout.
     fn backward_heads(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        [q, k, v]: [&Tensor; 3],
         g: &Tensor,
+        (b, h): (usize, usize),
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let p = match self.probs.lock().ok().and_then(|s| s.clone()) {
-            Some(p) => p,
-            None => bail!("attention: backward before forward"),
+        let (bh, tq, hd) = q.dims3()?;
+        let tk = k.dim(1)?;
+        if bh != b * h {
+            bail!("attention: {bh} head-batches for {b} sequences of {h} heads");
+        }
+        let p = on_storage(q, |qs, q_off| {
+            on_storage(k, |ks, k_off| {
+                self.probabilities((qs, q_off), (ks, k_off), (b, h, tq, tk, hd))
+            })
+        })?;
+        let CpuStorage::F32(p) = p else {
+            bail!("attention: f32 only");
         };
-        let (bh, tq, tk) = p.dims3()?;
         let device = q.device();
+        let p = Tensor::from_vec(p, (bh, tq, tk), device)?;
         // `a·b` per head, `a` and `b` read as stored or transposed.
         let product =
             |a: &Tensor, a_t: bool, b: &Tensor, b_t: bool| -> candle_core::Result<Tensor> {
@@ -158,13 +200,12 @@ impl Attention {
     }
 
     /// [`Self::forward_heads`] on head-major `q`, `k`, `v` buffers `(B·H, T, hd)` of one
-    /// length `T`, its output merged back token-major `(B, T, H·hd)`; the three buffers are
-    /// kept in `heads` for [`Self::backward_merged`].
+    /// length `T`, its output merged back token-major `(B, T, H·hd)`. The buffers are not kept:
+    /// the caller's backward pass makes them again from the node's inputs.
     fn forward_merged(
         &self,
         [q, k, v]: [Vec<f32>; 3],
         dims @ (b, t, h, hd): (usize, usize, usize, usize),
-        heads: &std::sync::Mutex<Option<[Tensor; 3]>>,
     ) -> candle_core::Result<Vec<f32>> {
         let [q, k, v] = [q, k, v].map(CpuStorage::F32);
         let out = self.forward_heads((&q, 0), (&k, 0), (&v, 0), (b, h, t, t, hd))?;
@@ -173,36 +214,25 @@ impl Attention {
         };
         let mut merged = vec![0f32; b * t * h * hd];
         pack_heads(&out, &mut merged, (0, 1), dims);
-        let device = candle_core::Device::Cpu;
-        let mut kept = Vec::with_capacity(3);
-        for part in [q, k, v] {
-            let CpuStorage::F32(part) = part else {
-                bail!("attention: f32 only");
-            };
-            kept.push(Tensor::from_vec(part, (b * h, t, hd), &device)?);
-        }
-        if let (Ok(mut slot), Ok(kept)) = (heads.lock(), <[Tensor; 3]>::try_from(kept)) {
-            *slot = Some(kept);
-        }
         Ok(merged)
     }
 
     /// The backward pass of [`Self::forward_merged`] for a token-major gradient
-    /// `(B, T, H·hd)`: head-major `(∂q, ∂k, ∂v)`, each `(B·H, T, hd)`.
+    /// `(B, T, H·hd)`, given the forward pass's head-major buffers again: head-major
+    /// `(∂q, ∂k, ∂v)`, each `(B·H, T, hd)`.
     fn backward_merged(
         &self,
         grad: &Tensor,
+        heads: [Vec<f32>; 3],
         dims @ (b, t, h, hd): (usize, usize, usize, usize),
-        heads: &std::sync::Mutex<Option<[Tensor; 3]>>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let Some([q, k, v]) = heads.lock().ok().and_then(|s| s.clone()) else {
-            bail!("attention: backward before forward");
-        };
+        let device = grad.device();
+        let [q, k, v] = heads.map(|x| Tensor::from_vec(x, (b * h, t, hd), device));
         let g = grad.detach().contiguous()?.reshape((b, t, h * hd))?;
         // The gradient arrives token-major; bring it to head-major as the forward did.
         let gh = with_f32(&g, |gs| unpack_heads(gs, (0, 1), dims))?;
-        let g = Tensor::from_vec(gh, (b * h, t, hd), grad.device())?;
-        self.backward_heads(&q, &k, &v, &g)
+        let g = Tensor::from_vec(gh, (b * h, t, hd), device)?;
+        self.backward_heads([&q?, &k?, &v?], &g, (b, h))
     }
 }
 
@@ -255,10 +285,13 @@ impl CustomOp3 for Attention {
         let bh = b * h;
         let g = grad.detach().contiguous()?.reshape((bh, tq, hd))?;
         let (dq, dk, dv) = self.backward_heads(
-            &q.detach().reshape((bh, tq, hd))?,
-            &k.detach().reshape((bh, tk, hd))?,
-            &v.detach().reshape((bh, tk, hd))?,
+            [
+                &q.detach().contiguous()?.reshape((bh, tq, hd))?,
+                &k.detach().contiguous()?.reshape((bh, tk, hd))?,
+                &v.detach().contiguous()?.reshape((bh, tk, hd))?,
+            ],
             &g,
+            (b, h),
         )?;
         Ok((
             Some(dq.reshape((b, h, tq, hd))?),
@@ -314,8 +347,6 @@ fn pack_heads(
 struct PackedAttention {
     core: Attention,
     n_head: usize,
-    /// Head-major q, k, v of the forward pass, for the backward pass.
-    heads: std::sync::Mutex<Option<[Tensor; 3]>>,
 }
 
 impl PackedAttention {
@@ -342,7 +373,7 @@ impl CustomOp1 for PackedAttention {
         let x = slice(storage, layout, "attention")?;
         let dims @ (b, t, h, hd) = self.dims(layout)?;
         let heads = [0, 1, 2].map(|w| unpack_heads(x, (w, 3), dims));
-        let merged = self.core.forward_merged(heads, dims, &self.heads)?;
+        let merged = self.core.forward_merged(heads, dims)?;
         Ok((CpuStorage::F32(merged), Shape::from((b, t, h * hd))))
     }
 
@@ -353,7 +384,11 @@ impl CustomOp1 for PackedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let dims @ (b, t, h, hd) = self.dims(arg.layout())?;
-        let (dq, dk, dv) = self.core.backward_merged(grad, dims, &self.heads)?;
+        // The forward pass's head-major copies, made again.
+        let heads = with_f32(&arg.contiguous()?, |x| {
+            [0, 1, 2].map(|w| unpack_heads(x, (w, 3), dims))
+        })?;
+        let (dq, dk, dv) = self.core.backward_merged(grad, heads, dims)?;
         let mut dx = vec![0f32; b * t * 3 * h * hd];
         for (which, part) in [dq, dk, dv].iter().enumerate() {
             with_f32(&part.contiguous()?, |part| {
@@ -374,13 +409,11 @@ pub fn packed_attention(
 ) -> candle_core::Result<Tensor> {
     let op = PackedAttention {
         core: Attention {
-            bias: bias.flatten_all()?.to_vec1::<f32>()?,
+            bias: bias.flatten_all()?.contiguous()?,
             scale: scale as f32,
             wide: wide(qkv.dim(2)? / 3),
-            probs: std::sync::Mutex::new(None),
         },
         n_head,
-        heads: std::sync::Mutex::new(None),
     };
     qkv.contiguous()?.apply_op1(op)
 }
@@ -398,12 +431,9 @@ struct RotaryAttention {
     core: Attention,
     n_head: usize,
     n_kv: usize,
-    /// Rotary tables `(B, T, hd)`.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    /// Head-major rotated q, rotated and repeated k, repeated v `(B·H, T, hd)` of the forward
-    /// pass, for the backward pass.
-    heads: std::sync::Mutex<Option<[Tensor; 3]>>,
+    /// Rotary tables `(B, T, hd)`, contiguous (shared with the caller and every layer).
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl RotaryAttention {
@@ -429,10 +459,10 @@ impl RotaryAttention {
                 v.dims()
             );
         }
-        if self.cos.len() != b * t * hd || self.sin.len() != b * t * hd {
+        if self.cos.elem_count() != b * t * hd || self.sin.elem_count() != b * t * hd {
             bail!(
                 "attention: rotary tables of {} for {b}×{t}×{hd}",
-                self.cos.len()
+                self.cos.elem_count()
             );
         }
         Ok((b, t, h, kv, hd))
@@ -446,30 +476,34 @@ impl RotaryAttention {
         heads: usize,
         rotate: bool,
         (b, t, h, hd): (usize, usize, usize, usize),
-    ) -> Vec<f32> {
+    ) -> candle_core::Result<Vec<f32>> {
         let group = h / heads;
         let mut out = vec![0f32; b * h * t * hd];
-        vectorised(
-            #[inline(always)]
-            || {
-                for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
-                    let (n, j, s) = (r / (h * t), (r / t) % h, r % t);
-                    let src = &x[((n * t + s) * heads + j / group) * hd..][..hd];
-                    if rotate {
-                        let table = (n * t + s) * hd;
-                        super::rope::rotate(
-                            src,
-                            &self.cos[table..table + hd],
-                            &self.sin[table..table + hd],
-                            dst,
-                        );
-                    } else {
-                        dst.copy_from_slice(src);
-                    }
-                }
-            },
-        );
-        out
+        with_f32(&self.cos, |cos| {
+            with_f32(&self.sin, |sin| {
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
+                            let (n, j, s) = (r / (h * t), (r / t) % h, r % t);
+                            let src = &x[((n * t + s) * heads + j / group) * hd..][..hd];
+                            if rotate {
+                                let table = (n * t + s) * hd;
+                                super::rope::rotate(
+                                    src,
+                                    &cos[table..table + hd],
+                                    &sin[table..table + hd],
+                                    dst,
+                                );
+                            } else {
+                                dst.copy_from_slice(src);
+                            }
+                        }
+                    },
+                )
+            })
+        })??;
+        Ok(out)
     }
 
     /// The gradient of [`Self::heads_of`]: a head-major `(B·H, T, hd)` gradient summed over
@@ -481,35 +515,39 @@ impl RotaryAttention {
         heads: usize,
         rotate: bool,
         (b, t, h, hd): (usize, usize, usize, usize),
-    ) -> Vec<f32> {
+    ) -> candle_core::Result<Vec<f32>> {
         let group = h / heads;
         let mut out = vec![0f32; b * t * heads * hd];
         let mut sum = vec![0f32; hd];
-        vectorised(
-            #[inline(always)]
-            || {
-                for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
-                    let (n, s, i) = (r / (t * heads), (r / heads) % t, r % heads);
-                    sum.fill(0.0);
-                    for j in i * group..(i + 1) * group {
-                        let src = &g[((n * h + j) * t + s) * hd..][..hd];
-                        sum.iter_mut().zip(src).for_each(|(a, &x)| *a += x);
-                    }
-                    if rotate {
-                        let table = (n * t + s) * hd;
-                        super::rope::rotate_grad(
-                            &sum,
-                            &self.cos[table..table + hd],
-                            &self.sin[table..table + hd],
-                            dst,
-                        );
-                    } else {
-                        dst.copy_from_slice(&sum);
-                    }
-                }
-            },
-        );
-        out
+        with_f32(&self.cos, |cos| {
+            with_f32(&self.sin, |sin| {
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
+                            let (n, s, i) = (r / (t * heads), (r / heads) % t, r % heads);
+                            sum.fill(0.0);
+                            for j in i * group..(i + 1) * group {
+                                let src = &g[((n * h + j) * t + s) * hd..][..hd];
+                                sum.iter_mut().zip(src).for_each(|(a, &x)| *a += x);
+                            }
+                            if rotate {
+                                let table = (n * t + s) * hd;
+                                super::rope::rotate_grad(
+                                    &sum,
+                                    &cos[table..table + hd],
+                                    &sin[table..table + hd],
+                                    dst,
+                                );
+                            } else {
+                                dst.copy_from_slice(&sum);
+                            }
+                        }
+                    },
+                )
+            })
+        })??;
+        Ok(out)
     }
 }
 
@@ -532,7 +570,7 @@ impl CustomOp3 for RotaryAttention {
         let q = self.heads_of(slice(s1, l1, "attention")?, h, true, dims);
         let k = self.heads_of(slice(s2, l2, "attention")?, kv, true, dims);
         let v = self.heads_of(slice(s3, l3, "attention")?, kv, false, dims);
-        let merged = self.core.forward_merged([q, k, v], dims, &self.heads)?;
+        let merged = self.core.forward_merged([q?, k?, v?], dims)?;
         Ok((CpuStorage::F32(merged), Shape::from((b, t, h * hd))))
     }
 
@@ -546,10 +584,20 @@ impl CustomOp3 for RotaryAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t, h, kv, hd) = self.dims(q.layout(), k.layout(), v.layout())?;
         let dims = (b, t, h, hd);
-        let (dq, dk, dv) = self.core.backward_merged(grad, dims, &self.heads)?;
+        // The forward pass's head-major copies (q and k rotated, k and v repeated), made
+        // again from the node's inputs.
+        let heads_of = |x: &Tensor, heads: usize, rotate: bool| {
+            with_f32(&x.contiguous()?, |x| self.heads_of(x, heads, rotate, dims))?
+        };
+        let heads = [
+            heads_of(q, h, true)?,
+            heads_of(k, kv, true)?,
+            heads_of(v, kv, false)?,
+        ];
+        let (dq, dk, dv) = self.core.backward_merged(grad, heads, dims)?;
         let back = |d: &Tensor, heads: usize, rotate: bool| -> candle_core::Result<Tensor> {
             let d = d.contiguous()?;
-            let out = with_f32(&d, |d| self.heads_grad(d, heads, rotate, dims))?;
+            let out = with_f32(&d, |d| self.heads_grad(d, heads, rotate, dims))??;
             Tensor::from_vec(out, (b, t, heads * hd), q.device())
         };
         Ok((
@@ -583,16 +631,14 @@ pub fn rotary_attention(
     }
     let op = RotaryAttention {
         core: Attention {
-            bias: bias.flatten_all()?.to_vec1::<f32>()?,
+            bias: bias.flatten_all()?.contiguous()?,
             scale: scale as f32,
             wide: wide(q.dim(2)?),
-            probs: std::sync::Mutex::new(None),
         },
         n_head,
         n_kv,
-        cos: cos.flatten_all()?.to_vec1::<f32>()?,
-        sin: sin.flatten_all()?.to_vec1::<f32>()?,
-        heads: std::sync::Mutex::new(None),
+        cos: cos.flatten_all()?.contiguous()?,
+        sin: sin.flatten_all()?.contiguous()?,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -608,10 +654,9 @@ pub fn attention(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let op = Attention {
-        bias: bias.flatten_all()?.to_vec1::<f32>()?,
+        bias: bias.flatten_all()?.contiguous()?,
         scale: scale as f32,
         wide: wide(q.dim(1)? * q.dim(3)?),
-        probs: std::sync::Mutex::new(None),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
