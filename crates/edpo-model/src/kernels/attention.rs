@@ -479,31 +479,40 @@ impl RotaryAttention {
     ) -> candle_core::Result<Vec<f32>> {
         let group = h / heads;
         let mut out = vec![0f32; b * h * t * hd];
+        self.with_tables(
+            #[inline(always)]
+            |cos, sin| {
+                for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
+                    let (n, j, s) = (r / (h * t), (r / t) % h, r % t);
+                    let src = &x[((n * t + s) * heads + j / group) * hd..][..hd];
+                    if rotate {
+                        let table = (n * t + s) * hd;
+                        super::rope::rotate(
+                            src,
+                            &cos[table..table + hd],
+                            &sin[table..table + hd],
+                            dst,
+                        );
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Runs `f(cos, sin)` on the rotary tables, in [`vectorised`] code (`f` marked
+    /// `#[inline(always)]`, so that its loop is compiled there).
+    fn with_tables(&self, f: impl FnOnce(&[f32], &[f32])) -> candle_core::Result<()> {
         with_f32(&self.cos, |cos| {
             with_f32(&self.sin, |sin| {
                 vectorised(
                     #[inline(always)]
-                    || {
-                        for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
-                            let (n, j, s) = (r / (h * t), (r / t) % h, r % t);
-                            let src = &x[((n * t + s) * heads + j / group) * hd..][..hd];
-                            if rotate {
-                                let table = (n * t + s) * hd;
-                                super::rope::rotate(
-                                    src,
-                                    &cos[table..table + hd],
-                                    &sin[table..table + hd],
-                                    dst,
-                                );
-                            } else {
-                                dst.copy_from_slice(src);
-                            }
-                        }
-                    },
+                    || f(cos, sin),
                 )
             })
-        })??;
-        Ok(out)
+        })?
     }
 
     /// The gradient of [`Self::heads_of`]: a head-major `(B·H, T, hd)` gradient summed over
@@ -519,34 +528,30 @@ impl RotaryAttention {
         let group = h / heads;
         let mut out = vec![0f32; b * t * heads * hd];
         let mut sum = vec![0f32; hd];
-        with_f32(&self.cos, |cos| {
-            with_f32(&self.sin, |sin| {
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
-                            let (n, s, i) = (r / (t * heads), (r / heads) % t, r % heads);
-                            sum.fill(0.0);
-                            for j in i * group..(i + 1) * group {
-                                let src = &g[((n * h + j) * t + s) * hd..][..hd];
-                                sum.iter_mut().zip(src).for_each(|(a, &x)| *a += x);
-                            }
-                            if rotate {
-                                let table = (n * t + s) * hd;
-                                super::rope::rotate_grad(
-                                    &sum,
-                                    &cos[table..table + hd],
-                                    &sin[table..table + hd],
-                                    dst,
-                                );
-                            } else {
-                                dst.copy_from_slice(&sum);
-                            }
-                        }
-                    },
-                )
-            })
-        })??;
+        self.with_tables(
+            #[inline(always)]
+            |cos, sin| {
+                for (r, dst) in out.chunks_exact_mut(hd).enumerate() {
+                    let (n, s, i) = (r / (t * heads), (r / heads) % t, r % heads);
+                    sum.fill(0.0);
+                    for j in i * group..(i + 1) * group {
+                        let src = &g[((n * h + j) * t + s) * hd..][..hd];
+                        sum.iter_mut().zip(src).for_each(|(a, &x)| *a += x);
+                    }
+                    if rotate {
+                        let table = (n * t + s) * hd;
+                        super::rope::rotate_grad(
+                            &sum,
+                            &cos[table..table + hd],
+                            &sin[table..table + hd],
+                            dst,
+                        );
+                    } else {
+                        dst.copy_from_slice(&sum);
+                    }
+                }
+            },
+        )?;
         Ok(out)
     }
 }
