@@ -29,7 +29,9 @@ disabled). The pairs are the ids of `edpo bench` (the project's SplitMix64, draw
 order), responses ending with EOS (the last id), so no padding is needed. Step: reference
 forward, policy forward and backward, DPO with β = 0.1 (or ε-DPO), AdamW at learning rate
 1e-5, no gradient clipping. Timing: 2 warm-up steps, then `--steps` timed steps; pairs/s =
-pairs·steps / seconds.
+pairs·steps / seconds, and each timed step's seconds beside it (`*_step_seconds`): on a machine
+where PyTorch's allocator makes some steps fault their memory in again, one slow step moves a
+two-step mean by a third.
 
 Run from the repository root in a Python environment with torch, transformers, peft, trl and
 datasets (`pip install torch transformers peft trl datasets`; versions are printed):
@@ -241,7 +243,9 @@ def dpo_update(optimizer, lw, ll, rw, rl, h_steps, beta, epsilon):
 
 
 def timed(work, step_fn, steps, epsilon):
-    """pairs/s of `step_fn(beta) -> mean step` after the warm-up, β moved as edpo moves it."""
+    """pairs/s of `step_fn(beta) -> mean step` after the warm-up, β moved as edpo moves it, and
+    each timed step's wall time in seconds (a mean over few steps hides one slow step among
+    fast ones; the records keep the steps so a reader can tell)."""
     beta = BETA
 
     def step():
@@ -254,9 +258,12 @@ def timed(work, step_fn, steps, epsilon):
     for _ in range(WARMUP):
         step()
     start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
+        begun = time.perf_counter()
         step()
-    return work.pairs * steps / (time.perf_counter() - start)
+        seconds.append(time.perf_counter() - begun)
+    return work.pairs * steps / (time.perf_counter() - start), seconds
 
 
 def trainable(policy):
@@ -296,12 +303,14 @@ def measure_bare(work, steps, epsilon=None):
 
 def run_bare(work, steps):
     log(f"bare loop, DPO: {WARMUP} + {steps} steps")
-    dpo = measure_bare(work, steps)
+    dpo, dpo_steps = measure_bare(work, steps)
     log(f"bare loop, ε-DPO: {WARMUP} + {steps} steps")
-    eps = measure_bare(work, steps, epsilon=EPSILON)
+    eps, eps_steps = measure_bare(work, steps, epsilon=EPSILON)
     return {
         "bare_dpo_pairs_per_s": dpo,
         "bare_epsilon_dpo_pairs_per_s": eps,
+        "bare_dpo_step_seconds": dpo_steps,
+        "bare_epsilon_dpo_step_seconds": eps_steps,
         "bare_epsilon_over_dpo": eps / dpo,
         "bare_peak_rss_mib": peak_rss_mib(),
         "attn_implementation": ATTN_IMPLEMENTATION,
@@ -441,12 +450,14 @@ def measure_same_flops(work, steps, epsilon=None, compiled=False):
 def run_same_flops(work, steps, compiled):
     name = "samef_compiled" if compiled else "samef"
     log(f"same-FLOPs loop{' (compiled)' if compiled else ''}, DPO: {WARMUP} + {steps} steps")
-    dpo, gap = measure_same_flops(work, steps, compiled=compiled)
+    (dpo, dpo_steps), gap = measure_same_flops(work, steps, compiled=compiled)
     log(f"same-FLOPs loop{' (compiled)' if compiled else ''}, ε-DPO: {WARMUP} + {steps} steps")
-    eps, _ = measure_same_flops(work, steps, epsilon=EPSILON, compiled=compiled)
+    (eps, eps_steps), _ = measure_same_flops(work, steps, epsilon=EPSILON, compiled=compiled)
     return {
         f"{name}_dpo_pairs_per_s": dpo,
         f"{name}_epsilon_dpo_pairs_per_s": eps,
+        f"{name}_dpo_step_seconds": dpo_steps,
+        f"{name}_epsilon_dpo_step_seconds": eps_steps,
         f"{name}_epsilon_over_dpo": eps / dpo,
         f"{name}_peak_rss_mib": peak_rss_mib(),
         f"{name}_logp_gap_to_transformers": gap,
@@ -572,6 +583,8 @@ def run_trl(work, steps, threads):
     seconds = timer.times[total] - timer.times[WARMUP]
     return {
         "trl_dpo_pairs_per_s": work.pairs * steps / seconds,
+        "trl_dpo_step_seconds": [timer.times[s + 1] - timer.times[s]
+                                 for s in range(WARMUP, total)],
         "trl_peak_rss_mib": peak_rss_mib(),
         "trl_optim": getattr(config.optim, "value", config.optim),
         "trl": trl.__version__,
