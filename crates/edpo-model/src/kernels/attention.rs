@@ -43,14 +43,12 @@ fn on_storage<R>(
     t: &Tensor,
     f: impl FnOnce(&CpuStorage, usize) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    if !layout.is_contiguous() {
-        bail!("attention: a contiguous tensor expected");
-    }
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => f(cpu, layout.start_offset()),
-        _ => bail!("attention: a CPU tensor expected"),
-    }
+    super::with_storage(t, |cpu, layout| {
+        if !layout.is_contiguous() {
+            bail!("attention: a contiguous tensor expected");
+        }
+        f(cpu, layout.start_offset())
+    })
 }
 
 impl Attention {

@@ -73,9 +73,17 @@ pub(crate) fn slice<'a>(
 /// Runs `f` on the elements of a contiguous f32 CPU tensor in place, without copying them
 /// (`f` must not write to the tensor).
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    with_storage(t, |cpu, layout| Ok(f(slice(cpu, layout, "tensor")?)))
+}
+
+/// Runs `f` on a CPU tensor's storage and layout, in place (`f` must not write to it).
+pub(crate) fn with_storage<R>(
+    t: &Tensor,
+    f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        candle_core::Storage::Cpu(cpu) => Ok(f(slice(cpu, layout, "tensor")?)),
+        candle_core::Storage::Cpu(cpu) => f(cpu, layout),
         _ => bail!("a CPU tensor expected"),
     }
 }
