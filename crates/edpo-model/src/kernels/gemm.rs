@@ -11,7 +11,9 @@
 //! dimensions are all at least [`MIN_DIM`], and for a decoding step's few rows against a large
 //! weight ([`skinny`]: the weight streamed once, no packing, up to four rows' dot products per
 //! column at once, eight on AVX-512, a row's sum the same whichever rows stand beside it and
-//! on either instruction set); everything else goes
+//! on either instruction set; where `B` is an activation read along its rows, as in LoRA's
+//! rank-16 `∂A = ∂(x·Aᵀ)ᵀ·x`, up to 16 rows' sums held in registers over blocks of `B`'s rows,
+//! [`scaled_rows`]); everything else goes
 //! to candle's matrix multiply. The models of the default task (width 128) never reach the
 //! threshold, so their numbers are those of candle's kernel, unchanged; SmolLM2-sized models
 //! (width 576) run every linear map and LM head here. Work is split across the kernels'
@@ -177,24 +179,206 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
                     }
                 }
             }
+        } else if b.col_stride == 1 {
+            // Row p of B contiguous (an activation, as in LoRA's `∂A = ∂(x·Aᵀ)ᵀ·x`): blocks
+            // of a few rows by sixteen columns summed over every p in registers.
+            let (mut rows, mut dst) = (&a_rows[..], &mut out[..]);
+            while !rows.is_empty() {
+                let wide = wide();
+                let most = if wide { AXPY_ROWS_WIDE } else { AXPY_ROWS };
+                // The largest power of two of rows that fits: one pass over B for 16 rows.
+                let take = 1 << rows.len().min(most).ilog2();
+                let (now, later) = rows.split_at(take);
+                let (d_now, d_later) = std::mem::take(&mut dst).split_at_mut(take);
+                scaled_rows(now, b, (j0, k), d_now, wide);
+                (rows, dst) = (later, d_later);
+            }
         } else {
             // Rows of B in turn, each added to every output row it scales.
             for p in 0..k {
                 for (row, dst) in a_rows.iter().zip(out.iter_mut()) {
                     let x = row[p];
-                    if b.col_stride == 1 {
-                        let src = &b.data[p * b.row_stride + j0..][..w];
-                        dst.iter_mut().zip(src).for_each(|(d, &y)| *d += x * y);
-                    } else {
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            *d += x * b.at(p, j0 + j);
-                        }
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d += x * b.at(p, j0 + j);
                     }
                 }
             }
         }
     });
     c
+}
+
+/// Output rows [`scaled_rows`] sums at once: AVX2, two registers of columns per row.
+const AXPY_ROWS: usize = 4;
+/// Output rows [`scaled_rows`] sums at once on AVX-512: one register of columns per row.
+const AXPY_ROWS_WIDE: usize = 16;
+
+/// `dst[r][j] = Σ_p rows[r][p]·B[p, j0 + j]` into zeroed `dst`, for up to [`AXPY_ROWS`] rows, `B`'s rows
+/// contiguous, each sum taken in order of `p` from zero, a product then a sum per step (no
+/// fused multiply-add): the bits of adding `x·B[p, ·]` to zeroed rows one `p` after another,
+/// which is what this computed before, with each block of rows × 16 columns of sums held in
+/// registers over all of `p` (AVX2) instead of every output row read and written again for
+/// each `p`. `wide`: the AVX-512 kernel (the CPU must have it), else AVX2 where the CPU has it.
+fn scaled_rows(
+    rows: &[&[f32]],
+    b: Operand<'_>,
+    (j0, k): (usize, usize),
+    dst: &mut [&mut [f32]],
+    wide: bool,
+) {
+    let w = dst.first().map_or(0, |d| d.len());
+    assert!(
+        rows.len() == dst.len()
+            && rows.len() <= AXPY_ROWS_WIDE
+            && rows.iter().all(|r| r.len() >= k)
+            && dst.iter().all(|d| d.len() == w)
+            && b.col_stride == 1
+            && (k == 0 || (k - 1) * b.row_stride + j0 + w <= b.data.len())
+            && (!wide || super::simd::cpu_has_avx512f()),
+        "gemm: scaled rows out of bounds"
+    );
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: the CPU has AVX-512F (checked above); the rows hold `k` elements, the destinations
+        // `w`, and row `p < k` of `B` holds columns `j0..j0 + w` (checked above).
+        unsafe {
+            j = match rows.len() {
+                16 => scaled_rows_avx512::<16>(rows, b, j0, k, dst),
+                8 => scaled_rows_avx512::<8>(rows, b, j0, k, dst),
+                4 => scaled_rows_avx512::<4>(rows, b, j0, k, dst),
+                2 => scaled_rows_avx512::<2>(rows, b, j0, k, dst),
+                1 => scaled_rows_avx512::<1>(rows, b, j0, k, dst),
+                _ => 0,
+            };
+        }
+    } else if available() {
+        // SAFETY: the CPU has AVX2 and FMA (`available`); as above.
+        unsafe {
+            j = match rows.len() {
+                4 => scaled_rows_avx2::<4>(rows, b, j0, k, dst),
+                2 => scaled_rows_avx2::<2>(rows, b, j0, k, dst),
+                1 => scaled_rows_avx2::<1>(rows, b, j0, k, dst),
+                _ => 0,
+            };
+        }
+    }
+    // The columns left (fewer than sixteen, or all without AVX2), the same chains in scalars.
+    for (row, d) in rows.iter().zip(dst.iter_mut()) {
+        for (jj, out) in d.iter_mut().enumerate().skip(j) {
+            let mut acc = 0f32;
+            for (p, &x) in row[..k].iter().enumerate() {
+                acc += x * b.data[p * b.row_stride + j0 + jj];
+            }
+            *out = acc;
+        }
+    }
+}
+
+/// [`scaled_rows_avx2`] on AVX-512 for up to 16 rows, one 16-lane register of sums per row, so
+/// that with LoRA's rank 16 every row of `B` is loaded once: the same chains, the same bits.
+///
+/// # Safety
+/// The CPU must support AVX-512F; the bounds [`scaled_rows`] checks hold, and `dst` is zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn scaled_rows_avx512<const R: usize>(
+    rows: &[&[f32]],
+    b: Operand<'_>,
+    j0: usize,
+    k: usize,
+    dst: &mut [&mut [f32]],
+) -> usize {
+    use std::arch::x86_64::*;
+    let w = dst[0].len();
+    let full = w / 16 * 16;
+    let pa: [*const f32; R] = std::array::from_fn(|r| rows[r].as_ptr());
+    let pd: [*mut f32; R] = std::array::from_fn(|r| dst[r].as_mut_ptr());
+    let mut p0 = 0;
+    while p0 < k {
+        let depth = AXPY_DEPTH.min(k - p0);
+        let mut j = 0;
+        while j < full {
+            let mut s: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(pd[r].add(j)));
+            let mut pb = b.data.as_ptr().add(p0 * b.row_stride + j0 + j);
+            for p in p0..p0 + depth {
+                _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(AXPY_AHEAD).cast());
+                let bv = _mm512_loadu_ps(pb);
+                for r in 0..R {
+                    let x = _mm512_set1_ps(*pa[r].add(p));
+                    s[r] = _mm512_add_ps(s[r], _mm512_mul_ps(x, bv));
+                }
+                pb = pb.wrapping_add(b.row_stride);
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(pd[r].add(j), s[r]);
+            }
+            j += 16;
+        }
+        p0 += depth;
+    }
+    full
+}
+
+/// How far along a row of `B` (in `f32`s) [`scaled_rows_avx2`] and [`scaled_rows_avx512`]
+/// request the cache line the next block of columns will read: the kernels step down `B` a row
+/// at a time, 2304 bytes or more apart (wider than the hardware's stride prefetcher follows),
+/// and without the requests each step waited on its load.
+const AXPY_AHEAD: usize = 64;
+
+/// Rows of `B` [`scaled_rows_avx2`] takes in one pass over the output columns (at most
+/// 64 × 16 floats, 4 KiB, of `B` at a time, read from L1 by every group of rows).
+const AXPY_DEPTH: usize = 16;
+
+/// [`scaled_rows`] for `R` rows and every full block of 16 columns, returning the first column
+/// it left. The depths go in blocks of [`AXPY_DEPTH`], each block's sums added onto those of
+/// the blocks before (read back from `dst`, which starts at zero), so each sum is the same
+/// chain in order of `p`; walking all of `k` per block of columns instead strode down `B` a
+/// cache line per step, across pages the prefetcher does not follow.
+///
+/// # Safety
+/// The CPU must support AVX2; the bounds [`scaled_rows`] checks hold, and `dst` is zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scaled_rows_avx2<const R: usize>(
+    rows: &[&[f32]],
+    b: Operand<'_>,
+    j0: usize,
+    k: usize,
+    dst: &mut [&mut [f32]],
+) -> usize {
+    use std::arch::x86_64::*;
+    let w = dst[0].len();
+    let full = w / 16 * 16;
+    let pa: [*const f32; R] = std::array::from_fn(|r| rows[r].as_ptr());
+    let pd: [*mut f32; R] = std::array::from_fn(|r| dst[r].as_mut_ptr());
+    let mut p0 = 0;
+    while p0 < k {
+        let depth = AXPY_DEPTH.min(k - p0);
+        let mut j = 0;
+        while j < full {
+            let mut s0: [__m256; R] = std::array::from_fn(|r| _mm256_loadu_ps(pd[r].add(j)));
+            let mut s1: [__m256; R] = std::array::from_fn(|r| _mm256_loadu_ps(pd[r].add(j + 8)));
+            let mut pb = b.data.as_ptr().add(p0 * b.row_stride + j0 + j);
+            for p in p0..p0 + depth {
+                _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(AXPY_AHEAD).cast());
+                let (b0, b1) = (_mm256_loadu_ps(pb), _mm256_loadu_ps(pb.add(8)));
+                for r in 0..R {
+                    let x = _mm256_broadcast_ss(&*pa[r].add(p));
+                    s0[r] = _mm256_add_ps(s0[r], _mm256_mul_ps(x, b0));
+                    s1[r] = _mm256_add_ps(s1[r], _mm256_mul_ps(x, b1));
+                }
+                pb = pb.wrapping_add(b.row_stride);
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(pd[r].add(j), s0[r]);
+                _mm256_storeu_ps(pd[r].add(j + 8), s1[r]);
+            }
+            j += 16;
+        }
+        p0 += depth;
+    }
+    full
 }
 
 /// `C = A·B` for `A (m × k)`, `B (k × n)`, into a new row-major `m × n` buffer. Callers check
@@ -1237,10 +1421,17 @@ mod tests {
         }
     }
 
-    /// Decoding-step products against a float64 product, for both storage orders of `B`.
+    /// Decoding-step products against a float64 product, for both storage orders of `B`, on
+    /// counts of rows that split unevenly and evenly into the kernels' groups.
     #[test]
     fn skinny_products_equal_the_definition() {
-        let (m, n, k) = (5, 230, 200);
+        for m in [5, 16] {
+            skinny_product_equals_the_definition(m);
+        }
+    }
+
+    fn skinny_product_equals_the_definition(m: usize) {
+        let (n, k) = (230, 200);
         assert!(skinny(m, n, k) && !large(m, n, k));
         let av: Vec<f32> = (0..m * k)
             .map(|i| ((i * 37 % 101) as f32) * 0.01 - 0.5)
@@ -1267,6 +1458,36 @@ mod tests {
                 .iter()
                 .zip(&serial)
                 .all(|(x, s)| x.to_bits() == s.to_bits()));
+            if b.col_stride == 1 {
+                // B's rows contiguous: each sum the scalar chain in order of p, bit for bit,
+                // from the kernel this CPU uses and from each it has, on every count of rows.
+                let rows: Vec<&[f32]> = av.chunks(k).collect();
+                for wide in [false, super::super::simd::cpu_has_avx512f()] {
+                    for take in [1, 2, 4, 8, 16].into_iter().filter(|&t| t <= m) {
+                        if !wide && take > AXPY_ROWS {
+                            continue;
+                        }
+                        let mut out = vec![vec![0f32; n - 3]; take];
+                        let mut dst: Vec<&mut [f32]> =
+                            out.iter_mut().map(Vec::as_mut_slice).collect();
+                        scaled_rows(&rows[..take], b, (3, k), &mut dst, wide);
+                        for (i, row) in out.iter().enumerate() {
+                            for (j, &x) in row.iter().enumerate() {
+                                assert_eq!(x.to_bits(), c[i * n + j + 3].to_bits(), "{wide}");
+                            }
+                        }
+                    }
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut chain = 0f32;
+                        for p in 0..k {
+                            chain += av[i * k + p] * bv[p * n + j];
+                        }
+                        assert_eq!(c[i * n + j].to_bits(), chain.to_bits(), "({i}, {j})");
+                    }
+                }
+            }
             for i in 0..m {
                 for j in 0..n {
                     let exact: f64 = (0..k)
