@@ -698,6 +698,36 @@ pub fn matmul_tensors(
     product(a, b, false)
 }
 
+/// `A·B + D` for `D` of the product's shape: [`matmul_tensors`]'s product with `D` added in
+/// place on its buffer, the numbers of `(A·B) + D` without a third buffer.
+pub fn matmul_tensors_plus(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    d: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let ((m, _), (_, n)) = (a.dims2()?, b.dims2()?);
+    if d.dims2()? != (m, n) {
+        candle_core::bail!("gemm: adding {:?} to an {m} × {n} product", d.dims());
+    }
+    let mut c = {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        match (&*sa, &*sb) {
+            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => {
+                matmul_storage_with((ca, la), (cb, lb), false).map(|(c, _)| c)
+            }
+            _ => None,
+        }
+    };
+    let Some(c) = c.as_mut() else {
+        return a.matmul(b)? + d;
+    };
+    super::with_f32(&d.contiguous()?, |d| {
+        c.iter_mut().zip(d).for_each(|(x, &y)| *x += y);
+    })?;
+    candle_core::Tensor::from_vec(std::mem::take(c), (m, n), a.device())
+}
+
 /// [`matmul_tensors`] written into `c` (row-major, `m × n`): the same numbers, without a new
 /// buffer where this kernel runs the product.
 pub fn matmul_tensors_into(

@@ -316,7 +316,13 @@ impl CustomOp3 for LoraLinear {
         let d_down = mm(&g, &b)?.affine(self.scale, 0.0)?; // (rows, r)
         let db = mm(&g.t()?, &down)?.affine(self.scale, 0.0)?; // (out, r)
         let da = mm(&d_down.t()?, &x2)?; // (r, in)
-        let dx = (input_grad(&g, &w, self.input_major)? + mm(&d_down, &a)?)?;
+                                         // `g·W(ᵀ) + ∂(x·Aᵀ)·A`, the sum taken on the first product's buffer.
+        let lora = mm(&d_down, &a)?;
+        let dx = if self.input_major {
+            super::gemm::matmul_tensors_plus(&g, &w.t()?, &lora)?
+        } else {
+            super::gemm::matmul_tensors_plus(&g, &w, &lora)?
+        };
         Ok((Some(dx.reshape(x.shape())?), Some(da), Some(db)))
     }
 }
