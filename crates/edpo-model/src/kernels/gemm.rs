@@ -940,6 +940,31 @@ fn pack_b<'o>(
     nc: usize,
 ) -> &'o [f32] {
     let packed = sized(out, nc.div_ceil(NR) * kc * NR);
+    if b.col_stride == 1 {
+        // Rows of B contiguous: read each row once along its length, its runs of sixteen
+        // written to every panel in turn. (Panel by panel, each step read a row further down
+        // `B`, farther apart than the hardware's stride prefetcher follows.)
+        let full = nc / NR;
+        if full * NR < nc {
+            packed[full * kc * NR..].fill(0.0);
+        }
+        for p in 0..kc {
+            let row = &b.data[(pc + p) * b.row_stride + jc..][..nc];
+            let runs = row.chunks_exact(NR);
+            let rest = runs.remainder();
+            for (q, run) in runs.enumerate() {
+                // A constant sixteen: moved in vector registers, not by a call to memmove.
+                let dst: &mut [f32; NR] = (&mut packed[(q * kc + p) * NR..][..NR])
+                    .try_into()
+                    .expect("a run of sixteen");
+                *dst = run.try_into().expect("a run of sixteen");
+            }
+            if !rest.is_empty() {
+                packed[(full * kc + p) * NR..][..rest.len()].copy_from_slice(rest);
+            }
+        }
+        return packed;
+    }
     let pack = |(q, panel): (usize, &mut [f32])| {
         let j0 = jc + q * NR;
         let width = NR.min(jc + nc - j0);
@@ -1061,6 +1086,22 @@ fn pack_a<'o>(
     kc: usize,
 ) -> &'o [f32] {
     let packed = sized(out, mc.div_ceil(MR) * kc * MR);
+    if a.row_stride == 1 && mc % MR == 0 {
+        // A transposed view: each depth's `mc` values are contiguous; read them once, their
+        // runs of six written to every panel in turn. (Panel by panel, each step read six
+        // values a row further down the stored matrix, farther apart than the hardware's
+        // stride prefetcher follows.)
+        for p in 0..kc {
+            let column = &a.data[ic + (pc + p) * a.col_stride..][..mc];
+            for (q, run) in column.chunks_exact(MR).enumerate() {
+                let dst: &mut [f32; MR] = (&mut packed[(q * kc + p) * MR..][..MR])
+                    .try_into()
+                    .expect("a run of six");
+                *dst = run.try_into().expect("a run of six");
+            }
+        }
+        return packed;
+    }
     for (q, panel) in packed.chunks_mut(kc * MR).enumerate() {
         let i0 = ic + q * MR;
         let height = MR.min(ic + mc - i0);
