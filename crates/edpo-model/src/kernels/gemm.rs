@@ -1086,7 +1086,7 @@ fn pack_a<'o>(
     kc: usize,
 ) -> &'o [f32] {
     let packed = sized(out, mc.div_ceil(MR) * kc * MR);
-    if a.row_stride == 1 && mc % MR == 0 {
+    if a.row_stride == 1 && mc.is_multiple_of(MR) {
         // A transposed view: each depth's `mc` values are contiguous; read them once, their
         // runs of six written to every panel in turn. (Panel by panel, each step read six
         // values a row further down the stored matrix, farther apart than the hardware's
