@@ -13,7 +13,7 @@
 //! column at once, eight on AVX-512, a row's sum the same whichever rows stand beside it and
 //! on either instruction set; where `B` is an activation read along its rows, as in LoRA's
 //! rank-16 `∂A = ∂(x·Aᵀ)ᵀ·x`, up to 16 rows' sums held in registers over blocks of `B`'s rows,
-//! [`scaled_rows`]); everything else goes
+//! `scaled_rows`); everything else goes
 //! to candle's matrix multiply. The models of the default task (width 128) never reach the
 //! threshold, so their numbers are those of candle's kernel, unchanged; SmolLM2-sized models
 //! (width 576) run every linear map and LM head here. Work is split across the kernels'
