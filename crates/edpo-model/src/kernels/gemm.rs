@@ -183,9 +183,9 @@ fn skinny_matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -
             // Row p of B contiguous (an activation, as in LoRA's `∂A = ∂(x·Aᵀ)ᵀ·x`): blocks
             // of a few rows by sixteen columns summed over every p in registers.
             let (mut rows, mut dst) = (&a_rows[..], &mut out[..]);
+            let wide = wide();
+            let most = if wide { AXPY_ROWS_WIDE } else { AXPY_ROWS };
             while !rows.is_empty() {
-                let wide = wide();
-                let most = if wide { AXPY_ROWS_WIDE } else { AXPY_ROWS };
                 // The largest power of two of rows that fits: one pass over B for 16 rows.
                 let take = 1 << rows.len().min(most).ilog2();
                 let (now, later) = rows.split_at(take);
@@ -213,12 +213,13 @@ const AXPY_ROWS: usize = 4;
 /// Output rows [`scaled_rows`] sums at once on AVX-512: one register of columns per row.
 const AXPY_ROWS_WIDE: usize = 16;
 
-/// `dst[r][j] = Σ_p rows[r][p]·B[p, j0 + j]` into zeroed `dst`, for up to [`AXPY_ROWS`] rows, `B`'s rows
-/// contiguous, each sum taken in order of `p` from zero, a product then a sum per step (no
-/// fused multiply-add): the bits of adding `x·B[p, ·]` to zeroed rows one `p` after another,
-/// which is what this computed before, with each block of rows × 16 columns of sums held in
-/// registers over all of `p` (AVX2) instead of every output row read and written again for
-/// each `p`. `wide`: the AVX-512 kernel (the CPU must have it), else AVX2 where the CPU has it.
+/// `dst[r][j] = Σ_p rows[r][p]·B[p, j0 + j]` into zeroed `dst` for up to [`AXPY_ROWS_WIDE`]
+/// rows (AVX-512, `wide`: the CPU must have it) or [`AXPY_ROWS`] (AVX2, where the CPU has it),
+/// `B`'s rows contiguous. Each sum is taken in order of `p` from zero, a product then a sum per
+/// step (no fused multiply-add): the bits of adding `x·B[p, ·]` to zeroed rows one `p` after
+/// another, which is what this computed before, with blocks of rows × 16 columns of sums held in
+/// registers over blocks of `p` instead of every output row read and written again for each
+/// `p`. Columns past the last full sixteen (all of them without AVX2) take the scalar chain.
 fn scaled_rows(
     rows: &[&[f32]],
     b: Operand<'_>,
@@ -709,23 +710,13 @@ pub fn matmul_tensors_plus(
     if d.dims2()? != (m, n) {
         candle_core::bail!("gemm: adding {:?} to an {m} × {n} product", d.dims());
     }
-    let mut c = {
-        let (sa, la) = a.storage_and_layout();
-        let (sb, lb) = b.storage_and_layout();
-        match (&*sa, &*sb) {
-            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => {
-                matmul_storage_with((ca, la), (cb, lb), false).map(|(c, _)| c)
-            }
-            _ => None,
-        }
-    };
-    let Some(c) = c.as_mut() else {
+    let Some((mut c, _)) = kernel_product(a, b, false) else {
         return a.matmul(b)? + d;
     };
     super::with_f32(&d.contiguous()?, |d| {
         c.iter_mut().zip(d).for_each(|(x, &y)| *x += y);
     })?;
-    candle_core::Tensor::from_vec(std::mem::take(c), (m, n), a.device())
+    candle_core::Tensor::from_vec(c, (m, n), a.device())
 }
 
 /// [`matmul_tensors`] written into `c` (row-major, `m × n`): the same numbers, without a new
@@ -757,22 +748,28 @@ pub fn matmul_tensors_any_size(
     product(a, b, true)
 }
 
+/// `A·B` on this kernel for CPU tensors it takes, else `None`.
+fn kernel_product(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    any_size: bool,
+) -> Option<(Vec<f32>, (usize, usize))> {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    match (&*sa, &*sb) {
+        (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => {
+            matmul_storage_with((ca, la), (cb, lb), any_size)
+        }
+        _ => None,
+    }
+}
+
 fn product(
     a: &candle_core::Tensor,
     b: &candle_core::Tensor,
     any_size: bool,
 ) -> candle_core::Result<candle_core::Tensor> {
-    let out = {
-        let (sa, la) = a.storage_and_layout();
-        let (sb, lb) = b.storage_and_layout();
-        match (&*sa, &*sb) {
-            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => {
-                matmul_storage_with((ca, la), (cb, lb), any_size)
-            }
-            _ => None,
-        }
-    };
-    match out {
+    match kernel_product(a, b, any_size) {
         Some((c, shape)) => candle_core::Tensor::from_vec(c, shape, a.device()),
         None => a.matmul(b),
     }
@@ -971,19 +968,7 @@ fn pack_b<'o>(
         if width < NR {
             panel.fill(0.0);
         }
-        if b.col_stride == 1 && width == NR {
-            // Runs of a constant sixteen: copied in vector registers, not by a call to the
-            // C library's memmove per run (a twelfth of the wider products' time).
-            for (p, dst) in panel.chunks_exact_mut(NR).enumerate().take(kc) {
-                let start = (pc + p) * b.row_stride + j0;
-                dst.copy_from_slice(&b.data[start..][..NR]);
-            }
-        } else if b.col_stride == 1 {
-            for p in 0..kc {
-                let start = (pc + p) * b.row_stride + j0;
-                panel[p * NR..p * NR + width].copy_from_slice(&b.data[start..start + width]);
-            }
-        } else if b.row_stride == 1 {
+        if b.row_stride == 1 {
             // A transposed view: each column is contiguous, so read along it, eight columns
             // by eight depths at a time transposed in registers, the rest one by one.
             let (groups, blocks) = (width / 8, kc / 8);
