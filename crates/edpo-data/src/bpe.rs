@@ -60,8 +60,8 @@ mod tests {
 
     #[test]
     fn trains_loads_and_round_trips() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("edpo-bpe-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
         let path = dir.join("tokenizer.json");
         let corpus = [
             "a quiet triumph of acting",

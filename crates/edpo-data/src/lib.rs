@@ -241,17 +241,21 @@ impl PairTokenizer {
 mod tests {
     use super::*;
 
-    fn write(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("edpo-data-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+    /// `text` written to a file in a fresh directory (removed with the returned guard).
+    fn write(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("edpo-data-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path();
         let path = dir.join("pairs.jsonl");
         std::fs::write(&path, text).expect("write");
-        path
+        (tmp, path)
     }
 
     #[test]
     fn reads_rows_and_skips_blank_lines() -> Result<()> {
-        let path = write("ok", "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\",\"id\":3}\n\n{\"prompt\":\"d\",\"chosen\":\"e\",\"rejected\":\"f\"}\n");
+        let (_tmp, path) = write("ok", "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\",\"id\":3}\n\n{\"prompt\":\"d\",\"chosen\":\"e\",\"rejected\":\"f\"}\n");
         let pairs = read_jsonl_pairs(&path)?;
         assert_eq!(pairs.len(), 2);
         assert_eq!(pairs[1].line, 3);
@@ -261,14 +265,14 @@ mod tests {
 
     #[test]
     fn malformed_rows_name_file_and_line() {
-        let path = write("bad", "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\"}\n");
+        let (_tmp, path) = write("bad", "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\"}\n");
         let e = read_jsonl_pairs(&path).expect_err("missing field");
         assert!(
             e.to_string()
                 .ends_with("pairs.jsonl:2: field `rejected` is missing"),
             "{e}"
         );
-        let path = write("json", "{\"prompt\": 1}\nnot json\n");
+        let (_tmp, path) = write("json", "{\"prompt\": 1}\nnot json\n");
         let e = read_jsonl_pairs(&path).expect_err("bad type");
         assert!(
             e.to_string()

@@ -265,12 +265,16 @@ pub fn read_split(dir: &Path, split: &str) -> Result<Vec<Snippet>> {
 mod tests {
     use super::*;
 
-    fn write(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("edpo-snippets-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+    /// `text` written to a file in a fresh directory (removed with the returned guard).
+    fn write(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("edpo-snippets-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path();
         let p = dir.join("snippets.txt");
         std::fs::write(&p, text).expect("write");
-        p
+        (tmp, p)
     }
 
     fn many_rows() -> String {
@@ -289,7 +293,7 @@ mod tests {
     fn prepares_and_round_trips_through_parquet() -> Result<()> {
         let mut text = many_rows();
         text.push_str("900\t1.0\t   \r\n901\t1.0\tsnippet number 3 is bad\r\n");
-        let p = write("ok", &text);
+        let (_tmp, p) = write("ok", &text);
         let (df, summary) = read(&p, None)?;
         assert_eq!(summary.rows_read, 202);
         assert_eq!((summary.dropped_empty, summary.dropped_duplicate), (1, 1));
@@ -313,23 +317,23 @@ mod tests {
 
     #[test]
     fn bad_files_are_named_errors() {
-        let p = write("sum", &many_rows());
+        let (_tmp, p) = write("sum", &many_rows());
         let e = read(&p, Some("00")).expect_err("checksum");
         assert!(e.to_string().contains("checksum mismatch"), "{e}");
-        let p = write("row", "1\t2.0\tfine\r\n2\tgreat\tnot a rating\r\n");
+        let (_tmp, p) = write("row", "1\t2.0\tfine\r\n2\tgreat\tnot a rating\r\n");
         let e = read(&p, None).expect_err("rating");
         assert!(
             e.to_string().contains("snippets.txt:2: rating `great`"),
             "{e}"
         );
-        let p = write("fields", "1\t2.0\r\n");
+        let (_tmp, p) = write("fields", "1\t2.0\r\n");
         let e = read(&p, None).expect_err("fields");
         assert!(
             e.to_string()
                 .contains(":1: expected three tab-separated fields"),
             "{e}"
         );
-        let p = write("empty", "1\t2.0\tonly one\r\n");
+        let (_tmp, p) = write("empty", "1\t2.0\tonly one\r\n");
         let e = read(&p, None).expect_err("empty split");
         assert!(e.to_string().contains("split is empty"), "{e}");
     }

@@ -9,10 +9,14 @@ use edpo_data::{read_jsonl_pairs, PairTokenizer};
 use proptest::prelude::*;
 use std::path::PathBuf;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edpo-hostile-data-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir.join(name)
+/// A path named `name` in a fresh directory, removed with the returned guard.
+fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("edpo-hostile-data-")
+        .tempdir()
+        .expect("scratch");
+    let path = dir.path().join(name);
+    (dir, path)
 }
 
 fn tokenizer_fixture() -> Vec<u8> {
@@ -62,7 +66,7 @@ proptest! {
 
     #[test]
     fn pairs_from_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-        let path = scratch("arbitrary.jsonl");
+        let (_dir, path) = scratch("arbitrary.jsonl");
         std::fs::write(&path, &bytes).expect("write");
         if let Err(e) = read_jsonl_pairs(&path) {
             prop_assert!(e.to_string().contains("arbitrary.jsonl"), "{}", e);
@@ -71,7 +75,7 @@ proptest! {
 
     #[test]
     fn pairs_from_near_valid_lines(lines in proptest::collection::vec(near_valid_line(), 0..8)) {
-        let path = scratch("near.jsonl");
+        let (_dir, path) = scratch("near.jsonl");
         std::fs::write(&path, lines.join("\n")).expect("write");
         match read_jsonl_pairs(&path) {
             Ok(pairs) => prop_assert!(pairs.len() <= lines.len()),
@@ -112,7 +116,7 @@ proptest! {
             let i = flip.0 % bytes.len();
             bytes[i] ^= 1 << (flip.1 % 8);
         }
-        let path = scratch("tokenizer.json");
+        let (_dir, path) = scratch("tokenizer.json");
         std::fs::write(&path, &bytes).expect("write");
         match PairTokenizer::from_file(&path, 0) {
             Ok(t) => {

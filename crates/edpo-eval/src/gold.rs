@@ -215,7 +215,11 @@ mod tests {
 
     #[test]
     fn lexicon_scores_mean_valence() {
-        let dir = std::env::temp_dir().join(format!("edpo-lex-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-lex-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("lex");
         std::fs::create_dir_all(&dir).expect("dir");
         let p = dir.join("lex.txt");
         std::fs::write(&p, "good\t1.9\t0.9\t[2, 2]\nbad\t-2.5\t0.6\t[-2, -3]\n").expect("write");

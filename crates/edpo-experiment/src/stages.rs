@@ -204,7 +204,11 @@ mod tests {
     /// with its own files.
     #[test]
     fn two_stages_of_one_kind_build_at_once() -> Result<()> {
-        let root = std::env::temp_dir().join(format!("edpo-stages-{}", std::process::id()));
+        let tmp_root = tempfile::Builder::new()
+            .prefix("edpo-stages-")
+            .tempdir()
+            .expect("temp dir");
+        let root = tmp_root.path().join("stages");
         let cache = StageCache::new(&root);
         let results: Vec<Result<(PathBuf, bool)>> = std::thread::scope(|scope| {
             let builds: Vec<_> = [1, 2]

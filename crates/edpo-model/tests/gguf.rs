@@ -127,17 +127,22 @@ fn a_gguf_model_trains_and_saves_as_a_hugging_face_directory() -> TestResult {
     let source = Source::gguf(&gguf("q8_0"), &Device::Cpu)?;
     let model = CausalLm::from_source(source, &Device::Cpu, &|_| true)?;
     assert!(model.params().iter().all(|p| p.var.is_some()));
-    let dir = std::env::temp_dir().join(format!("edpo-gguf-save-{}", std::process::id()));
+    let tmp = tempfile::Builder::new()
+        .prefix("edpo-gguf-save-")
+        .tempdir()?;
+    let dir = tmp.path().join("save");
     model.save(&dir)?;
     let back = CausalLm::load(&dir, &Device::Cpu, false)?;
     assert_eq!(logps(&back)?, logps(&model)?);
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
 #[test]
 fn bad_files_are_errors_naming_file_and_key() -> TestResult {
-    let dir = std::env::temp_dir().join(format!("edpo-gguf-bad-{}", std::process::id()));
+    let tmp = tempfile::Builder::new()
+        .prefix("edpo-gguf-bad-")
+        .tempdir()?;
+    let dir = tmp.path().join("bad");
     std::fs::create_dir_all(&dir)?;
     let bytes = std::fs::read(gguf("q8_0"))?;
     for cut in [10, 200, bytes.len() / 2, bytes.len() - 7] {
@@ -160,14 +165,16 @@ fn bad_files_are_errors_naming_file_and_key() -> TestResult {
             && err.contains("falcon"),
         "{err}"
     );
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
 #[test]
 fn the_files_tokenizer_and_chat_template_come_out_as_hugging_face_files() -> TestResult {
     let model = CausalLm::load(&gguf("q4_0"), &Device::Cpu, false)?;
-    let dir = std::env::temp_dir().join(format!("edpo-gguf-tok-{}", std::process::id()));
+    let tmp = tempfile::Builder::new()
+        .prefix("edpo-gguf-tok-")
+        .tempdir()?;
+    let dir = tmp.path().join("tok");
     model.save(&dir)?;
     let ours = edpo_data::PairTokenizer::from_file(&dir.join("tokenizer.json"), 0)?;
     let golden = edpo_data::PairTokenizer::from_file(
@@ -205,7 +212,6 @@ fn the_files_tokenizer_and_chat_template_come_out_as_hugging_face_files() -> Tes
         chat.render(&[hi], true)?,
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    std::fs::remove_dir_all(&dir)?;
     let err = CausalLm::load(&gguf("bad-pre"), &Device::Cpu, false)
         .err()
         .ok_or("an unknown pre-tokenizer loaded")?

@@ -13,12 +13,12 @@ fn testdata() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("edpo-hostile-model-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+/// A fresh empty directory, removed with the returned guard.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("edpo-hostile-model-{name}-"))
+        .tempdir()
+        .expect("scratch")
 }
 
 /// `bytes` cut to a fraction of its length, or with one bit flipped.
@@ -51,14 +51,15 @@ proptest! {
         truncate in any::<bool>(), cut in 0.0f64..1.0, at in any::<usize>(), bit in any::<u8>(),
     ) {
         let src = testdata().join("golden").join(arch).join("policy");
-        let dir = scratch("dir");
+        let tmp = scratch("dir");
+        let dir = tmp.path();
         for e in std::fs::read_dir(&src).expect("fixture").flatten() {
             std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
         }
         let bytes = std::fs::read(src.join(file)).expect("fixture file");
         std::fs::write(dir.join(file), damage(bytes, truncate, cut, at, bit)).expect("write");
         // The error may name the directory or the file in it.
-        open_names(&dir, "dir")?;
+        open_names(dir, "dir")?;
     }
 
     #[test]
@@ -67,20 +68,22 @@ proptest! {
         truncate in any::<bool>(), cut in 0.0f64..1.0, at in any::<usize>(), bit in any::<u8>(),
     ) {
         let bytes = std::fs::read(testdata().join("gguf").join(name)).expect("fixture");
-        let path = scratch("gguf").join(name);
+        let tmp = scratch("gguf");
+        let path = tmp.path().join(name);
         std::fs::write(&path, damage(bytes, truncate, cut, at, bit)).expect("write");
         open_names(&path, name)?;
     }
 
     #[test]
     fn arbitrary_safetensors_headers(len in 0u64..200, header in "\\PC{0,120}", tail in proptest::collection::vec(any::<u8>(), 0..64)) {
-        let dir = scratch("header");
+        let tmp = scratch("header");
+        let dir = tmp.path();
         std::fs::copy(testdata().join("golden/gpt2/policy/config.json"), dir.join("config.json")).expect("copy");
         let mut bytes = len.to_le_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
         bytes.extend_from_slice(&tail);
         std::fs::write(dir.join("model.safetensors"), bytes).expect("write");
-        open_names(&dir, "header")?;
+        open_names(dir, "header")?;
     }
 
     #[test]
@@ -90,7 +93,8 @@ proptest! {
         bytes.extend_from_slice(&(counts.0 % 1000).to_le_bytes());
         bytes.extend_from_slice(&(counts.1 % 1000).to_le_bytes());
         bytes.extend_from_slice(&body);
-        let path = scratch("gguf-header").join("made.gguf");
+        let tmp = scratch("gguf-header");
+        let path = tmp.path().join("made.gguf");
         std::fs::write(&path, bytes).expect("write");
         open_names(&path, "made.gguf")?;
     }
@@ -100,19 +104,21 @@ proptest! {
 /// and a half GGUF file are rejected, by name.
 #[test]
 fn opening_reads_the_tensors() {
-    let dir = scratch("half");
+    let tmp = scratch("half");
+    let dir = tmp.path();
     let src = testdata().join("golden/gpt2/policy");
     for e in std::fs::read_dir(&src).expect("fixture").flatten() {
         std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
     }
     let bytes = std::fs::read(src.join("model.safetensors")).expect("fixture");
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
-    let Err(e) = Source::open(&dir, &Device::Cpu) else {
+    let Err(e) = Source::open(dir, &Device::Cpu) else {
         panic!("a half safetensors file was accepted");
     };
     assert!(e.to_string().contains("model.safetensors"), "{e}");
     let bytes = std::fs::read(testdata().join("gguf/tiny-llama-f32.gguf")).expect("fixture");
-    let path = scratch("half-gguf").join("half.gguf");
+    let tmp = scratch("half-gguf");
+    let path = tmp.path().join("half.gguf");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
     let Err(e) = Source::open(&path, &Device::Cpu) else {
         panic!("a half GGUF file was accepted");

@@ -75,8 +75,8 @@ fn make_sharded(root: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
 #[test]
 fn hf_names_resolve_in_the_local_cache_and_a_miss_says_where_it_looked() -> TestResult {
-    let base = std::env::temp_dir().join(format!("edpo-hub-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let tmp = tempfile::Builder::new().prefix("edpo-hub-").tempdir()?;
+    let base = tmp.path();
     let cache = base.join("hub");
     make_cache(&cache)?;
     make_sharded(&cache)?;
@@ -117,7 +117,7 @@ fn hf_names_resolve_in_the_local_cache_and_a_miss_says_where_it_looked() -> Test
 
     // HF_HOME/hub when HF_HUB_CACHE is not set.
     std::env::remove_var("HF_HUB_CACHE");
-    std::env::set_var("HF_HOME", &base);
+    std::env::set_var("HF_HOME", base);
     assert_eq!(
         logps(&CausalLm::load(
             Path::new("hf:tiny/llama"),
@@ -127,6 +127,5 @@ fn hf_names_resolve_in_the_local_cache_and_a_miss_says_where_it_looked() -> Test
         want
     );
     std::env::remove_var("HF_HOME");
-    std::fs::remove_dir_all(&base)?;
     Ok(())
 }

@@ -66,18 +66,18 @@ fn a_peft_adapter_gives_pefts_log_probs_and_gradients() -> TestResult {
     }
     assert_eq!(adapters, norms.len());
     // Saved and loaded back: the same model.
-    let dir = std::env::temp_dir().join(format!("edpo-lora-{}", std::process::id()));
+    let tmp = tempfile::Builder::new().prefix("edpo-lora-").tempdir()?;
+    let dir = tmp.path().join("adapter");
     model.save_adapter(&dir)?;
     let again = base.load_adapter(&dir)?;
     assert_eq!(
         sequence_logps(&again, &golden_sequences()?)?.to_vec1::<f32>()?,
         found
     );
-    std::fs::remove_dir_all(&dir)?;
     // Merged into the base, saved as a full directory and loaded back: PEFT's log-probs too.
     let merged = model.merged()?;
     assert!(merged.lora().is_none());
-    let full = std::env::temp_dir().join(format!("edpo-lora-merged-{}", std::process::id()));
+    let full = tmp.path().join("merged");
     merged.save(&full)?;
     let merged = CausalLm::load(&full, &Device::Cpu, false)?;
     let again = sequence_logps(&merged, &golden_sequences()?)?.to_vec1::<f32>()?;
@@ -90,7 +90,6 @@ fn a_peft_adapter_gives_pefts_log_probs_and_gradients() -> TestResult {
         base.merged().is_err(),
         "a model without adapters has nothing to merge"
     );
-    std::fs::remove_dir_all(&full)?;
     Ok(())
 }
 

@@ -333,7 +333,11 @@ mod tests {
 
     #[test]
     fn malformed_results_name_their_file_and_line() {
-        let dir = std::env::temp_dir().join(format!("edpo-judges-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-judges-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("judges");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(

@@ -24,7 +24,11 @@ const FIGURES: [&str; 7] = [
 
 #[test]
 fn report_from_the_fixture_sweep() -> Result<(), Box<dyn std::error::Error>> {
-    let out = std::env::temp_dir().join(format!("edpo-report-{}", std::process::id()));
+    let tmp_out = tempfile::Builder::new()
+        .prefix("edpo-report-")
+        .tempdir()
+        .expect("temp dir");
+    let out = tmp_out.path().join("report");
     let _ = std::fs::remove_dir_all(&out);
     let summary = edpo_report::build_report(&fixture(), &out)?;
     assert_eq!(summary.runs, 8);
@@ -155,7 +159,11 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()>
 /// values (2 before 10, not as text).
 #[test]
 fn a_sweep_over_tasks_reports_each_task_apart() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::env::temp_dir().join(format!("edpo-report-tasks-{}", std::process::id()));
+    let tmp_root = tempfile::Builder::new()
+        .prefix("edpo-report-tasks-")
+        .tempdir()
+        .expect("temp dir");
+    let root = tmp_root.path().join("report-tasks");
     let _ = std::fs::remove_dir_all(&root);
     let sweep = root.join("sweep");
     copy_dir(&fixture(), &sweep)?;

@@ -316,7 +316,12 @@ mod tests {
         assert_eq!(margin.relaxed[6], 1);
         assert_eq!(margin.kept[3], 1);
 
-        let dir = std::env::temp_dir().join(format!("edpo-decisions-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-decisions-")
+            .tempdir()
+            .expect("temp dir");
+
+        let dir = tmp_dir.path().join("decisions");
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join(crate::DECISIONS);
         crate::write_atomic(&path, d.to_json().to_string().as_bytes()).expect("write");

@@ -407,7 +407,11 @@ mod tests {
 
     #[test]
     fn a_run_directory_ends_completed_or_failed_with_its_chain() {
-        let dir = std::env::temp_dir().join(format!("edpo-rundir-run-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-rundir-run-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("rundir-run");
         let _ = std::fs::remove_dir_all(&dir);
         let mut run = RunDir::start(&dir, "abc", "a: 1\n", "{\"a\": 1}").expect("start");
         assert_eq!(read_status(&dir).map(|s| s.state), Some(RunState::Running));
@@ -432,7 +436,11 @@ mod tests {
 
     #[test]
     fn per_prompt_lines_round_trip_and_unequal_lengths_are_named() {
-        let dir = std::env::temp_dir().join(format!("edpo-rundir-pp-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-rundir-pp-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("rundir-pp");
         let _ = std::fs::remove_dir_all(&dir);
         let mut run = RunDir::start(&dir, "abc", "a: 1\n", "{}").expect("start");
         let a = PerPrompt {

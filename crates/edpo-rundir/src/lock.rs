@@ -255,10 +255,14 @@ impl Drop for RunLock {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("edpo-lock-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    /// A path that does not exist yet, in a fresh directory removed with the returned guard.
+    fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("edpo-lock-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path().join(name);
+        (tmp, dir)
     }
 
     fn owner(pid: u32) -> LockOwner {
@@ -273,7 +277,7 @@ mod tests {
 
     #[test]
     fn a_live_lock_is_busy_and_a_released_one_is_free() {
-        let dir = scratch("live");
+        let (_tmp, dir) = scratch("live");
         let Acquired::Held(lock) = RunLock::acquire(&dir, &owner(1), |_, _| false).unwrap() else {
             panic!("an absent lock must be taken");
         };
@@ -292,7 +296,7 @@ mod tests {
 
     #[test]
     fn a_stale_lock_is_broken_and_the_breaker_holds_it() {
-        let dir = scratch("stale");
+        let (_tmp, dir) = scratch("stale");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(LOCK), serde_json::to_string(&owner(7)).unwrap()).unwrap();
         let judged = std::cell::RefCell::new(Vec::new());
@@ -313,7 +317,7 @@ mod tests {
 
     #[test]
     fn an_old_empty_lock_is_broken_and_a_young_one_waited_for() {
-        let dir = scratch("empty");
+        let (_tmp, dir) = scratch("empty");
         std::fs::create_dir_all(&dir).unwrap();
         let file = std::fs::File::create(dir.join(LOCK)).unwrap();
         file.set_modified(SystemTime::now() - UNREADABLE_AFTER - Duration::from_secs(1))
@@ -324,7 +328,7 @@ mod tests {
             Acquired::Held(_)
         ));
         // A young empty lock filled a moment later by its writer is then that writer's.
-        let dir = scratch("filling");
+        let (_tmp, dir) = scratch("filling");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::File::create(dir.join(LOCK)).unwrap();
         let path = dir.join(LOCK);
@@ -341,7 +345,7 @@ mod tests {
 
     #[test]
     fn many_threads_racing_for_a_stale_lock_leave_exactly_one_holder() {
-        let dir = scratch("race");
+        let (_tmp, dir) = scratch("race");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(LOCK), serde_json::to_string(&owner(99)).unwrap()).unwrap();
         let holders = std::sync::Mutex::new(Vec::new());

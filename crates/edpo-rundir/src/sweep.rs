@@ -87,7 +87,11 @@ mod tests {
 
     #[test]
     fn the_manifest_round_trips_and_a_missing_one_is_named() {
-        let dir = std::env::temp_dir().join(format!("edpo-manifest-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-manifest-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("manifest");
         std::fs::create_dir_all(&dir).unwrap();
         let m = SweepManifest {
             name: "smoke".into(),

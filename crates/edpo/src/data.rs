@@ -6,7 +6,7 @@
 //! joint convention's prefix mismatches, token lengths), as a run of the `preferences` task
 //! would.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use edpo_data::chat::ChatTemplate;
 use edpo_data::preferences::{read_preferences, BadRows, Layout, ReadOptions, Rule};
 use edpo_data::tokenization::{length_summary, tokenize_all, Budget, Convention, OverBudget};
@@ -134,7 +134,12 @@ pub fn model_tokenizer(
     lm: &edpo_model::CausalLm,
     name: &std::path::Path,
 ) -> Result<(PairTokenizer, Option<ChatTemplate>)> {
-    let files = std::env::temp_dir().join(format!("edpo-tokenizer-{}", std::process::id()));
+    // A fresh private directory (removed when `tmp` drops), not a fixed name in `/tmp`.
+    let tmp = tempfile::Builder::new()
+        .prefix("edpo-tokenizer-")
+        .tempdir()
+        .context("a temporary directory for the model's tokenizer files")?;
+    let files = tmp.path().join("tokenizer");
     lm.write_tokenizer_files(&files)?;
     let result = (|| -> Result<(PairTokenizer, Option<ChatTemplate>)> {
         let eos = lm.eos_token_id().ok_or_else(|| {
@@ -152,6 +157,5 @@ pub fn model_tokenizer(
         };
         Ok((tokenizer, template))
     })();
-    let _ = std::fs::remove_dir_all(&files);
     result
 }

@@ -5,9 +5,9 @@
 mod common;
 
 use common::{edpo, root};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> common::Scratch {
     let dir = common::scratch("baselines", name);
     std::fs::copy(
         root().join("experiments/synthetic.yaml"),

@@ -1,6 +1,8 @@
 //! End-to-end tests of the `edpo` binary: the score command's output, and bad input giving a
 //! non-zero exit with one clear message naming the file and the key, tensor or line.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,11 +10,8 @@ fn golden() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edpo-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+fn scratch(name: &str) -> common::Scratch {
+    common::scratch("cli", name)
 }
 
 fn copy_model(from: &Path, to: &Path) {

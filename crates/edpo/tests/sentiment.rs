@@ -4,10 +4,10 @@
 mod common;
 
 use common::{edpo, root};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> common::Scratch {
     common::scratch("sentiment", name)
 }
 

@@ -522,7 +522,11 @@ mod tests {
     fn splits_are_by_prompt_and_changed_data_rebuilds_the_stage() -> Result<()> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
         let gguf = root.join("testdata/gguf/tiny-llama-f32.gguf");
-        let dir = std::env::temp_dir().join(format!("edpo-user-task-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-user-task-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("user-task");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let data = dir.join("pairs.jsonl");

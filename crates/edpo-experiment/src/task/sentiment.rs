@@ -904,7 +904,11 @@ mod tests {
     fn gold_model_correlates_with_held_out_human_ratings() -> Result<()> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
         let (df, _) = snippets::read(&root.join(SNIPPETS_PATH), Some(SNIPPETS_SHA256))?;
-        let dir = std::env::temp_dir().join(format!("edpo-gold-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-gold-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("gold");
         std::fs::create_dir_all(&dir)?;
         snippets::write_splits(&df, &dir)?;
         let split = |s| snippets::read_split(&dir, s);
@@ -951,7 +955,11 @@ mod tests {
             .map(|(n, _)| *n)
             .collect();
         assert_eq!(names, ["snippets", "gold", "reference", "pairs"]);
-        let dir = std::env::temp_dir().join(format!("edpo-pretrained-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-pretrained-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("pretrained");
         let cache = StageCache::new(&dir);
         let data = prepare(&task, &DEFAULT_SHAPE, &cache)?;
         assert!(data.reference_dir.join("tokenizer_config.json").exists());
@@ -1020,7 +1028,11 @@ mod tests {
                 gguf = gguf.display().to_string(),
             )
         };
-        let dir = std::env::temp_dir().join(format!("edpo-tau-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-tau-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("tau");
         let cache = StageCache::new(&dir);
         let a = prepare(&raw(&yaml(0.05))?, &DEFAULT_SHAPE, &cache)?;
         let b = prepare(&raw(&yaml(2.0))?, &DEFAULT_SHAPE, &cache)?;
@@ -1072,7 +1084,11 @@ mod tests {
             names,
             ["snippets", "gold", "reference", "pairs", "rso-pairs"]
         );
-        let dir = std::env::temp_dir().join(format!("edpo-rso-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("edpo-rso-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp_dir.path().join("rso");
         let cache = StageCache::new(&dir);
         let a = prepare(&plain, &DEFAULT_SHAPE, &cache)?;
         let b = prepare(&rso, &DEFAULT_SHAPE, &cache)?;

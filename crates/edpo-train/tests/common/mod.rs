@@ -433,8 +433,10 @@ pub fn log_probs_do_not_depend_on_batch_or_padding() -> TestResult {
 pub fn save_then_load_gives_identical_logits() -> TestResult {
     for family in FAMILIES {
         let (_, policy, _) = load(family)?;
-        let dir =
-            std::env::temp_dir().join(format!("edpo-roundtrip-{}-{family}", std::process::id()));
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("edpo-roundtrip-{family}-"))
+            .tempdir()?;
+        let dir = tmp.path().join(family);
         policy.save(&dir)?;
         let back = CausalLm::load(&dir, &Device::Cpu, false)?;
         let ids: Vec<u32> = (0..12).map(|i| (i * 17 + 3) % 300).collect();

@@ -20,12 +20,39 @@ pub fn edpo(args: &[&str]) -> Output {
         .expect("run edpo")
 }
 
-/// An empty directory unique to this test process, `suite` and `name`.
-pub fn scratch(suite: &str, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edpo-{suite}-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+/// A fresh empty directory for one test, removed with everything in it when the value is
+/// dropped (at the end of the test, passed or failed). Read it as a [`Path`].
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.dir.path().as_os_str()
+    }
+}
+
+/// A fresh empty directory named after `suite` and `name` (under the system's temporary
+/// directory), removed when the returned guard is dropped.
+pub fn scratch(suite: &str, name: &str) -> Scratch {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("edpo-{suite}-{name}-"))
+        .tempdir()
+        .expect("scratch directory");
+    Scratch { dir }
 }
 
 /// The files of a run directory that hold its numbers.
