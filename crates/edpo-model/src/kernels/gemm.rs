@@ -416,7 +416,7 @@ fn write_product(
             x.write(0.0);
         });
     } else {
-        split_rows(m, n, k, a, b, c, false);
+        split_rows(m, n, k, a, b, c, false, depth_block(k));
     }
 }
 
@@ -469,7 +469,42 @@ pub fn matmul_into(
             }
         }
     } else if k > 0 {
-        split_rows(m, n, k, a, b, as_uninit(c), true);
+        split_rows(m, n, k, a, b, as_uninit(c), true, depth_block(k));
+    }
+}
+
+/// The depth blocks a product of inner dimension `k` runs in: of equal size (at most `KC`, the
+/// last possibly shorter), so that no pass over `C` is a thin remainder. Each element of `C` is
+/// its first block's chain of multiply-adds, then each later block's chain added in order.
+pub fn depth_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).max(1)
+}
+
+/// [`matmul_into`] (`C (+)= A·B`, `A` through any strides) in depth blocks of `depth` instead of
+/// [`depth_block`]`(k)`, on this kernel ([`available`] must hold). A product over `K` cut into
+/// consecutive parts at multiples of `depth_block(K)`, each part run with that depth and added
+/// to `C` in order (the first part written), gives every element of `C` the bits of the whole
+/// product: the same blocks, the same additions.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_into_depth(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+    depth: usize,
+) {
+    assert!(
+        available() && depth > 0 && c.len() == m * n,
+        "gemm: a product in depth blocks of {depth} into {} elements for {m} × {n}",
+        c.len()
+    );
+    if k > 0 {
+        split_rows(m, n, k, a, b, as_uninit(c), accumulate, depth);
+    } else if !accumulate {
+        c.fill(0.0);
     }
 }
 
@@ -493,6 +528,7 @@ fn split_rows(
     b: Operand<'_>,
     c: &mut [MaybeUninit<f32>],
     accumulate: bool,
+    depth: usize,
 ) {
     if super::parallel() && m > MC {
         let rows = m.div_ceil(super::threads()).div_ceil(MR) * MR;
@@ -503,10 +539,10 @@ fn split_rows(
                     data: &a.data[t * rows * a.row_stride..],
                     ..a
                 };
-                serial_into(n, k, a, b, part, accumulate);
+                serial_into(n, k, a, b, part, accumulate, depth);
             });
     } else {
-        serial_into(n, k, a, b, c, accumulate);
+        serial_into(n, k, a, b, c, accumulate, depth);
     }
 }
 
@@ -518,14 +554,25 @@ fn serial_into(
     b: Operand<'_>,
     c: &mut [MaybeUninit<f32>],
     accumulate: bool,
+    depth: usize,
 ) {
     PACKED.with(|buffers| match buffers.try_borrow_mut() {
         Ok(mut buffers) => {
             let (packed_b_buf, packed_a_buf) = &mut *buffers;
-            serial_with(n, k, a, b, c, accumulate, packed_b_buf, packed_a_buf);
+            serial_with(n, k, a, b, c, accumulate, depth, packed_b_buf, packed_a_buf);
         }
         // Not reached (a product never runs inside another on one thread); fresh buffers then.
-        Err(_) => serial_with(n, k, a, b, c, accumulate, &mut Vec::new(), &mut Vec::new()),
+        Err(_) => serial_with(
+            n,
+            k,
+            a,
+            b,
+            c,
+            accumulate,
+            depth,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        ),
     });
 }
 
@@ -546,12 +593,11 @@ fn serial_with(
     b: Operand<'_>,
     c: &mut [MaybeUninit<f32>],
     accumulate: bool,
+    kc_size: usize,
     packed_b_buf: &mut Vec<f32>,
     packed_a_buf: &mut Vec<f32>,
 ) {
     let wide = wide();
-    // Depth blocks of equal size (at most KC), so that no pass over C is a thin remainder.
-    let kc_size = k.div_ceil(k.div_ceil(KC));
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(kc_size) {

@@ -31,6 +31,10 @@ use std::sync::Arc;
 /// for mapping fresh pages, so chunk buffers are reused rather than faulted in and zeroed).
 pub const HEAD_CHUNK_ELEMENTS: usize = 6 << 20;
 
+/// About how many columns of the vocabulary the backward pass takes at a time
+/// ([`HeadLogps::backward_blocked`]): all rows' logits of 4096 columns are 8 MiB at 512 rows.
+pub const HEAD_BACKWARD_COLUMNS: usize = 4096;
+
 /// Rows per chunk for a vocabulary of `vocab` (at least one).
 pub fn chunk_rows(vocab: usize) -> usize {
     (HEAD_CHUNK_ELEMENTS / vocab.max(1)).max(1)
@@ -192,7 +196,7 @@ impl HeadLogps {
         h: &Tensor,
         w: &Tensor,
         g: &Tensor,
-        mut dw: Option<&mut [f32]>,
+        dw: Option<&mut [f32]>,
     ) -> candle_core::Result<Tensor> {
         let n = self.targets.len();
         // The KL part's gradient per row: its sequence's.
@@ -204,6 +208,24 @@ impl HeadLogps {
             None => None,
         };
         let g = g.narrow(0, 0, n)?;
+        if self.logits.is_none() && super::gemm::available() {
+            self.backward_blocked(h, w, &g, k_rows.as_deref(), dw, HEAD_BACKWARD_COLUMNS)
+        } else {
+            self.backward_chunked(h, w, &g, k_rows.as_deref(), dw)
+        }
+    }
+
+    /// [`Self::backward`] a chunk of rows at a time: the logits again (or the kept ones),
+    /// `∂z`, then `∂h_c = ∂z·W` and `∂W += ∂zᵀ·h_c`.
+    fn backward_chunked(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        k_rows: Option<&[f32]>,
+        mut dw: Option<&mut [f32]>,
+    ) -> candle_core::Result<Tensor> {
+        let n = self.targets.len();
         let mut dh = Vec::with_capacity(n.div_ceil(self.rows));
         for range in chunks(n, self.rows) {
             let z = match &self.logits {
@@ -215,7 +237,7 @@ impl HeadLogps {
                 lse: Some(Arc::new(self.lse[range.clone()].to_vec())),
             };
             let mut dz = z.apply_op2_no_bwd(&g.narrow(0, range.start, range.len())?, &op)?;
-            if let (Some(kl), Some(k)) = (&self.kl, &k_rows) {
+            if let (Some(kl), Some(k)) = (&self.kl, k_rows) {
                 let r = match &kl.logits {
                     Some(r) => r.clone(),
                     None => chunk_logits(&kl.hidden, &kl.weight, &range)?,
@@ -244,6 +266,127 @@ impl HeadLogps {
         }
         Tensor::cat(&dh, 0)
     }
+
+    /// [`Self::backward`] a block of the vocabulary at a time instead of a chunk of rows: per
+    /// block of about `columns` columns (a multiple of the depth block of the `V`-deep product
+    /// `∂z·W`), every row's logits and `∂z` there, then `∂h += ∂z_blk·W_blk` in that product's
+    /// own depth blocks and `∂W_blk += ∂z_blkᵀ·h` over the same chunks of rows as before. So
+    /// each part of `W` is packed for the kernel twice per backward pass, not twice per chunk of
+    /// rows (with 128-row chunks at SmolLM2's vocabulary, eight passes over its 113 MB), and the
+    /// buffers are `rows × columns`; every number is the row-chunked pass's, bit for bit (the
+    /// same chains of multiply-adds, added in the same order; elementwise terms per element).
+    fn backward_blocked(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        k_rows: Option<&[f32]>,
+        mut dw: Option<&mut [f32]>,
+        columns: usize,
+    ) -> candle_core::Result<Tensor> {
+        use super::gemm::{depth_block, matmul, matmul_into, matmul_into_depth, Operand};
+        let (n, d) = h.dims2()?;
+        let (v, _) = w.dims2()?;
+        let (h, w, g) = (h.contiguous()?, w.contiguous()?, g.to_vec1::<f32>()?);
+        let depth = depth_block(v);
+        let width = depth * (columns / depth).max(1);
+        let row_chunks: Vec<Range<usize>> = chunks(n, self.rows).collect();
+        let reference = match (&self.kl, k_rows) {
+            (Some(kl), Some(k)) => Some((kl.hidden.contiguous()?, kl.weight.contiguous()?, kl, k)),
+            _ => None,
+        };
+        let mut dh = vec![0f32; n * d];
+        super::with_f32(&h, |hs| {
+            super::with_f32(&w, |ws| -> candle_core::Result<()> {
+                // Rows `row_stride` apart (row-major), or a transposed view of such rows.
+                fn rows(data: &[f32], row_stride: usize) -> Operand<'_> {
+                    Operand {
+                        data,
+                        row_stride,
+                        col_stride: 1,
+                    }
+                }
+                fn transposed(data: &[f32], stride: usize) -> Operand<'_> {
+                    Operand {
+                        data,
+                        row_stride: 1,
+                        col_stride: stride,
+                    }
+                }
+                for j0 in (0..v).step_by(width) {
+                    let nb = width.min(v - j0);
+                    let w_blk = &ws[j0 * d..(j0 + nb) * d];
+                    let mut z = matmul(n, nb, d, rows(hs, d), transposed(w_blk, d));
+                    let dz = match &reference {
+                        None => {
+                            // In place: z is not needed again.
+                            softmax_gather_grad(&mut z, nb, &g, &self.lse, |i| {
+                                self.targets[i].checked_sub(j0 as u32)
+                            });
+                            z
+                        }
+                        Some((hr, wr, kl, k)) => {
+                            let r = super::with_f32(hr, |hrs| {
+                                super::with_f32(wr, |wrs| {
+                                    matmul(
+                                        n,
+                                        nb,
+                                        d,
+                                        rows(hrs, d),
+                                        transposed(&wrs[j0 * d..(j0 + nb) * d], d),
+                                    )
+                                })
+                            })??;
+                            let mut dz = z.clone();
+                            softmax_gather_grad(&mut dz, nb, &g, &self.lse, |i| {
+                                self.targets[i].checked_sub(j0 as u32)
+                            });
+                            add_kl_grad(&mut dz, &z, &r, nb, (&self.lse, &kl.lse), k);
+                            dz
+                        }
+                    };
+                    let (dz_rows, w_rows) = (rows(&dz, nb), rows(w_blk, d));
+                    matmul_into_depth(n, d, nb, dz_rows, w_rows, &mut dh, j0 > 0, depth);
+                    if let Some(acc) = dw.as_deref_mut() {
+                        let acc = &mut acc[j0 * d..(j0 + nb) * d];
+                        for c in &row_chunks {
+                            let dz_t = transposed(&dz[c.start * nb..], nb);
+                            let hc = rows(&hs[c.start * d..c.end * d], d);
+                            matmul_into(nb, d, c.len(), dz_t, hc, acc, true);
+                        }
+                    }
+                }
+                Ok(())
+            })?
+        })??;
+        Tensor::from_vec(dh, (n, d), h.device())
+    }
+}
+
+/// `∂z` of the log-softmax gather in place over logits `z` (rows of `width`): each element
+/// `−g_i·exp(z − lse_i)`, then `g_i` added at the row's target column where `target(i)` gives
+/// one (`LogSoftmaxGatherGrad`'s numbers, element by element).
+fn softmax_gather_grad(
+    z: &mut [f32],
+    width: usize,
+    g: &[f32],
+    lse: &[f32],
+    target: impl Fn(usize) -> Option<u32> + Sync,
+) {
+    super::rows_map_in_place(
+        z,
+        width,
+        #[inline(always)]
+        |i, row| {
+            let (gi, l) = (g[i], lse[i]);
+            for o in row.iter_mut() {
+                *o = -gi * exp(*o - l);
+            }
+            if let Some(t) = target(i).filter(|&t| (t as usize) < row.len()) {
+                row[t as usize] += gi;
+            }
+        },
+    );
 }
 
 /// `log_softmax(h·Wᵀ)[targets]` per row of `h (N, d)` for `W (V, d)`, in chunks of `rows` rows,
@@ -455,6 +598,88 @@ mod tests {
                 assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
             }
         }
+    }
+
+    /// The backward pass by blocks of the vocabulary gives the row-chunked pass's `∂h` and `∂W`
+    /// bit for bit: a vocabulary off every lane and block multiple, blocks of one depth block
+    /// and of several, with and without the weight's gradient and TDPO's KL term.
+    #[test]
+    fn vocabulary_blocks_give_the_row_chunks_bits() -> candle_core::Result<()> {
+        if !super::super::gemm::available() {
+            eprintln!("no AVX2 and FMA on this CPU: the blocked backward pass is not used");
+            return Ok(());
+        }
+        let (n, d, v, rows) = (13, 300, 1003, 5);
+        let dev = &Device::Cpu;
+        let values = |len: usize, a: usize, b: usize, scale: f32| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * a % b) as f32 - b as f32 / 2.0) * scale)
+                .collect()
+        };
+        let h = Tensor::from_vec(values(n * d, 29, 31, 0.02), (n, d), dev)?;
+        let w = Tensor::from_vec(values(v * d, 13, 23, 0.03), (v, d), dev)?;
+        let hr = Tensor::from_vec(values(n * d, 17, 37, 0.02), (n, d), dev)?;
+        let wr = Tensor::from_vec(values(v * d, 11, 19, 0.03), (v, d), dev)?;
+        let targets: Vec<u32> = (0..n).map(|i| (i * 211 % v) as u32).collect();
+        let g = Tensor::from_vec(values(n, 7, 11, 0.3), n, dev)?;
+        let sequence_of: Vec<usize> = (0..n).map(|i| i % 3).collect();
+        let k_rows: Vec<f32> = sequence_of.iter().map(|&s| 0.25 + 0.5 * s as f32).collect();
+        let (mut lse, mut lse_r) = (Vec::new(), Vec::new());
+        for range in chunks(n, rows) {
+            let (_, l) = gather(&chunk_logits(&h, &w, &range)?, &targets[range.clone()])?;
+            lse.extend(l.iter());
+            let r = chunk_logits(&hr, &wr, &range)?;
+            super::super::with_f32(&r, |r| lse_r.extend(r.chunks(v).map(row_lse)))?;
+        }
+        for with_kl in [false, true] {
+            let node = HeadLogps {
+                targets: Arc::new(targets.clone()),
+                logps: vec![0.0; n],
+                lse: lse.clone(),
+                rows,
+                weight_grad: true,
+                logits: None,
+                kl: with_kl.then(|| KlPart {
+                    hidden: hr.clone(),
+                    weight: wr.clone(),
+                    sequence_of: sequence_of.clone(),
+                    values: vec![0.0; 3],
+                    lse: lse_r.clone(),
+                    logits: None,
+                }),
+            };
+            let k = with_kl.then_some(&k_rows[..]);
+            for weight_grad in [false, true] {
+                let mut dw_rows = vec![0f32; v * d];
+                let dh_rows = node
+                    .backward_chunked(&h, &w, &g, k, weight_grad.then_some(&mut dw_rows[..]))?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                for columns in [1, 600, 1 << 20] {
+                    let mut dw = vec![0f32; v * d];
+                    let dh = node
+                        .backward_blocked(
+                            &h,
+                            &w,
+                            &g,
+                            k,
+                            weight_grad.then_some(&mut dw[..]),
+                            columns,
+                        )?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    let same = |a: &[f32], b: &[f32]| {
+                        a.len() == b.len()
+                            && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                    };
+                    let case = format!("KL {with_kl}, weight {weight_grad}, {columns} columns");
+                    assert!(same(&dh, &dh_rows), "∂h differs: {case}");
+                    assert!(same(&dw, &dw_rows), "∂W differs: {case}");
+                    assert!(dh.iter().any(|&x| x != 0.0), "{case}");
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -160,6 +160,32 @@ pub(crate) fn rows_map(
     }
 }
 
+/// Applies `f(i, row)` to every row `i` of width `width` of `data`, in place, in parallel when
+/// allowed.
+pub(crate) fn rows_map_in_place(
+    data: &mut [f32],
+    width: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if parallel() && data.len() >= 1 << 15 {
+        data.par_chunks_mut(width).enumerate().for_each(|(i, row)| {
+            vectorised(
+                #[inline(always)]
+                || f(i, row),
+            )
+        });
+    } else {
+        vectorised(
+            #[inline(always)]
+            || {
+                for (i, row) in data.chunks_mut(width).enumerate() {
+                    f(i, row);
+                }
+            },
+        );
+    }
+}
+
 /// Lanes of the reductions below: eight independent partial results, so the loops vectorise
 /// (a single running f32 sum is a serial dependency the compiler must keep in order).
 const LANES: usize = 8;
