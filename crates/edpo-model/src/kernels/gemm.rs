@@ -518,8 +518,9 @@ fn as_uninit(c: &mut [f32]) -> &mut [MaybeUninit<f32>] {
 /// `C (+)= A·B` on the kernels' threads: one contiguous block of rows of `C` per thread, each
 /// thread packing its own panels of `B` and running every depth block on its rows: one fork
 /// and join per product, not one per depth block. No number depends on the split: each
-/// element of `C` is accumulated over the same depth blocks either way. With `accumulate`,
-/// every element of `c` must be initialised; without, every element is written.
+/// element of `C` is accumulated over the same depth blocks (of `depth`) either way. With
+/// `accumulate`, every element of `c` must be initialised; without, every element is written.
+#[allow(clippy::too_many_arguments)]
 fn split_rows(
     m: usize,
     n: usize,
