@@ -6,10 +6,14 @@
 //! log-prob (the [`super::softmax`] kernel); only the log-probs and log-sum-exps are kept.
 //! A caller may read each chunk's logits as they pass ([`head_logps_visiting`]): ε-DPO mixes
 //! them with the reference's there, chunk by chunk, instead of holding both `(N, V)` tensors.
-//! Backward: per chunk, the logits again (one more `N·d·V` product: the price of never
-//! storing them), `∂z = g·(onehot − softmax(z))`, `∂h_c = ∂z·W` and, when the weight trains,
-//! `∂W += ∂zᵀ·h_c`, summed in place. Memory for the head is `O(chunk × V)` instead of the
-//! `(N, V)` logits, their softmax and their gradient.
+//! Backward: the logits again (one more `N·d·V` product: the price of never storing them),
+//! `∂z = g·(onehot − softmax(z))` from the forward's log-sum-exps, `∂h = ∂z·W` and, when the
+//! weight trains, `∂W += ∂zᵀ·h`, summed in place. On the [`super::gemm`] kernel this runs a
+//! block of about [`HEAD_BACKWARD_COLUMNS`] vocabulary columns at a time for all rows, so each
+//! part of `W` is packed for the kernel once per product rather than once per chunk of rows,
+//! with the bits of the row-chunked pass (which runs where that kernel does not). Memory for the
+//! head is `O(chunk × V)` (forward) and `O(N × block)` (backward) instead of the `(N, V)`
+//! logits, their softmax and their gradient.
 //!
 //! TDPO's sequential KL against a reference head ([`ReferenceHead`]) is a second output of the
 //! same node: per chunk the reference's logits `r = h_ref·W_refᵀ`, each row's
