@@ -13,8 +13,9 @@
 //! column at once, eight on AVX-512, a row's sum the same whichever rows stand beside it and
 //! on either instruction set; where `B` is an activation read along its rows, as in LoRA's
 //! rank-16 `∂A = ∂(x·Aᵀ)ᵀ·x`, up to 16 rows' sums held in registers over blocks of `B`'s rows,
-//! `scaled_rows`); everything else goes
-//! to candle's matrix multiply. The models of the default task (width 128) never reach the
+//! `scaled_rows`); LoRA's other rank-`r` products run here in the depth blocks candle's own
+//! product would use on this CPU ([`candle_depth`]), so they keep candle's numbers bit for bit;
+//! everything else goes to candle's matrix multiply. The models of the default task (width 128) never reach the
 //! threshold, so their numbers are those of candle's kernel, unchanged; SmolLM2-sized models
 //! (width 576) run every linear map and LM head here. Work is split across the kernels'
 //! threads ([`super::parallel`]) by blocks of rows of `C`: one block per thread, each packing
@@ -505,6 +506,75 @@ pub fn matmul_into_depth(
         split_rows(m, n, k, a, b, as_uninit(c), accumulate, depth);
     } else if !accumulate {
         c.fill(0.0);
+    }
+}
+
+/// The depth blocks candle's CPU product of f32 runs an `m × k` by `k × n` product in on this
+/// CPU: its `gemm` crate's AVX2/FMA kernel (a 16 × 6 tile) accumulates each element as one
+/// chain of multiply-adds from zero per depth block, the blocks added in order, which is what
+/// [`matmul_into_depth`] computes with these blocks (a test checks LoRA's shapes bit for bit).
+/// The blocks come from that crate's own rule (its `kernel_params`, from this CPU's L1 cache:
+/// up to 1024 deep on a 48 KiB 12-way L1, 512 on a 32 KiB 8-way one), so they differ between
+/// machines as candle's do. `None` for the shapes it sends to other kernels (`k ≤ 2`, a single
+/// row or column, at most 256 outputs) or where this kernel does not run.
+pub fn candle_depth(m: usize, n: usize, k: usize) -> Option<usize> {
+    if !available() || k <= 2 || m <= 1 || n <= 1 || m * n <= 256 {
+        return None;
+    }
+    if m <= 64 && n <= 64 {
+        return Some(k.min(512));
+    }
+    Some(gemm_common::cache::kernel_params(m, n, k, 16, 6, std::mem::size_of::<f32>()).kc)
+}
+
+/// `a·b` of storages with 2-D layouts `(m, k)` and `(k, n)` on this kernel in candle's depth
+/// blocks ([`candle_depth`]): candle's numbers, for the thin products it would otherwise run
+/// (LoRA's rank-`r` maps). `None` where that does not apply.
+pub fn matmul_storage_as_candle(
+    a: (&candle_core::CpuStorage, &candle_core::Layout),
+    b: (&candle_core::CpuStorage, &candle_core::Layout),
+) -> Option<(Vec<f32>, (usize, usize))> {
+    let (&[m, k], &[k2, n]) = (a.1.dims(), b.1.dims()) else {
+        return None;
+    };
+    let depth = candle_depth(m, n, k).filter(|_| k == k2)?;
+    let (oa, ob) = (operand(a.0, a.1)?, operand(b.0, b.1)?);
+    let mut c = Vec::with_capacity(m * n);
+    split_rows(
+        m,
+        n,
+        k,
+        oa,
+        ob,
+        &mut c.spare_capacity_mut()[..m * n],
+        false,
+        depth,
+    );
+    // SAFETY: `split_rows` without `accumulate` wrote all `m·n` elements (`k > 2` here), within
+    // the vector's capacity.
+    unsafe { c.set_len(m * n) };
+    Some((c, (m, n)))
+}
+
+/// `a·b` for 2-D tensors, outside the autograd graph, with candle's numbers: on this kernel in
+/// candle's depth blocks where [`candle_depth`] gives them, else candle's product itself.
+pub fn matmul_tensors_as_candle(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let done = {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        match (&*sa, &*sb) {
+            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => {
+                matmul_storage_as_candle((ca, la), (cb, lb))
+            }
+            _ => None,
+        }
+    };
+    match done {
+        Some((c, shape)) => candle_core::Tensor::from_vec(c, shape, a.device()),
+        None => a.matmul(b),
     }
 }
 
@@ -1676,6 +1746,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// LoRA's thin products (rank 16 against widths 576 and 1536, 768 rows; the adapter's
+    /// transposed views as candle sees them) and a few shapes around them give candle's own
+    /// product's bits on this kernel in candle's depth blocks.
+    #[test]
+    fn thin_products_give_candles_bits() -> candle_core::Result<()> {
+        use candle_core::{Device, Tensor};
+        let values = |len: usize, a: usize, b: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * a % b) as f32 - b as f32 / 2.0) * 0.0137 + (i % 7) as f32 * 1e-4)
+                .collect()
+        };
+        // (m, k, n, A stored transposed, B stored transposed)
+        let shapes = [
+            (768, 576, 16, false, true),   // x·Aᵀ
+            (768, 1536, 16, false, true),  // x·Aᵀ, the MLP's down map
+            (768, 16, 576, false, true),   // (x·Aᵀ)·Bᵀ
+            (768, 576, 16, false, false),  // g·B
+            (1536, 768, 16, true, false),  // gᵀ·(x·Aᵀ)
+            (768, 16, 1536, false, false), // ∂(x·Aᵀ)·A
+            (40, 1100, 50, false, false),  // both sides at most 64: candle's other rule
+            (300, 2500, 7, true, true),
+        ];
+        let dev = &Device::Cpu;
+        for (m, k, n, at, bt) in shapes {
+            let a = match at {
+                true => Tensor::from_vec(values(m * k, 37, 101), (k, m), dev)?.t()?,
+                false => Tensor::from_vec(values(m * k, 37, 101), (m, k), dev)?,
+            };
+            let b = match bt {
+                true => Tensor::from_vec(values(k * n, 53, 89), (n, k), dev)?.t()?,
+                false => Tensor::from_vec(values(k * n, 53, 89), (k, n), dev)?,
+            };
+            let ours = matmul_tensors_as_candle(&a, &b)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let candle = a.matmul(&b)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(
+                ours.iter()
+                    .zip(&candle)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m} × {k} by {k} × {n} (depth {:?}) differs from candle's product",
+                candle_depth(m, n, k)
+            );
+        }
+        Ok(())
     }
 
     /// Against a float64 product, for shapes off every block size and both storage orders (which

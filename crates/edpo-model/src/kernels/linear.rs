@@ -277,11 +277,18 @@ impl CustomOp3 for LoraLinear {
         let x_layout = Layout::contiguous_with_offset((rows, n_in), l1.start_offset());
         let at_layout =
             Layout::contiguous_with_offset((r, n_in), l2.start_offset()).transpose(0, 1)?;
-        let down = s1.matmul(s2, (1, rows, r, n_in), &x_layout, &at_layout)?;
+        // The rank-r products on the GEMM kernel in candle's depth blocks: candle's numbers.
+        let thin = |sa: &CpuStorage, la: &Layout, sb: &CpuStorage, lb: &Layout, dims| {
+            match super::gemm::matmul_storage_as_candle((sa, la), (sb, lb)) {
+                Some((c, _)) => Ok(CpuStorage::F32(c)),
+                None => sa.matmul(sb, dims, la, lb),
+            }
+        };
+        let down = thin(s1, &x_layout, s2, &at_layout, (1, rows, r, n_in))?;
         let d_layout = Layout::contiguous((rows, r));
         let bt_layout =
             Layout::contiguous_with_offset((n_out, r), l3.start_offset()).transpose(0, 1)?;
-        let up = down.matmul(s3, (1, rows, n_out, r), &d_layout, &bt_layout)?;
+        let up = thin(&down, &d_layout, s3, &bt_layout, (1, rows, n_out, r))?;
         let (CpuStorage::F32(out), CpuStorage::F32(up), CpuStorage::F32(d)) = (&mut y, &up, down)
         else {
             bail!("lora linear: f32 only");
@@ -313,11 +320,13 @@ impl CustomOp3 for LoraLinear {
         let x2 = x.detach().reshape((rows, n_in))?;
         let (a, b, w) = (a.detach(), b.detach(), self.weight.detach());
         let mm = super::gemm::matmul_tensors;
-        let d_down = mm(&g, &b)?.affine(self.scale, 0.0)?; // (rows, r)
-        let db = mm(&g.t()?, &down)?.affine(self.scale, 0.0)?; // (out, r)
+        // The rank-r products where candle would run them, with its numbers.
+        let thin = super::gemm::matmul_tensors_as_candle;
+        let d_down = thin(&g, &b)?.affine(self.scale, 0.0)?; // (rows, r)
+        let db = thin(&g.t()?, &down)?.affine(self.scale, 0.0)?; // (out, r)
         let da = mm(&d_down.t()?, &x2)?; // (r, in)
                                          // `g·W(ᵀ) + ∂(x·Aᵀ)·A`, the sum taken on the first product's buffer.
-        let lora = mm(&d_down, &a)?;
+        let lora = thin(&d_down, &a)?;
         let dx = if self.input_major {
             super::gemm::matmul_tensors_plus(&g, &w.t()?, &lora)?
         } else {
