@@ -13,10 +13,11 @@
 //! column at once, eight on AVX-512, a row's sum the same whichever rows stand beside it and
 //! on either instruction set; where `B` is an activation read along its rows, as in LoRA's
 //! rank-16 `∂A = ∂(x·Aᵀ)ᵀ·x`, up to 16 rows' sums held in registers over blocks of `B`'s rows,
-//! `scaled_rows`); LoRA's other rank-`r` products run here in the depth blocks candle's own
-//! product would use on this CPU ([`candle_depth`]), so they keep candle's numbers bit for bit;
-//! everything else goes to candle's matrix multiply. The models of the default task (width 128) never reach the
-//! threshold, so their numbers are those of candle's kernel, unchanged; SmolLM2-sized models
+//! `scaled_rows`). The smaller products that reach it (the linear maps of the default task's
+//! width-128 models, LoRA's other rank-`r` products) run here in the depth blocks candle's own
+//! product would use on this CPU ([`candle_depth`]), so they keep candle's numbers bit for bit
+//! and the default task's results do not move; anything else goes to candle's matrix
+//! multiply. SmolLM2-sized models
 //! (width 576) run every linear map and LM head here. Work is split across the kernels'
 //! threads ([`super::parallel`]) by blocks of rows of `C`: one block per thread, each packing
 //! its own panels and running every depth block on its rows, so a product forks and joins
@@ -738,8 +739,15 @@ fn matmul_storage_with(
     } else {
         eligible(m, n, k)
     };
-    if k != k2 || !ok {
+    if k != k2 {
         return None;
+    }
+    if !ok {
+        // Below this kernel's sizes, candle's product: its numbers, here in its depth blocks.
+        return match any_size {
+            true => None,
+            false => matmul_storage_as_candle(a, b),
+        };
     }
     let (oa, ob) = (operand(a.0, a.1)?, operand(b.0, b.1)?);
     if skinny(m, n, k) && !any_size {
@@ -1749,8 +1757,8 @@ mod tests {
     }
 
     /// LoRA's thin products (rank 16 against widths 576 and 1536, 768 rows; the adapter's
-    /// transposed views as candle sees them) and a few shapes around them give candle's own
-    /// product's bits on this kernel in candle's depth blocks.
+    /// transposed views as candle sees them), the default task's width-128 maps and a few shapes
+    /// around them give candle's own product's bits on this kernel in candle's depth blocks.
     #[test]
     fn thin_products_give_candles_bits() -> candle_core::Result<()> {
         use candle_core::{Device, Tensor};
@@ -1767,7 +1775,9 @@ mod tests {
             (768, 576, 16, false, false),  // g·B
             (1536, 768, 16, true, false),  // gᵀ·(x·Aᵀ)
             (768, 16, 1536, false, false), // ∂(x·Aᵀ)·A
-            (40, 1100, 50, false, false),  // both sides at most 64: candle's other rule
+            (512, 128, 384, false, true),  // the default task's width-128 maps
+            (128, 512, 384, true, false),
+            (40, 1100, 50, false, false), // both sides at most 64: candle's other rule
             (300, 2500, 7, true, true),
         ];
         let dev = &Device::Cpu;
@@ -1784,10 +1794,15 @@ mod tests {
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             let candle = a.matmul(&b)?.flatten_all()?.to_vec1::<f32>()?;
-            assert!(
-                ours.iter()
+            // Below this kernel's sizes the general entry point gives the same.
+            let general = matmul_tensors(&a, &b)?.flatten_all()?.to_vec1::<f32>()?;
+            let same = |c: &[f32]| {
+                c.iter()
                     .zip(&candle)
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+            };
+            assert!(
+                same(&ours) && (eligible(m, n, k) || same(&general)),
                 "{m} × {k} by {k} × {n} (depth {:?}) differs from candle's product",
                 candle_depth(m, n, k)
             );
