@@ -387,8 +387,20 @@ unsafe fn scaled_rows_avx2<const R: usize>(
 /// `C = A·B` for `A (m × k)`, `B (k × n)`, into a new row-major `m × n` buffer. Callers check
 /// [`eligible`] first; on a CPU without the kernel this computes the product naively.
 pub fn matmul(m: usize, n: usize, k: usize, a: Operand<'_>, b: Operand<'_>) -> Vec<f32> {
+    matmul_in_blocks(m, n, k, a, b, depth_block(k))
+}
+
+/// [`matmul`] in depth blocks of `depth`.
+fn matmul_in_blocks(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    depth: usize,
+) -> Vec<f32> {
     let mut c = Vec::with_capacity(m * n);
-    write_product(m, n, k, a, b, &mut c.spare_capacity_mut()[..m * n]);
+    write_product(m, n, k, a, b, &mut c.spare_capacity_mut()[..m * n], depth);
     // SAFETY: `write_product` wrote every one of the `m·n` elements (its contract), and the
     // vector's capacity holds them.
     unsafe { c.set_len(m * n) };
@@ -405,6 +417,7 @@ fn write_product(
     a: Operand<'_>,
     b: Operand<'_>,
     c: &mut [MaybeUninit<f32>],
+    depth: usize,
 ) {
     assert_eq!(c.len(), m * n, "gemm: C must hold m × n elements");
     if !available() {
@@ -418,7 +431,7 @@ fn write_product(
             x.write(0.0);
         });
     } else {
-        split_rows(m, n, k, a, b, c, false, depth_block(k));
+        split_rows(m, n, k, a, b, c, false, depth);
     }
 }
 
@@ -436,7 +449,7 @@ pub fn matmul_batched<'a>(
     if len > 0 {
         let one = |(i, c): (usize, &mut [MaybeUninit<f32>])| {
             let (a, b) = operands(i);
-            super::as_shard(true, || write_product(m, n, k, a, b, c));
+            super::as_shard(true, || write_product(m, n, k, a, b, c, depth_block(k)));
         };
         let spare = &mut c.spare_capacity_mut()[..len];
         if super::parallel() {
@@ -463,7 +476,7 @@ pub fn matmul_into(
 ) {
     assert_eq!(c.len(), m * n, "gemm: C must hold m × n elements");
     if !accumulate {
-        write_product(m, n, k, a, b, as_uninit(c));
+        write_product(m, n, k, a, b, as_uninit(c), depth_block(k));
     } else if !available() {
         for i in 0..m {
             for j in 0..n {
@@ -540,21 +553,7 @@ pub fn matmul_storage_as_candle(
     };
     let depth = candle_depth(m, n, k).filter(|_| k == k2)?;
     let (oa, ob) = (operand(a.0, a.1)?, operand(b.0, b.1)?);
-    let mut c = Vec::with_capacity(m * n);
-    split_rows(
-        m,
-        n,
-        k,
-        oa,
-        ob,
-        &mut c.spare_capacity_mut()[..m * n],
-        false,
-        depth,
-    );
-    // SAFETY: `split_rows` without `accumulate` wrote all `m·n` elements (`k > 2` here), within
-    // the vector's capacity.
-    unsafe { c.set_len(m * n) };
-    Some((c, (m, n)))
+    Some((matmul_in_blocks(m, n, k, oa, ob, depth), (m, n)))
 }
 
 /// `a·b` for 2-D tensors, outside the autograd graph, with candle's numbers: on this kernel in
@@ -563,17 +562,7 @@ pub fn matmul_tensors_as_candle(
     a: &candle_core::Tensor,
     b: &candle_core::Tensor,
 ) -> candle_core::Result<candle_core::Tensor> {
-    let done = {
-        let (sa, la) = a.storage_and_layout();
-        let (sb, lb) = b.storage_and_layout();
-        match (&*sa, &*sb) {
-            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => {
-                matmul_storage_as_candle((ca, la), (cb, lb))
-            }
-            _ => None,
-        }
-    };
-    match done {
+    match on_cpu_storages(a, b, matmul_storage_as_candle) {
         Some((c, shape)) => candle_core::Tensor::from_vec(c, shape, a.device()),
         None => a.matmul(b),
     }
@@ -879,12 +868,22 @@ fn kernel_product(
     b: &candle_core::Tensor,
     any_size: bool,
 ) -> Option<(Vec<f32>, (usize, usize))> {
+    on_cpu_storages(a, b, |a, b| matmul_storage_with(a, b, any_size))
+}
+
+/// A product `f` of two tensors' CPU storages and layouts; `None` for other devices.
+fn on_cpu_storages(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    f: impl FnOnce(
+        (&candle_core::CpuStorage, &candle_core::Layout),
+        (&candle_core::CpuStorage, &candle_core::Layout),
+    ) -> Option<(Vec<f32>, (usize, usize))>,
+) -> Option<(Vec<f32>, (usize, usize))> {
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
     match (&*sa, &*sb) {
-        (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => {
-            matmul_storage_with((ca, la), (cb, lb), any_size)
-        }
+        (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => f((ca, la), (cb, lb)),
         _ => None,
     }
 }

@@ -25,7 +25,7 @@
 //! The callers ([`crate::logprobs`]) use this node where the head's product is of the size
 //! [`super::gemm`] takes; below it they keep the unchunked operations, so small models
 //! compute exactly what they always did.
-use super::softmax::{row_lse, LogSoftmaxGather, LogSoftmaxGatherGrad};
+use super::softmax::{gather_grad, row_lse, LogSoftmaxGather, LogSoftmaxGatherGrad};
 use super::{exp, lane_sum2, rows_map, simd::vectorised};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use std::ops::Range;
@@ -369,7 +369,7 @@ impl HeadLogps {
 
 /// `∂z` of the log-softmax gather in place over logits `z` (rows of `width`): each element
 /// `−g_i·exp(z − lse_i)`, then `g_i` added at the row's target column where `target(i)` gives
-/// one (`LogSoftmaxGatherGrad`'s numbers, element by element).
+/// one ([`gather_grad`], as `LogSoftmaxGatherGrad` computes it).
 fn softmax_gather_grad(
     z: &mut [f32],
     width: usize,
@@ -384,7 +384,7 @@ fn softmax_gather_grad(
         |i, row| {
             let (gi, l) = (g[i], lse[i]);
             for o in row.iter_mut() {
-                *o = -gi * exp(*o - l);
+                *o = gather_grad(*o, gi, l);
             }
             if let Some(t) = target(i).filter(|&t| (t as usize) < row.len()) {
                 row[t as usize] += gi;

@@ -179,6 +179,14 @@ impl CustomOp1 for LogSoftmaxGather {
     }
 }
 
+/// One logit's `∂z` of the log-softmax gather for output gradient `g` and its row's
+/// log-sum-exp, before the target's `+g`: `−g·exp(z − lse)`. The chunked head's backward pass by
+/// vocabulary blocks computes it element by element too.
+#[inline(always)]
+pub(crate) fn gather_grad(z: f32, g: f32, lse: f32) -> f32 {
+    -g * exp(z - lse)
+}
+
 pub(crate) struct LogSoftmaxGatherGrad {
     pub(crate) targets: Arc<Vec<u32>>,
     /// The forward pass's log-sum-exp per row (recomputed when absent).
@@ -213,7 +221,7 @@ impl CustomOp2 for LogSoftmaxGatherGrad {
                 };
                 let gi = g[i];
                 for (o, &x) in dz.iter_mut().zip(z) {
-                    *o = -gi * exp(x - lse);
+                    *o = gather_grad(x, gi, lse);
                 }
                 dz[self.targets[i] as usize] += gi;
             },
