@@ -1,13 +1,20 @@
-"""The matrix products of a SmolLM2 step: edpo's GEMM, candle's and PyTorch's, in one sitting.
+"""The matrix products of a training step: edpo's GEMM, candle's and PyTorch's, in one sitting.
 
-Runs `edpo bench --workload gemm` (which names the products: each projection's forward
-product, input gradient and weight gradient, and the LM head's at one chunk, with the
-operands laid out as the layers hold them), then times `torch.matmul` on the same shapes and
-layouts in this process (the best of five rounds of 0.2 s, as edpo times them), and prints one
-Markdown table: GFLOP/s of each and edpo's over PyTorch's, with a FLOP-weighted total over
-the products as one step runs them.
+Runs `edpo bench --workload gemm [--products-of gpt2]` (which names the products of a SmolLM2
+step, or of the small GPT-2 workload's: each projection's forward product, input gradient and
+weight gradient, and the LM head's at one block of vocabulary rows, with the operands laid out
+as the layers hold them, and how many times a step computes each), then times `torch.matmul`
+on the same shapes and layouts in this process (the best of five rounds of 0.2 s, as edpo
+times them), and prints two Markdown tables: GFLOP/s of each product and edpo's over
+PyTorch's; and, for full fine-tuning and LoRA, a step's GFLOP in these products and the
+seconds they take at edpo's rates, at PyTorch's and at the faster of the two per product. The
+last gives a bound: no step that computes these products at these rates runs more pairs/s
+(attention's products, LoRA's rank-r products, norms, activations, softmaxes and the
+optimiser are left out, so the bound is generous). `--against SITTING.jsonl` (a record of
+`tools/bench_sitting.py`, best taken right after this in the same sitting) puts each measured
+DPO pairs/s of the same workload and threads beside the bound, as a fraction of it.
 
-    python3 tools/bench_gemm.py --edpo target/debug/edpo --threads 1
+    python3 tools/bench_gemm.py --edpo target/release/edpo --threads 1 [--of gpt2]
 """
 import argparse
 import json
@@ -45,27 +52,71 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--edpo", default="target/debug/edpo", help="the edpo binary")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--of", default="smollm2", choices=["smollm2", "gpt2"],
+                        help="whose step's products: SmolLM2's or the small GPT-2 workload's")
+    parser.add_argument("--against", help="a bench_sitting.py record to set beside the bound")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = subprocess.run([args.edpo, "bench", "--workload", "gemm", "--threads",
-                          str(args.threads)], check=True, stdout=subprocess.PIPE, text=True)
+    out = subprocess.run([args.edpo, "bench", "--workload", "gemm", "--products-of", args.of,
+                          "--threads", str(args.threads)],
+                         check=True, stdout=subprocess.PIPE, text=True)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    print(f"threads {args.threads}, torch {torch.__version__}\n")
-    print("| product | m × n × k | edpo GFLOP/s | candle | PyTorch | edpo / PyTorch |")
-    print("|---|---|---|---|---|---|")
-    totals = {"edpo": 0.0, "candle": 0.0, "torch": 0.0}
-    flops = 0.0
+    print(f"{args.of} step's products, threads {args.threads}, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    print("| product | m × n × k | per step (full / LoRA) | edpo GFLOP/s | candle | PyTorch "
+          "| edpo / PyTorch |")
+    print("|---|---|---|---|---|---|---|")
+    regimes = {"full": "per_step_full", "LoRA": "per_step_lora"}
+    flops = {r: 0.0 for r in regimes}
+    seconds = {(r, who): 0.0 for r in regimes for who in ("edpo", "candle", "torch", "best")}
     for row in rows:
         ours, theirs, pt = row["edpo_gflops"], row["candle_gflops"], torch_gflops(row)
         f = 2 * row["m"] * row["n"] * row["k"] / 1e9
-        flops += f
-        for key, g in (("edpo", ours), ("candle", theirs), ("torch", pt)):
-            totals[key] += f / g
+        for r, key in regimes.items():
+            count = row[key]
+            flops[r] += count * f
+            for who, g in (("edpo", ours), ("candle", theirs), ("torch", pt),
+                           ("best", max(ours, pt))):
+                seconds[r, who] += count * f / g
         layout = ("Aᵀ" if row["a_t"] else "A") + "·" + ("Bᵀ" if row["b_t"] else "B")
         print(f"| {row['product']} ({layout}) | {row['m']} × {row['n']} × {row['k']} | "
+              f"{row['per_step_full']} / {row['per_step_lora']} | "
               f"{ours:.1f} | {theirs:.1f} | {pt:.1f} | {ours / pt:.2f} |")
-    e, c, t = (flops / totals[k] for k in ("edpo", "candle", "torch"))
-    print(f"| all, FLOP-weighted | | {e:.1f} | {c:.1f} | {t:.1f} | {e / t:.2f} |")
+    pairs = rows[0]["pairs_per_step"]
+    print(f"\nA step ({pairs} pairs) in these products alone:\n")
+    print("| | GFLOP | s at edpo's rates | at PyTorch's | at the faster per product "
+          "| bound, DPO pairs/s |")
+    print("|---|---|---|---|---|---|")
+    for r in regimes:
+        best = seconds[r, "best"]
+        print(f"| {r} | {flops[r]:.1f} | {seconds[r, 'edpo']:.3f} | {seconds[r, 'torch']:.3f} | "
+              f"{best:.3f} | {pairs / best:.2f} |")
+    if args.against:
+        against(args, pairs, {r: pairs / seconds[r, "best"] for r in regimes})
+
+
+def against(args, pairs, bound):
+    """Each measured DPO pairs/s of the sitting record at this workload and threads, beside
+    the bound: as a fraction of it."""
+    rows = []
+    with open(args.against) as f:
+        for line in f:
+            rec = json.loads(line)
+            if (rec.get("workload") != args.of or rec.get("threads") != args.threads
+                    or "result" not in rec):
+                continue
+            res = rec["result"]
+            who = rec["who"]
+            key = "dpo_pairs_per_s" if who == "edpo" else \
+                f"{who.replace('-', '_')}_dpo_pairs_per_s"
+            if key in res:
+                regime = "LoRA" if rec.get("lora") else "full"
+                rows.append((regime, who, rec.get("round", 0), res[key]))
+    print(f"\nMeasured in {args.against}, DPO pairs/s as a fraction of the bound:\n")
+    print("| regime | who | round | DPO pairs/s | of the bound |")
+    print("|---|---|---|---|---|")
+    for regime, who, rnd, p in sorted(rows):
+        print(f"| {regime} | {who} | {rnd} | {p:.3f} | {p / bound[regime]:.2f} |")
 
 
 if __name__ == "__main__":

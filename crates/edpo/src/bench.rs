@@ -20,11 +20,13 @@
 //!
 //! `--sampling-only`: the sampling measurement alone (no training step).
 //!
-//! `--workload gemm`: the matrix products of a SmolLM2 step ([`GEMM_SHAPES`]: each projection's
-//! forward product, its input gradient and its weight gradient, as the layers lay them out,
-//! and the LM head's at its chunk size), each timed alone through `kernels::gemm` and through
-//! candle's matrix multiply, in GFLOP/s, one JSON line per product; `tools/bench_gemm.py` times
-//! PyTorch on the same products in the same sitting.
+//! `--workload gemm`: the matrix products of a SmolLM2 step (`--products-of gpt2`: of the small
+//! workload's; [`gemm_shapes`]: each projection's forward product, its input gradient and its
+//! weight gradient, as the layers lay them out, and the LM head's at one block of vocabulary
+//! rows), each timed alone through `kernels::gemm` and through candle's matrix multiply, in
+//! GFLOP/s, one JSON line per product with how many times a step computes it (full fine-tuning
+//! and LoRA); `tools/bench_gemm.py` times PyTorch on the same products in the same sitting and
+//! from the counts gives the fastest a step could run at those rates.
 
 use anyhow::Result;
 use edpo_data::TokenizedPair;
@@ -125,6 +127,9 @@ pub struct BenchArgs {
     /// Train LoRA adapters of this rank on every projection instead of every weight.
     #[arg(long)]
     lora: Option<usize>,
+    /// With `--workload gemm`: whose step's products to time, `smollm2` or `gpt2`.
+    #[arg(long, default_value = "smollm2")]
+    products_of: String,
     /// Time this objective alone instead of DPO and ε-DPO: its pairs/s and the process's peak
     /// memory. Written as a config's `objective` (`docs/spec/baselines.md`):
     /// `--objective '{kind: tdpo2, beta: 0.1}'`.
@@ -343,7 +348,7 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
         "--threads and --steps must be at least 1"
     );
     if args.workload == "gemm" {
-        return run_gemm();
+        return run_gemm(&args.products_of);
     }
     let work = Workload::named(&args.workload)?;
     if args.sampling_only {
@@ -433,56 +438,142 @@ pub fn run(args: &BenchArgs, shards: usize) -> Result<()> {
     Ok(())
 }
 
-/// One product of [`GEMM_SHAPES`]: `C (m × n) = op(A)·op(B)`, `a_t`: `A` stored `(k, m)` and
-/// read transposed, `b_t`: `B` stored `(n, k)` and read transposed.
+/// One product of a step ([`gemm_shapes`]): `C (m × n) = op(A)·op(B)`, `a_t`: `A` stored
+/// `(k, m)` and read transposed, `b_t`: `B` stored `(n, k)` and read transposed; `full` and
+/// `lora`: how many times one training step must compute it with every weight trained and with
+/// LoRA adapters only.
 struct GemmShape {
-    name: &'static str,
+    name: String,
     m: usize,
     n: usize,
     k: usize,
     a_t: bool,
     b_t: bool,
+    full: usize,
+    lora: usize,
 }
 
-const fn shape(
-    name: &'static str,
-    m: usize,
-    n: usize,
-    k: usize,
-    a_t: bool,
-    b_t: bool,
-) -> GemmShape {
-    GemmShape {
-        name,
-        m,
-        n,
-        k,
-        a_t,
-        b_t,
+impl GemmShape {
+    /// `name`'s product of `(m, n, k)`, operands read as `(a_t, b_t)`, computed `(full, lora)`
+    /// times a step.
+    fn new(
+        name: String,
+        (m, n, k): (usize, usize, usize),
+        (a_t, b_t): (bool, bool),
+        (full, lora): (usize, usize),
+    ) -> Self {
+        Self {
+            name,
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
+            full,
+            lora,
+        }
     }
 }
 
-/// The products of a SmolLM2 step (4 pairs of 64 + 64 + 64 tokens: 768 rows, 512 of them
-/// response positions for the head): for each projection `W (out, in)`, the forward `x·Wᵀ`,
-/// the input gradient `g·W` and the weight gradient `gᵀ·x`; the head at one chunk of 8,192
-/// vocabulary rows.
-const GEMM_SHAPES: &[GemmShape] = &[
-    shape("q_o.forward", 768, 576, 576, false, true),
-    shape("q_o.input_grad", 768, 576, 576, false, false),
-    shape("q_o.weight_grad", 576, 576, 768, true, false),
-    shape("k_v.forward", 768, 192, 576, false, true),
-    shape("k_v.input_grad", 768, 576, 192, false, false),
-    shape("k_v.weight_grad", 192, 576, 768, true, false),
-    shape("gate_up.forward", 768, 1536, 576, false, true),
-    shape("gate_up.input_grad", 768, 576, 1536, false, false),
-    shape("gate_up.weight_grad", 1536, 576, 768, true, false),
-    shape("down.forward", 768, 576, 1536, false, true),
-    shape("down.input_grad", 768, 1536, 576, false, false),
-    shape("down.weight_grad", 576, 1536, 768, true, false),
-    shape("head.forward", 512, 8192, 576, false, true),
-    shape("head.input_grad", 512, 576, 8192, false, false),
-    shape("head.weight_grad", 8192, 576, 512, true, false),
-];
+/// The large products one DPO / ε-DPO step of workload `of` must compute, with how often, and
+/// the pairs in a step.
+///
+/// A step is a reference forward and a policy forward over every token (`rows`), the LM head
+/// over the positions that predict a response token only, and the policy's backward: each
+/// projection's input gradient (with LoRA not the first layer's query / key / value one, whose
+/// input is the frozen embedding), its weight gradient with every weight trained, and the
+/// head's input gradient and (its weight being trained and tied) weight gradient. Each
+/// projection `W` is laid out as the model holds it: GPT-2's `Conv1D` `(in, out)`, Llama's
+/// `(out, in)`. The head is timed at one block of `HEAD_BLOCK` vocabulary rows and counted
+/// `vocab / HEAD_BLOCK` times. Left out, so that time at these products' rates is a lower
+/// bound on a step: attention's products, LoRA's rank-`r` products, norms, activations,
+/// softmaxes and the optimiser.
+fn gemm_shapes(of: &str) -> Result<(Vec<GemmShape>, usize)> {
+    const HEAD_BLOCK: usize = 8192;
+    let work = Workload::named(of)?;
+    let (layers, width, inner, kv, vocab, input_major) = match &work.config {
+        ModelConfig::Gpt2(c) => (c.n_layer, c.n_embd, c.n_inner, c.n_embd, c.vocab_size, true),
+        ModelConfig::Llama(c) => (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.head_dim * c.num_key_value_heads,
+            c.vocab_size,
+            false,
+        ),
+    };
+    let rows = work.pairs * (work.prompt + 2 * work.response);
+    let head_rows = work.pairs * 2 * work.response;
+    let mut out = Vec::new();
+    // A projection `inp → outp`, `count` of them per layer; `first_input_grad`: whether LoRA
+    // still needs its input gradient in the first layer.
+    let mut projection = |name: &str, inp, outp, count, first_input_grad: bool| {
+        let lora_input = count * (layers - usize::from(!first_input_grad));
+        // Forward `x·W` or `x·Wᵀ`, input gradient `g·Wᵀ` or `g·W`, and the weight's gradient
+        // in its own layout: `xᵀ·g` (in, out) or `gᵀ·x` (out, in).
+        let (weight, forward_t) = if input_major {
+            ((inp, outp), false)
+        } else {
+            ((outp, inp), true)
+        };
+        let every = count * layers;
+        out.push(GemmShape::new(
+            format!("{name}.forward"),
+            (rows, outp, inp),
+            (false, forward_t),
+            (2 * every, 2 * every),
+        ));
+        out.push(GemmShape::new(
+            format!("{name}.input_grad"),
+            (rows, inp, outp),
+            (false, !forward_t),
+            (every, lora_input),
+        ));
+        out.push(GemmShape::new(
+            format!("{name}.weight_grad"),
+            (weight.0, weight.1, rows),
+            (true, false),
+            (every, 0),
+        ));
+    };
+    match &work.config {
+        ModelConfig::Gpt2(_) => {
+            projection("c_attn", width, 3 * width, 1, false);
+            projection("attn.c_proj", width, width, 1, true);
+            projection("c_fc", width, inner, 1, true);
+            projection("mlp.c_proj", inner, width, 1, true);
+        }
+        ModelConfig::Llama(_) => {
+            projection("q", width, width, 1, false);
+            projection("o", width, width, 1, true);
+            projection("k_v", width, kv, 2, false);
+            projection("gate_up", width, inner, 2, true);
+            projection("down", inner, width, 1, true);
+        }
+    }
+    let block = HEAD_BLOCK.min(vocab);
+    let blocks = vocab.div_ceil(block);
+    let head = |name: &str| format!("head.{name}");
+    out.push(GemmShape::new(
+        head("forward"),
+        (head_rows, block, width),
+        (false, true),
+        (2 * blocks, 2 * blocks),
+    ));
+    out.push(GemmShape::new(
+        head("input_grad"),
+        (head_rows, width, block),
+        (false, false),
+        (blocks, blocks),
+    ));
+    out.push(GemmShape::new(
+        head("weight_grad"),
+        (block, width, head_rows),
+        (true, false),
+        (blocks, 0),
+    ));
+    Ok((out, work.pairs))
+}
 
 /// Seconds per call of `f`, the best of five rounds of enough calls to fill 0.2 s.
 fn seconds_per_call(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -502,9 +593,9 @@ fn seconds_per_call(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
-/// `--workload gemm`: every product of [`GEMM_SHAPES`] through `kernels::gemm` and candle's
-/// matrix multiply, on the current thread pool.
-fn run_gemm() -> Result<()> {
+/// `--workload gemm`: every product of workload `of`'s step ([`gemm_shapes`]) through
+/// `kernels::gemm` and candle's matrix multiply, on the current thread pool.
+fn run_gemm(of: &str) -> Result<()> {
     use candle_core::{Device, Tensor};
     use edpo_model::kernels::gemm;
     anyhow::ensure!(
@@ -512,7 +603,8 @@ fn run_gemm() -> Result<()> {
         "--workload gemm: this CPU has no AVX2/FMA, or EDPO_GEMM=candle is set"
     );
     let device = Device::Cpu;
-    for s in GEMM_SHAPES {
+    let (shapes, pairs) = gemm_shapes(of)?;
+    for s in &shapes {
         let (a_rows, a_cols) = if s.a_t { (s.k, s.m) } else { (s.m, s.k) };
         let (b_rows, b_cols) = if s.b_t { (s.n, s.k) } else { (s.k, s.n) };
         let a = Tensor::randn(0f32, 1.0, (a_rows, a_cols), &device)?;
@@ -542,8 +634,72 @@ fn run_gemm() -> Result<()> {
                 "edpo_gflops": flops / ours / 1e9,
                 "candle_gflops": flops / theirs / 1e9,
                 "threads": candle_core::utils::get_num_threads(),
+                "of": of, "pairs_per_step": pairs,
+                "per_step_full": s.full, "per_step_lora": s.lora,
             }))?
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The step's products hold every projection weight the model declares, once per forward
+    /// pass (two a step) and once per gradient, and the head over the response positions.
+    #[test]
+    fn step_products_cover_the_models_weights() {
+        for of in ["gpt2", "smollm2"] {
+            let work = Workload::named(of).unwrap();
+            let specs = match &work.config {
+                ModelConfig::Gpt2(c) => edpo_model::gpt2::tensor_specs(c),
+                ModelConfig::Llama(c) => edpo_model::llama::tensor_specs(c),
+            };
+            let weights: usize = specs
+                .iter()
+                .filter(|s| s.shape.len() == 2)
+                .filter(|s| s.name.contains(".layers.") || s.name.contains(".h."))
+                .map(|s| s.shape.iter().product::<usize>())
+                .sum();
+            let (shapes, pairs) = gemm_shapes(of).unwrap();
+            let rows = pairs * (work.prompt + 2 * work.response);
+            let head_rows = pairs * 2 * work.response;
+            let width = match &work.config {
+                ModelConfig::Gpt2(c) => c.n_embd,
+                ModelConfig::Llama(c) => c.hidden_size,
+            };
+            // Multiply-adds of the products named `….{kind}`, head or body, each `count` times.
+            let flops = |kind: &str, head: bool, count: fn(&GemmShape) -> usize| -> usize {
+                shapes
+                    .iter()
+                    .filter(|s| s.name.ends_with(kind) && s.name.starts_with("head.") == head)
+                    .map(|s| count(s) * s.m * s.n * s.k)
+                    .sum()
+            };
+            for kind in [".forward", ".input_grad", ".weight_grad"] {
+                let per_pass = if kind == ".forward" { 2 } else { 1 };
+                assert_eq!(
+                    flops(kind, false, |s| s.full),
+                    per_pass * rows * weights,
+                    "{of}{kind}"
+                );
+                assert_eq!(
+                    flops(kind, true, |s| s.full),
+                    per_pass * head_rows * work.vocab * width,
+                    "{of} head{kind}"
+                );
+            }
+            assert_eq!(flops(".weight_grad", false, |s| s.lora), 0, "{of}");
+            assert_eq!(
+                flops(".forward", false, |s| s.lora),
+                2 * rows * weights,
+                "{of}"
+            );
+            assert!(
+                flops(".input_grad", false, |s| s.lora) < rows * weights,
+                "{of}"
+            );
+        }
+    }
 }
