@@ -12,7 +12,9 @@ last gives a bound: no step that computes these products at these rates runs mor
 (attention's products, LoRA's rank-r products, norms, activations, softmaxes and the
 optimiser are left out, so the bound is generous). `--against SITTING.jsonl` (a record of
 `tools/bench_sitting.py`, best taken right after this in the same sitting) puts each measured
-DPO pairs/s of the same workload and threads beside the bound, as a fraction of it.
+DPO pairs/s of the same workload and threads beside the bound, as a fraction of it. `--save
+FILE.json` keeps the measured rates; `--load FILE.json` renders them again (with `--against`)
+without measuring.
 
     python3 tools/bench_gemm.py --edpo target/release/edpo --threads 1 [--of gpt2]
 """
@@ -48,6 +50,19 @@ def torch_gflops(row):
     return 2 * m * n * k / seconds / 1e9
 
 
+def measure(args):
+    """edpo's and candle's rates (`edpo bench --workload gemm`) and PyTorch's, per product."""
+    torch.set_num_threads(args.threads)
+    out = subprocess.run([args.edpo, "bench", "--workload", "gemm", "--products-of", args.of,
+                          "--threads", str(args.threads)],
+                         check=True, stdout=subprocess.PIPE, text=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        row["torch_gflops"] = torch_gflops(row)
+    return {"of": args.of, "threads": args.threads, "torch": torch.__version__,
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--edpo", default="target/debug/edpo", help="the edpo binary")
@@ -55,14 +70,21 @@ def main():
     parser.add_argument("--of", default="smollm2", choices=["smollm2", "gpt2"],
                         help="whose step's products: SmolLM2's or the small GPT-2 workload's")
     parser.add_argument("--against", help="a bench_sitting.py record to set beside the bound")
+    parser.add_argument("--save", help="write the measured rates to this JSON file")
+    parser.add_argument("--load", help="render a file --save wrote instead of measuring")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out = subprocess.run([args.edpo, "bench", "--workload", "gemm", "--products-of", args.of,
-                          "--threads", str(args.threads)],
-                         check=True, stdout=subprocess.PIPE, text=True)
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    print(f"{args.of} step's products, threads {args.threads}, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    if args.load:
+        with open(args.load) as f:
+            saved = json.load(f)
+        args.of, args.threads = saved["of"], saved["threads"]
+    else:
+        saved = measure(args)
+        if args.save:
+            with open(args.save, "w") as f:
+                json.dump(saved, f, indent=1)
+    rows = saved["rows"]
+    print(f"{args.of} step's products, threads {args.threads}, torch {saved['torch']}, "
+          f"{saved['when']}\n")
     print("| product | m × n × k | per step (full / LoRA) | edpo GFLOP/s | candle | PyTorch "
           "| edpo / PyTorch |")
     print("|---|---|---|---|---|---|---|")
@@ -70,7 +92,7 @@ def main():
     flops = {r: 0.0 for r in regimes}
     seconds = {(r, who): 0.0 for r in regimes for who in ("edpo", "candle", "torch", "best")}
     for row in rows:
-        ours, theirs, pt = row["edpo_gflops"], row["candle_gflops"], torch_gflops(row)
+        ours, theirs, pt = row["edpo_gflops"], row["candle_gflops"], row["torch_gflops"]
         f = 2 * row["m"] * row["n"] * row["k"] / 1e9
         for r, key in regimes.items():
             count = row[key]
@@ -111,12 +133,16 @@ def against(args, pairs, bound):
                 f"{who.replace('-', '_')}_dpo_pairs_per_s"
             if key in res:
                 regime = "LoRA" if rec.get("lora") else "full"
-                rows.append((regime, who, rec.get("round", 0), res[key]))
-    print(f"\nMeasured in {args.against}, DPO pairs/s as a fraction of the bound:\n")
-    print("| regime | who | round | DPO pairs/s | of the bound |")
-    print("|---|---|---|---|---|")
-    for regime, who, rnd, p in sorted(rows):
-        print(f"| {regime} | {who} | {rnd} | {p:.3f} | {p / bound[regime]:.2f} |")
+                steps = res.get(key.replace("pairs_per_s", "step_seconds"))
+                fastest = pairs / min(steps) if steps else None
+                rows.append((regime, who, rec.get("round", 0), res[key], fastest))
+    print(f"\nMeasured in {args.against}, DPO pairs/s as a fraction of the bound (a loop's "
+          f"fastest timed step too, where the record has its steps):\n")
+    print("| regime | who | round | DPO pairs/s | of the bound | fastest step | of the bound |")
+    print("|---|---|---|---|---|---|---|")
+    for regime, who, rnd, p, fast in sorted(rows):
+        tail = f"{fast:.3f} | {fast / bound[regime]:.2f}" if fast else "— | —"
+        print(f"| {regime} | {who} | {rnd} | {p:.3f} | {p / bound[regime]:.2f} | {tail} |")
 
 
 if __name__ == "__main__":
