@@ -358,7 +358,7 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         bail!("--jobs must be at least 1");
     }
     set_threads(args.threads);
-    let outcomes = sweep::run_local(&planned, &args.out, args.jobs)?;
+    let outcomes = sweep::run_local(&planned, &args.out, args.jobs, args.threads)?;
     let root = args.out.join(&planned.name);
     let report_out = args.report_out.unwrap_or_else(|| report_dir(&root));
     let reported = edpo_report::build_report(&root, &report_out);

@@ -1,8 +1,9 @@
 //! Sweeps: what every launcher shares (the sweep directory's manifest and planned configs,
 //! the shared stages built once, one run under its lock, one grid point run from the sweep
-//! directory alone) and the local launcher, which runs planned runs in parallel (rayon,
-//! `--jobs`), skipping completed ones, and reports failures at the end. The Slurm launcher is
-//! in [`crate::slurm`].
+//! directory alone) and the local launcher, which runs planned runs one after another or,
+//! with `--jobs` above 1, that many at a time each in a process of its own (`edpo sweep task`),
+//! skipping completed ones, and reports failures at the end. The Slurm launcher is in
+//! [`crate::slurm`].
 //!
 //! Resume rule ([`edpo_experiment::runner::is_complete`]): a run whose directory holds
 //! `status.json` with state `completed` and the same config hash, and a `config.yaml` equal to
@@ -118,12 +119,38 @@ pub fn planned_config(
     Ok((entry, config))
 }
 
-/// Runs a whole sweep under `out/<name>/` on this machine. Returns the outcomes in run order.
-pub fn run_local(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, Outcome)>> {
+/// Runs a whole sweep under `out/<name>/` on this machine, `jobs` runs at a time with
+/// `threads` threads each. Returns the outcomes in run order.
+///
+/// With one job the runs go one after another in this process. With more, each run is a
+/// process of its own (`edpo sweep task`, as a Slurm array task runs it), `jobs` at a time:
+/// runs side by side in one process share its allocator, whose single arena
+/// ([`crate::malloc`]) they then wait on (a grid of runs of 0.15 s gained 1.3× from two jobs
+/// that way, against 2× for two processes).
+pub fn run_local(
+    sweep: &Sweep,
+    out: &Path,
+    jobs: usize,
+    threads: usize,
+) -> Result<Vec<(usize, Outcome)>> {
     let root = prepare(sweep, out)?;
     let shared = SharedTasks::new(&out.join("cache"));
     build_stages(&shared, sweep.runs.iter().map(|r| &r.config))?;
     let bar = indicatif::ProgressBar::new(sweep.runs.len() as u64).with_message(sweep.name.clone());
+    if jobs > 1 {
+        let exe = std::env::current_exe().context("the path of this edpo binary")?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build()?;
+        let outcomes = each_on_pool(&pool, &sweep.runs, |r| {
+            let dir = run_dir(&root, &r.hash);
+            let outcome = run_as_process(&exe, &root, r.index, threads, &dir, &r.config)
+                .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
+            log_outcome(r.index, &r.hash, &outcome);
+            bar.inc(1);
+            (r.index, outcome)
+        });
+        bar.finish_and_clear();
+        return Ok(outcomes);
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs.max(1))
         .build()?;
@@ -138,6 +165,110 @@ pub fn run_local(sweep: &Sweep, out: &Path, jobs: usize) -> Result<Vec<(usize, O
     });
     bar.finish_and_clear();
     Ok(outcomes)
+}
+
+/// Grid point `index` of the sweep in `root` run by `edpo sweep task` in a process of its own
+/// (its standard error kept in a temporary file): skipped without one when `dir` already
+/// holds it completed; a signal to this process is passed on to the child, which stops its
+/// run as a signal to it would.
+fn run_as_process(
+    exe: &Path,
+    root: &Path,
+    index: usize,
+    threads: usize,
+    dir: &Path,
+    config: &RunConfig,
+) -> Result<Outcome> {
+    use std::io::{Read, Seek};
+    use std::sync::atomic::Ordering;
+    let stop = edpo_experiment::runner::stop_flag();
+    if stop.load(Ordering::Relaxed) {
+        return Ok(Outcome::Failed("not started: stopped by a signal".into()));
+    }
+    if edpo_experiment::runner::is_complete(dir, config) {
+        return Ok(Outcome::Skipped);
+    }
+    let mut log = tempfile::tempfile().context("a temporary file for a run's messages")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("sweep")
+        .arg("task")
+        .arg(root)
+        .args([
+            "--index",
+            &index.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log.try_clone()?)
+        .spawn()
+        .with_context(|| format!("starting {} sweep task for run {index}", exe.display()))?;
+    let mut passed_on = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if stop.load(Ordering::Relaxed) && !passed_on {
+            terminate(child.id());
+            passed_on = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let mut text = String::new();
+    log.rewind()?;
+    log.read_to_string(&mut text)?;
+    if status.success() {
+        return Ok(
+            if text.contains(&format!("run {index}: already completed")) {
+                Outcome::Skipped
+            } else {
+                Outcome::Completed
+            },
+        );
+    }
+    // The child's error: its `error:` line and the `caused by:` lines under it.
+    let error: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("error: "))
+        .map(|l| {
+            l.trim_start_matches("error: ")
+                .trim_start()
+                .trim_start_matches("caused by: ")
+        })
+        .collect();
+    let error = error.join(": ");
+    let busy = format!("run {index} is being run by ");
+    if let Some(owner) = error.strip_prefix(&busy) {
+        return Ok(Outcome::Busy(
+            owner.trim_end_matches("; not run twice").to_string(),
+        ));
+    }
+    // A failed run's own message, as the run's status has it.
+    let failed = edpo_rundir::read_status(dir)
+        .map(|s| s.error.join(": "))
+        .filter(|e| !e.is_empty() && error.contains(" failed: "));
+    Ok(Outcome::Failed(failed.unwrap_or_else(|| {
+        if error.is_empty() {
+            format!("`edpo sweep task` ended with {status} and no message")
+        } else {
+            error
+        }
+    })))
+}
+
+/// Sends SIGTERM to process `pid` (a run's child process), as a terminal or a scheduler
+/// would: the child stops its run and writes its status.
+#[allow(unsafe_code)]
+fn terminate(pid: u32) {
+    #[cfg(unix)]
+    // SAFETY: `kill` takes a process id and a signal number and touches no memory of ours;
+    // `pid` is a child this process started and has not yet reaped, so it names that child.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+    #[cfg(not(unix))]
+    let _ = pid;
 }
 
 /// `f` of every item, in item order, computed on `pool` with every item its own task, so a
