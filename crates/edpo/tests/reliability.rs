@@ -12,14 +12,28 @@ use std::process::{Command, Stdio};
 
 #[test]
 fn two_sweeps_on_one_directory_never_compute_a_run_twice() {
-    let dir = scratch("reliability", "concurrent");
+    two_sweeps_on_one_directory(["1", "1"]);
+}
+
+/// As above, one of the sweeps running its runs two at a time, each in a process of its own
+/// (whose outcomes, busy ones included, it reads back from the processes).
+#[test]
+fn a_sweep_of_run_processes_beside_another_never_computes_a_run_twice() {
+    two_sweeps_on_one_directory(["2", "1"]);
+}
+
+/// Two sweeps of the smoke grid on one directory at once, with these `--jobs`: every run
+/// computed exactly once, by one of them, with the files of a sweep alone.
+fn two_sweeps_on_one_directory(jobs: [&str; 2]) {
+    let dir = scratch("reliability", &format!("concurrent-{}", jobs.join("-")));
     let reference = dir.join("reference");
     smoke_sweep(&reference, &[]);
     let shared = dir.join("shared");
-    let children: Vec<_> = (0..2)
-        .map(|_| {
+    let children: Vec<_> = jobs
+        .iter()
+        .map(|j| {
             Command::new(env!("CARGO_BIN_EXE_edpo"))
-                .args(smoke_args(&shared, &["--jobs", "1"]))
+                .args(smoke_args(&shared, &["--jobs", j]))
                 .current_dir(root())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
