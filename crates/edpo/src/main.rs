@@ -401,12 +401,7 @@ fn sweep_task(root: &std::path::Path, index: usize, threads: usize) -> Result<()
     })?
     .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
     sweep::log_outcome(index, &entry.hash, &outcome);
-    match outcome {
-        Outcome::Skipped => eprintln!("run {index}: already completed"),
-        Outcome::Completed => eprintln!("run {index}: completed"),
-        Outcome::Busy(owner) => bail!("run {index} is being run by {owner}; not run twice"),
-        Outcome::Failed(m) => bail!("run {index} ({}) failed: {m}", entry.hash),
-    }
+    eprintln!("{}", sweep::task_result(index, &entry.hash, outcome)?);
     Ok(())
 }
 

@@ -137,34 +137,46 @@ pub fn run_local(
     let shared = SharedTasks::new(&out.join("cache"));
     build_stages(&shared, sweep.runs.iter().map(|r| &r.config))?;
     let bar = indicatif::ProgressBar::new(sweep.runs.len() as u64).with_message(sweep.name.clone());
-    if jobs > 1 {
-        let exe = std::env::current_exe().context("the path of this edpo binary")?;
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build()?;
-        let outcomes = each_on_pool(&pool, &sweep.runs, |r| {
-            let dir = run_dir(&root, &r.hash);
-            let outcome = run_as_process(&exe, &root, r.index, threads, &dir, &r.config)
-                .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
-            log_outcome(r.index, &r.hash, &outcome);
-            bar.inc(1);
-            (r.index, outcome)
-        });
-        bar.finish_and_clear();
-        return Ok(outcomes);
-    }
+    // With several jobs, this binary again for each run's process.
+    let exe = match jobs {
+        0 | 1 => None,
+        _ => Some(std::env::current_exe().context("the path of this edpo binary")?),
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs.max(1))
         .build()?;
     let outcomes = each_on_pool(&pool, &sweep.runs, |r| {
         let dir = run_dir(&root, &r.hash);
-        let quiet = indicatif::ProgressBar::hidden();
-        let outcome = run_locked(&r.config, &dir, &shared, &quiet)
-            .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
+        let outcome = match &exe {
+            Some(exe) => run_as_process(exe, &root, r.index, threads, &dir, &r.config),
+            None => run_locked(&r.config, &dir, &shared, &indicatif::ProgressBar::hidden()),
+        }
+        .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
         log_outcome(r.index, &r.hash, &outcome);
         bar.inc(1);
         (r.index, outcome)
     });
     bar.finish_and_clear();
     Ok(outcomes)
+}
+
+/// The words of `edpo sweep task`'s messages that the local launcher reads back from a task's
+/// standard error ([`run_as_process`]): after `run <index>` for a skipped run; around the
+/// holder for a busy one; after `run <index> (<hash>)` for a failed one.
+const TASK_SKIPPED: &str = ": already completed";
+const TASK_BUSY: [&str; 2] = [" is being run by ", "; not run twice"];
+const TASK_FAILED: &str = " failed: ";
+
+/// What `edpo sweep task` makes of grid point `index` (config `hash`) once run: `Ok` with its
+/// line for a completed or skipped run, else the error its process ends with.
+pub fn task_result(index: usize, hash: &str, outcome: Outcome) -> Result<String> {
+    let [busy, twice] = TASK_BUSY;
+    match outcome {
+        Outcome::Skipped => Ok(format!("run {index}{TASK_SKIPPED}")),
+        Outcome::Completed => Ok(format!("run {index}: completed")),
+        Outcome::Busy(owner) => bail!("run {index}{busy}{owner}{twice}"),
+        Outcome::Failed(m) => bail!("run {index} ({hash}){TASK_FAILED}{m}"),
+    }
 }
 
 /// Grid point `index` of the sweep in `root` run by `edpo sweep task` in a process of its own
@@ -219,13 +231,11 @@ fn run_as_process(
     log.rewind()?;
     log.read_to_string(&mut text)?;
     if status.success() {
-        return Ok(
-            if text.contains(&format!("run {index}: already completed")) {
-                Outcome::Skipped
-            } else {
-                Outcome::Completed
-            },
-        );
+        let skipped = format!("run {index}{TASK_SKIPPED}");
+        return Ok(match text.lines().any(|l| l == skipped) {
+            true => Outcome::Skipped,
+            false => Outcome::Completed,
+        });
     }
     // The child's error: its `error:` line and the `caused by:` lines under it.
     let error: Vec<&str> = text
@@ -238,16 +248,18 @@ fn run_as_process(
         })
         .collect();
     let error = error.join(": ");
-    let busy = format!("run {index} is being run by ");
-    if let Some(owner) = error.strip_prefix(&busy) {
-        return Ok(Outcome::Busy(
-            owner.trim_end_matches("; not run twice").to_string(),
-        ));
+    let [busy, twice] = TASK_BUSY;
+    let holder = error
+        .strip_prefix(&format!("run {index}{busy}"))
+        .and_then(|o| o.strip_suffix(twice));
+    if let Some(owner) = holder {
+        return Ok(Outcome::Busy(owner.to_string()));
     }
-    // A failed run's own message, as the run's status has it.
+    // A failed run: its own message, as the run's status has it.
+    let failed_run = format!("run {index} ({}){TASK_FAILED}", config.hash()?);
     let failed = edpo_rundir::read_status(dir)
         .map(|s| s.error.join(": "))
-        .filter(|e| !e.is_empty() && error.contains(" failed: "));
+        .filter(|e| !e.is_empty() && error.starts_with(&failed_run));
     Ok(Outcome::Failed(failed.unwrap_or_else(|| {
         if error.is_empty() {
             format!("`edpo sweep task` ended with {status} and no message")
